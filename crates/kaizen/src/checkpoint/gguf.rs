@@ -1,0 +1,323 @@
+//! llama.cpp GGUF files (llama architecture): tensors are dequantized to f32 with candle's
+//! quantized module and renamed to HF names; Q/K rows are un-permuted back to HF's rotate_half
+//! layout (llama.cpp's `convert_hf_to_gguf.py` permutes them for its interleaved rope); the
+//! tokenizer and chat template come from the `tokenizer.*` metadata.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{Device, Tensor};
+use kaizen_data::{GgufVocab, Tokenizer};
+
+use super::{Checkpoint, Weights};
+use crate::config::{Architecture, ModelConfig, RopeScaling};
+use crate::{Error, Result};
+
+pub fn open(path: &Path) -> Result<Checkpoint> {
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = Content::read(&mut file).map_err(|e| {
+        Error::checkpoint(
+            path,
+            format!(
+                "not a readable GGUF file ({e}); --model takes an HF directory or a .gguf file"
+            ),
+        )
+    })?;
+    let meta = Meta {
+        path,
+        md: &content.metadata,
+    };
+    let mut config = meta.config()?;
+    // No output.weight means the LM head reuses token_embd (SmolLM2 and most small llamas).
+    config.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
+    let tokenizer = Tokenizer::from_gguf(meta.vocab()?)?;
+    let content = Arc::new(content);
+    let mut weights = Weights::new(path.to_path_buf());
+    let mut dtypes = BTreeSet::new();
+    for (gname, info) in &content.tensor_infos {
+        dtypes.insert(format!("{:?}", info.ggml_dtype));
+        let Some((hf, heads)) = hf_name(gname, &config) else {
+            weights.insert(
+                format!("gguf:{gname}"),
+                info.shape.dims().to_vec(),
+                unused(),
+            );
+            continue;
+        };
+        let (c, g, p) = (content.clone(), gname.clone(), path.to_path_buf());
+        let loader = Box::new(move || load(&c, &p, &g, heads));
+        weights.insert(hf, info.shape.dims().to_vec(), loader);
+    }
+    let dtypes: Vec<String> = dtypes.into_iter().collect();
+    Ok(Checkpoint {
+        config,
+        tokenizer,
+        weights,
+        format: format!("GGUF ({})", dtypes.join(", ")),
+    })
+}
+
+fn unused() -> super::Loader {
+    Box::new(|| Err(Error::Input("tensor without an HF name".into())))
+}
+
+fn load(
+    content: &Content,
+    path: &Path,
+    gname: &str,
+    unpermute_heads: Option<usize>,
+) -> Result<Tensor> {
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let q = content.tensor(&mut f, gname, &Device::Cpu).map_err(|e| {
+        Error::checkpoint(
+            path,
+            format!("cannot read tensor \"{gname}\": {e} (file truncated?)"),
+        )
+    })?;
+    let w = q.dequantize(&Device::Cpu)?;
+    match unpermute_heads {
+        Some(h) => unpermute(&w, h),
+        None => Ok(w),
+    }
+}
+
+/// Inverse of llama.cpp's `permute(w, n_head)`: rows (h, j, a) back to HF's (h, a, j).
+fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let half = rows / n_head / 2;
+    Ok(w.reshape((n_head, half, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
+/// llama.cpp tensor name -> (HF name, heads to un-permute by).
+fn hf_name(g: &str, c: &ModelConfig) -> Option<(String, Option<usize>)> {
+    let fixed = match g {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some((f.to_string(), None));
+    }
+    let rest = g.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, heads) = match tail {
+        "attn_norm.weight" => ("input_layernorm.weight", None),
+        "ffn_norm.weight" => ("post_attention_layernorm.weight", None),
+        "attn_q.weight" => ("self_attn.q_proj.weight", Some(c.num_attention_heads)),
+        "attn_k.weight" => ("self_attn.k_proj.weight", Some(c.num_key_value_heads)),
+        "attn_v.weight" => ("self_attn.v_proj.weight", None),
+        "attn_output.weight" => ("self_attn.o_proj.weight", None),
+        "ffn_gate.weight" => ("mlp.gate_proj.weight", None),
+        "ffn_up.weight" => ("mlp.up_proj.weight", None),
+        "ffn_down.weight" => ("mlp.down_proj.weight", None),
+        _ => return None,
+    };
+    Some((format!("model.layers.{layer}.{module}"), heads))
+}
+
+struct Meta<'a> {
+    path: &'a Path,
+    md: &'a HashMap<String, Value>,
+}
+
+impl Meta<'_> {
+    fn err(&self, msg: String) -> Error {
+        Error::config(self.path, msg)
+    }
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.md.get(key)
+    }
+    fn string(&self, key: &str) -> Result<Option<String>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_string()
+                .map(|s| Some(s.clone()))
+                .map_err(|_| self.err(format!("GGUF metadata \"{key}\" is not a string"))),
+        }
+    }
+    fn num(&self, key: &str) -> Result<Option<f64>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let x = match v {
+            Value::U8(x) => *x as f64,
+            Value::I8(x) => *x as f64,
+            Value::U16(x) => *x as f64,
+            Value::I16(x) => *x as f64,
+            Value::U32(x) => *x as f64,
+            Value::I32(x) => *x as f64,
+            Value::U64(x) => *x as f64,
+            Value::I64(x) => *x as f64,
+            Value::F32(x) => *x as f64,
+            Value::F64(x) => *x,
+            _ => return Err(self.err(format!("GGUF metadata \"{key}\" is not a number"))),
+        };
+        Ok(Some(x))
+    }
+    fn req(&self, key: &str) -> Result<usize> {
+        match self.num(key)? {
+            Some(x) if x >= 1.0 => Ok(x as usize),
+            Some(x) => Err(self.err(format!(
+                "GGUF metadata \"{key}\" must be positive, found {x}"
+            ))),
+            None => Err(self.err(format!("GGUF metadata \"{key}\" is missing"))),
+        }
+    }
+    fn bool(&self, key: &str) -> Option<bool> {
+        self.get(key).and_then(|v| v.to_bool().ok())
+    }
+    fn id(&self, key: &str) -> Result<Option<u32>> {
+        Ok(self.num(key)?.map(|x| x as u32))
+    }
+    fn array(&self, key: &str) -> Result<Option<&Vec<Value>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_vec()
+                .map(Some)
+                .map_err(|_| self.err(format!("GGUF metadata \"{key}\" is not an array"))),
+        }
+    }
+
+    fn config(&self) -> Result<ModelConfig> {
+        let arch = self.string("general.architecture")?.unwrap_or_default();
+        if arch != "llama" {
+            return Err(self.err(format!(
+                "GGUF architecture \"{arch}\" is not supported; kaizen reads llama-architecture GGUF files (use an HF directory for gpt_neox)"
+            )));
+        }
+        let k = |s: &str| format!("llama.{s}");
+        let hidden = self.req(&k("embedding_length"))?;
+        let heads = self.req(&k("attention.head_count"))?;
+        let kv_heads = self
+            .num(&k("attention.head_count_kv"))?
+            .map(|x| x as usize)
+            .unwrap_or(heads);
+        let head_dim = self
+            .num(&k("attention.key_length"))?
+            .map(|x| x as usize)
+            .unwrap_or(hidden / heads);
+        let rotary_dim = self
+            .num(&k("rope.dimension_count"))?
+            .map(|x| x as usize)
+            .unwrap_or(head_dim);
+        let vocab = match self.num(&k("vocab_size"))? {
+            Some(v) => v as usize,
+            None => self
+                .array("tokenizer.ggml.tokens")?
+                .map(|t| t.len())
+                .unwrap_or(0),
+        };
+        let rope_scaling = match self.string(&k("rope.scaling.type"))?.as_deref() {
+            None | Some("none") => RopeScaling::None,
+            Some("linear") => RopeScaling::Linear {
+                factor: self.num(&k("rope.scaling.factor"))?.unwrap_or(1.0),
+            },
+            Some(other) => {
+                return Err(self.err(format!(
+                    "GGUF rope scaling \"{other}\" is not supported (none, linear)"
+                )))
+            }
+        };
+        Ok(ModelConfig {
+            architecture: Architecture::Llama,
+            model_type: "llama".into(),
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: self.req(&k("feed_forward_length"))?,
+            num_hidden_layers: self.req(&k("block_count"))?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rotary_dim,
+            rope_theta: self.num(&k("rope.freq_base"))?.unwrap_or(10000.0),
+            rope_scaling,
+            max_position_embeddings: self
+                .num(&k("context_length"))?
+                .map(|x| x as usize)
+                .unwrap_or(2048),
+            norm_eps: self
+                .num(&k("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5),
+            hidden_act: crate::config::Activation::Silu,
+            tie_word_embeddings: true,
+            use_parallel_residual: false,
+            attention_bias: false,
+            mlp_bias: false,
+            bos_token_id: self.id("tokenizer.ggml.bos_token_id")?,
+            eos_token_ids: self
+                .id("tokenizer.ggml.eos_token_id")?
+                .into_iter()
+                .collect(),
+        })
+    }
+
+    fn vocab(&self) -> Result<GgufVocab> {
+        let strings = |key: &str| -> Result<Option<Vec<String>>> {
+            self.array(key)?
+                .map(|a| {
+                    a.iter()
+                        .map(|v| {
+                            v.to_string()
+                                .cloned()
+                                .map_err(|_| self.err(format!("\"{key}\" holds a non-string")))
+                        })
+                        .collect()
+                })
+                .transpose()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?.ok_or_else(|| {
+            self.err("no tokenizer in this GGUF (tokenizer.ggml.tokens is missing)".into())
+        })?;
+        let floats = |key: &str| -> Result<Option<Vec<f32>>> {
+            self.array(key)?
+                .map(|a| {
+                    a.iter()
+                        .map(|v| {
+                            v.to_f32()
+                                .map_err(|_| self.err(format!("\"{key}\" holds a non-f32")))
+                        })
+                        .collect()
+                })
+                .transpose()
+        };
+        let ints = |key: &str| -> Result<Option<Vec<i32>>> {
+            self.array(key)?
+                .map(|a| {
+                    a.iter()
+                        .map(|v| {
+                            v.to_i32()
+                                .map_err(|_| self.err(format!("\"{key}\" holds a non-i32")))
+                        })
+                        .collect()
+                })
+                .transpose()
+        };
+        Ok(GgufVocab {
+            model: self
+                .string("tokenizer.ggml.model")?
+                .unwrap_or_else(|| "llama".into()),
+            pre: self.string("tokenizer.ggml.pre")?,
+            tokens,
+            scores: floats("tokenizer.ggml.scores")?,
+            token_types: ints("tokenizer.ggml.token_type")?,
+            merges: strings("tokenizer.ggml.merges")?,
+            bos_id: self.id("tokenizer.ggml.bos_token_id")?,
+            eos_id: self.id("tokenizer.ggml.eos_token_id")?,
+            unk_id: self.id("tokenizer.ggml.unknown_token_id")?,
+            pad_id: self.id("tokenizer.ggml.padding_token_id")?,
+            add_bos: self.bool("tokenizer.ggml.add_bos_token"),
+            add_eos: self.bool("tokenizer.ggml.add_eos_token"),
+            chat_template: self.string("tokenizer.chat_template")?,
+        })
+    }
+}

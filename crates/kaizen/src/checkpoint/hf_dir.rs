@@ -1,0 +1,96 @@
+//! HF model directories: `config.json`, `model.safetensors` or a sharded
+//! `model.safetensors.index.json`, and the tokenizer files.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::Device;
+use kaizen_data::Tokenizer;
+
+use super::{Checkpoint, Weights};
+use crate::config::ModelConfig;
+use crate::{Error, Result};
+
+pub fn open(dir: &Path) -> Result<Checkpoint> {
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::Input(format!(
+            "{}: no config.json; an HF model directory needs config.json and model.safetensors",
+            dir.display()
+        )));
+    }
+    let config = ModelConfig::from_hf_file(&config_path)?;
+    let files = weight_files(dir)?;
+    // SAFETY: the files are mapped read-only and we never write to them while they are mapped.
+    let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
+        Error::checkpoint(
+            files.first().cloned().unwrap_or_default(),
+            format!("not a readable safetensors file ({e}); it may be truncated or corrupt"),
+        )
+    })?;
+    let st = Arc::new(st);
+    let mut weights = Weights::new(dir.to_path_buf());
+    let mut dtypes = BTreeSet::new();
+    for (name, view) in st.tensors() {
+        dtypes.insert(format!("{:?}", view.dtype()));
+        let (st2, n, path) = (st.clone(), name.clone(), dir.to_path_buf());
+        let loader = Box::new(move || {
+            st2.load(&n, &Device::Cpu)
+                .map_err(|e| Error::checkpoint(&path, format!("cannot read tensor \"{n}\": {e}")))
+        });
+        weights.insert(name, view.shape().to_vec(), loader);
+    }
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let dtypes: Vec<String> = dtypes.into_iter().collect();
+    Ok(Checkpoint {
+        config,
+        tokenizer,
+        weights,
+        format: format!("safetensors ({})", dtypes.join(", ")),
+    })
+}
+
+/// `model.safetensors`, or the shards that `model.safetensors.index.json` lists.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Err(Error::Input(format!(
+            "{}: no model.safetensors or model.safetensors.index.json (only safetensors weights are supported; convert .bin files first)",
+            dir.display()
+        )));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::checkpoint(&index, format!("not valid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::checkpoint(&index, "no \"weight_map\" object"))?;
+    let mut shards = BTreeSet::new();
+    for (k, v) in map {
+        let f = v.as_str().ok_or_else(|| {
+            Error::checkpoint(&index, format!("weight_map[\"{k}\"] is not a file name"))
+        })?;
+        shards.insert(f.to_string());
+    }
+    shards
+        .into_iter()
+        .map(|f| {
+            let p = dir.join(&f);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(Error::checkpoint(
+                    &index,
+                    format!("lists shard \"{f}\", which does not exist"),
+                ))
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,122 @@
+//! The only place that knows checkpoint file names, formats and key prefixes. A checkpoint opens
+//! into a [`ModelConfig`], a [`Tokenizer`] and a [`Weights`] store keyed by HF tensor names, so
+//! models load the same way whether the file was an HF directory or a GGUF.
+
+mod gguf;
+mod hf_dir;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use kaizen_data::Tokenizer;
+
+use crate::config::ModelConfig;
+use crate::{Error, Result};
+
+/// Everything read from `--model`.
+pub struct Checkpoint {
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub weights: Weights,
+    /// e.g. "safetensors (BF16)" or "GGUF (F32, Q4_1, Q8_0)".
+    pub format: String,
+}
+
+/// Opens an HF model directory (config.json + safetensors) or a `.gguf` file.
+pub fn open(path: &Path) -> Result<Checkpoint> {
+    if path.is_dir() {
+        hf_dir::open(path)
+    } else if path.is_file() {
+        gguf::open(path)
+    } else {
+        Err(Error::Input(format!(
+            "{}: no such file or directory; --model takes an HF model directory (config.json + \
+             model.safetensors) or a .gguf file",
+            path.display()
+        )))
+    }
+}
+
+/// Source of one tensor: loads it as f32 on demand, so ignored tensors are never decoded.
+type Loader = Box<dyn Fn() -> Result<Tensor>>;
+
+/// Tensors of a checkpoint keyed by HF name. Loading is strict: a model takes each tensor it
+/// needs with its expected shape, and [`Weights::finish`] fails if anything is left over.
+pub struct Weights {
+    path: PathBuf,
+    entries: BTreeMap<String, (Vec<usize>, Loader)>,
+}
+
+impl Weights {
+    fn new(path: PathBuf) -> Self {
+        Weights {
+            path,
+            entries: BTreeMap::new(),
+        }
+    }
+
+    fn insert(&mut self, name: String, shape: Vec<usize>, loader: Loader) {
+        self.entries.insert(name, (shape, loader));
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// Removes `name` and returns it as f32, checking its shape.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let Some((found, load)) = self.entries.remove(name) else {
+            let last = name.rsplit('.').next().unwrap_or(name);
+            let near: Vec<&str> = self
+                .entries
+                .keys()
+                .filter(|k| k.ends_with(last))
+                .take(4)
+                .map(String::as_str)
+                .collect();
+            return Err(Error::checkpoint(
+                &self.path,
+                format!("missing tensor \"{name}\" (some tensors present: {near:?}); is this checkpoint for the architecture its config names?"),
+            ));
+        };
+        if found != shape {
+            return Err(Error::checkpoint(
+                &self.path,
+                format!("tensor \"{name}\" has shape {found:?}, but the config implies {shape:?}"),
+            ));
+        }
+        let t = load()?.to_dtype(DType::F32)?;
+        Ok(t)
+    }
+
+    /// Like [`Weights::take`] for tensors that may be absent (biases, tied heads).
+    pub fn take_opt(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        if self.contains(name) {
+            self.take(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Fails unless every tensor was taken or its name ends with one of `ignored_suffixes`.
+    pub fn finish(self, ignored_suffixes: &[&str]) -> Result<()> {
+        let left: Vec<&String> = self
+            .entries
+            .keys()
+            .filter(|k| !ignored_suffixes.iter().any(|s| k.ends_with(s)))
+            .collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<&&String> = left.iter().take(8).collect();
+        Err(Error::checkpoint(
+            &self.path,
+            format!(
+                "{} tensor(s) were not used by the model, e.g. {shown:?}; the checkpoint does not \
+                 match its config (wrong num_hidden_layers or model_type?)",
+                left.len()
+            ),
+        ))
+    }
+}

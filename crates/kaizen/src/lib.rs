@@ -1,0 +1,47 @@
+//! kaizen: parameter-efficient fine-tuning of causal language models.
+//!
+//! Layout: `nn/` shared layers, `models/` one file per architecture, `tuners/` one folder per
+//! PEFT method, `checkpoint/` the only code that knows file formats, `eval` and `generate` the
+//! inference entry points. Tokenizing, templates and JSONL live in the `kaizen-data` crate.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod generate;
+pub mod models;
+pub mod nn;
+pub mod tuners;
+
+use std::path::Path;
+
+pub use config::{Architecture, ModelConfig};
+pub use error::{Error, Result};
+pub use kaizen_data::Tokenizer;
+pub use models::Model;
+
+/// A model ready for inference, with its tokenizer.
+pub struct Loaded {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    /// Where the weights came from and in which dtypes, e.g. "GGUF (F32, Q4_1, Q8_0)".
+    pub format: String,
+}
+
+/// Loads `--model`: an HF model directory or a `.gguf` file. Weights are computed in f32.
+pub fn load(path: &Path) -> Result<Loaded> {
+    let ck = checkpoint::open(path)?;
+    let model = Model::load(&ck.config, ck.weights)?;
+    let (tv, mv) = (ck.tokenizer.vocab_size(), ck.config.vocab_size);
+    if tv > mv {
+        return Err(Error::Input(format!(
+            "{}: the tokenizer has {tv} tokens but the model's vocab_size is {mv}; they do not belong together",
+            path.display()
+        )));
+    }
+    Ok(Loaded {
+        model,
+        tokenizer: ck.tokenizer,
+        format: ck.format,
+    })
+}

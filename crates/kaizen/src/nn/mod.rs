@@ -1,0 +1,17 @@
+//! Layers shared by every architecture. Each layer owns its frozen tensors and exposes a forward;
+//! the training engine adds the matching hand-derived backward beside each forward.
+
+pub mod activation;
+pub mod attention;
+pub mod embedding;
+pub mod kv_cache;
+pub mod linear;
+pub mod loss;
+pub mod norm;
+pub mod rotary;
+
+pub use embedding::Embedding;
+pub use kv_cache::KvCache;
+pub use linear::Linear;
+pub use norm::{LayerNorm, RmsNorm};
+pub use rotary::Rotary;

