@@ -42,6 +42,10 @@ pub enum Error {
 
     #[error("chat template: {0}")]
     Template(String),
+
+    /// A setting with a value it cannot take (a template name, a split fraction, a length).
+    #[error("{option}: {what}")]
+    BadOption { option: &'static str, what: String },
 }
 
 impl Error {
@@ -55,6 +59,13 @@ impl Error {
     pub(crate) fn bad_file(path: &Path, what: impl Into<String>) -> Self {
         Error::BadFile {
             path: path.to_path_buf(),
+            what: what.into(),
+        }
+    }
+
+    pub(crate) fn bad_option(option: &'static str, what: impl Into<String>) -> Self {
+        Error::BadOption {
+            option,
             what: what.into(),
         }
     }

@@ -5,11 +5,19 @@
 //!   streaming detokenisation.
 //! - [`chat`]: HF chat templates rendered with minijinja.
 //! - [`jsonl`]: JSONL reading with `file:line` errors.
+//! - [`dataset`]: training examples (ids + labels) from JSONL rows of four shapes, rendered with
+//!   a [`template`]; [`batch`]: validation split, epoch orders, padding and packing.
 
+pub mod batch;
 pub mod chat;
+pub mod dataset;
 pub mod error;
 pub mod jsonl;
+pub mod template;
 pub mod tokenizer;
 
+pub use batch::{collate, pack, split_validation, Batch, Batches};
+pub use dataset::{load_dataset, DataOptions, Dataset, Example, IGNORE_INDEX};
 pub use error::{Error, Result};
+pub use template::Template;
 pub use tokenizer::{GgufVocab, TextStream, Tokenizer, TokenizerKind};

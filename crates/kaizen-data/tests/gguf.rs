@@ -193,13 +193,20 @@ fn real_gguf_tokenizers_match_transformers_when_cached() {
     ] {
         let path = common::repo_root().join("cache").join(file);
         let Ok(text) = std::fs::read_to_string(&path) else {
-            eprintln!("skipped: {} not present (run scripts/fixtures/gen_tokenizers.py)", path.display());
+            eprintln!(
+                "skipped: {} not present (run scripts/fixtures/gen_tokenizers.py)",
+                path.display()
+            );
             continue;
         };
         let reference: Value = serde_json::from_str(&text).unwrap();
         let tok = Tokenizer::from_gguf(vocab_from_metadata(&reference["metadata"])).unwrap();
         assert_eq!(tok.vocab_size(), vocab_size, "{file}");
-        assert_eq!((tok.bos_id(), tok.eos_id()), (Some(bos), Some(eos)), "{file}");
+        assert_eq!(
+            (tok.bos_id(), tok.eos_id()),
+            (Some(bos), Some(eos)),
+            "{file}"
+        );
         for case in reference["cases"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
             let want = ids(&case["ids"]);
@@ -209,7 +216,11 @@ fn real_gguf_tokenizers_match_transformers_when_cached() {
         }
         if let Some(chat) = reference["chat"].as_str() {
             let msgs = [kaizen_data::chat::Message::new("user", "Hi")];
-            assert_eq!(tok.apply_chat_template(&msgs, true).unwrap(), chat, "{file}");
+            assert_eq!(
+                tok.apply_chat_template(&msgs, true).unwrap(),
+                chat,
+                "{file}"
+            );
         }
     }
 }
@@ -217,7 +228,8 @@ fn real_gguf_tokenizers_match_transformers_when_cached() {
 /// What a GGUF reader would fill in, from the `tokenizer.*` metadata as gguf-py dumps it.
 fn vocab_from_metadata(m: &Value) -> GgufVocab {
     let strings = |k: &str| -> Option<Vec<String>> {
-        m[k].as_array().map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+        m[k].as_array()
+            .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
     };
     let id = |k: &str| m[k].as_u64().map(|v| v as u32);
     GgufVocab {

@@ -242,6 +242,15 @@ impl ModelConfig {
         })
     }
 
+    /// Names of the attention query and value projections: PEFT's default LoRA targets
+    /// (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+    pub fn default_qv_modules(&self) -> &'static [&'static str] {
+        match self.architecture {
+            Architecture::GptNeoX => &["query_key_value"],
+            Architecture::Llama => &["q_proj", "v_proj"],
+        }
+    }
+
     /// Total parameter count of the dense model (tied embeddings counted once).
     pub fn num_parameters(&self) -> usize {
         let (h, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);

@@ -129,7 +129,7 @@ pub fn generate(
 }
 
 fn validate(cfg: &GenerateConfig) -> Result<()> {
-    if !cfg.greedy && !(cfg.temperature > 0.0) {
+    if !cfg.greedy && (cfg.temperature.is_nan() || cfg.temperature <= 0.0) {
         return Err(Error::Input(format!(
             "temperature must be > 0 (found {}); use --greedy for deterministic decoding",
             cfg.temperature
@@ -143,7 +143,7 @@ fn validate(cfg: &GenerateConfig) -> Result<()> {
     if cfg.top_k == Some(0) {
         return Err(Error::Input("top-k must be at least 1".into()));
     }
-    if !(cfg.repetition_penalty > 0.0) {
+    if cfg.repetition_penalty.is_nan() || cfg.repetition_penalty <= 0.0 {
         return Err(Error::Input(format!(
             "repetition penalty must be > 0, found {}",
             cfg.repetition_penalty

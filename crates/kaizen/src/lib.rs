@@ -11,6 +11,7 @@ pub mod eval;
 pub mod generate;
 pub mod models;
 pub mod nn;
+pub mod train;
 pub mod tuners;
 
 use std::path::Path;

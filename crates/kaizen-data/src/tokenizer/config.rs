@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use super::Tokenizer;
 use crate::error::{Error, Result};
 
 /// A token added by `added_tokens_decoder`.
@@ -108,6 +109,74 @@ impl TokenizerConfig {
                     "chat_template must be a string or a list of {\"name\", \"template\"} objects",
                 ))
             }
+        }
+        Ok(())
+    }
+}
+
+impl Tokenizer {
+    /// What tokenizer_config.json (and friends) add on top of the tokenizer file.
+    pub(super) fn apply_config(&mut self, config: TokenizerConfig, path: &Path) -> Result<()> {
+        self.source = path.parent().unwrap_or(path).display().to_string();
+        for added in &config.added_tokens {
+            self.add_config_token(added, path)?;
+        }
+        if config.bos_token.is_some() {
+            self.bos_token = config.bos_token;
+        }
+        if config.eos_token.is_some() {
+            self.eos_token = config.eos_token;
+        }
+        for (name, token) in [
+            ("bos_token", &self.bos_token),
+            ("eos_token", &self.eos_token),
+        ] {
+            if let Some(t) = token.as_deref().filter(|t| self.token_to_id(t).is_none()) {
+                return Err(Error::bad_file(
+                    path,
+                    format!("{name} {t:?} is not in the tokenizer's vocabulary"),
+                ));
+            }
+        }
+        self.chat_template = config.chat_template.or(self.chat_template.take());
+        self.chat_template_note = config.chat_template_note;
+        self.vocab_size = self.inner.get_vocab_size(true);
+        // transformers v5: explicit add_bos_token/add_eos_token rebuild the post-processor.
+        if config.add_bos_token.is_some() || config.add_eos_token.is_some() {
+            let add_bos = config.add_bos_token.unwrap_or(false);
+            let add_eos = config.add_eos_token.unwrap_or(false);
+            self.set_special_tokens_template(add_bos, add_eos)?;
+        }
+        Ok(())
+    }
+
+    fn add_config_token(&mut self, added: &ConfigAddedToken, path: &Path) -> Result<()> {
+        let content = &added.token.content;
+        let existing = self.inner.token_to_id(content);
+        let known = self
+            .inner
+            .get_added_vocabulary()
+            .get_vocab()
+            .contains_key(content);
+        if !known {
+            let token = added.token.clone();
+            if token.special {
+                self.inner.add_special_tokens(&[token]);
+            } else {
+                self.inner.add_tokens(&[token]);
+            }
+        }
+        let got = existing.or_else(|| self.inner.token_to_id(content));
+        if got != Some(added.id) {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "added_tokens_decoder says {content:?} is id {}, but the tokenizer gives it \
+                     id {}; the tokenizer files do not belong together",
+                    added.id,
+                    got.map_or("none".to_string(), |g| g.to_string())
+                ),
+            ));
         }
         Ok(())
     }

@@ -19,7 +19,7 @@ use std::fmt;
 use std::path::Path;
 
 use sentencepiece_model::SentencePieceModel;
-use tokenizers::{AddedToken, ModelWrapper, PostProcessorWrapper};
+use tokenizers::{ModelWrapper, PostProcessorWrapper};
 
 pub use gguf::GgufVocab;
 pub use stream::TextStream;
@@ -71,6 +71,8 @@ pub struct Tokenizer {
     eos_token: Option<String>,
     chat_template: Option<String>,
     chat_template_note: Option<String>,
+    /// `inner.get_vocab_size(true)`, which builds the whole vocabulary map, computed once.
+    vocab_size: usize,
 }
 
 impl fmt::Display for Tokenizer {
@@ -144,6 +146,7 @@ impl Tokenizer {
             ModelWrapper::WordLevel(_) => "WordLevel",
         };
         Ok(Tokenizer {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             kind: TokenizerKind::HfJson,
             description: format!("{} ({model})", file_name(path)),
@@ -165,6 +168,7 @@ impl Tokenizer {
         let source = path.display().to_string();
         let sp = spiece::build(&model, &source)?;
         Ok(Tokenizer {
+            vocab_size: sp.inner.get_vocab_size(true),
             inner: sp.inner,
             kind: TokenizerKind::SentencePiece,
             description: format!("{} ({})", file_name(path), sp.model_type),
@@ -215,6 +219,7 @@ impl Tokenizer {
             )
         };
         let mut tok = Tokenizer {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             kind,
             description,
@@ -246,8 +251,8 @@ impl Tokenizer {
 
     /// The text of `ids`; an id outside the vocabulary is an error.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        let size = self.vocab_size();
         if let Some(bad) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
+            let size = self.vocab_size();
             return Err(Error::Tokenize {
                 source_name: self.source.clone(),
                 op: "decode",
@@ -268,7 +273,7 @@ impl Tokenizer {
 
     /// Number of tokens, added tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     pub fn bos_id(&self) -> Option<u32> {
@@ -330,74 +335,13 @@ impl Tokenizer {
         )
     }
 
-    /// What tokenizer_config.json (and friends) add on top of the tokenizer file.
-    fn apply_config(&mut self, config: TokenizerConfig, path: &Path) -> Result<()> {
-        self.source = path.parent().unwrap_or(path).display().to_string();
-        for added in &config.added_tokens {
-            self.add_config_token(added, path)?;
-        }
-        if config.bos_token.is_some() {
-            self.bos_token = config.bos_token;
-        }
-        if config.eos_token.is_some() {
-            self.eos_token = config.eos_token;
-        }
-        for (name, token) in [
-            ("bos_token", &self.bos_token),
-            ("eos_token", &self.eos_token),
-        ] {
-            if let Some(t) = token.as_deref().filter(|t| self.token_to_id(t).is_none()) {
-                return Err(Error::bad_file(
-                    path,
-                    format!("{name} {t:?} is not in the tokenizer's vocabulary"),
-                ));
-            }
-        }
-        self.chat_template = config.chat_template.or(self.chat_template.take());
-        self.chat_template_note = config.chat_template_note;
-        // transformers v5: explicit add_bos_token/add_eos_token rebuild the post-processor.
-        if config.add_bos_token.is_some() || config.add_eos_token.is_some() {
-            let add_bos = config.add_bos_token.unwrap_or(false);
-            let add_eos = config.add_eos_token.unwrap_or(false);
-            self.set_special_tokens_template(add_bos, add_eos)?;
-        }
-        Ok(())
-    }
-
-    fn add_config_token(&mut self, added: &config::ConfigAddedToken, path: &Path) -> Result<()> {
-        let content = &added.token.content;
-        let existing = self.inner.token_to_id(content);
-        let known = self
-            .inner
-            .get_added_vocabulary()
-            .get_vocab()
-            .contains_key(content);
-        if !known {
-            let token: AddedToken = added.token.clone();
-            if token.special {
-                self.inner.add_special_tokens(&[token]);
-            } else {
-                self.inner.add_tokens(&[token]);
-            }
-        }
-        let got = existing.or_else(|| self.inner.token_to_id(content));
-        if got != Some(added.id) {
-            return Err(Error::bad_file(
-                path,
-                format!(
-                    "added_tokens_decoder says {content:?} is id {}, but the tokenizer gives it \
-                     id {}; the tokenizer files do not belong together",
-                    added.id,
-                    got.map_or("none".to_string(), |g| g.to_string())
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     /// A post-processor that adds bos and/or eos around each sequence, as transformers'
     /// `update_post_processor` builds it (a flag whose token is not set is dropped, as there).
-    fn set_special_tokens_template(&mut self, add_bos: bool, add_eos: bool) -> Result<()> {
+    pub(crate) fn set_special_tokens_template(
+        &mut self,
+        add_bos: bool,
+        add_eos: bool,
+    ) -> Result<()> {
         let bos = self.bos_token.clone().filter(|_| add_bos);
         let eos = self.eos_token.clone().filter(|_| add_eos);
         let mut special = serde_json::Map::new();

@@ -2,6 +2,7 @@
 //! into a [`ModelConfig`], a [`Tokenizer`] and a [`Weights`] store keyed by HF tensor names, so
 //! models load the same way whether the file was an HF directory or a GGUF.
 
+pub mod adapter;
 mod gguf;
 mod hf_dir;
 

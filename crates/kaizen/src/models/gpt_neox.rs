@@ -4,10 +4,14 @@
 //! residual, untied `embed_out`. Field names are the checkpoint's module names.
 
 use candle_core::Tensor;
+use rand::rngs::StdRng;
 
 use crate::checkpoint::Weights;
 use crate::config::ModelConfig;
-use crate::nn::{activation, attention, Embedding, KvCache, LayerNorm, Linear, Rotary};
+use crate::nn::attention::{causal_attention_backward, causal_attention_t, AttnCache};
+use crate::nn::linear::LinearCache;
+use crate::nn::norm::NormCache;
+use crate::nn::{activation, attention, Embedding, Grads, KvCache, LayerNorm, Linear, Rotary};
 use crate::Result;
 
 /// Buffers older checkpoints carry that the model recomputes instead.
@@ -182,4 +186,169 @@ impl GptNeoX {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         self.embed_in.forward(ids)
     }
+
+    /// Every linear layer with its HF module path (the tuners' door).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("gpt_neox.layers.{i}");
+            out.push((
+                format!("{p}.attention.query_key_value"),
+                &mut l.attention.query_key_value,
+            ));
+            out.push((format!("{p}.attention.dense"), &mut l.attention.dense));
+            out.push((format!("{p}.mlp.dense_h_to_4h"), &mut l.mlp.dense_h_to_4h));
+            out.push((format!("{p}.mlp.dense_4h_to_h"), &mut l.mlp.dense_4h_to_h));
+        }
+        out.push(("embed_out".into(), &mut self.embed_out));
+        out
+    }
+
+    /// Training forward from embeddings (B, T, hidden): returns the final normalised hidden
+    /// states (B, T, hidden) (the LM head is applied by the loss) and what backward needs.
+    pub fn forward_train(
+        &self,
+        x: &Tensor,
+        mut rng: Option<&mut StdRng>,
+    ) -> Result<(Tensor, Tape)> {
+        let mut x = x.clone();
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let (y, tape) = self.layer_train(l, &x, rng.as_deref_mut())?;
+            layers.push(tape);
+            x = y;
+        }
+        let (h, final_norm) = self.final_layer_norm.forward_t(&x)?;
+        Ok((h, Tape { layers, final_norm }))
+    }
+
+    fn layer_train(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        mut rng: Option<&mut StdRng>,
+    ) -> Result<(Tensor, LayerTape)> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (nh, hd) = (c.num_attention_heads, c.head_dim);
+        let (ln1_out, ln1) = l.input_layernorm.forward_t(x)?;
+        let (qkv_out, qkv) = l
+            .attention
+            .query_key_value
+            .forward_t(&ln1_out, rng.as_deref_mut())?;
+        let qkv_out = qkv_out.reshape((b, t, nh, 3 * hd))?; // (B, T, H, 3hd)
+        let part = |j: usize| -> Result<Tensor> {
+            Ok(qkv_out
+                .narrow(3, j * hd, hd)?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = self.rotary.forward(&part(0)?, 0)?;
+        let k = self.rotary.forward(&part(1)?, 0)?;
+        let (o, attn) = causal_attention_t(&q, &k, &part(2)?, 1.0 / (hd as f64).sqrt())?; // (B, H, T, hd)
+        let o = o.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let (attn_out, dense) = l.attention.dense.forward_t(&o, rng.as_deref_mut())?;
+        let resid = if c.use_parallel_residual {
+            x.clone()
+        } else {
+            (&attn_out + x)?
+        };
+        let (ln2_out, ln2) = l.post_attention_layernorm.forward_t(&resid)?;
+        let (pre_act, h_to_4h) = l
+            .mlp
+            .dense_h_to_4h
+            .forward_t(&ln2_out, rng.as_deref_mut())?;
+        let act = activation::apply(c.hidden_act, &pre_act)?;
+        let (m, h4_to_h) = l.mlp.dense_4h_to_h.forward_t(&act, rng)?;
+        let y = if c.use_parallel_residual {
+            ((m + attn_out)? + x)?
+        } else {
+            (m + resid)?
+        };
+        let tape = LayerTape {
+            ln1,
+            qkv,
+            attn,
+            dense,
+            ln2,
+            h_to_4h,
+            pre_act,
+            h4_to_h,
+        };
+        Ok((y, tape))
+    }
+
+    /// d_h: gradient w.r.t. forward_train's output -> gradient w.r.t. its input embeddings.
+    pub fn backward(&self, tape: &Tape, d_h: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let mut dx = self.final_layer_norm.backward(&tape.final_norm, d_h)?;
+        for (l, lt) in self.layers.iter().zip(&tape.layers).rev() {
+            dx = self.layer_backward(l, lt, &dx, grads)?;
+        }
+        Ok(dx)
+    }
+
+    fn layer_backward(
+        &self,
+        l: &Layer,
+        lt: &LayerTape,
+        dy: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        // MLP branch: m = 4h_to_h(act(h_to_4h(ln2(resid))))
+        let d_act = l.mlp.dense_4h_to_h.backward(&lt.h4_to_h, dy, grads)?;
+        let d_pre = activation::backward(c.hidden_act, &lt.pre_act, &d_act)?;
+        let d_ln2 = l.mlp.dense_h_to_4h.backward(&lt.h_to_4h, &d_pre, grads)?;
+        let d_resid_mlp = l.post_attention_layernorm.backward(&lt.ln2, &d_ln2)?;
+        // Parallel: y = x + attn + m, ln2 reads x. Sequential: resid = x + attn, y = resid + m.
+        let d_attn_out = if c.use_parallel_residual {
+            dy.clone()
+        } else {
+            (dy + &d_resid_mlp)?
+        };
+        let d_x_direct = (dy + &d_resid_mlp)?;
+        let d_ln1 = self.attention_backward(l, lt, &d_attn_out, grads)?;
+        Ok((d_x_direct + l.input_layernorm.backward(&lt.ln1, &d_ln1)?)?)
+    }
+
+    /// Gradient through dense(attn(rotary(split(qkv(ln1))))) down to ln1's output.
+    fn attention_backward(
+        &self,
+        l: &Layer,
+        lt: &LayerTape,
+        d_out: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t, _) = d_out.dims3()?;
+        let (nh, hd) = (c.num_attention_heads, c.head_dim);
+        let d_o = l.attention.dense.backward(&lt.dense, d_out, grads)?; // (B, T, H*hd)
+        let d_o = d_o.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?; // (B, H, T, hd)
+        let (dq, dk, dv) = causal_attention_backward(&lt.attn, &d_o)?;
+        let dq = self.rotary.backward(&dq, 0)?;
+        let dk = self.rotary.backward(&dk, 0)?;
+        // Re-interleave per head: (B, T, H, [q; k; v])
+        let d_qkv = Tensor::cat(&[dq, dk, dv], 3)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * 3 * hd))?;
+        l.attention.query_key_value.backward(&lt.qkv, &d_qkv, grads)
+    }
+}
+
+/// Saved activations of one layer for backward.
+pub struct LayerTape {
+    ln1: NormCache,
+    qkv: LinearCache,
+    attn: AttnCache,
+    dense: LinearCache,
+    ln2: NormCache,
+    h_to_4h: LinearCache,
+    /// (B, T, ffn) input of the activation
+    pre_act: Tensor,
+    h4_to_h: LinearCache,
+}
+
+pub struct Tape {
+    layers: Vec<LayerTape>,
+    final_norm: NormCache,
 }

@@ -3,10 +3,14 @@
 //! SwiGLU MLP, tied or untied `lm_head`. Field names are the checkpoint's module names.
 
 use candle_core::Tensor;
+use rand::rngs::StdRng;
 
 use crate::checkpoint::Weights;
 use crate::config::ModelConfig;
-use crate::nn::{activation, attention, Embedding, KvCache, Linear, RmsNorm, Rotary};
+use crate::nn::attention::{causal_attention_backward, causal_attention_t, AttnCache};
+use crate::nn::linear::LinearCache;
+use crate::nn::norm::NormCache;
+use crate::nn::{activation, attention, Embedding, Grads, KvCache, Linear, RmsNorm, Rotary};
 use crate::Result;
 
 pub const IGNORED: &[&str] = &[".rotary_emb.inv_freq"];
@@ -180,4 +184,162 @@ impl Llama {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         self.embed_tokens.forward(ids)
     }
+
+    /// Every linear layer with its HF module path (the tuners' door).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut l.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut l.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        out.push(("lm_head".into(), &mut self.lm_head));
+        out
+    }
+
+    /// Training forward from embeddings (B, T, hidden): returns the final normalised hidden
+    /// states (B, T, hidden) (the LM head is applied by the loss) and what backward needs.
+    pub fn forward_train(
+        &self,
+        x: &Tensor,
+        mut rng: Option<&mut StdRng>,
+    ) -> Result<(Tensor, Tape)> {
+        let mut x = x.clone();
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let (y, tape) = self.layer_train(l, &x, rng.as_deref_mut())?;
+            layers.push(tape);
+            x = y;
+        }
+        let (h, final_norm) = self.norm.forward_t(&x)?;
+        Ok((h, Tape { layers, final_norm }))
+    }
+
+    fn layer_train(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        mut rng: Option<&mut StdRng>,
+    ) -> Result<(Tensor, LayerTape)> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let hd = c.head_dim;
+        let a = &l.self_attn;
+        let (ln1_out, ln1) = l.input_layernorm.forward_t(x)?;
+        let mut heads = |lin: &Linear, n: usize| -> Result<(Tensor, LinearCache)> {
+            let (y, cache) = lin.forward_t(&ln1_out, rng.as_deref_mut())?;
+            Ok((
+                y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?,
+                cache,
+            )) // (B, n, T, hd)
+        };
+        let (q, q_c) = heads(&a.q_proj, c.num_attention_heads)?;
+        let (k, k_c) = heads(&a.k_proj, c.num_key_value_heads)?;
+        let (v, v_c) = heads(&a.v_proj, c.num_key_value_heads)?;
+        let q = self.rotary.forward(&q, 0)?;
+        let k = self.rotary.forward(&k, 0)?;
+        let (o, attn) = causal_attention_t(&q, &k, &v, 1.0 / (hd as f64).sqrt())?;
+        let o = o
+            .transpose(1, 2)?
+            .reshape((b, t, c.num_attention_heads * hd))?;
+        let (attn_out, o_c) = a.o_proj.forward_t(&o, rng.as_deref_mut())?;
+        let h = (x + attn_out)?;
+        let (ln2_out, ln2) = l.post_attention_layernorm.forward_t(&h)?;
+        let (gate, gate_c) = l.mlp.gate_proj.forward_t(&ln2_out, rng.as_deref_mut())?;
+        let (up, up_c) = l.mlp.up_proj.forward_t(&ln2_out, rng.as_deref_mut())?;
+        let act = activation::apply(c.hidden_act, &gate)?;
+        let (m, down_c) = l.mlp.down_proj.forward_t(&(&act * &up)?, rng)?;
+        let tape = LayerTape {
+            ln1,
+            q_c,
+            k_c,
+            v_c,
+            attn,
+            o_c,
+            ln2,
+            gate,
+            up,
+            act,
+            gate_c,
+            up_c,
+            down_c,
+        };
+        Ok(((h + m)?, tape))
+    }
+
+    /// d_h: gradient w.r.t. forward_train's output -> gradient w.r.t. its input embeddings.
+    pub fn backward(&self, tape: &Tape, d_h: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let mut dx = self.norm.backward(&tape.final_norm, d_h)?;
+        for (l, lt) in self.layers.iter().zip(&tape.layers).rev() {
+            dx = self.layer_backward(l, lt, &dx, grads)?;
+        }
+        Ok(dx)
+    }
+
+    fn layer_backward(
+        &self,
+        l: &Layer,
+        lt: &LayerTape,
+        dy: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t, _) = dy.dims3()?;
+        let hd = c.head_dim;
+        // SwiGLU: m = down(act(gate) * up)
+        let d_prod = l.mlp.down_proj.backward(&lt.down_c, dy, grads)?;
+        let d_gate = activation::backward(c.hidden_act, &lt.gate, &(&d_prod * &lt.up)?)?;
+        let d_up = (&d_prod * &lt.act)?;
+        let d_ln2 = (l.mlp.gate_proj.backward(&lt.gate_c, &d_gate, grads)?
+            + l.mlp.up_proj.backward(&lt.up_c, &d_up, grads)?)?;
+        let d_h = (dy + l.post_attention_layernorm.backward(&lt.ln2, &d_ln2)?)?;
+        // Attention: h = x + o_proj(attn(rope(q), rope(k), v))
+        let a = &l.self_attn;
+        let d_o = a.o_proj.backward(&lt.o_c, &d_h, grads)?;
+        let d_o = d_o
+            .reshape((b, t, c.num_attention_heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (dq, dk, dv) = causal_attention_backward(&lt.attn, &d_o)?;
+        let flat = |d: Tensor, n: usize| -> Result<Tensor> {
+            Ok(d.transpose(1, 2)?.reshape((b, t, n * hd))?)
+        };
+        let dq = flat(self.rotary.backward(&dq, 0)?, c.num_attention_heads)?;
+        let dk = flat(self.rotary.backward(&dk, 0)?, c.num_key_value_heads)?;
+        let dv = flat(dv, c.num_key_value_heads)?;
+        let d_ln1 = ((a.q_proj.backward(&lt.q_c, &dq, grads)?
+            + a.k_proj.backward(&lt.k_c, &dk, grads)?)?
+            + a.v_proj.backward(&lt.v_c, &dv, grads)?)?;
+        Ok((d_h + l.input_layernorm.backward(&lt.ln1, &d_ln1)?)?)
+    }
+}
+
+/// Saved activations of one layer for backward.
+pub struct LayerTape {
+    ln1: NormCache,
+    q_c: LinearCache,
+    k_c: LinearCache,
+    v_c: LinearCache,
+    attn: AttnCache,
+    o_c: LinearCache,
+    ln2: NormCache,
+    /// (B, T, ffn) gate pre-activation, up projection, activated gate
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+    gate_c: LinearCache,
+    up_c: LinearCache,
+    down_c: LinearCache,
+}
+
+pub struct Tape {
+    layers: Vec<LayerTape>,
+    final_norm: NormCache,
 }

@@ -5,10 +5,11 @@ pub mod gpt_neox;
 pub mod llama;
 
 use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
 
 use crate::checkpoint::Weights;
 use crate::config::{Architecture, ModelConfig};
-use crate::nn::KvCache;
+use crate::nn::{Grads, KvCache, Linear};
 use crate::Result;
 
 pub use gpt_neox::GptNeoX;
@@ -77,4 +78,61 @@ impl Model {
         let t = Tensor::from_slice(ids, (1, ids.len()), &self.device())?;
         Ok(self.forward(&t, cache)?.squeeze(0)?)
     }
+
+    /// Every linear layer with its HF module path, e.g. `model.layers.0.self_attn.q_proj`; the
+    /// LM head last.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        match self {
+            Model::GptNeoX(m) => m.linears_mut(),
+            Model::Llama(m) => m.linears_mut(),
+        }
+    }
+
+    /// HF module path of the output projection (never a LoRA target under "all-linear").
+    pub fn lm_head_name(&self) -> &'static str {
+        match self {
+            Model::GptNeoX(_) => "embed_out",
+            Model::Llama(_) => "lm_head",
+        }
+    }
+
+    pub fn lm_head(&self) -> &Linear {
+        match self {
+            Model::GptNeoX(m) => &m.embed_out,
+            Model::Llama(m) => &m.lm_head,
+        }
+    }
+
+    /// Training forward from embeddings (B, T, hidden) to final normalised hidden states; `rng`
+    /// drives dropout in adapters.
+    pub fn forward_train(&self, x: &Tensor, rng: Option<&mut StdRng>) -> Result<(Tensor, Tape)> {
+        Ok(match self {
+            Model::GptNeoX(m) => {
+                let (h, t) = m.forward_train(x, rng)?;
+                (h, Tape::GptNeoX(t))
+            }
+            Model::Llama(m) => {
+                let (h, t) = m.forward_train(x, rng)?;
+                (h, Tape::Llama(t))
+            }
+        })
+    }
+
+    /// Backward from the gradient of the final hidden states to the input embeddings;
+    /// adapter gradients accumulate into `grads`.
+    pub fn backward(&self, tape: &Tape, d_h: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        match (self, tape) {
+            (Model::GptNeoX(m), Tape::GptNeoX(t)) => m.backward(t, d_h, grads),
+            (Model::Llama(m), Tape::Llama(t)) => m.backward(t, d_h, grads),
+            _ => Err(crate::Error::Input(
+                "tape from a different architecture".into(),
+            )),
+        }
+    }
+}
+
+/// Activations saved by [`Model::forward_train`].
+pub enum Tape {
+    GptNeoX(gpt_neox::Tape),
+    Llama(llama::Tape),
 }

@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod attention;
 pub mod embedding;
+pub mod grads;
 pub mod kv_cache;
 pub mod linear;
 pub mod loss;
@@ -11,7 +12,8 @@ pub mod norm;
 pub mod rotary;
 
 pub use embedding::Embedding;
+pub use grads::Grads;
 pub use kv_cache::KvCache;
-pub use linear::Linear;
+pub use linear::{Linear, LinearAdapter};
 pub use norm::{LayerNorm, RmsNorm};
 pub use rotary::Rotary;

@@ -1,5 +1,6 @@
 //! LayerNorm (GPT-NeoX; torch.nn.LayerNorm, biased variance) and RMSNorm (Llama; HF LlamaRMSNorm,
-//! `w * x / sqrt(mean(x^2) + eps)`). Statistics in f32.
+//! `w * x / sqrt(mean(x^2) + eps)`), with hand-derived backward for the input only (norm
+//! weights are frozen).
 
 use candle_core::{Tensor, D};
 
@@ -14,17 +15,39 @@ pub struct LayerNorm {
     pub eps: f64,
 }
 
+/// Saved by LayerNorm / RMSNorm forward: the normalised input and 1/std per row.
+pub struct NormCache {
+    /// (..., hidden)
+    xhat: Tensor,
+    /// (..., 1)
+    rstd: Tensor,
+}
+
 impl LayerNorm {
     /// x: (..., hidden) -> same shape
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_t(x)?.0)
+    }
+
+    pub fn forward_t(&self, x: &Tensor) -> Result<(Tensor, NormCache)> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv = (var + self.eps)?.sqrt()?.recip()?;
-        Ok(xc
-            .broadcast_mul(&inv)?
+        let rstd = (var + self.eps)?.sqrt()?.recip()?;
+        let xhat = xc.broadcast_mul(&rstd)?;
+        let y = xhat
             .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?)
+            .broadcast_add(&self.bias)?;
+        Ok((y, NormCache { xhat, rstd }))
+    }
+
+    /// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w
+    pub fn backward(&self, c: &NormCache, dy: &Tensor) -> Result<Tensor> {
+        let g = dy.broadcast_mul(&self.weight)?;
+        let mg = g.mean_keepdim(D::Minus1)?;
+        let mgx = (&g * &c.xhat)?.mean_keepdim(D::Minus1)?;
+        let inner = g.broadcast_sub(&mg)?.sub(&c.xhat.broadcast_mul(&mgx)?)?;
+        Ok(inner.broadcast_mul(&c.rstd)?)
     }
 }
 
@@ -38,8 +61,22 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// x: (..., hidden) -> same shape
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_t(x)?.0)
+    }
+
+    pub fn forward_t(&self, x: &Tensor) -> Result<(Tensor, NormCache)> {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv = (ms + self.eps)?.sqrt()?.recip()?;
-        Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?)
+        let rstd = (ms + self.eps)?.sqrt()?.recip()?;
+        let xhat = x.broadcast_mul(&rstd)?;
+        let y = xhat.broadcast_mul(&self.weight)?;
+        Ok((y, NormCache { xhat, rstd }))
+    }
+
+    /// dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w
+    pub fn backward(&self, c: &NormCache, dy: &Tensor) -> Result<Tensor> {
+        let g = dy.broadcast_mul(&self.weight)?;
+        let mgx = (&g * &c.xhat)?.mean_keepdim(D::Minus1)?;
+        let inner = g.sub(&c.xhat.broadcast_mul(&mgx)?)?;
+        Ok(inner.broadcast_mul(&c.rstd)?)
     }
 }

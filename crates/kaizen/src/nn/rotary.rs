@@ -60,13 +60,24 @@ impl Rotary {
 
     /// x: (B, H, T, hd), positions `start..start + T` -> same shape.
     pub fn forward(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (_, _, t, hd) = x.dims4()?;
+        let (cos, sin) = self.tables(start, x.dims4()?.2, x.device())?; // (T, half)
+        self.rotate(x, &cos, &sin)
+    }
+
+    /// Gradient through [`Rotary::forward`]: the rotation is orthogonal, so its transpose is
+    /// the rotation by the negated angle.
+    pub fn backward(&self, dy: &Tensor, start: usize) -> Result<Tensor> {
+        let (cos, sin) = self.tables(start, dy.dims4()?.2, dy.device())?;
+        self.rotate(dy, &cos, &sin.neg()?)
+    }
+
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let hd = x.dims4()?.3;
         let half = self.rotary_dim / 2;
-        let (cos, sin) = self.tables(start, t, x.device())?; // (T, half)
         let x1 = x.narrow(D::Minus1, 0, half)?;
         let x2 = x.narrow(D::Minus1, half, half)?;
-        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+        let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
         if self.rotary_dim == hd {
             Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
         } else {

@@ -1,118 +1,14 @@
-//! Chat templates: HF's Jinja `chat_template`, rendered with minijinja.
-//!
-//! Mirrors HF transformers `utils/chat_template_utils.py` (`_compile_jinja_template`,
-//! `render_jinja_template`): `trim_blocks` and `lstrip_blocks` on, no trailing newline kept,
-//! variables `messages`, `add_generation_prompt`, `bos_token`, `eos_token`; `raise_exception`,
-//! `strftime_now` and a `tojson` filter that writes JSON the way Python's `json.dumps` does (not
-//! HTML-escaped). Python string/dict methods (`.strip()`, `.startswith()`, `.items()`, ...) come
-//! from minijinja-contrib's pycompat. `{% generation %}` blocks (HF's assistant-mask marker) are
-//! rendered as plain blocks.
-//! Deviation: `strftime_now` formats the current time in UTC, not local time.
+//! The Python functions HF chat templates call that Jinja/minijinja lack or spell differently:
+//! HF's `tojson` (`json.dumps` output, not HTML-escaped) and `strftime_now`.
 
 use minijinja::value::{Kwargs, Value, ValueKind};
-use minijinja::{Environment, ErrorKind};
-use serde::{Deserialize, Serialize};
-
-use crate::error::Result;
-
-/// One chat turn, as HF's `{"role": ..., "content": ...}` dicts.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-}
-
-/// Renders an HF chat template.
-pub fn render_chat_template(
-    template: &str,
-    messages: &[Message],
-    add_generation_prompt: bool,
-    bos_token: Option<&str>,
-    eos_token: Option<&str>,
-) -> Result<String> {
-    let env = environment();
-    let source = without_generation_tags(template);
-    let tmpl = env.template_from_named_str("chat_template", &source)?;
-    let ctx = minijinja::context! {
-        messages => Value::from_serialize(messages),
-        add_generation_prompt => add_generation_prompt,
-        bos_token => bos_token,
-        eos_token => eos_token,
-    };
-    Ok(tmpl.render(ctx)?)
-}
-
-fn environment() -> Environment<'static> {
-    let mut env = Environment::new();
-    env.set_trim_blocks(true);
-    env.set_lstrip_blocks(true);
-    env.set_keep_trailing_newline(false);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", raise_exception);
-    env.add_function("strftime_now", strftime_now);
-    env.add_filter("tojson", tojson);
-    env
-}
-
-fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {
-    Err(minijinja::Error::new(
-        ErrorKind::InvalidOperation,
-        format!("the template raised: {message}"),
-    ))
-}
-
-/// `{% generation %}` / `{% endgeneration %}` (with any `-`/`+` whitespace control) become
-/// `{% if true %}` / `{% endif %}`, which keeps their whitespace behaviour.
-fn without_generation_tags(template: &str) -> String {
-    let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(start) = rest.find("{%") {
-        out.push_str(&rest[..start]);
-        let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
-            out.push_str(tag);
-            return out;
-        };
-        let inner = &tag[2..end];
-        let (open, body, close) = split_controls(inner);
-        match body.trim() {
-            "generation" => out.push_str(&format!("{{%{open} if true {close}%}}")),
-            "endgeneration" => out.push_str(&format!("{{%{open} endif {close}%}}")),
-            _ => out.push_str(&tag[..end + 2]),
-        }
-        rest = &tag[end + 2..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Splits `- body +` into its whitespace-control markers and body.
-fn split_controls(inner: &str) -> (&str, &str, &str) {
-    let open = if inner.starts_with(['-', '+']) {
-        &inner[..1]
-    } else {
-        ""
-    };
-    let inner = &inner[open.len()..];
-    let close = if inner.ends_with(['-', '+']) {
-        &inner[inner.len() - 1..]
-    } else {
-        ""
-    };
-    (open, &inner[..inner.len() - close.len()], close)
-}
+use minijinja::ErrorKind;
 
 /// HF's `tojson`: `json.dumps(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`.
-fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
+pub(super) fn tojson(
+    value: &Value,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
@@ -259,7 +155,7 @@ fn python_number(v: &Value) -> String {
 }
 
 /// HF's `strftime_now(format)`, for the conversions templates use (UTC).
-fn strftime_now(format: String) -> String {
+pub(super) fn strftime_now(format: String) -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -291,7 +187,7 @@ const DAYS: [&str; 7] = [
 ];
 
 /// `%Y %y %m %d %e %B %b %A %a %H %I %M %S %p %j %%` of a Unix time (UTC); others kept as is.
-pub(crate) fn strftime(format: &str, unix_secs: i64) -> String {
+fn strftime(format: &str, unix_secs: i64) -> String {
     let days = unix_secs.div_euclid(86_400);
     let secs = unix_secs.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);
@@ -371,14 +267,5 @@ mod tests {
             "Thursday February 29 13:05:09 060 %"
         );
         assert_eq!(strftime("%Y-%m-%d %a", 0), "1970-01-01 Thu");
-    }
-
-    #[test]
-    fn generation_tags_become_plain_blocks() {
-        let t = "a{%- generation -%}b{% endgeneration %}c{% if x %}{% endif %}";
-        assert_eq!(
-            without_generation_tags(t),
-            "a{%- if true -%}b{% endif %}c{% if x %}{% endif %}"
-        );
     }
 }

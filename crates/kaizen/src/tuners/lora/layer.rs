@@ -1,0 +1,110 @@
+//! A LoRA layer beside a frozen linear: `y = W x + b + scale * B A dropout(x)`
+//! (Hu et al. 2021; HF PEFT `peft/tuners/lora/layer.py`, `Linear.forward`). A: (r, in),
+//! B: (out, r); scale = alpha / r, or alpha / sqrt(r) with rsLoRA.
+
+use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::Rng;
+
+use crate::nn::{Grads, LinearAdapter};
+use crate::Result;
+
+#[derive(Debug)]
+pub struct LoraLayer {
+    /// PEFT key prefix, e.g. `base_model.model.model.layers.0.self_attn.q_proj`.
+    pub prefix: String,
+    /// (r, in)
+    pub lora_a: Tensor,
+    /// (out, r)
+    pub lora_b: Tensor,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl LoraLayer {
+    pub fn key_a(&self) -> String {
+        format!("{}.lora_A.weight", self.prefix)
+    }
+    pub fn key_b(&self) -> String {
+        format!("{}.lora_B.weight", self.prefix)
+    }
+}
+
+impl LinearAdapter for LoraLayer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        y: Tensor,
+        rng: Option<&mut StdRng>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        // Inverted dropout on the LoRA branch only; the saved mask is already scaled by 1/(1-p).
+        let mask = match rng {
+            Some(rng) if self.dropout > 0.0 => {
+                let keep = 1.0 - self.dropout;
+                let m: Vec<f32> = (0..x.elem_count())
+                    .map(|_| {
+                        if rng.random::<f64>() < keep {
+                            (1.0 / keep) as f32
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                Some(Tensor::from_vec(m, x.dims(), x.device())?)
+            }
+            _ => None,
+        };
+        let xd = match &mask {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        };
+        let h = xd.matmul(&self.lora_a.t()?)?; // (N, r)
+        let delta = (h.matmul(&self.lora_b.t()?)? * self.scale)?; // (N, out)
+        Ok(((y + delta)?, mask))
+    }
+
+    fn backward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        dy: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Option<Tensor>> {
+        let xd = match mask {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        };
+        let h = xd.matmul(&self.lora_a.t()?)?; // (N, r), recomputed: cheaper than storing
+        let dys = (dy * self.scale)?;
+        grads.add(&self.key_b(), dys.t()?.matmul(&h)?)?; // (out, r)
+        let dh = dys.matmul(&self.lora_b)?; // (N, r)
+        grads.add(&self.key_a(), dh.t()?.matmul(&xd)?)?; // (r, in)
+        let dx = dh.matmul(&self.lora_a)?; // (N, in)
+        Ok(Some(match mask {
+            Some(m) => (dx * m)?,
+            None => dx,
+        }))
+    }
+
+    fn params(&self) -> Vec<(String, Tensor)> {
+        vec![
+            (self.key_a(), self.lora_a.clone()),
+            (self.key_b(), self.lora_b.clone()),
+        ]
+    }
+
+    fn set_param(&mut self, key: &str, value: Tensor) -> Result<bool> {
+        if key == self.key_a() {
+            self.lora_a = value;
+        } else if key == self.key_b() {
+            self.lora_b = value;
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn delta_weight(&self) -> Result<Option<Tensor>> {
+        Ok(Some((self.lora_b.matmul(&self.lora_a)? * self.scale)?)) // (out, in)
+    }
+}

@@ -1,0 +1,210 @@
+//! LoRA (HF PEFT `LORA`): low-rank A/B beside frozen linear layers, chosen by `target_modules`.
+
+pub mod config;
+pub mod layer;
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use regex::Regex;
+
+pub use config::{LoraConfig, LoraInit, TargetModules};
+pub use layer::LoraLayer;
+
+use crate::{Error, Model, Result};
+
+/// Prefix PEFT puts before module paths in adapter files (`PeftModel.base_model.model`).
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// Module paths of `model` that `cfg` targets, in model order. Errors list real layer names
+/// when nothing matches.
+pub fn resolve_targets(model: &mut Model, cfg: &LoraConfig) -> Result<Vec<String>> {
+    let head = model.lm_head_name();
+    let default_targets = model.config().default_qv_modules();
+    let targets = cfg.target_modules.clone().unwrap_or_else(|| {
+        TargetModules::Names(default_targets.iter().map(|s| s.to_string()).collect())
+    });
+    let regex = match &targets {
+        TargetModules::Regex(r) => Some(
+            Regex::new(&format!("^(?:{r})$"))
+                .map_err(|e| Error::Input(format!("target_modules regex \"{r}\": {e}")))?,
+        ),
+        _ => None,
+    };
+    let paths: Vec<String> = model.linears_mut().into_iter().map(|(p, _)| p).collect();
+    let mut out = Vec::new();
+    for p in &paths {
+        let hit = match &targets {
+            TargetModules::AllLinear => p != head,
+            TargetModules::Names(n) => n.iter().any(|t| p == t || p.ends_with(&format!(".{t}"))),
+            TargetModules::Regex(_) => regex.as_ref().is_some_and(|r| r.is_match(p)),
+        };
+        let layer_ok = match (&cfg.layers_to_transform, layer_index(p)) {
+            (Some(ls), Some(i)) => ls.contains(&i),
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        if hit && layer_ok {
+            if p == head {
+                return Err(Error::Input(format!(
+                    "LoRA on the output head \"{head}\" is not supported; target attention or MLP layers"
+                )));
+            }
+            out.push(p.clone());
+        }
+    }
+    if out.is_empty() {
+        let sample: Vec<&String> = paths
+            .iter()
+            .filter(|p| layer_index(p) == Some(0) || !p.contains("layers."))
+            .collect();
+        return Err(Error::Input(format!(
+            "target_modules {targets:?} matches no layer of this model; its linear layers are named like {sample:?}"
+        )));
+    }
+    Ok(out)
+}
+
+/// Layer index from a path like `model.layers.3.self_attn.q_proj`.
+fn layer_index(path: &str) -> Option<usize> {
+    let rest = &path[path.find("layers.")? + "layers.".len()..];
+    rest.split('.').next()?.parse().ok()
+}
+
+/// PEFT's `get_pattern_key`: the first pattern `k` with `^(.*\.)?(k)$` matching the path.
+fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Result<Option<T>> {
+    for (k, v) in patterns {
+        let re = Regex::new(&format!(r"^(?:.*\.)?(?:{k})$"))
+            .map_err(|e| Error::Input(format!("pattern \"{k}\": {e}")))?;
+        if re.is_match(path) {
+            return Ok(Some(*v));
+        }
+    }
+    Ok(None)
+}
+
+/// Attaches LoRA layers to the targeted linears. With `weights` (PEFT keys -> tensors, e.g. from
+/// an adapter file) every layer takes its A/B from there and every tensor must be used;
+/// otherwise they are initialised per `cfg.init_lora_weights` from `seed`. Returns the targets.
+pub fn attach(
+    model: &mut Model,
+    cfg: &LoraConfig,
+    mut weights: Option<BTreeMap<String, Tensor>>,
+    seed: u64,
+) -> Result<Vec<String>> {
+    cfg.validate()?;
+    let targets = resolve_targets(model, cfg)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    for (path, lin) in model.linears_mut() {
+        if !targets.contains(&path) {
+            continue;
+        }
+        let r = pattern_value(&cfg.rank_pattern, &path)?.unwrap_or(cfg.r);
+        let alpha = pattern_value(&cfg.alpha_pattern, &path)?.unwrap_or(cfg.lora_alpha);
+        let scale = if cfg.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
+        let prefix = format!("{PEFT_PREFIX}{path}");
+        let (inp, out) = (lin.in_features(), lin.out_features());
+        let (a, b) = match weights.as_mut() {
+            Some(w) => (
+                take(w, &format!("{prefix}.lora_A.weight"), &[r, inp])?,
+                take(w, &format!("{prefix}.lora_B.weight"), &[out, r])?,
+            ),
+            None => init(cfg.init_lora_weights, r, inp, out, &mut rng)?,
+        };
+        lin.adapter = Some(Box::new(LoraLayer {
+            prefix,
+            lora_a: a,
+            lora_b: b,
+            scale,
+            dropout: cfg.lora_dropout,
+        }));
+    }
+    if let Some(w) = weights {
+        if let Some(k) = w.keys().next() {
+            return Err(Error::Input(format!(
+                "the adapter holds {} tensor(s) that fit no targeted layer, e.g. \"{k}\"; was it trained for another model?",
+                w.len()
+            )));
+        }
+    }
+    Ok(targets)
+}
+
+fn take(w: &mut BTreeMap<String, Tensor>, key: &str, shape: &[usize]) -> Result<Tensor> {
+    let t = w
+        .remove(key)
+        .ok_or_else(|| Error::Input(format!("the adapter has no tensor \"{key}\"")))?;
+    if t.dims() != shape {
+        return Err(Error::Input(format!(
+            "adapter tensor \"{key}\" has shape {:?}, but this model needs {shape:?}; the adapter does not fit the model",
+            t.dims()
+        )));
+    }
+    Ok(t)
+}
+
+/// PEFT's initialisations: A Kaiming-uniform(a = sqrt 5), i.e. U(-1/sqrt(in), 1/sqrt(in)), or
+/// N(0, 1/r); B zero (both random for `Random`).
+fn init(
+    kind: LoraInit,
+    r: usize,
+    inp: usize,
+    out: usize,
+    rng: &mut StdRng,
+) -> Result<(Tensor, Tensor)> {
+    let bound = 1.0 / (inp as f64).sqrt();
+    let uniform = |n: usize, rng: &mut StdRng, bound: f64| -> Vec<f32> {
+        (0..n)
+            .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+            .collect()
+    };
+    let a = match kind {
+        LoraInit::Gaussian => {
+            let std = 1.0 / r as f64;
+            (0..r * inp)
+                .map(|_| {
+                    // Box-Muller
+                    let (u1, u2) = (rng.random::<f64>().max(1e-300), rng.random::<f64>());
+                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+                })
+                .collect()
+        }
+        _ => uniform(r * inp, rng, bound),
+    };
+    let b = match kind {
+        LoraInit::Random => uniform(out * r, rng, 1.0 / (r as f64).sqrt()),
+        _ => vec![0.0; out * r],
+    };
+    Ok((
+        Tensor::from_vec(a, (r, inp), &Device::Cpu)?,
+        Tensor::from_vec(b, (out, r), &Device::Cpu)?,
+    ))
+}
+
+/// Folds every adapter into its base weight (`W += scale * B A`) and removes it.
+pub fn merge(model: &mut Model) -> Result<usize> {
+    let mut n = 0;
+    for (_, lin) in model.linears_mut() {
+        if let Some(a) = lin.adapter.take() {
+            match a.delta_weight()? {
+                Some(d) => {
+                    lin.weight = (&lin.weight + d)?;
+                    n += 1;
+                }
+                None => {
+                    lin.adapter = Some(a);
+                    return Err(Error::Input(
+                        "this adapter cannot be merged into the weights".into(),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(n)
+}
