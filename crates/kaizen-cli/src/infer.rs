@@ -1,0 +1,264 @@
+//! Inference commands: tokenize, eval, generate, inspect.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kaizen::generate::{generate, GenerateConfig};
+use kaizen::tuners::AdapterInfo;
+use kaizen_data::chat::Message;
+use serde_json::json;
+
+#[derive(Args)]
+pub struct ModelArg {
+    /// An HF model directory (config.json + safetensors) or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+}
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Text to tokenize.
+    #[arg(long, conflicts_with = "data", required_unless_present = "data")]
+    pub text: Option<String>,
+    /// JSONL file whose lines carry a "text" field.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// A PEFT adapter directory to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// JSONL file whose lines carry a "text" field.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Truncate each line to this many tokens (default: the model's context).
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// End with one JSON line {"loss", "perplexity", "tokens"}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Suppress EOS until this many tokens are generated.
+    #[arg(long, default_value_t = 0)]
+    pub min_new_tokens: usize,
+    /// Always pick the most likely token.
+    #[arg(long)]
+    pub greedy: bool,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop once the generated text contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// End with one JSON line {"ids": [...], "text": ...} instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+/// Loads the model and, if given, attaches the adapter unmerged.
+fn load(model: &Path, adapter: Option<&Path>) -> Result<(kaizen::Loaded, Option<AdapterInfo>)> {
+    let mut m =
+        kaizen::load(model).with_context(|| format!("cannot load model {}", model.display()))?;
+    let info = match adapter {
+        Some(dir) => Some(
+            kaizen::tuners::load_adapter(&mut m.model, dir)
+                .with_context(|| format!("cannot apply adapter {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    Ok((m, info))
+}
+
+pub fn tokenize(a: TokenizeArgs) -> Result<()> {
+    // Only the tokenizer is needed, but reading it goes through the same checkpoint code.
+    let ck = kaizen::checkpoint::open(&a.model.model)?;
+    let texts = match (&a.text, &a.data) {
+        (Some(t), _) => vec![t.clone()],
+        (None, Some(path)) => kaizen_data::jsonl::read_texts(path)?,
+        (None, None) => bail!("give --text or --data"),
+    };
+    let mut out = std::io::stdout().lock();
+    for t in &texts {
+        let ids = ck.tokenizer.encode(t, true)?;
+        writeln!(out, "{}", serde_json::to_string(&ids)?)?;
+    }
+    Ok(())
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let texts = kaizen_data::jsonl::read_texts(&a.data)?;
+    let (m, _) = load(&a.model.model, a.adapter.as_deref())?;
+    let ctx = m.model.config().max_position_embeddings;
+    let max_len = a.max_len.unwrap_or(ctx);
+    if max_len == 0 {
+        bail!("--max-len must be at least 1");
+    }
+    if max_len > ctx {
+        eprintln!(
+            "warning: --max-len {max_len} is longer than the model context {ctx}; using {ctx}"
+        );
+    }
+    let r = kaizen::eval::eval_texts(&m.model, &m.tokenizer, &texts, max_len.min(ctx))?;
+    println!(
+        "loss {:.4}  perplexity {:.3}  tokens {}  ({} lines of {})",
+        r.loss,
+        r.perplexity(),
+        r.tokens,
+        texts.len(),
+        a.data.display()
+    );
+    if a.json {
+        println!(
+            "{}",
+            json!({"loss": r.loss, "perplexity": r.perplexity(), "tokens": r.tokens})
+        );
+    }
+    Ok(())
+}
+
+pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    if a.prompt.trim().is_empty() {
+        bail!("--prompt is empty: give some text to continue");
+    }
+    let (m, _) = load(&a.model.model, a.adapter.as_deref())?;
+    let ids = if a.chat {
+        let msg = Message {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        };
+        let text = m.tokenizer.apply_chat_template(&[msg], true)?;
+        m.tokenizer.encode(&text, false)?
+    } else {
+        m.tokenizer.encode(&a.prompt, true)?
+    };
+    let cfg = GenerateConfig {
+        max_new_tokens: a.max_new_tokens,
+        min_new_tokens: a.min_new_tokens,
+        greedy: a.greedy,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+        stop_strings: a.stop.clone(),
+    };
+    let start = std::time::Instant::now();
+    let mut stdout = std::io::stdout();
+    let stream = !a.json;
+    let out = generate(&m.model, &m.tokenizer, &ids, &cfg, &mut |piece| {
+        if stream {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        }
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    if a.json {
+        let tps = out.ids.len() as f64 / secs;
+        println!(
+            "{}",
+            json!({"ids": out.ids, "text": out.text, "prompt_tokens": ids.len(), "seconds": secs, "tokens_per_sec": tps})
+        );
+    } else {
+        println!();
+    }
+    eprintln!(
+        "[{} new tokens in {:.2}s, {:.1} tokens/s, stop: {:?}]",
+        out.ids.len(),
+        secs,
+        out.ids.len() as f64 / secs,
+        out.stop
+    );
+    Ok(())
+}
+
+pub fn inspect(a: InspectArgs) -> Result<()> {
+    let (m, adapter) = load(&a.model.model, a.adapter.as_deref())?;
+    let c = m.model.config();
+    let t = &m.tokenizer;
+    println!("model:            {}", a.model.model.display());
+    println!(
+        "architecture:     {} (model_type {})",
+        c.architecture.name(),
+        c.model_type
+    );
+    println!("weights:          {} -> computed in F32", m.format);
+    println!(
+        "dims:             hidden {}, intermediate {}, layers {}, heads {}, kv heads {}, head_dim {}",
+        c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    );
+    println!(
+        "rotary:           {} of {} dims, theta {}, scaling {:?}",
+        c.rotary_dim, c.head_dim, c.rope_theta, c.rope_scaling
+    );
+    println!("context:          {}", c.max_position_embeddings);
+    println!(
+        "vocab:            {} (tied embeddings: {})",
+        c.vocab_size, c.tie_word_embeddings
+    );
+    println!("parameters:       {}", c.num_parameters());
+    println!(
+        "tokenizer:        {} ({} tokens, bos {:?}, eos {:?}, chat template: {})",
+        t.kind(),
+        t.vocab_size(),
+        t.bos_token(),
+        t.eos_token(),
+        if t.chat_template().is_some() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+    if let Some(info) = adapter {
+        // PEFT's print_trainable_parameters: all = base + adapter.
+        let all = c.num_parameters() + info.trainable_params;
+        println!(
+            "adapter:          {} on {} layers",
+            info.peft_type,
+            info.targets.len()
+        );
+        println!(
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            info.trainable_params,
+            all,
+            100.0 * info.trainable_params as f64 / all as f64
+        );
+    }
+    Ok(())
+}
