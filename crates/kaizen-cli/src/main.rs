@@ -2,6 +2,10 @@
 //! the `kaizen` and `kaizen-data` library crates.
 
 mod infer;
+mod merge;
+#[allow(dead_code)] // until the trainer draws loss.png with it
+mod plot;
+mod train;
 
 use std::process::ExitCode;
 
@@ -30,6 +34,11 @@ enum Command {
     Generate(GenerateArgs),
     /// Show a model's architecture, sizes and tokenizer.
     Inspect(InspectArgs),
+    /// Fold a LoRA adapter into the base weights and write an HF model directory (without
+    /// --adapter: convert, e.g. a .gguf file to an HF directory).
+    Merge(merge::MergeArgs),
+    /// Fine-tune a PEFT adapter on a JSONL file.
+    Train(Box<train::TrainArgs>),
 }
 
 fn main() -> ExitCode {
@@ -48,5 +57,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => infer::eval(a),
         Command::Generate(a) => infer::generate_cmd(a),
         Command::Inspect(a) => infer::inspect(a),
+        Command::Merge(a) => merge::merge(a),
+        Command::Train(a) => train::run(*a),
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 use crate::{Error, Result};
 
@@ -242,6 +242,116 @@ impl ModelConfig {
         })
     }
 
+    /// An HF `config.json` for this model that transformers 5 loads with the same numerics and
+    /// [`ModelConfig::from_hf_json`] reads back to an equal config. Rotary settings are written
+    /// both as transformers 5 writes them (`rope_parameters`) and in the 4.x top-level form
+    /// (`rope_theta`, `rope_scaling`; GPT-NeoX `rotary_emb_base`, `rotary_pct`), with the same
+    /// values, so readers of either generation agree. Weights are described as float32.
+    pub fn to_hf_json(&self) -> Value {
+        let neox = self.architecture == Architecture::GptNeoX;
+        let mut rope = Map::new();
+        let mut scaling = Map::new();
+        match &self.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                scaling.insert("factor".into(), json!(factor));
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                scaling.insert("factor".into(), json!(factor));
+                scaling.insert("low_freq_factor".into(), json!(low_freq_factor));
+                scaling.insert("high_freq_factor".into(), json!(high_freq_factor));
+                let omax = *original_max_position_embeddings;
+                let omax = if omax.fract() == 0.0 {
+                    json!(omax as u64)
+                } else {
+                    json!(omax)
+                };
+                scaling.insert("original_max_position_embeddings".into(), omax);
+            }
+        }
+        let rope_type = match self.rope_scaling {
+            RopeScaling::None => "default",
+            RopeScaling::Linear { .. } => "linear",
+            RopeScaling::Llama3 { .. } => "llama3",
+        };
+        scaling.insert("rope_type".into(), json!(rope_type));
+        rope.extend(scaling.clone());
+        rope.insert("rope_theta".into(), json!(self.rope_theta));
+        let pct = rotary_fraction(self.rotary_dim, self.head_dim);
+        if neox || self.rotary_dim != self.head_dim {
+            rope.insert("partial_rotary_factor".into(), json!(pct));
+        }
+        let act = match self.hidden_act {
+            Activation::Gelu => "gelu",
+            Activation::GeluTanh => "gelu_new",
+            Activation::Relu => "relu",
+            Activation::Silu => "silu",
+        };
+        let architectures = match self.model_type.as_str() {
+            "gpt_neox" => "GPTNeoXForCausalLM",
+            "mistral" => "MistralForCausalLM",
+            "qwen2" => "Qwen2ForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
+        let eos = match self.eos_token_ids.as_slice() {
+            [] => Value::Null,
+            [one] => json!(one),
+            many => json!(many),
+        };
+        let mut c = json!({
+            "architectures": [architectures],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": act,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "rope_parameters": rope,
+            "rope_theta": self.rope_theta,
+            "dtype": "float32",
+            "torch_dtype": "float32",
+            "use_cache": true,
+        });
+        let m = c.as_object_mut().expect("a JSON object");
+        if self.rope_scaling != RopeScaling::None {
+            m.insert("rope_scaling".into(), Value::Object(scaling));
+        }
+        if neox {
+            m.insert("layer_norm_eps".into(), json!(self.norm_eps));
+            m.insert(
+                "use_parallel_residual".into(),
+                json!(self.use_parallel_residual),
+            );
+            m.insert("rotary_emb_base".into(), json!(self.rope_theta));
+            m.insert("rotary_pct".into(), json!(pct));
+        } else {
+            m.insert("rms_norm_eps".into(), json!(self.norm_eps));
+            m.insert("mlp_bias".into(), json!(self.mlp_bias));
+            if self.rotary_dim != self.head_dim {
+                m.insert("partial_rotary_factor".into(), json!(pct));
+            }
+            if self.model_type != "llama" {
+                // kaizen reads these models only without sliding-window attention.
+                m.insert("use_sliding_window".into(), json!(false));
+                m.insert("sliding_window".into(), Value::Null);
+            }
+        }
+        c
+    }
+
     /// Names of the attention query and value projections: PEFT's default LoRA targets
     /// (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
     pub fn default_qv_modules(&self) -> &'static [&'static str] {
@@ -320,6 +430,16 @@ pub(crate) fn parse_activation(name: &str) -> std::result::Result<Activation, St
             ))
         }
     })
+}
+
+/// `rotary_dim / head_dim`, nudged up where needed so that `int(head_dim * f)` (how both
+/// transformers and [`ModelConfig::from_hf_json`] turn it back into a count) gives `rotary_dim`.
+fn rotary_fraction(rotary_dim: usize, head_dim: usize) -> f64 {
+    let mut f = rotary_dim as f64 / head_dim as f64;
+    while ((head_dim as f64 * f) as usize) < rotary_dim {
+        f = f64::from_bits(f.to_bits() + 1);
+    }
+    f
 }
 
 fn first_f64(options: &[Option<f64>]) -> Option<f64> {

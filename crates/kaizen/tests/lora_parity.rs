@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use kaizen::nn::Grads;
 use kaizen::train::optim::{clip_grad_norm, Optimizer, OptimizerKind};
-use kaizen::train::{micro_batch_backward, set_params, trainable_params, TokenBatch};
+use kaizen::train::{label_count, micro_batch_backward, set_params, trainable_params, Batch};
 use kaizen::tuners::lora::{self, LoraConfig};
 use serde_json::Value;
 
@@ -41,7 +41,7 @@ struct Fixture {
     model: kaizen::Model,
     reference: Value,
     tensors: std::collections::HashMap<String, Tensor>,
-    batches: Vec<TokenBatch>,
+    batches: Vec<Batch>,
 }
 
 fn load(name: &str) -> Fixture {
@@ -77,7 +77,7 @@ fn load(name: &str) -> Fixture {
                     .collect()
             };
             let (ids, labels) = (rows("input_ids"), rows("labels"));
-            TokenBatch {
+            Batch {
                 batch_size: ids.len(),
                 seq_len: ids[0].len(),
                 input_ids: ids.concat().into_iter().map(|x| x as u32).collect(),
@@ -95,7 +95,7 @@ fn load(name: &str) -> Fixture {
 
 /// Loss and gradients of one optimizer step over all micro-batches (token-weighted mean).
 fn step(f: &Fixture, grads: &mut Grads) -> (f64, Vec<Tensor>) {
-    let total: usize = f.batches.iter().map(|b| b.label_count()).sum();
+    let total: usize = f.batches.iter().map(label_count).sum();
     let mut sum = 0.0;
     let mut d_embeds = vec![];
     for b in &f.batches {

@@ -304,6 +304,20 @@ impl Tokenizer {
         self.eos_token.as_deref()
     }
 
+    /// The whole pipeline as an HF `tokenizer.json` (e.g. to save a GGUF tokenizer). A bare
+    /// SentencePiece `.model` normalises outside that pipeline, so it is refused: copy the file.
+    pub fn to_json_string(&self) -> Result<String> {
+        if self.sp_normalizer.is_some() {
+            return Err(Error::bad_tokenizer(
+                &self.source,
+                "a SentencePiece .model tokenizer cannot be written as tokenizer.json; copy the .model file instead",
+            ));
+        }
+        self.inner
+            .to_string(true)
+            .map_err(|e| self.tokenize_error("serialize", e))
+    }
+
     /// Replaces the chat template (e.g. one given on the command line).
     pub fn set_chat_template(&mut self, template: Option<String>) {
         self.chat_template = template;

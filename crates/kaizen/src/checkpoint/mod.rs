@@ -3,6 +3,7 @@
 //! models load the same way whether the file was an HF directory or a GGUF.
 
 pub mod adapter;
+pub mod export;
 mod gguf;
 mod hf_dir;
 

@@ -187,6 +187,62 @@ impl GptNeoX {
         self.embed_in.forward(ids)
     }
 
+    /// Every weight under its HF tensor name (what `load` takes, minus the ignored buffers), for
+    /// writing an HF directory. An attached adapter is not included: merge it first.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        fn linear(out: &mut Vec<(String, Tensor)>, name: &str, l: &Linear) {
+            out.push((format!("{name}.weight"), l.weight.clone()));
+            if let Some(b) = &l.bias {
+                out.push((format!("{name}.bias"), b.clone()));
+            }
+        }
+        fn norm(out: &mut Vec<(String, Tensor)>, name: &str, n: &LayerNorm) {
+            out.push((format!("{name}.weight"), n.weight.clone()));
+            out.push((format!("{name}.bias"), n.bias.clone()));
+        }
+        let mut out = vec![(
+            "gpt_neox.embed_in.weight".into(),
+            self.embed_in.weight.clone(),
+        )];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("gpt_neox.layers.{i}");
+            norm(
+                &mut out,
+                &format!("{p}.input_layernorm"),
+                &l.input_layernorm,
+            );
+            norm(
+                &mut out,
+                &format!("{p}.post_attention_layernorm"),
+                &l.post_attention_layernorm,
+            );
+            let (a, m) = (&l.attention, &l.mlp);
+            linear(
+                &mut out,
+                &format!("{p}.attention.query_key_value"),
+                &a.query_key_value,
+            );
+            linear(&mut out, &format!("{p}.attention.dense"), &a.dense);
+            linear(
+                &mut out,
+                &format!("{p}.mlp.dense_h_to_4h"),
+                &m.dense_h_to_4h,
+            );
+            linear(
+                &mut out,
+                &format!("{p}.mlp.dense_4h_to_h"),
+                &m.dense_4h_to_h,
+            );
+        }
+        norm(
+            &mut out,
+            "gpt_neox.final_layer_norm",
+            &self.final_layer_norm,
+        );
+        linear(&mut out, "embed_out", &self.embed_out);
+        out
+    }
+
     /// Every linear layer with its HF module path (the tuners' door).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();

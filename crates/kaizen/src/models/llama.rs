@@ -185,6 +185,44 @@ impl Llama {
         self.embed_tokens.forward(ids)
     }
 
+    /// Every weight under its HF tensor name (what `load` takes), for writing an HF directory.
+    /// Tied embeddings appear once, as `model.embed_tokens.weight`, with no `lm_head.weight`.
+    /// An attached adapter is not included: merge it first.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        fn linear(out: &mut Vec<(String, Tensor)>, name: &str, l: &Linear) {
+            out.push((format!("{name}.weight"), l.weight.clone()));
+            if let Some(b) = &l.bias {
+                out.push((format!("{name}.bias"), b.clone()));
+            }
+        }
+        let w = |n: &RmsNorm| n.weight.clone();
+        let mut out = vec![(
+            "model.embed_tokens.weight".into(),
+            self.embed_tokens.weight.clone(),
+        )];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), w(&l.input_layernorm)));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                w(&l.post_attention_layernorm),
+            ));
+            let (a, m) = (&l.self_attn, &l.mlp);
+            linear(&mut out, &format!("{p}.self_attn.q_proj"), &a.q_proj);
+            linear(&mut out, &format!("{p}.self_attn.k_proj"), &a.k_proj);
+            linear(&mut out, &format!("{p}.self_attn.v_proj"), &a.v_proj);
+            linear(&mut out, &format!("{p}.self_attn.o_proj"), &a.o_proj);
+            linear(&mut out, &format!("{p}.mlp.gate_proj"), &m.gate_proj);
+            linear(&mut out, &format!("{p}.mlp.up_proj"), &m.up_proj);
+            linear(&mut out, &format!("{p}.mlp.down_proj"), &m.down_proj);
+        }
+        out.push(("model.norm.weight".into(), w(&self.norm)));
+        if !self.config.tie_word_embeddings {
+            linear(&mut out, "lm_head", &self.lm_head);
+        }
+        out
+    }
+
     /// Every linear layer with its HF module path (the tuners' door).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();

@@ -88,6 +88,15 @@ impl Model {
         }
     }
 
+    /// Every weight under its HF tensor name, as an HF checkpoint stores it (tied embeddings
+    /// once, no `lm_head.weight`); attached adapters are not included.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Model::GptNeoX(m) => m.named_weights(),
+            Model::Llama(m) => m.named_weights(),
+        }
+    }
+
     /// HF module path of the output projection (never a LoRA target under "all-linear").
     pub fn lm_head_name(&self) -> &'static str {
         match self {

@@ -2,6 +2,8 @@
 //! backward; frozen weights never get a gradient), optimizers, schedules and the training loop.
 
 pub mod optim;
+pub mod schedule;
+pub mod trainer;
 
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
@@ -11,34 +13,26 @@ use crate::nn::Grads;
 use crate::{Error, Model, Result};
 
 /// A (B, T) batch of token ids with labels (-100 = not a label), row-major.
-#[derive(Debug, Clone)]
-pub struct TokenBatch {
-    pub input_ids: Vec<u32>,
-    pub labels: Vec<i64>,
-    pub batch_size: usize,
-    pub seq_len: usize,
+pub use kaizen_data::Batch;
+
+/// Next-token targets: position t predicts labels[t + 1]; the last position predicts nothing.
+pub fn shifted_targets(batch: &Batch) -> Vec<i64> {
+    let (b, t) = (batch.batch_size, batch.seq_len);
+    let mut out = vec![IGNORE_INDEX; b * t];
+    for r in 0..b {
+        for c in 0..t.saturating_sub(1) {
+            out[r * t + c] = batch.labels[r * t + c + 1];
+        }
+    }
+    out
 }
 
-impl TokenBatch {
-    /// Next-token targets: position t predicts labels[t + 1]; the last position predicts nothing.
-    pub fn shifted_targets(&self) -> Vec<i64> {
-        let (b, t) = (self.batch_size, self.seq_len);
-        let mut out = vec![IGNORE_INDEX; b * t];
-        for r in 0..b {
-            for c in 0..t.saturating_sub(1) {
-                out[r * t + c] = self.labels[r * t + c + 1];
-            }
-        }
-        out
-    }
-
-    /// Number of scored next-token predictions.
-    pub fn label_count(&self) -> usize {
-        self.shifted_targets()
-            .iter()
-            .filter(|&&l| l != IGNORE_INDEX)
-            .count()
-    }
+/// Number of scored next-token predictions in a batch.
+pub fn label_count(batch: &Batch) -> usize {
+    shifted_targets(batch)
+        .iter()
+        .filter(|&&l| l != IGNORE_INDEX)
+        .count()
 }
 
 /// Result of [`micro_batch_backward`].
@@ -55,7 +49,7 @@ pub struct MicroStep {
 /// gives the token-weighted mean (not a mean of per-batch means).
 pub fn micro_batch_backward(
     model: &Model,
-    batch: &TokenBatch,
+    batch: &Batch,
     loss_scale: f64,
     rng: Option<&mut StdRng>,
     grads: &mut Grads,
@@ -72,7 +66,7 @@ pub fn micro_batch_backward(
     let x = model.embed(&ids)?;
     let (h, tape) = model.forward_train(&x, rng)?; // (B, T, hidden)
     let hidden = h.dim(2)?;
-    let targets = batch.shifted_targets();
+    let targets = shifted_targets(batch);
     let (loss_sum, tokens, dh) = head_loss_backward(
         model.lm_head(),
         &h.reshape((b * t, hidden))?,

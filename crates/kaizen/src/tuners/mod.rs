@@ -10,9 +10,44 @@ use serde_json::Value;
 use crate::checkpoint::adapter;
 use crate::{Error, Model, Result};
 
+/// A PEFT method with its resolved configuration: what `adapter_config.json` describes.
+#[derive(Debug, Clone)]
+pub enum Method {
+    Lora {
+        cfg: lora::LoraConfig,
+        targets: Vec<String>,
+    },
+}
+
+impl Method {
+    /// PEFT's `peft_type`.
+    pub fn peft_type(&self) -> &'static str {
+        match self {
+            Method::Lora { .. } => "LORA",
+        }
+    }
+
+    /// The adapter_config.json contents.
+    pub fn config_json(&self) -> Value {
+        match self {
+            Method::Lora { cfg, targets } => cfg.to_json(targets),
+        }
+    }
+
+    /// Writes the model's current adapter tensors and this config as a PEFT adapter directory.
+    pub fn save(&self, model: &mut Model, dir: &Path) -> Result<()> {
+        adapter::write(
+            dir,
+            &self.config_json(),
+            &crate::train::trainable_params(model),
+        )
+    }
+}
+
 /// What an adapter directory held, once attached.
 #[derive(Debug, Clone)]
 pub struct AdapterInfo {
+    pub method: Method,
     /// PEFT's `peft_type`, e.g. "LORA".
     pub peft_type: String,
     /// Module paths that carry the adapter.
@@ -31,12 +66,13 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
         .unwrap_or("")
         .to_string();
     let trainable_params = weights.values().map(|t| t.elem_count()).sum();
-    let targets = match peft_type.as_str() {
+    let method = match peft_type.as_str() {
         "LORA" => {
             let cfg =
                 lora::LoraConfig::from_json(&config).map_err(|m| Error::config(&cfg_path, m))?;
-            lora::attach(model, &cfg, Some(weights), 0)
-                .map_err(|e| Error::config(&cfg_path, e.to_string()))?
+            let targets = lora::attach(model, &cfg, Some(weights), 0)
+                .map_err(|e| Error::config(&cfg_path, e.to_string()))?;
+            Method::Lora { cfg, targets }
         }
         other => {
             return Err(Error::config(
@@ -45,7 +81,11 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
             ))
         }
     };
+    let targets = match &method {
+        Method::Lora { targets, .. } => targets.clone(),
+    };
     Ok(AdapterInfo {
+        method,
         peft_type,
         targets,
         trainable_params,

@@ -1,0 +1,405 @@
+//! `kaizen train`: flags and `--config run.toml` (same keys; flags win) resolved into one run
+//! description written to OUT/run.json, data loaded and split, the adapter attached, then the
+//! library's training loop with a progress bar.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use kaizen::train::optim::OptimizerKind;
+use kaizen::train::schedule::Schedule;
+use kaizen::train::trainer::{self, Event, TrainConfig};
+use kaizen::tuners::lora::{self, LoraConfig};
+use kaizen::tuners::Method;
+use kaizen_data::{load_dataset, pack, split_validation, DataOptions, Template};
+use serde::{Deserialize, Serialize};
+
+/// Every option of a run. As flags they are all optional so that `--config` can fill the rest.
+#[derive(Args, Deserialize, Serialize, Default, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TrainArgs {
+    /// TOML file with any of these options (keys with underscores: lora_alpha = 16).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// HF model directory or .gguf file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training JSONL: {"text"}, {"prompt","completion"}, {"instruction","input","output"} or {"messages"}.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output directory: adapter, metrics.jsonl, loss.png, run.json, checkpoints.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// PEFT method: lora.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// LoRA rank (default 8).
+    #[arg(long)]
+    pub r: Option<usize>,
+    /// LoRA alpha (default 8, as PEFT).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Comma-separated module names, a regex, or all-linear (default: attention query/value).
+    #[arg(long)]
+    pub target_modules: Option<String>,
+    /// Scale by alpha/sqrt(r) instead of alpha/r.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub use_rslora: Option<bool>,
+    /// Continue training an existing PEFT adapter (method and config come from it).
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    /// adamw (default) or sgd.
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    /// Learning rate (default 2e-4).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// constant, linear (default) or cosine.
+    #[arg(long)]
+    pub lr_schedule: Option<String>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Sequences per micro-batch (default 8).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step (default 1).
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Passes over the training set (default 1).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Truncate examples to this many tokens (default 512, at most the model context).
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Gradient clipping norm (default 1.0; 0 disables).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep the file order.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub no_shuffle: Option<bool>,
+    /// Evaluate on the validation set every N steps (and at the end).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Write OUT/checkpoint-N every N steps.
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Fraction of --data held out for validation (when no --val-data).
+    #[arg(long)]
+    pub val_split: Option<f64>,
+    #[arg(long)]
+    pub val_data: Option<PathBuf>,
+    /// Prompt template: alpaca, rinna, chat or plain (default: chat if the model has one).
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Pack training examples into rows of --max-len tokens.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub pack: Option<bool>,
+    /// Continue from the last checkpoint in --out.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip)]
+    pub resume: Option<bool>,
+    /// Replace a different run already in --out.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip)]
+    pub overwrite: Option<bool>,
+}
+
+macro_rules! or_file {
+    ($flags:expr, $file:expr; $($f:ident),*) => { $( if $flags.$f.is_none() { $flags.$f = $file.$f.clone(); } )* };
+}
+
+/// The fully resolved run, as written to run.json.
+#[derive(Serialize, Deserialize, PartialEq, Debug)]
+struct Run {
+    model: PathBuf,
+    data: PathBuf,
+    val_data: Option<PathBuf>,
+    val_split: f64,
+    method: String,
+    adapter: serde_json::Value,
+    init_adapter: Option<PathBuf>,
+    template: String,
+    max_len: usize,
+    pack: bool,
+    optimizer: String,
+    lr: f64,
+    lr_schedule: String,
+    warmup_steps: usize,
+    batch_size: usize,
+    grad_accum: usize,
+    epochs: usize,
+    max_steps: usize,
+    max_grad_norm: f64,
+    seed: u64,
+    shuffle: bool,
+    eval_every: usize,
+    save_every: usize,
+}
+
+pub fn run(mut a: TrainArgs) -> Result<()> {
+    if let Some(path) = a.config.clone() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let file: TrainArgs = toml::from_str(&text)
+            .with_context(|| format!("{}: invalid run config", path.display()))?;
+        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, use_rslora,
+            init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
+            max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
+    }
+    let model_path = a.model.clone().context("--model is required")?;
+    let data_path = a.data.clone().context("--data is required")?;
+    let out = a.out.clone().context("--out is required")?;
+    let method_name = a.method.clone().unwrap_or_else(|| "lora".into());
+    if method_name != "lora" {
+        bail!("--method {method_name}: unknown method (available: lora)");
+    }
+    let mut loaded = kaizen::load(&model_path)
+        .with_context(|| format!("cannot load model {}", model_path.display()))?;
+    let tok = &loaded.tokenizer;
+    let ctx = loaded.model.config().max_position_embeddings;
+
+    // Data.
+    let mut max_len = a.max_len.unwrap_or(512.min(ctx));
+    if max_len == 0 {
+        bail!("--max-len must be at least 1");
+    }
+    if max_len > ctx {
+        eprintln!("warning: --max-len {max_len} exceeds the model context {ctx}; using {ctx}");
+        max_len = ctx;
+    }
+    let template: Template = match &a.template {
+        Some(t) => t.parse()?,
+        None => Template::default_for(tok),
+    };
+    let opts = DataOptions {
+        template: Some(template),
+        max_len,
+    };
+    let ds = load_dataset(&data_path, tok, &opts)?;
+    ds.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+    let val_split = a.val_split.unwrap_or(0.0);
+    let seed = a.seed.unwrap_or(42);
+    let (mut train_set, val_set) = match &a.val_data {
+        Some(v) => {
+            let vd = load_dataset(v, tok, &opts)?;
+            vd.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+            (ds.examples, vd.examples)
+        }
+        None => split_validation(ds.examples, val_split, seed)?,
+    };
+    // Right padding under causal attention never reaches a real token, and padded labels are
+    // -100, so the pad id only has to be a valid id.
+    let pad_id = tok.eos_id().unwrap_or(0);
+    let packed = a.pack.unwrap_or(false);
+    if packed {
+        train_set = pack(&train_set, max_len, pad_id);
+    }
+
+    // Method.
+    let method = match &a.init_adapter {
+        Some(dir) => {
+            if a.r.is_some() || a.lora_alpha.is_some() || a.target_modules.is_some() {
+                bail!("--init-adapter takes its method and config from {}/adapter_config.json; drop --r, --lora-alpha and --target-modules", dir.display());
+            }
+            kaizen::tuners::load_adapter(&mut loaded.model, dir)
+                .with_context(|| format!("cannot load --init-adapter {}", dir.display()))?
+                .method
+        }
+        None => {
+            let cfg = LoraConfig {
+                r: a.r.unwrap_or(8),
+                lora_alpha: a.lora_alpha.unwrap_or(8.0),
+                lora_dropout: a.lora_dropout.unwrap_or(0.0),
+                target_modules: a.target_modules.as_deref().map(LoraConfig::parse_targets),
+                use_rslora: a.use_rslora.unwrap_or(false),
+                base_model_name_or_path: Some(model_path.display().to_string()),
+                ..LoraConfig::default()
+            };
+            let targets = lora::attach(&mut loaded.model, &cfg, None, seed)?;
+            Method::Lora { cfg, targets }
+        }
+    };
+
+    // Optimisation.
+    let optimizer = match a.optimizer.as_deref().unwrap_or("adamw") {
+        "adamw" => OptimizerKind::adamw(),
+        "sgd" => OptimizerKind::Sgd,
+        other => bail!("--optimizer {other}: unknown (adamw, sgd)"),
+    };
+    let schedule: Schedule = a
+        .lr_schedule
+        .as_deref()
+        .unwrap_or("linear")
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let batch_size = a.batch_size.unwrap_or(8);
+    let grad_accum = a.grad_accum.unwrap_or(1);
+    if batch_size == 0 || grad_accum == 0 {
+        bail!("--batch-size and --grad-accum must be at least 1");
+    }
+    let epochs = a.epochs.unwrap_or(1);
+    let total_steps = match a.max_steps {
+        Some(0) => bail!("--max-steps must be at least 1"),
+        Some(n) => n,
+        None => epochs * trainer::steps_per_epoch(train_set.len(), batch_size, grad_accum),
+    };
+    let lr = a.lr.unwrap_or(2e-4);
+    if lr.is_nan() || lr <= 0.0 {
+        bail!("--lr must be > 0, found {lr}");
+    }
+    let cfg = TrainConfig {
+        optimizer,
+        lr,
+        schedule,
+        warmup_steps: a.warmup_steps.unwrap_or(0),
+        batch_size,
+        grad_accum,
+        total_steps,
+        max_grad_norm: a.max_grad_norm.unwrap_or(1.0),
+        seed,
+        shuffle: !a.no_shuffle.unwrap_or(false),
+        eval_every: a.eval_every.unwrap_or(0),
+        save_every: a.save_every.unwrap_or(0),
+    };
+    let run = Run {
+        model: model_path.clone(),
+        data: data_path,
+        val_data: a.val_data.clone(),
+        val_split,
+        method: method_name,
+        adapter: method.config_json(),
+        init_adapter: a.init_adapter.clone(),
+        template: template.name().into(),
+        max_len,
+        pack: packed,
+        optimizer: a.optimizer.clone().unwrap_or_else(|| "adamw".into()),
+        lr,
+        lr_schedule: schedule.name().into(),
+        warmup_steps: cfg.warmup_steps,
+        batch_size,
+        grad_accum,
+        epochs,
+        max_steps: total_steps,
+        max_grad_norm: cfg.max_grad_norm,
+        seed,
+        shuffle: cfg.shuffle,
+        eval_every: cfg.eval_every,
+        save_every: cfg.save_every,
+    };
+    let resume_from = prepare_out(
+        &out,
+        &run,
+        a.resume.unwrap_or(false),
+        a.overwrite.unwrap_or(false),
+    )?;
+
+    let trainable: usize = kaizen::train::trainable_params(&mut loaded.model)
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum();
+    let all = loaded.model.config().num_parameters() + trainable;
+    eprintln!(
+        "{} examples for training, {} for validation; {} steps; trainable params: {trainable} || all params: {all} || trainable%: {:.4}",
+        train_set.len(),
+        val_set.len(),
+        total_steps,
+        100.0 * trainable as f64 / all as f64
+    );
+    let bar = progress_bar(total_steps as u64);
+    let mut on = |e: Event| match e {
+        Event::Step(s) => {
+            bar.set_position(s.step as u64);
+            bar.set_message(format!(
+                "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+                s.loss, s.lr, s.tokens_per_sec
+            ));
+        }
+        Event::Eval { step, loss } => bar.println(format!("step {step}: eval loss {loss:.4}")),
+        Event::Checkpoint(p) => bar.println(format!("saved {}", p.display())),
+    };
+    let summary = trainer::train(
+        &mut loaded.model,
+        &method,
+        &train_set,
+        &val_set,
+        pad_id,
+        &cfg,
+        &out,
+        resume_from.as_deref(),
+        &mut on,
+    )?;
+    bar.finish_and_clear();
+    println!(
+        "trained {} steps: final train loss {:.4}{}, {:.0} tokens/s; adapter written to {}",
+        summary.steps,
+        summary.final_loss,
+        summary
+            .eval_loss
+            .map(|l| format!(", eval loss {l:.4}"))
+            .unwrap_or_default(),
+        summary.tokens_per_sec,
+        out.display()
+    );
+    Ok(())
+}
+
+/// Checks OUT against what is being started; returns the checkpoint to resume from, if any.
+fn prepare_out(out: &Path, run: &Run, resume: bool, overwrite: bool) -> Result<Option<PathBuf>> {
+    let run_json = out.join("run.json");
+    let text = serde_json::to_string_pretty(run)?;
+    if resume {
+        let old = std::fs::read_to_string(&run_json)
+            .with_context(|| format!("--resume: {} has no run.json", out.display()))?;
+        let old: Run = serde_json::from_str(&old)
+            .with_context(|| format!("{}: unreadable", run_json.display()))?;
+        if &old != run {
+            bail!("--resume: the options differ from the run in {} (see its run.json); resume with the same options", out.display());
+        }
+        let ckpt = trainer::last_checkpoint(out).with_context(|| {
+            format!(
+                "--resume: no checkpoint-N in {} (use --save-every)",
+                out.display()
+            )
+        })?;
+        eprintln!("resuming from {}", ckpt.display());
+        return Ok(Some(ckpt));
+    }
+    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
+        if !overwrite {
+            bail!("{} already holds files (a previous run?); pass --resume to continue it or --overwrite to replace it", out.display());
+        }
+        for entry in std::fs::read_dir(out)? {
+            let p = entry?.path();
+            if p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
+            {
+                std::fs::remove_dir_all(&p)?;
+            }
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    kaizen::checkpoint::adapter::write_atomic(&run_json, text.as_bytes())?;
+    Ok(None)
+}
+
+fn progress_bar(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}

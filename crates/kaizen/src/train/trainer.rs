@@ -1,0 +1,374 @@
+//! The training loop: batches in, loss, backward, clip, step, schedule, log, checkpoint. One
+//! visible function ([`train`]); everything it calls is small and named.
+//!
+//! Output directory: the final PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`),
+//! `metrics.jsonl` (one line per step; eval lines carry `eval_loss`), and `checkpoint-N/` every
+//! `save_every` steps (the adapter, `optimizer.safetensors`, `trainer_state.json`), each
+//! written to a temporary name and renamed, so an interrupted or failed run leaves the last good
+//! checkpoint intact.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use kaizen_data::{collate, Batches, Example};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::json;
+
+use super::optim::{clip_grad_norm, Optimizer, OptimizerKind};
+use super::schedule::Schedule;
+use super::{
+    label_count, micro_batch_backward, set_params, shifted_targets, trainable_params, Batch,
+};
+use crate::checkpoint::adapter::{write_atomic, write_safetensors};
+use crate::nn::loss::{token_nll, IGNORE_INDEX};
+use crate::nn::Grads;
+use crate::tuners::Method;
+use crate::{Error, Model, Result};
+
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    /// Total optimizer steps (resolved from max_steps or epochs by the caller).
+    pub total_steps: usize,
+    /// Gradient clipping threshold; 0 disables.
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub shuffle: bool,
+    /// Evaluate on the validation set every N steps (0: only at the end).
+    pub eval_every: usize,
+    /// Write checkpoint-N/ every N steps (0: never).
+    pub save_every: usize,
+}
+
+/// What the loop reports to its caller (progress bar, logs).
+pub enum Event<'a> {
+    Step(&'a StepLog),
+    Eval { step: usize, loss: f64 },
+    Checkpoint(&'a Path),
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_sec: f64,
+    pub elapsed: f64,
+}
+
+pub struct Summary {
+    pub steps: usize,
+    pub final_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub tokens_per_sec: f64,
+}
+
+/// Trains the adapter attached to `model` and writes it to `out`. `resume_from` is a
+/// checkpoint directory written by an earlier run with the same data and config.
+pub fn train(
+    model: &mut Model,
+    method: &Method,
+    train_set: &[Example],
+    val_set: &[Example],
+    pad_id: u32,
+    cfg: &TrainConfig,
+    out: &Path,
+    resume_from: Option<&Path>,
+    on: &mut dyn FnMut(Event),
+) -> Result<Summary> {
+    if train_set.is_empty() {
+        return Err(Error::Input("the training set is empty".into()));
+    }
+    let mut opt = Optimizer::new(cfg.optimizer);
+    let first_step = match resume_from {
+        Some(dir) => load_checkpoint(model, &mut opt, dir)?,
+        None => 0,
+    };
+    let mut order = MicroBatches::new(train_set.len(), cfg, first_step);
+    let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), first_step > 0)?;
+    let start = Instant::now();
+    let (mut last_loss, mut eval_loss, mut tok_rate) = (f64::NAN, None, 0.0);
+    for step in first_step..cfg.total_steps {
+        let t0 = Instant::now();
+        // 1. Batches in: grad_accum micro-batches, right-padded.
+        let micro: Vec<Batch> = (0..cfg.grad_accum)
+            .map(|_| {
+                let idx = order.next_batch();
+                collate(
+                    &idx.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(),
+                    pad_id,
+                )
+            })
+            .collect();
+        // 2. Loss and backward: token-weighted mean over the whole step.
+        let tokens: usize = micro.iter().map(label_count).sum();
+        if tokens == 0 {
+            return Err(Error::Input(format!(
+                "step {}: the batches hold no label tokens",
+                step + 1
+            )));
+        }
+        let mut grads = Grads::new();
+        let mut rng = StdRng::seed_from_u64(cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9));
+        let mut loss_sum = 0.0;
+        for b in &micro {
+            loss_sum +=
+                micro_batch_backward(model, b, 1.0 / tokens as f64, Some(&mut rng), &mut grads)?
+                    .loss_sum;
+        }
+        let loss = loss_sum / tokens as f64;
+        // 3. Clip, 4. step with the scheduled learning rate.
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            return Err(Error::Input(format!(
+                "training diverged at step {}: loss {loss}, grad norm {grad_norm}; the last checkpoint in {} is intact \
+                 (try a lower --lr or --max-grad-norm)",
+                step + 1,
+                out.display()
+            )));
+        }
+        let lr = cfg
+            .schedule
+            .lr(cfg.lr, cfg.warmup_steps, cfg.total_steps, step);
+        let updated = opt.update(&trainable_params(model), &grads, lr)?;
+        set_params(model, updated)?;
+        // 5. Log.
+        let positions: usize = micro.iter().map(|b| b.batch_size * b.seq_len).sum();
+        tok_rate = positions as f64 / t0.elapsed().as_secs_f64();
+        last_loss = loss;
+        let log = StepLog {
+            step: step + 1,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_sec: tok_rate,
+            elapsed: start.elapsed().as_secs_f64(),
+        };
+        metrics.write(&serde_json::to_value(&log).map_err(|e| Error::Input(e.to_string()))?)?;
+        on(Event::Step(&log));
+        // 6. Evaluate and checkpoint on schedule.
+        let last = step + 1 == cfg.total_steps;
+        if !val_set.is_empty() && (last || (cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0))
+        {
+            let l = evaluate(model, val_set, pad_id, cfg.batch_size)?;
+            metrics.write(&json!({"step": step + 1, "eval_loss": l, "elapsed": start.elapsed().as_secs_f64()}))?;
+            on(Event::Eval {
+                step: step + 1,
+                loss: l,
+            });
+            eval_loss = Some(l);
+        }
+        if cfg.save_every > 0 && (step + 1) % cfg.save_every == 0 && !last {
+            let dir = save_checkpoint(model, method, &opt, out, step + 1)?;
+            on(Event::Checkpoint(&dir));
+        }
+    }
+    method.save(model, out)?;
+    Ok(Summary {
+        steps: cfg.total_steps,
+        final_loss: last_loss,
+        eval_loss,
+        tokens_per_sec: tok_rate,
+    })
+}
+
+/// Token-weighted mean next-token loss over `examples`, batched, no gradients.
+pub fn evaluate(
+    model: &Model,
+    examples: &[Example],
+    pad_id: u32,
+    batch_size: usize,
+) -> Result<f64> {
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let b = collate(&chunk.iter().collect::<Vec<_>>(), pad_id);
+        let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &Device::Cpu)?;
+        let logits = model.forward(&ids, None)?; // (B, T, V)
+        let v = logits.dim(2)?;
+        let targets = shifted_targets(&b);
+        let rows: Vec<u32> = (0..targets.len())
+            .filter(|&i| targets[i] != IGNORE_INDEX)
+            .map(|i| i as u32)
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let picked = logits
+            .reshape((b.batch_size * b.seq_len, v))?
+            .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
+        let t: Vec<u32> = rows.iter().map(|&i| targets[i as usize] as u32).collect();
+        let nll = token_nll(&picked, &t)?;
+        sum += nll.iter().map(|&x| x as f64).sum::<f64>();
+        count += nll.len();
+    }
+    if count == 0 {
+        return Err(Error::Input(
+            "the validation set holds no label tokens".into(),
+        ));
+    }
+    Ok(sum / count as f64)
+}
+
+/// Endless sequence of micro-batches over epochs, resumable at any optimizer step.
+struct MicroBatches {
+    n: usize,
+    batch_size: usize,
+    shuffle: bool,
+    seed: u64,
+    epoch: usize,
+    current: Batches,
+}
+
+impl MicroBatches {
+    fn new(n: usize, cfg: &TrainConfig, first_step: usize) -> Self {
+        let bs = cfg.batch_size.max(1);
+        let mut s = MicroBatches {
+            n,
+            batch_size: bs,
+            shuffle: cfg.shuffle,
+            seed: cfg.seed,
+            epoch: 0,
+            current: Batches::new(n, bs, cfg.shuffle, cfg.seed, 0),
+        };
+        for _ in 0..first_step * cfg.grad_accum {
+            s.next_batch();
+        }
+        s
+    }
+
+    fn next_batch(&mut self) -> Vec<usize> {
+        loop {
+            if let Some(b) = self.current.next() {
+                return b;
+            }
+            self.epoch += 1;
+            self.current =
+                Batches::new(self.n, self.batch_size, self.shuffle, self.seed, self.epoch);
+        }
+    }
+}
+
+/// Optimizer steps per epoch for `n` examples.
+pub fn steps_per_epoch(n: usize, batch_size: usize, grad_accum: usize) -> usize {
+    n.div_ceil(batch_size.max(1))
+        .div_ceil(grad_accum.max(1))
+        .max(1)
+}
+
+struct MetricsLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    fn open(path: &Path, append: bool) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(MetricsLog {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}").map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// Writes `out/checkpoint-{step}` via a temporary directory and a rename.
+fn save_checkpoint(
+    model: &mut Model,
+    method: &Method,
+    opt: &Optimizer,
+    out: &Path,
+    step: usize,
+) -> Result<PathBuf> {
+    let dir = out.join(format!("checkpoint-{step}"));
+    let tmp = out.join(format!(".checkpoint-{step}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    method.save(model, &tmp)?;
+    let mut state = HashMap::new();
+    for (k, (m, v)) in opt.state() {
+        state.insert(
+            format!("exp_avg.{k}"),
+            Tensor::from_slice(m, m.len(), &Device::Cpu)?,
+        );
+        state.insert(
+            format!("exp_avg_sq.{k}"),
+            Tensor::from_slice(v, v.len(), &Device::Cpu)?,
+        );
+    }
+    if !state.is_empty() {
+        write_safetensors(&tmp.join("optimizer.safetensors"), &state)?;
+    }
+    write_atomic(
+        &tmp.join("trainer_state.json"),
+        json!({"global_step": step, "optimizer_step": opt.step})
+            .to_string()
+            .as_bytes(),
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    Ok(dir)
+}
+
+/// Restores adapter tensors and optimizer state; returns the step to continue from.
+fn load_checkpoint(model: &mut Model, opt: &mut Optimizer, dir: &Path) -> Result<usize> {
+    let (_, weights) = crate::checkpoint::adapter::read(dir)?;
+    set_params(model, weights.into_iter().collect())?;
+    let state_path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let state: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::config(&state_path, e.to_string()))?;
+    let step = state["global_step"]
+        .as_u64()
+        .ok_or_else(|| Error::config(&state_path, "no global_step"))? as usize;
+    let opt_step = state["optimizer_step"].as_u64().unwrap_or(step as u64);
+    let mut moments: BTreeMap<String, (Vec<f32>, Vec<f32>)> = BTreeMap::new();
+    let opt_path = dir.join("optimizer.safetensors");
+    if opt_path.is_file() {
+        let t = candle_core::safetensors::load(&opt_path, &Device::Cpu)
+            .map_err(|e| Error::checkpoint(&opt_path, e.to_string()))?;
+        for (k, m) in &t {
+            if let Some(key) = k.strip_prefix("exp_avg.") {
+                let v = t.get(&format!("exp_avg_sq.{key}")).ok_or_else(|| {
+                    Error::checkpoint(&opt_path, format!("no exp_avg_sq for {key}"))
+                })?;
+                moments.insert(key.to_string(), (m.to_vec1()?, v.to_vec1()?));
+            }
+        }
+    }
+    opt.restore(opt_step, moments);
+    Ok(step)
+}
+
+/// The newest `checkpoint-N` directory in `out`, if any.
+pub fn last_checkpoint(out: &Path) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(out).ok()?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("checkpoint-")?
+                .parse::<usize>()
+                .ok()
+                .map(|n| (n, e.path()))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, p)| p)
+}
