@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use kaizen::generate::{generate, GenerateConfig};
 use kaizen::tuners::AdapterInfo;
@@ -94,13 +94,9 @@ pub struct InspectArgs {
 
 /// Loads the model and, if given, attaches the adapter unmerged.
 fn load(model: &Path, adapter: Option<&Path>) -> Result<(kaizen::Loaded, Option<AdapterInfo>)> {
-    let mut m =
-        kaizen::load(model).with_context(|| format!("cannot load model {}", model.display()))?;
+    let mut m = kaizen::load(model)?;
     let info = match adapter {
-        Some(dir) => Some(
-            kaizen::tuners::load_adapter(&mut m.model, dir)
-                .with_context(|| format!("cannot apply adapter {}", dir.display()))?,
-        ),
+        Some(dir) => Some(kaizen::tuners::load_adapter(&mut m.model, dir)?),
         None => None,
     };
     Ok((m, info))

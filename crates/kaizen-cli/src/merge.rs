@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use kaizen::checkpoint::export;
 
 use crate::infer::ModelArg;
 
@@ -25,35 +26,28 @@ pub struct MergeArgs {
 
 pub fn merge(a: MergeArgs) -> Result<()> {
     let src = &a.model.model;
+    // Refuse a bad --out before spending time on loading.
+    export::check_destination(src, &a.out, a.overwrite)?;
     let mut m =
         kaizen::load(src).with_context(|| format!("cannot load model {}", src.display()))?;
+    let mut merged = String::new();
     if let Some(dir) = &a.adapter {
         let info = kaizen::tuners::load_adapter(&mut m.model, dir)
             .with_context(|| format!("cannot apply adapter {}", dir.display()))?;
         let n = kaizen::tuners::lora::merge(&mut m.model).with_context(|| {
             format!(
-                "cannot merge adapter {} ({}) into {}",
+                "cannot merge adapter {} ({}) into the weights of {}",
                 dir.display(),
                 info.peft_type,
                 src.display()
             )
         })?;
-        eprintln!(
-            "merged {} into {n} layers of {}",
-            info.peft_type,
-            src.display()
-        );
+        merged = format!(" with {} merged into {n} layers", info.peft_type);
     }
-    let out = kaizen::checkpoint::export::write_hf_dir(
-        &mut m.model,
-        &m.tokenizer,
-        src,
-        &a.out,
-        a.overwrite,
-    )
-    .with_context(|| format!("cannot write {}", a.out.display()))?;
+    let out = export::write_hf_dir(&mut m.model, &m.tokenizer, src, &a.out, a.overwrite)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
     println!(
-        "wrote {} ({} tensors, {} parameters, f32): {}",
+        "wrote {}{merged}: {} tensors, {} parameters in f32; files: {}",
         a.out.display(),
         out.tensors,
         out.parameters,

@@ -14,8 +14,10 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{register_font, FontStyle};
 
-/// One named curve of `(x, y)` points.
-pub type Series = (String, Vec<(f64, f64)>);
+/// The `(x, y)` points of one curve.
+pub type Points = Vec<(f64, f64)>;
+/// One named curve.
+pub type Series = (String, Points);
 
 /// Width and height of every chart, in pixels.
 pub const CHART_SIZE: (u32, u32) = (1024, 640);
@@ -60,7 +62,7 @@ pub fn loss_chart(metrics: &Path, out_png: &Path) -> Result<Option<String>> {
 
 /// The `step`/`loss` and `step`/`eval_loss` points of a metrics file. A `null` loss (how serde_json
 /// writes NaN) is skipped; anything else that is not a number is an error naming `file:line`.
-fn read_losses(metrics: &Path) -> Result<(Vec<(f64, f64)>, Vec<(f64, f64)>)> {
+fn read_losses(metrics: &Path) -> Result<(Points, Points)> {
     let text = fs::read_to_string(metrics)
         .with_context(|| format!("cannot read metrics file {}", metrics.display()))?;
     let (mut train, mut eval) = (Vec::new(), Vec::new());
@@ -190,18 +192,22 @@ fn draw(path: &Path, labels: Option<Labels>, series: &[Series]) -> Result<()> {
         .map_err(plot_err)?;
 
     let mut mesh = chart.configure_mesh();
-    mesh.light_line_style(RGBColor(235, 235, 235));
-    match labels {
-        Some(l) => mesh
-            .x_desc(l.x)
+    mesh.light_line_style(RGBColor(240, 240, 240));
+    if let Some(l) = labels {
+        mesh.x_desc(l.x)
             .y_desc(l.y)
             .label_style((FONT, 16))
             .axis_desc_style((FONT, 20))
             .x_label_formatter(&x_fmt)
-            .y_label_formatter(&y_fmt),
-        None => mesh.x_labels(0).y_labels(0),
-    };
+            .y_label_formatter(&y_fmt);
+    }
+    // Without label areas plotters draws the grid but no axes and no text: frame it instead.
     mesh.draw().map_err(plot_err)?;
+    if labels.is_none() {
+        let (x, y) = (chart.x_range(), chart.y_range());
+        let frame = Rectangle::new([(x.start, y.start), (x.end, y.end)], BLACK.stroke_width(1));
+        chart.draw_series([frame]).map_err(plot_err)?;
+    }
 
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];

@@ -10,7 +10,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kaizen::train::optim::OptimizerKind;
 use kaizen::train::schedule::Schedule;
-use kaizen::train::trainer::{self, Event, TrainConfig};
+use kaizen::train::trainer::{self, Event, TrainConfig, TrainData};
 use kaizen::tuners::lora::{self, LoraConfig};
 use kaizen::tuners::Method;
 use kaizen_data::{load_dataset, pack, split_validation, DataOptions, Template};
@@ -163,8 +163,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     if method_name != "lora" {
         bail!("--method {method_name}: unknown method (available: lora)");
     }
-    let mut loaded = kaizen::load(&model_path)
-        .with_context(|| format!("cannot load model {}", model_path.display()))?;
+    let mut loaded = kaizen::load(&model_path)?;
     let tok = &loaded.tokenizer;
     let ctx = loaded.model.config().max_position_embeddings;
 
@@ -211,9 +210,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             if a.r.is_some() || a.lora_alpha.is_some() || a.target_modules.is_some() {
                 bail!("--init-adapter takes its method and config from {}/adapter_config.json; drop --r, --lora-alpha and --target-modules", dir.display());
             }
-            kaizen::tuners::load_adapter(&mut loaded.model, dir)
-                .with_context(|| format!("cannot load --init-adapter {}", dir.display()))?
-                .method
+            kaizen::tuners::load_adapter(&mut loaded.model, dir)?.method
         }
         None => {
             let cfg = LoraConfig {
@@ -327,12 +324,15 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         Event::Eval { step, loss } => bar.println(format!("step {step}: eval loss {loss:.4}")),
         Event::Checkpoint(p) => bar.println(format!("saved {}", p.display())),
     };
+    let data = TrainData {
+        train: &train_set,
+        val: &val_set,
+        pad_id,
+    };
     let summary = trainer::train(
         &mut loaded.model,
         &method,
-        &train_set,
-        &val_set,
-        pad_id,
+        &data,
         &cfg,
         &out,
         resume_from.as_deref(),

@@ -74,7 +74,7 @@ fn eval_json(model: &Path, data: &Path, extra: &[&str]) -> Value {
         s(data),
         "--json".into(),
     ];
-    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend(extra.iter().map(ToString::to_string));
     let v = last_json(&kaizen(args).ok());
     for key in ["loss", "perplexity", "tokens"] {
         assert!(v.get(key).is_some(), "eval JSON lacks {key:?}: {v}");
@@ -175,7 +175,7 @@ fn generate_json(name: &str, prompt: &str, extra: &[&str]) -> Value {
         "12".into(),
         "--json".into(),
     ];
-    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend(extra.iter().map(ToString::to_string));
     let v = last_json(&kaizen(args).ok());
     assert!(v["ids"].is_array(), "generate JSON lacks \"ids\": {v}");
     assert!(v["text"].is_string(), "generate JSON lacks \"text\": {v}");
@@ -376,21 +376,20 @@ fn inspect_adapter_prints_peft_trainable_line() {
             .unwrap_or_else(|| panic!("{name}: no `trainable params:` line in\n{out}"));
         let parts: Vec<&str> = line.split(" || ").collect();
         assert_eq!(parts.len(), 3, "{name}: {line:?}");
-        let num = |p: &str, label: &str| -> f64 {
-            let v = p
-                .strip_prefix(label)
-                .unwrap_or_else(|| panic!("{name}: {p:?} should start with {label:?}"));
-            v.trim().parse().unwrap_or_else(|_| panic!("{name}: {v:?}"))
+        // Each part is `label: value`.
+        let value = |p: &str, label: &str| -> String {
+            p.strip_prefix(label)
+                .unwrap_or_else(|| panic!("{name}: {p:?} should start with {label:?}"))
+                .trim()
+                .to_string()
         };
         let trainable = r["trainable_params"].as_u64().unwrap();
         let all = r["all_params"].as_u64().unwrap();
-        assert_eq!(
-            num(parts[0], "trainable params:"),
-            trainable as f64,
-            "{name}"
-        );
-        assert_eq!(num(parts[1], "all params:"), all as f64, "{name}");
-        let pct = num(parts[2], "trainable%:");
+        assert_eq!(value(parts[0], "trainable params:"), trainable.to_string());
+        assert_eq!(value(parts[1], "all params:"), all.to_string());
+        let pct: f64 = value(parts[2], "trainable%:")
+            .parse()
+            .expect("trainable% number");
         let want = 100.0 * trainable as f64 / all as f64;
         assert!(
             (pct - want).abs() < 1e-4,

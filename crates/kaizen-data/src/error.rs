@@ -7,10 +7,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {err}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        // Not named `source`: the message already carries it, and a source would print twice.
+        err: std::io::Error,
     },
 
     /// A file that exists but whose content is wrong; `what` says what was expected and found.
@@ -52,7 +53,7 @@ impl Error {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Error::Io {
             path: path.to_path_buf(),
-            source,
+            err: source,
         }
     }
 

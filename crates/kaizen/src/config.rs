@@ -212,7 +212,7 @@ impl ModelConfig {
                 .collect(),
             _ => vec![],
         };
-        Ok(ModelConfig {
+        let cfg = ModelConfig {
             architecture,
             vocab_size: c.req_usize("vocab_size")?,
             hidden_size,
@@ -239,7 +239,32 @@ impl ModelConfig {
             bos_token_id: c.usize("bos_token_id")?.map(|v| v as u32),
             eos_token_ids,
             model_type,
-        })
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Rejects values no model can run with; the message names the field.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let positive = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("\"{name}\" must be a positive number, found {v}"))
+            }
+        };
+        positive(
+            "max_position_embeddings",
+            self.max_position_embeddings as f64,
+        )?;
+        positive("rope_theta", self.rope_theta)?;
+        positive("layer_norm_eps / rms_norm_eps", self.norm_eps)?;
+        match self.rope_scaling {
+            RopeScaling::Linear { factor } | RopeScaling::Llama3 { factor, .. } => {
+                positive("rope_scaling.factor", factor)
+            }
+            RopeScaling::None => Ok(()),
+        }
     }
 
     /// An HF `config.json` for this model that transformers 5 loads with the same numerics and

@@ -5,23 +5,24 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    #[error("{}: {err}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        // Not named `source`: the message carries it, and a source would print twice.
+        err: std::io::Error,
     },
     /// A config file (config.json, GGUF metadata) is missing a field or holds a bad value.
-    #[error("{path}: {msg}")]
+    #[error("{}: {msg}", path.display())]
     Config { path: PathBuf, msg: String },
     /// A weights file is corrupt, truncated, or does not fit the model.
-    #[error("{path}: {msg}")]
+    #[error("{}: {msg}", path.display())]
     Checkpoint { path: PathBuf, msg: String },
     /// The caller asked for something the inputs cannot give (empty prompt, bad flag value, ...).
     #[error("{0}")]
     Input(String),
     #[error(transparent)]
     Data(#[from] kaizen_data::Error),
-    #[error("tensor error: {0}")]
+    #[error("tensor error: {}", brief(.0))]
     Tensor(#[from] candle_core::Error),
 }
 
@@ -43,7 +44,13 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
+}
+
+/// A candle error's message without the backtrace candle appends when RUST_BACKTRACE is set.
+pub fn brief(e: &candle_core::Error) -> String {
+    let text = e.to_string();
+    text.lines().next().unwrap_or_default().trim().to_string()
 }

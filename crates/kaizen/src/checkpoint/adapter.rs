@@ -36,7 +36,13 @@ pub fn read(dir: &Path) -> Result<(Map<String, Value>, BTreeMap<String, Tensor>)
         )));
     }
     let raw = candle_core::safetensors::load(&w_path, &Device::Cpu).map_err(|e| {
-        Error::checkpoint(&w_path, format!("not a readable safetensors file ({e})"))
+        Error::checkpoint(
+            &w_path,
+            format!(
+                "not a readable safetensors file ({})",
+                crate::error::brief(&e)
+            ),
+        )
     })?;
     let mut tensors = BTreeMap::new();
     for (k, t) in raw {

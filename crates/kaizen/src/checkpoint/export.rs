@@ -84,8 +84,9 @@ pub fn write_hf_dir(
 }
 
 /// Refuses a destination that is a file, a non-empty directory (without `overwrite`), or the
-/// directory the model is being read from.
-fn check_destination(source: &Path, out: &Path, overwrite: bool) -> Result<()> {
+/// directory the model is being read from. [`write_hf_dir`] checks this itself; callers can check
+/// first to fail before any loading work.
+pub fn check_destination(source: &Path, out: &Path, overwrite: bool) -> Result<()> {
     if out.file_name().is_none() {
         return Err(Error::Input(format!(
             "--out {}: give the path of a directory to create, e.g. out/merged",

@@ -22,7 +22,8 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
         Error::checkpoint(
             path,
             format!(
-                "not a readable GGUF file ({e}); --model takes an HF directory or a .gguf file"
+                "not a readable GGUF file ({}); --model takes an HF directory or a .gguf file",
+                crate::error::brief(&e)
             ),
         )
     })?;
@@ -31,9 +32,11 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
         md: &content.metadata,
     };
     let mut config = meta.config()?;
+    config.check().map_err(|m| Error::config(path, m))?;
     // No output.weight means the LM head reuses token_embd (SmolLM2 and most small llamas).
     config.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
     let tokenizer = Tokenizer::from_gguf(meta.vocab()?)?;
+    check_extents(path, &content)?;
     let content = Arc::new(content);
     let mut weights = Weights::new(path.to_path_buf());
     let mut dtypes = BTreeSet::new();
@@ -60,6 +63,26 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     })
 }
 
+/// Every tensor's bytes must lie inside the file: a truncated download fails at open, not at
+/// first use.
+fn check_extents(path: &Path, content: &Content) -> Result<()> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    for (name, info) in &content.tensor_infos {
+        let t = info.ggml_dtype;
+        let bytes = (info.shape.elem_count() / t.block_size() * t.type_size()) as u64;
+        let end = content.tensor_data_offset + info.offset + bytes;
+        if end > len {
+            return Err(Error::checkpoint(
+                path,
+                format!("tensor \"{name}\" ends at byte {end} but the file has {len} bytes; the file is truncated (download it again)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn unused() -> super::Loader {
     Box::new(|| Err(Error::Input("tensor without an HF name".into())))
 }
@@ -74,7 +97,10 @@ fn load(
     let q = content.tensor(&mut f, gname, &Device::Cpu).map_err(|e| {
         Error::checkpoint(
             path,
-            format!("cannot read tensor \"{gname}\": {e} (file truncated?)"),
+            format!(
+                "cannot read tensor \"{gname}\": {} (file truncated?)",
+                crate::error::brief(&e)
+            ),
         )
     })?;
     let w = q.dequantize(&Device::Cpu)?;

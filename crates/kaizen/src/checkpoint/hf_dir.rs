@@ -27,7 +27,10 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
     let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
         Error::checkpoint(
             files.first().cloned().unwrap_or_default(),
-            format!("not a readable safetensors file ({e}); it may be truncated or corrupt"),
+            format!(
+                "not a readable safetensors file ({}); it may be truncated or corrupt",
+                crate::error::brief(&e)
+            ),
         )
     })?;
     let st = Arc::new(st);
@@ -37,8 +40,12 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
         dtypes.insert(format!("{:?}", view.dtype()));
         let (st2, n, path) = (st.clone(), name.clone(), dir.to_path_buf());
         let loader = Box::new(move || {
-            st2.load(&n, &Device::Cpu)
-                .map_err(|e| Error::checkpoint(&path, format!("cannot read tensor \"{n}\": {e}")))
+            st2.load(&n, &Device::Cpu).map_err(|e| {
+                Error::checkpoint(
+                    &path,
+                    format!("cannot read tensor \"{n}\": {}", crate::error::brief(&e)),
+                )
+            })
         });
         weights.insert(name, view.shape().to_vec(), loader);
     }

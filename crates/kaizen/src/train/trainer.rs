@@ -66,9 +66,19 @@ pub struct StepLog {
     pub elapsed: f64,
 }
 
+/// Tokenized examples for a run.
+pub struct TrainData<'a> {
+    pub train: &'a [Example],
+    pub val: &'a [Example],
+    /// Id used for right padding (never attended to by real tokens, never a label).
+    pub pad_id: u32,
+}
+
 pub struct Summary {
     pub steps: usize,
     pub final_loss: f64,
+    /// Held-out loss before the first update (fresh runs only) and after the last.
+    pub initial_eval_loss: Option<f64>,
     pub eval_loss: Option<f64>,
     pub tokens_per_sec: f64,
 }
@@ -78,14 +88,13 @@ pub struct Summary {
 pub fn train(
     model: &mut Model,
     method: &Method,
-    train_set: &[Example],
-    val_set: &[Example],
-    pad_id: u32,
+    data: &TrainData,
     cfg: &TrainConfig,
     out: &Path,
     resume_from: Option<&Path>,
     on: &mut dyn FnMut(Event),
 ) -> Result<Summary> {
+    let (train_set, val_set, pad_id) = (data.train, data.val, data.pad_id);
     if train_set.is_empty() {
         return Err(Error::Input("the training set is empty".into()));
     }
@@ -98,6 +107,14 @@ pub fn train(
     let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), first_step > 0)?;
     let start = Instant::now();
     let (mut last_loss, mut eval_loss, mut tok_rate) = (f64::NAN, None, 0.0);
+    let mut initial_eval_loss = None;
+    if first_step == 0 && !val_set.is_empty() {
+        // The held-out loss before any update: the baseline the run is judged against.
+        let l = evaluate(model, val_set, pad_id, cfg.batch_size)?;
+        metrics.write(&json!({"step": 0, "eval_loss": l, "elapsed": 0.0}))?;
+        on(Event::Eval { step: 0, loss: l });
+        initial_eval_loss = Some(l);
+    }
     for step in first_step..cfg.total_steps {
         let t0 = Instant::now();
         // 1. Batches in: grad_accum micro-batches, right-padded.
@@ -177,6 +194,7 @@ pub fn train(
     Ok(Summary {
         steps: cfg.total_steps,
         final_loss: last_loss,
+        initial_eval_loss,
         eval_loss,
         tokens_per_sec: tok_rate,
     })

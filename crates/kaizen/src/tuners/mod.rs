@@ -71,7 +71,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
             let cfg =
                 lora::LoraConfig::from_json(&config).map_err(|m| Error::config(&cfg_path, m))?;
             let targets = lora::attach(model, &cfg, Some(weights), 0)
-                .map_err(|e| Error::config(&cfg_path, e.to_string()))?;
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
             Method::Lora { cfg, targets }
         }
         other => {

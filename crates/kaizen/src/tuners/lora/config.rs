@@ -18,6 +18,16 @@ pub enum TargetModules {
     AllLinear,
 }
 
+impl std::fmt::Display for TargetModules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetModules::Names(n) => write!(f, "[{}]", n.join(", ")),
+            TargetModules::Regex(r) => write!(f, "regex \"{r}\""),
+            TargetModules::AllLinear => write!(f, "all-linear"),
+        }
+    }
+}
+
 /// PEFT `init_lora_weights`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LoraInit {

@@ -61,7 +61,7 @@ pub fn resolve_targets(model: &mut Model, cfg: &LoraConfig) -> Result<Vec<String
             .filter(|p| layer_index(p) == Some(0) || !p.contains("layers."))
             .collect();
         return Err(Error::Input(format!(
-            "target_modules {targets:?} matches no layer of this model; its linear layers are named like {sample:?}"
+            "target_modules {targets} matches no layer of this model; its linear layers are named like {sample:?}"
         )));
     }
     Ok(out)
