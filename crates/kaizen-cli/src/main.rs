@@ -3,7 +3,6 @@
 
 mod infer;
 mod merge;
-#[allow(dead_code)] // until the trainer draws loss.png with it
 mod plot;
 mod train;
 

@@ -339,6 +339,11 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         &mut on,
     )?;
     bar.finish_and_clear();
+    match crate::plot::loss_chart(&out.join("metrics.jsonl"), &out.join("loss.png")) {
+        Ok(Some(w)) => eprintln!("warning: loss.png: {w}"),
+        Ok(None) => {}
+        Err(e) => eprintln!("warning: could not draw loss.png: {e:#}"),
+    }
     println!(
         "trained {} steps: final train loss {:.4}{}, {:.0} tokens/s; adapter written to {}",
         summary.steps,

@@ -90,8 +90,7 @@ pub fn generate(
     let budget = cfg.max_new_tokens.min(ctx - prompt.len());
     let mut stop = StopReason::MaxTokens;
     for _ in 0..budget {
-        let logits = model.logits(&input, Some(&mut cache))?; // (T, V)
-        let mut last: Vec<f32> = logits.get(logits.dim(0)? - 1)?.to_vec1()?;
+        let mut last = model.next_logits(&input, Some(&mut cache))?; // (V,)
         if new_ids.len() < cfg.min_new_tokens {
             for &e in &eos {
                 if let Some(x) = last.get_mut(e as usize) {

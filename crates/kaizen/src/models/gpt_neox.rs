@@ -111,15 +111,15 @@ impl GptNeoX {
         })
     }
 
-    /// x: (B, T, hidden) embeddings -> (B, T, vocab) logits.
-    pub fn forward_embeds(&self, x: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// x: (B, T, hidden) embeddings -> (B, T, hidden) final normalised hidden states.
+    pub fn forward_hidden(&self, x: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         // Position of the first new token; read before any layer appends to the cache.
         let start = cache.as_ref().map_or(0, |c| c.len());
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             x = self.layer_forward(i, layer, &x, start, cache.as_deref_mut())?;
         }
-        self.embed_out.forward(&self.final_layer_norm.forward(&x)?)
+        self.final_layer_norm.forward(&x)
     }
 
     fn layer_forward(

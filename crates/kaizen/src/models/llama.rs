@@ -118,8 +118,8 @@ impl Llama {
         })
     }
 
-    /// x: (B, T, hidden) embeddings -> (B, T, vocab) logits.
-    pub fn forward_embeds(&self, x: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// x: (B, T, hidden) embeddings -> (B, T, hidden) final normalised hidden states.
+    pub fn forward_hidden(&self, x: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         // Position of the first new token; read before any layer appends to the cache.
         let start = cache.as_ref().map_or(0, |c| c.len());
         let mut x = x.clone();
@@ -135,7 +135,7 @@ impl Llama {
             let m = self.mlp(&l.mlp, &l.post_attention_layernorm.forward(&h)?)?;
             x = (h + m)?;
         }
-        self.lm_head.forward(&self.norm.forward(&x)?)
+        self.norm.forward(&x)
     }
 
     /// SwiGLU: down(act(gate(x)) * up(x))

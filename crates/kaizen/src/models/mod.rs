@@ -60,17 +60,31 @@ impl Model {
         }
     }
 
-    /// Embeddings (B, T, hidden) -> logits (B, T, vocab); with a cache, positions continue after it.
-    pub fn forward_embeds(&self, x: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// Embeddings (B, T, hidden) -> final normalised hidden states (B, T, hidden); with a cache,
+    /// positions continue after it.
+    pub fn forward_hidden(&self, x: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         match self {
-            Model::GptNeoX(m) => m.forward_embeds(x, cache),
-            Model::Llama(m) => m.forward_embeds(x, cache),
+            Model::GptNeoX(m) => m.forward_hidden(x, cache),
+            Model::Llama(m) => m.forward_hidden(x, cache),
         }
+    }
+
+    /// Embeddings (B, T, hidden) -> logits (B, T, vocab).
+    pub fn forward_embeds(&self, x: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.lm_head().forward(&self.forward_hidden(x, cache)?)
     }
 
     /// ids: (B, T) -> logits (B, T, vocab).
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         self.forward_embeds(&self.embed(ids)?, cache)
+    }
+
+    /// Logits of the last position only (what decoding needs), for one sequence of ids.
+    pub fn next_logits(&self, ids: &[u32], cache: Option<&mut KvCache>) -> Result<Vec<f32>> {
+        let t = Tensor::from_slice(ids, (1, ids.len()), &self.device())?;
+        let h = self.forward_hidden(&self.embed(&t)?, cache)?; // (1, T, hidden)
+        let last = h.squeeze(0)?.narrow(0, ids.len() - 1, 1)?; // (1, hidden)
+        Ok(self.lm_head().forward(&last)?.squeeze(0)?.to_vec1()?)
     }
 
     /// Logits for one sequence of ids, batch 1: (T, vocab).

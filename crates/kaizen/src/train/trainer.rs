@@ -211,8 +211,7 @@ pub fn evaluate(
     for chunk in examples.chunks(batch_size.max(1)) {
         let b = collate(&chunk.iter().collect::<Vec<_>>(), pad_id);
         let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &Device::Cpu)?;
-        let logits = model.forward(&ids, None)?; // (B, T, V)
-        let v = logits.dim(2)?;
+        let h = model.forward_hidden(&model.embed(&ids)?, None)?; // (B, T, hidden)
         let targets = shifted_targets(&b);
         let rows: Vec<u32> = (0..targets.len())
             .filter(|&i| targets[i] != IGNORE_INDEX)
@@ -221,9 +220,11 @@ pub fn evaluate(
         if rows.is_empty() {
             continue;
         }
-        let picked = logits
-            .reshape((b.batch_size * b.seq_len, v))?
+        // The LM head only on scored rows: prompts can be most of a sequence.
+        let h = h
+            .reshape((b.batch_size * b.seq_len, h.dim(2)?))?
             .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
+        let picked = model.lm_head().forward(&h)?; // (rows, V)
         let t: Vec<u32> = rows.iter().map(|&i| targets[i as usize] as u32).collect();
         let nll = token_nll(&picked, &t)?;
         sum += nll.iter().map(|&x| x as f64).sum::<f64>();
