@@ -6,7 +6,7 @@
 # Needs the Python side: python3 -m venv .venv-bench && .venv-bench/bin/pip install -r scripts/reference/requirements.txt
 # (or PYTHON=/path/to/python with torch, transformers, peft and gguf).
 #
-# Both sides train on the same rows: botchan.txt is cut into {"text"} lines of about 120 words
+# Both sides train on the same rows: botchan.txt is cut into {"text"} lines of about 80 words
 # (under 256 tokens, so --max-len never truncates one), each tokenized with BOS/EOS as kaizen
 # does, concatenated and split into rows of 256 tokens (kaizen: --pack; train_torch.py copies
 # it), taken in file order (--no-shuffle). So the first-step losses (LoRA B = 0) must agree.
@@ -22,7 +22,7 @@ THREADS="${2:-2}"
 WARMUP=2
 BATCH=4
 SEQ=256
-WORDS_PER_LINE=120
+WORDS_PER_LINE=80
 PY="${PYTHON:-.venv-bench/bin/python}"
 CACHE="${KAIZEN_CACHE:-cache}"
 GGUF="$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -40,10 +40,13 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantization progress bar
 
 import torch  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecation notes
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 
@@ -76,7 +79,7 @@ def flops_per_step(cfg, batch, seq, r, n_targets_q, n_targets_v):
 def load_rows(path, tok, max_len):
     """Rows of exactly max_len ids, packed as `kaizen train --pack` packs {"text"} lines."""
     eos = tok.eos_token_id
-    stream = []
+    stream, cut = [], 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -88,7 +91,10 @@ def load_rows(path, tok, max_len):
             ids = tok(text)["input_ids"]
             if eos is not None and (not ids or ids[-1] != eos):
                 ids.append(eos)
+            cut += len(ids) > max_len
             stream.extend(ids[:max_len])
+    if cut:
+        print(f"warning: {path}: {cut} line(s) longer than {max_len} tokens were cut on the right", file=sys.stderr)
     n = len(stream) // max_len
     return [stream[i * max_len : (i + 1) * max_len] for i in range(n)]
 

@@ -26,59 +26,56 @@ const CHUNK_ROWS: usize = 256;
 
 /// h: (N, hidden) final hidden states, targets: N next-token labels (-100 = skip).
 /// Returns (sum of NLL over scored rows, number of scored rows, dh) where dh is the gradient of
-/// `sum NLL * loss_scale` w.r.t. h. The head weight is frozen: no gradient for it.
+/// `sum NLL * loss_scale` w.r.t. h. Only scored rows go through the head (prompt tokens are
+/// often most of a batch), in chunks; the head weight is frozen: no gradient for it.
 pub fn head_loss_backward(
     head: &Linear,
     h: &Tensor,
     targets: &[i64],
     loss_scale: f64,
 ) -> Result<(f64, usize, Tensor)> {
-    let (n, _) = h.dims2()?;
-    let mut sum = 0.0f64;
-    let mut count = 0usize;
-    let mut dh_chunks = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let len = CHUNK_ROWS.min(n - start);
-        let rows = &targets[start..start + len];
-        let hc = h.narrow(0, start, len)?; // (c, hidden)
-        let logits = head.forward(&hc)?; // (c, V)
-        let max = logits.max_keepdim(D::Minus1)?;
-        let e = logits.broadcast_sub(&max)?.exp()?;
-        let z = e.sum_keepdim(D::Minus1)?;
-        let probs = e.broadcast_div(&z)?; // (c, V)
-        let lse = (z.log()? + max)?.flatten_all()?.to_vec1::<f32>()?;
-        let valid: Vec<bool> = rows.iter().map(|&l| l != IGNORE_INDEX).collect();
-        let safe: Vec<u32> = rows
-            .iter()
-            .map(|&l| if l == IGNORE_INDEX { 0 } else { l as u32 })
-            .collect();
-        let idx = Tensor::from_slice(&safe, (len, 1), h.device())?;
-        let picked = logits
-            .gather(&idx, D::Minus1)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        for i in 0..len {
-            if valid[i] {
-                sum += (lse[i] - picked[i]) as f64;
-                count += 1;
-            }
-        }
-        // dlogits = (probs - onehot) * scale on scored rows, 0 elsewhere.
-        let vocab = probs.dim(1)?;
-        let mask: Vec<f32> = valid
-            .iter()
-            .map(|&v| if v { loss_scale as f32 } else { 0.0 })
-            .collect();
-        let mask = Tensor::from_vec(mask, (len, 1), h.device())?;
-        let onehot = Tensor::zeros((len, vocab), probs.dtype(), h.device())?.scatter_add(
-            &idx,
-            &Tensor::ones((len, 1), probs.dtype(), h.device())?,
-            D::Minus1,
-        )?;
-        let dlogits = (probs - onehot)?.broadcast_mul(&mask)?;
-        dh_chunks.push(dlogits.matmul(&head.weight)?); // (c, hidden)
-        start += len;
+    let (n, hidden) = h.dims2()?;
+    let rows: Vec<u32> = (0..n as u32)
+        .filter(|&i| targets[i as usize] != IGNORE_INDEX)
+        .collect();
+    let mut dh = Tensor::zeros((n, hidden), h.dtype(), h.device())?;
+    if rows.is_empty() {
+        return Ok((0.0, 0, dh));
     }
-    Ok((sum, count, Tensor::cat(&dh_chunks, 0)?))
+    let mut sum = 0.0f64;
+    for chunk in rows.chunks(CHUNK_ROWS) {
+        let idx = Tensor::from_slice(chunk, chunk.len(), h.device())?;
+        let labels: Vec<u32> = chunk.iter().map(|&r| targets[r as usize] as u32).collect();
+        let logits = head.forward(&h.index_select(&idx, 0)?)?; // (c, V)
+        let (nll, dlogits) = softmax_xent_rows(&logits, &labels, loss_scale)?;
+        sum += nll;
+        dh = dh.index_add(&idx, &dlogits.matmul(&head.weight)?, 0)?; // rows of (c, hidden)
+    }
+    Ok((sum, rows.len(), dh))
+}
+
+/// Fused, row-parallel softmax cross-entropy: returns the summed NLL and
+/// `(softmax - onehot) * scale` for (c, V) logits.
+fn softmax_xent_rows(logits: &Tensor, labels: &[u32], scale: f64) -> Result<(f64, Tensor)> {
+    use rayon::prelude::*;
+    let (c, v) = logits.dims2()?;
+    let mut data: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    let nll: f64 = data
+        .par_chunks_mut(v)
+        .zip(labels.par_iter())
+        .map(|(row, &y)| {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let shifted_y = (row[y as usize] - max) as f64;
+            let mut z = 0.0f64;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                z += *x as f64;
+            }
+            let inv = (scale / z) as f32;
+            row.iter_mut().for_each(|x| *x *= inv);
+            row[y as usize] -= scale as f32;
+            z.ln() - shifted_y
+        })
+        .sum();
+    Ok((nll, Tensor::from_vec(data, (c, v), logits.device())?))
 }
