@@ -101,6 +101,22 @@ impl Weights {
         }
     }
 
+    /// Takes `{name}.weight` (out, in) and, if `bias`, `{name}.bias` (out,) as a frozen linear.
+    pub fn linear(
+        &mut self,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<crate::nn::Linear> {
+        let weight = self.take(&format!("{name}.weight"), &[out, inp])?;
+        let bias = match bias {
+            true => Some(self.take(&format!("{name}.bias"), &[out])?),
+            false => None,
+        };
+        Ok(crate::nn::Linear::new(weight, bias))
+    }
+
     /// Fails unless every tensor was taken or its name ends with one of `ignored_suffixes`.
     pub fn finish(self, ignored_suffixes: &[&str]) -> Result<()> {
         let left: Vec<&String> = self

@@ -48,16 +48,6 @@ pub struct GptNeoX {
     rotary: Rotary,
 }
 
-fn linear(w: &mut Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-    let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
-    let bias = if bias {
-        Some(w.take(&format!("{name}.bias"), &[out])?)
-    } else {
-        None
-    };
-    Ok(Linear::new(weight, bias))
-}
-
 fn layer_norm(w: &mut Weights, name: &str, size: usize, eps: f64) -> Result<LayerNorm> {
     Ok(LayerNorm {
         weight: w.take(&format!("{name}.weight"), &[size])?,
@@ -86,18 +76,17 @@ impl GptNeoX {
                     c.norm_eps,
                 )?,
                 attention: Attention {
-                    query_key_value: linear(
-                        w,
+                    query_key_value: w.linear(
                         &format!("{p}.attention.query_key_value"),
                         3 * qd,
                         h,
                         bias,
                     )?,
-                    dense: linear(w, &format!("{p}.attention.dense"), h, qd, bias)?,
+                    dense: w.linear(&format!("{p}.attention.dense"), h, qd, bias)?,
                 },
                 mlp: Mlp {
-                    dense_h_to_4h: linear(w, &format!("{p}.mlp.dense_h_to_4h"), f, h, true)?,
-                    dense_4h_to_h: linear(w, &format!("{p}.mlp.dense_4h_to_h"), h, f, true)?,
+                    dense_h_to_4h: w.linear(&format!("{p}.mlp.dense_h_to_4h"), f, h, true)?,
+                    dense_4h_to_h: w.linear(&format!("{p}.mlp.dense_4h_to_h"), h, f, true)?,
                 },
             });
         }
@@ -105,7 +94,7 @@ impl GptNeoX {
             embed_in: Embedding::new(w.take("gpt_neox.embed_in.weight", &[c.vocab_size, h])?),
             layers,
             final_layer_norm: layer_norm(w, "gpt_neox.final_layer_norm", h, c.norm_eps)?,
-            embed_out: linear(w, "embed_out", c.vocab_size, h, false)?,
+            embed_out: w.linear("embed_out", c.vocab_size, h, false)?,
             rotary: Rotary::new(c.rotary_dim, c.rope_theta, &c.rope_scaling),
             config: c.clone(),
         })

@@ -45,16 +45,6 @@ pub struct Llama {
     rotary: Rotary,
 }
 
-fn linear(w: &mut Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-    let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
-    let bias = if bias {
-        Some(w.take(&format!("{name}.bias"), &[out])?)
-    } else {
-        None
-    };
-    Ok(Linear::new(weight, bias))
-}
-
 fn rms(w: &mut Weights, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
     Ok(RmsNorm {
         weight: w.take(&format!("{name}.weight"), &[size])?,
@@ -82,11 +72,10 @@ impl Llama {
                     c.norm_eps,
                 )?,
                 self_attn: SelfAttn {
-                    q_proj: linear(w, &format!("{p}.self_attn.q_proj"), qd, h, qkv_bias)?,
-                    k_proj: linear(w, &format!("{p}.self_attn.k_proj"), kvd, h, qkv_bias)?,
-                    v_proj: linear(w, &format!("{p}.self_attn.v_proj"), kvd, h, qkv_bias)?,
-                    o_proj: linear(
-                        w,
+                    q_proj: w.linear(&format!("{p}.self_attn.q_proj"), qd, h, qkv_bias)?,
+                    k_proj: w.linear(&format!("{p}.self_attn.k_proj"), kvd, h, qkv_bias)?,
+                    v_proj: w.linear(&format!("{p}.self_attn.v_proj"), kvd, h, qkv_bias)?,
+                    o_proj: w.linear(
                         &format!("{p}.self_attn.o_proj"),
                         h,
                         qd,
@@ -94,9 +83,9 @@ impl Llama {
                     )?,
                 },
                 mlp: Mlp {
-                    gate_proj: linear(w, &format!("{p}.mlp.gate_proj"), f, h, c.mlp_bias)?,
-                    up_proj: linear(w, &format!("{p}.mlp.up_proj"), f, h, c.mlp_bias)?,
-                    down_proj: linear(w, &format!("{p}.mlp.down_proj"), h, f, c.mlp_bias)?,
+                    gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), f, h, c.mlp_bias)?,
+                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), f, h, c.mlp_bias)?,
+                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, f, c.mlp_bias)?,
                 },
             });
         }
@@ -106,7 +95,7 @@ impl Llama {
             w.take_opt("lm_head.weight", &[c.vocab_size, h])?;
             Linear::new(embed.clone(), None)
         } else {
-            linear(w, "lm_head", c.vocab_size, h, false)?
+            w.linear("lm_head", c.vocab_size, h, false)?
         };
         Ok(Llama {
             embed_tokens: Embedding::new(embed),
