@@ -150,8 +150,14 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     if let Some(path) = a.config.clone() {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let file: TrainArgs = toml::from_str(&text)
-            .with_context(|| format!("{}: invalid run config", path.display()))?;
+        let file: TrainArgs = toml::from_str(&text).map_err(|e| {
+            // One line: the toml crate's Display draws a multi-line source excerpt.
+            let line = e
+                .span()
+                .map_or(0, |r| text[..r.start].matches('\n').count() + 1);
+            let msg = e.message().lines().next().unwrap_or("invalid").to_string();
+            anyhow::anyhow!("{}:{line}: {msg}", path.display())
+        })?;
         or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, use_rslora,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);

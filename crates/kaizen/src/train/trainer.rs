@@ -104,7 +104,7 @@ pub fn train(
         None => 0,
     };
     let mut order = MicroBatches::new(train_set.len(), cfg, first_step);
-    let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), first_step > 0)?;
+    let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), first_step)?;
     let start = Instant::now();
     let (mut last_loss, mut eval_loss, mut tok_rate) = (f64::NAN, None, 0.0);
     let mut initial_eval_loss = None;
@@ -290,12 +290,26 @@ struct MetricsLog {
 }
 
 impl MetricsLog {
-    fn open(path: &Path, append: bool) -> Result<Self> {
+    /// A fresh log, or, when resuming from `resume_step`, the old log without the lines of
+    /// steps after that checkpoint (they are about to be redone).
+    fn open(path: &Path, resume_step: usize) -> Result<Self> {
+        let kept = if resume_step > 0 {
+            let old = std::fs::read_to_string(path).unwrap_or_default();
+            old.lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s as usize <= resume_step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+        } else {
+            String::new()
+        };
+        write_atomic(path, kept.as_bytes())?;
         let file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .append(append)
-            .truncate(!append)
+            .append(true)
             .open(path)
             .map_err(|e| Error::io(path, e))?;
         Ok(MetricsLog {

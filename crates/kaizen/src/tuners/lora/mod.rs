@@ -56,10 +56,7 @@ pub fn resolve_targets(model: &mut Model, cfg: &LoraConfig) -> Result<Vec<String
         }
     }
     if out.is_empty() {
-        let sample: Vec<&String> = paths
-            .iter()
-            .filter(|p| layer_index(p) == Some(0) || !p.contains("layers."))
-            .collect();
+        let sample: Vec<&String> = paths.iter().filter(|p| layer_index(p) == Some(0)).collect();
         return Err(Error::Input(format!(
             "target_modules {targets} matches no layer of this model; its linear layers are named like {sample:?}"
         )));
