@@ -34,7 +34,7 @@ pub fn merge(a: MergeArgs) -> Result<()> {
     if let Some(dir) = &a.adapter {
         let info = kaizen::tuners::load_adapter(&mut m.model, dir)
             .with_context(|| format!("cannot apply adapter {}", dir.display()))?;
-        let n = kaizen::tuners::lora::merge(&mut m.model).with_context(|| {
+        let n = kaizen::tuners::merge(&mut m.model).with_context(|| {
             format!(
                 "cannot merge adapter {} ({}) into the weights of {}",
                 dir.display(),

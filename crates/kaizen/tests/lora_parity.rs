@@ -146,7 +146,7 @@ fn check_logits_and_merge(name: &str) {
     let logits = f.model.forward(&ids, None).unwrap();
     let err = rel_err(&logits, &f.tensors["logits.0"]);
     assert!(err <= TOL, "{name}: adapter logits: relative error {err:e}");
-    let merged = lora::merge(&mut f.model).unwrap();
+    let merged = kaizen::tuners::merge(&mut f.model).unwrap();
     assert!(merged > 0);
     let logits = f.model.forward(&ids, None).unwrap();
     let err = rel_err(&logits, &f.tensors["merged_logits.0"]);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use kaizen::checkpoint::export::write_hf_dir;
 use kaizen::config::ModelConfig;
-use kaizen::tuners::{load_adapter, lora};
+use kaizen::tuners::load_adapter;
 use kaizen::{Loaded, Model};
 
 const TOL: f64 = 1e-4;
@@ -104,7 +104,7 @@ fn check(model: &str, adapter: Option<&str>) -> tempfile::TempDir {
 
     let mut m = load(&src, adapter.as_deref());
     if adapter.is_some() {
-        assert!(lora::merge(&mut m.model).unwrap() > 0);
+        assert!(kaizen::tuners::merge(&mut m.model).unwrap() > 0);
         let base = logits(&load(&src, None));
         assert!(
             rel_err(&base[0], &expected[0]) > 1e-3,
@@ -215,7 +215,7 @@ fn config_round_trips_through_hf_json() {
 
 fn merged_model(name: &str) -> Loaded {
     let mut m = load(&model_path(name), Some(&adapter_path(name)));
-    lora::merge(&mut m.model).unwrap();
+    kaizen::tuners::merge(&mut m.model).unwrap();
     m
 }
 

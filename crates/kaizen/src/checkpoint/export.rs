@@ -64,7 +64,7 @@ pub fn write_hf_dir(
     {
         return Err(Error::Input(format!(
             "{path} still carries an unmerged adapter; merge it into the weights \
-             (tuners::lora::merge) before writing the model"
+             (tuners::merge) before writing the model"
         )));
     }
     let parent = match out.parent() {

@@ -10,31 +10,32 @@ use rand::rngs::StdRng;
 use super::Grads;
 use crate::Result;
 
-/// A trainable addition to a frozen linear layer.
+/// A trainable method wrapped around a frozen linear layer. The adapter runs the whole layer:
+/// it calls [`Linear::base_forward`] / [`Linear::base_backward`] for the frozen part, so it can
+/// add to the output (LoRA), scale the output or the input (IA3), or reshape the weight (DoRA).
 pub trait LinearAdapter: Debug + Send + Sync {
-    /// x: (N, in), y: (N, out) = the base output. Returns the adapted output and what backward
-    /// needs besides x (e.g. a dropout-masked input). `rng` is Some in training mode.
+    /// x: (N, in) -> (y (N, out), what backward needs besides x). `rng` is Some in training.
     fn forward(
         &self,
+        base: &Linear,
         x: &Tensor,
-        y: Tensor,
         rng: Option<&mut StdRng>,
     ) -> Result<(Tensor, Option<Tensor>)>;
-    /// dy: (N, out). Accumulates the adapter's own gradients into `grads` and returns its extra
-    /// contribution to dx (N, in), if any.
+    /// dy: (N, out) -> dx (N, in); the adapter's own gradients accumulate into `grads`.
     fn backward(
         &self,
+        base: &Linear,
         x: &Tensor,
         saved: Option<&Tensor>,
         dy: &Tensor,
         grads: &mut Grads,
-    ) -> Result<Option<Tensor>>;
+    ) -> Result<Tensor>;
     /// Trainable tensors with their PEFT keys.
     fn params(&self) -> Vec<(String, Tensor)>;
     /// Replaces a trainable tensor (optimizer step, loading). Returns false if the key is not ours.
     fn set_param(&mut self, key: &str, value: Tensor) -> Result<bool>;
-    /// The dense weight delta this adapter adds, for merging; None if it cannot be merged.
-    fn delta_weight(&self) -> Result<Option<Tensor>>;
+    /// The base weight and bias with this adapter folded in; None if it cannot be merged.
+    fn merged(&self, base: &Linear) -> Result<Option<(Tensor, Option<Tensor>)>>;
 }
 
 #[derive(Debug)]
@@ -71,6 +72,20 @@ impl Linear {
         self.weight.dims()[0]
     }
 
+    /// The frozen layer alone. x: (N, in) -> (N, out)
+    pub fn base_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// Input gradient of the frozen layer alone: dy (N, out) -> dx (N, in). No weight gradient.
+    pub fn base_backward(&self, dy: &Tensor) -> Result<Tensor> {
+        Ok(dy.matmul(&self.weight)?)
+    }
+
     /// x: (..., in) -> (..., out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.forward_t(x, None)?.0)
@@ -81,16 +96,12 @@ impl Linear {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, self.in_features()))?; // (N, in)
-        let mut y = x2.matmul(&self.weight.t()?)?; // (N, out)
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
         let (y, saved, keep_x) = match &self.adapter {
             Some(a) => {
-                let (y, saved) = a.forward(&x2, y, rng)?;
+                let (y, saved) = a.forward(self, &x2, rng)?;
                 (y, saved, true)
             }
-            None => (y, None, false),
+            None => (self.base_forward(&x2)?, None, false),
         };
         let mut out_dims = dims.clone();
         *out_dims.last_mut().expect("x has at least one dim") = self.out_features();
@@ -106,12 +117,10 @@ impl Linear {
     pub fn backward(&self, c: &LinearCache, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
         let rows: usize = c.in_dims[..c.in_dims.len() - 1].iter().product();
         let dy2 = dy.reshape((rows, self.out_features()))?; // (N, out)
-        let mut dx = dy2.matmul(&self.weight)?; // (N, in)
-        if let (Some(a), Some(x)) = (&self.adapter, &c.x) {
-            if let Some(extra) = a.backward(x, c.saved.as_ref(), &dy2, grads)? {
-                dx = (dx + extra)?;
-            }
-        }
+        let dx = match (&self.adapter, &c.x) {
+            (Some(a), Some(x)) => a.backward(self, x, c.saved.as_ref(), &dy2, grads)?,
+            _ => self.base_backward(&dy2)?,
+        };
         Ok(dx.reshape(c.in_dims.clone())?)
     }
 }

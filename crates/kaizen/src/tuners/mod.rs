@@ -91,3 +91,27 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
         trainable_params,
     })
 }
+
+/// Folds every adapter into its base weight and bias and removes it (LoRA `W += scale * B A`,
+/// IA3 scalings, ...).
+pub fn merge(model: &mut Model) -> Result<usize> {
+    let mut n = 0;
+    for (path, lin) in model.linears_mut() {
+        if let Some(a) = lin.adapter.take() {
+            match a.merged(lin)? {
+                Some((w, b)) => {
+                    lin.weight = w;
+                    lin.bias = b;
+                    n += 1;
+                }
+                None => {
+                    lin.adapter = Some(a);
+                    return Err(Error::Input(format!(
+                        "the adapter on {path} cannot be merged into the weights"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(n)
+}

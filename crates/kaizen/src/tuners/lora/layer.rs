@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use crate::nn::{Grads, LinearAdapter};
+use crate::nn::{Grads, Linear, LinearAdapter};
 use crate::Result;
 
 #[derive(Debug)]
@@ -33,10 +33,11 @@ impl LoraLayer {
 impl LinearAdapter for LoraLayer {
     fn forward(
         &self,
+        base: &Linear,
         x: &Tensor,
-        y: Tensor,
         rng: Option<&mut StdRng>,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        let y = base.base_forward(x)?;
         // Inverted dropout on the LoRA branch only; the saved mask is already scaled by 1/(1-p).
         let mask = match rng {
             Some(rng) if self.dropout > 0.0 => {
@@ -65,11 +66,12 @@ impl LinearAdapter for LoraLayer {
 
     fn backward(
         &self,
+        base: &Linear,
         x: &Tensor,
         mask: Option<&Tensor>,
         dy: &Tensor,
         grads: &mut Grads,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<Tensor> {
         let xd = match mask {
             Some(m) => (x * m)?,
             None => x.clone(),
@@ -80,10 +82,11 @@ impl LinearAdapter for LoraLayer {
         let dh = dys.matmul(&self.lora_b)?; // (N, r)
         grads.add(&self.key_a(), dh.t()?.matmul(&xd)?)?; // (r, in)
         let dx = dh.matmul(&self.lora_a)?; // (N, in)
-        Ok(Some(match mask {
+        let dx = match mask {
             Some(m) => (dx * m)?,
             None => dx,
-        }))
+        };
+        Ok((base.base_backward(dy)? + dx)?)
     }
 
     fn params(&self) -> Vec<(String, Tensor)> {
@@ -104,7 +107,8 @@ impl LinearAdapter for LoraLayer {
         Ok(true)
     }
 
-    fn delta_weight(&self) -> Result<Option<Tensor>> {
-        Ok(Some((self.lora_b.matmul(&self.lora_a)? * self.scale)?)) // (out, in)
+    fn merged(&self, base: &Linear) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        let delta = (self.lora_b.matmul(&self.lora_a)? * self.scale)?; // (out, in)
+        Ok(Some(((&base.weight + delta)?, base.bias.clone())))
     }
 }

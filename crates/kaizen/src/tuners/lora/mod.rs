@@ -183,25 +183,3 @@ fn init(
         Tensor::from_vec(b, (out, r), &Device::Cpu)?,
     ))
 }
-
-/// Folds every adapter into its base weight (`W += scale * B A`) and removes it.
-pub fn merge(model: &mut Model) -> Result<usize> {
-    let mut n = 0;
-    for (_, lin) in model.linears_mut() {
-        if let Some(a) = lin.adapter.take() {
-            match a.delta_weight()? {
-                Some(d) => {
-                    lin.weight = (&lin.weight + d)?;
-                    n += 1;
-                }
-                None => {
-                    lin.adapter = Some(a);
-                    return Err(Error::Input(
-                        "this adapter cannot be merged into the weights".into(),
-                    ));
-                }
-            }
-        }
-    }
-    Ok(n)
-}
