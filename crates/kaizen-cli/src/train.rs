@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kaizen::train::optim::OptimizerKind;
 use kaizen::train::schedule::Schedule;
 use kaizen::train::trainer::{self, Event, TrainConfig, TrainData};
+use kaizen::tuners::ia3::{self, Ia3Config};
 use kaizen::tuners::lora::{self, LoraConfig};
 use kaizen::tuners::Method;
 use kaizen_data::{load_dataset, pack, split_validation, DataOptions, Template};
@@ -33,7 +34,7 @@ pub struct TrainArgs {
     /// Output directory: adapter, metrics.jsonl, loss.png, run.json, checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PEFT method: lora.
+    /// PEFT method: lora or ia3.
     #[arg(long)]
     pub method: Option<String>,
     /// LoRA rank (default 8).
@@ -47,6 +48,9 @@ pub struct TrainArgs {
     /// Comma-separated module names, a regex, or all-linear (default: attention query/value).
     #[arg(long)]
     pub target_modules: Option<String>,
+    /// IA3: modules whose input (not output) is scaled (default: the MLP output projection).
+    #[arg(long)]
+    pub feedforward_modules: Option<String>,
     /// Scale by alpha/sqrt(r) instead of alpha/r.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_rslora: Option<bool>,
@@ -158,7 +162,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, use_rslora,
+        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, use_rslora,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
     }
@@ -166,8 +170,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     let data_path = a.data.clone().context("--data is required")?;
     let out = a.out.clone().context("--out is required")?;
     let method_name = a.method.clone().unwrap_or_else(|| "lora".into());
-    if method_name != "lora" {
-        bail!("--method {method_name}: unknown method (available: lora)");
+    if !["lora", "ia3"].contains(&method_name.as_str()) {
+        bail!("--method {method_name}: unknown method (available: lora, ia3)");
     }
     let mut loaded = kaizen::load(&model_path)?;
     let tok = &loaded.tokenizer;
@@ -218,7 +222,34 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             }
             kaizen::tuners::load_adapter(&mut loaded.model, dir)?.method
         }
+        None if method_name == "ia3" => {
+            if a.r.is_some()
+                || a.lora_alpha.is_some()
+                || a.lora_dropout.is_some()
+                || a.use_rslora.is_some()
+            {
+                bail!("--r, --lora-alpha, --lora-dropout and --use-rslora apply to --method lora, not ia3");
+            }
+            let cfg = Ia3Config {
+                target_modules: a.target_modules.as_deref().map(LoraConfig::parse_targets),
+                feedforward_modules: a
+                    .feedforward_modules
+                    .as_deref()
+                    .map(LoraConfig::parse_targets),
+                base_model_name_or_path: Some(model_path.display().to_string()),
+                ..Ia3Config::default()
+            };
+            let (targets, feedforward) = ia3::attach(&mut loaded.model, &cfg, None)?;
+            Method::Ia3 {
+                cfg,
+                targets,
+                feedforward,
+            }
+        }
         None => {
+            if a.feedforward_modules.is_some() {
+                bail!("--feedforward-modules applies to --method ia3");
+            }
             let cfg = LoraConfig {
                 r: a.r.unwrap_or(8),
                 lora_alpha: a.lora_alpha.unwrap_or(8.0),

@@ -386,6 +386,15 @@ impl ModelConfig {
         }
     }
 
+    /// PEFT's default IA3 targets and feed-forward modules for this architecture
+    /// (`TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING` / `..._FEEDFORWARD_MODULES_MAPPING`).
+    pub fn default_ia3_modules(&self) -> (&'static [&'static str], &'static [&'static str]) {
+        match self.architecture {
+            Architecture::GptNeoX => (&["query_key_value", "dense_4h_to_h"], &["dense_4h_to_h"]),
+            Architecture::Llama => (&["k_proj", "v_proj", "down_proj"], &["down_proj"]),
+        }
+    }
+
     /// Total parameter count of the dense model (tied embeddings counted once).
     pub fn num_parameters(&self) -> usize {
         let (h, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);

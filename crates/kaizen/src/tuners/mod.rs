@@ -1,6 +1,7 @@
 //! PEFT methods, one folder each. Each reaches a model only through a named linear layer, the KV
 //! cache or the input embeddings; none names an architecture.
 
+pub mod ia3;
 pub mod lora;
 
 use std::path::Path;
@@ -17,6 +18,11 @@ pub enum Method {
         cfg: lora::LoraConfig,
         targets: Vec<String>,
     },
+    Ia3 {
+        cfg: ia3::Ia3Config,
+        targets: Vec<String>,
+        feedforward: Vec<String>,
+    },
 }
 
 impl Method {
@@ -24,6 +30,7 @@ impl Method {
     pub fn peft_type(&self) -> &'static str {
         match self {
             Method::Lora { .. } => "LORA",
+            Method::Ia3 { .. } => "IA3",
         }
     }
 
@@ -31,6 +38,11 @@ impl Method {
     pub fn config_json(&self) -> Value {
         match self {
             Method::Lora { cfg, targets } => cfg.to_json(targets),
+            Method::Ia3 {
+                cfg,
+                targets,
+                feedforward,
+            } => cfg.to_json(targets, feedforward),
         }
     }
 
@@ -74,15 +86,26 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
                 .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
             Method::Lora { cfg, targets }
         }
+        "IA3" => {
+            let cfg =
+                ia3::Ia3Config::from_json(&config).map_err(|m| Error::config(&cfg_path, m))?;
+            let (targets, feedforward) = ia3::attach(model, &cfg, Some(weights))
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            Method::Ia3 {
+                cfg,
+                targets,
+                feedforward,
+            }
+        }
         other => {
             return Err(Error::config(
                 &cfg_path,
-                format!("peft_type \"{other}\" is not supported (supported: LORA)"),
+                format!("peft_type \"{other}\" is not supported (supported: LORA, IA3)"),
             ))
         }
     };
     let targets = match &method {
-        Method::Lora { targets, .. } => targets.clone(),
+        Method::Lora { targets, .. } | Method::Ia3 { targets, .. } => targets.clone(),
     };
     Ok(AdapterInfo {
         method,

@@ -64,6 +64,20 @@ pub fn resolve_targets(model: &mut Model, cfg: &LoraConfig) -> Result<Vec<String
     Ok(out)
 }
 
+/// PEFT's `check_target_module_exists` for one module path: a list entry matches the path or
+/// its dotted suffix, a regex must match the whole path, `all-linear` is every linear but the head.
+pub fn matches(targets: &TargetModules, path: &str, head: &str) -> Result<bool> {
+    Ok(match targets {
+        TargetModules::AllLinear => path != head,
+        TargetModules::Names(n) => n
+            .iter()
+            .any(|t| path == t || path.ends_with(&format!(".{t}"))),
+        TargetModules::Regex(r) => Regex::new(&format!("^(?:{r})$"))
+            .map_err(|e| Error::Input(format!("target_modules regex \"{r}\": {e}")))?
+            .is_match(path),
+    })
+}
+
 /// Layer index from a path like `model.layers.3.self_attn.q_proj`.
 fn layer_index(path: &str) -> Option<usize> {
     let rest = &path[path.find("layers.")? + "layers.".len()..];
