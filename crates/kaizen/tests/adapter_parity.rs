@@ -1,5 +1,5 @@
-//! LoRA parity with HF PEFT on the committed fixtures (tests/fixtures/lora, made by
-//! scripts/fixtures/gen_lora.py): a PEFT-made adapter loads with the same logits; the loss of a
+//! Adapter parity with HF PEFT on the committed fixtures (tests/fixtures/lora, made by
+//! scripts/fixtures/gen_lora.py; tests/fixtures/peft/<method>, made by gen_peft_methods.py): a PEFT-made adapter loads with the same logits; the loss of a
 //! two-micro-batch optimizer step, the gradient of every adapter tensor and of the input
 //! embeddings, merged logits, and three AdamW / SGD steps all match within 1e-4 relative error.
 
@@ -9,7 +9,6 @@ use candle_core::{Device, Tensor};
 use kaizen::nn::Grads;
 use kaizen::train::optim::{clip_grad_norm, Optimizer, OptimizerKind};
 use kaizen::train::{label_count, micro_batch_backward, set_params, trainable_params, Batch};
-use kaizen::tuners::lora::{self, LoraConfig};
 use serde_json::Value;
 
 const TOL: f64 = 1e-4;
@@ -44,19 +43,19 @@ struct Fixture {
     batches: Vec<Batch>,
 }
 
-fn load(name: &str) -> Fixture {
-    let dir = root().join("tests/fixtures/lora").join(name);
+/// `fixture`: a directory under tests/fixtures holding adapter/, reference.json and
+/// reference.safetensors for the base model `tests/fixtures/models/<model>`.
+fn load(fixture: &str, model_name: &str) -> Fixture {
+    let dir = root().join("tests/fixtures").join(fixture);
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
     let tensors =
         candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
-    let mut model = kaizen::load(&root().join("tests/fixtures/models").join(name))
+    let mut model = kaizen::load(&root().join("tests/fixtures/models").join(model_name))
         .unwrap()
         .model;
-    let (cfg_json, weights) = kaizen::checkpoint::adapter::read(&dir.join("adapter")).unwrap();
-    let adapter_cfg = LoraConfig::from_json(&cfg_json).unwrap();
-    lora::attach(&mut model, &adapter_cfg, Some(weights), 0).unwrap();
+    kaizen::tuners::load_adapter(&mut model, &dir.join("adapter")).unwrap();
     let batches = reference["micro_batches"]
         .as_array()
         .unwrap()
@@ -106,8 +105,9 @@ fn step(f: &Fixture, grads: &mut Grads) -> (f64, Vec<Tensor>) {
     (sum / total as f64, d_embeds)
 }
 
-fn check_grads(name: &str) {
-    let f = load(name);
+fn check_grads(fixture: &str, model: &str) {
+    let name = fixture;
+    let f = load(fixture, model);
     let mut grads = Grads::new();
     let (loss, d_embeds) = step(&f, &mut grads);
     let want = f.reference["loss"].as_f64().unwrap();
@@ -139,8 +139,9 @@ fn check_grads(name: &str) {
     );
 }
 
-fn check_logits_and_merge(name: &str) {
-    let mut f = load(name);
+fn check_logits_and_merge(fixture: &str, model: &str) {
+    let name = fixture;
+    let mut f = load(fixture, model);
     let b = &f.batches[0];
     let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &Device::Cpu).unwrap();
     let logits = f.model.forward(&ids, None).unwrap();
@@ -153,8 +154,9 @@ fn check_logits_and_merge(name: &str) {
     assert!(err <= TOL, "{name}: merged logits: relative error {err:e}");
 }
 
-fn check_optimizer(name: &str, kind: OptimizerKind, lr: f64, prefix: &str) {
-    let mut f = load(name);
+fn check_optimizer(fixture: &str, model: &str, kind: OptimizerKind, lr: f64, prefix: &str) {
+    let name = fixture;
+    let mut f = load(fixture, model);
     let mut opt = Optimizer::new(kind);
     let key = if prefix.is_empty() {
         "step_losses".to_string()
@@ -191,21 +193,22 @@ fn check_optimizer(name: &str, kind: OptimizerKind, lr: f64, prefix: &str) {
     }
 }
 
-macro_rules! lora_suite {
-    ($($test:ident => $name:literal),*) => {$(
+/// One module per (fixture directory, base model): the same checks for every method.
+macro_rules! adapter_suite {
+    ($($test:ident => ($fixture:literal, $model:literal)),* $(,)?) => {$(
         mod $test {
             use super::*;
-            #[test] fn gradients() { check_grads($name) }
-            #[test] fn logits_and_merge() { check_logits_and_merge($name) }
-            #[test] fn adamw_steps() { check_optimizer($name, OptimizerKind::adamw(), 1e-2, "") }
-            #[test] fn sgd_steps() { check_optimizer($name, OptimizerKind::Sgd, 0.1, "sgd_") }
+            #[test] fn gradients() { check_grads($fixture, $model) }
+            #[test] fn logits_and_merge() { check_logits_and_merge($fixture, $model) }
+            #[test] fn adamw_steps() { check_optimizer($fixture, $model, OptimizerKind::adamw(), 1e-2, "") }
+            #[test] fn sgd_steps() { check_optimizer($fixture, $model, OptimizerKind::Sgd, 0.1, "sgd_") }
         }
     )*};
 }
 
-lora_suite! {
-    neox_seq_spiece => "neox-seq-spiece",
-    neox_par_bpe => "neox-par-bpe",
-    llama_gqa_tied => "llama-gqa-tied",
-    llama_mha_linear => "llama-mha-linear"
+adapter_suite! {
+    lora_neox_seq_spiece => ("lora/neox-seq-spiece", "neox-seq-spiece"),
+    lora_neox_par_bpe => ("lora/neox-par-bpe", "neox-par-bpe"),
+    lora_llama_gqa_tied => ("lora/llama-gqa-tied", "llama-gqa-tied"),
+    lora_llama_mha_linear => ("lora/llama-mha-linear", "llama-mha-linear"),
 }
