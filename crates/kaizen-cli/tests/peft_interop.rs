@@ -51,3 +51,64 @@ fn kaizen_adapters_score_as_in_python_peft() {
         }
     }
 }
+
+fn kaizen(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_kaizen"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+/// IA3 adapters made by Python PEFT: eval loss and greedy ids as PEFT computed them.
+#[test]
+fn peft_ia3_adapters_eval_and_generate_as_in_peft() {
+    for m in ["neox-seq-spiece", "neox-par-bpe", "llama-gqa-tied"] {
+        let dir = format!("tests/fixtures/peft/ia3/{m}");
+        let reference: Value = serde_json::from_str(
+            &std::fs::read_to_string(root().join(&dir).join("reference.json")).unwrap(),
+        )
+        .unwrap();
+        let model = format!("tests/fixtures/models/{m}");
+        let adapter = format!("{dir}/adapter");
+        let ours = kaizen(&[
+            "eval",
+            "--model",
+            &model,
+            "--adapter",
+            &adapter,
+            "--data",
+            "tests/fixtures/lora/eval.jsonl",
+            "--json",
+        ]);
+        let want = reference["eval"]["loss"].as_f64().unwrap();
+        let loss = ours["loss"].as_f64().unwrap();
+        assert!(
+            (loss - want).abs() / want <= 1e-4,
+            "{m}: IA3 eval {loss} vs PEFT {want}"
+        );
+        let g = &reference["greedy"];
+        let n = g["new_ids"].as_array().unwrap().len().to_string();
+        let out = kaizen(&[
+            "generate",
+            "--model",
+            &model,
+            "--adapter",
+            &adapter,
+            "--greedy",
+            "--max-new-tokens",
+            &n,
+            "--prompt",
+            g["prompt"].as_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(out["ids"], g["new_ids"], "{m}: IA3 greedy ids");
+    }
+}

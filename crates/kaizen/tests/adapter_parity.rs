@@ -132,11 +132,13 @@ fn check_grads(fixture: &str, model: &str) {
             "{name}: gradient of {key}: relative error {err:e}"
         );
     }
-    let err = rel_err(&d_embeds[0], &f.tensors["grad.inputs_embeds.0"]);
-    assert!(
-        err <= TOL,
-        "{name}: input-embedding gradient: relative error {err:e}"
-    );
+    if let Some(want) = f.tensors.get("grad.inputs_embeds.0") {
+        let err = rel_err(&d_embeds[0], want);
+        assert!(
+            err <= TOL,
+            "{name}: input-embedding gradient: relative error {err:e}"
+        );
+    }
 }
 
 fn check_logits_and_merge(fixture: &str, model: &str) {
@@ -150,7 +152,12 @@ fn check_logits_and_merge(fixture: &str, model: &str) {
     let merged = kaizen::tuners::merge(&mut f.model).unwrap();
     assert!(merged > 0);
     let logits = f.model.forward(&ids, None).unwrap();
-    let err = rel_err(&logits, &f.tensors["merged_logits.0"]);
+    // PEFT's merged logits where recorded; else merging must reproduce the unmerged logits.
+    let want = f
+        .tensors
+        .get("merged_logits.0")
+        .unwrap_or(&f.tensors["logits.0"]);
+    let err = rel_err(&logits, want);
     assert!(err <= TOL, "{name}: merged logits: relative error {err:e}");
 }
 
@@ -204,6 +211,24 @@ macro_rules! adapter_suite {
             #[test] fn sgd_steps() { check_optimizer($fixture, $model, OptimizerKind::Sgd, 0.1, "sgd_") }
         }
     )*};
+}
+
+/// IA3 fixtures record AdamW steps only.
+macro_rules! ia3_suite {
+    ($($test:ident => ($fixture:literal, $model:literal)),* $(,)?) => {$(
+        mod $test {
+            use super::*;
+            #[test] fn gradients() { check_grads($fixture, $model) }
+            #[test] fn logits_and_merge() { check_logits_and_merge($fixture, $model) }
+            #[test] fn adamw_steps() { check_optimizer($fixture, $model, OptimizerKind::adamw(), 1e-2, "") }
+        }
+    )*};
+}
+
+ia3_suite! {
+    ia3_neox_seq_spiece => ("peft/ia3/neox-seq-spiece", "neox-seq-spiece"),
+    ia3_neox_par_bpe => ("peft/ia3/neox-par-bpe", "neox-par-bpe"),
+    ia3_llama_gqa_tied => ("peft/ia3/llama-gqa-tied", "llama-gqa-tied"),
 }
 
 adapter_suite! {
