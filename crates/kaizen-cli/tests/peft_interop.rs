@@ -19,15 +19,16 @@ fn kaizen_adapters_score_as_in_python_peft() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("peft_interop.json")).unwrap())
             .unwrap();
     let models = record.as_object().unwrap();
-    assert_eq!(models.len(), 4, "one adapter per HF fixture model");
-    for (model, r) in models {
+    assert_eq!(models.len(), 6, "LoRA on each HF fixture model, IA3 on two");
+    for (name, r) in models {
+        let model = r["model"].as_str().unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_kaizen"))
             .args(["eval", "--json", "--data"])
             .arg(root().join("tests/fixtures/lora/eval.jsonl"))
             .arg("--model")
             .arg(root().join("tests/fixtures/models").join(model))
             .arg("--adapter")
-            .arg(dir.join(model))
+            .arg(dir.join(name))
             .output()
             .unwrap();
         assert!(
@@ -41,13 +42,13 @@ fn kaizen_adapters_score_as_in_python_peft() {
         let loss = ours["loss"].as_f64().unwrap();
         assert!(
             (loss - peft).abs() / peft <= 1e-4,
-            "{model}: kaizen {loss} vs PEFT {peft}"
+            "{name}: kaizen {loss} vs PEFT {peft}"
         );
-        assert_eq!(ours["tokens"], r["peft"]["tokens"], "{model}: token count");
+        assert_eq!(ours["tokens"], r["peft"]["tokens"], "{name}: token count");
         // The adapter really changed the model (not an identity adapter).
         let base = r["base_loss"].as_f64();
         if let Some(base) = base {
-            assert!((base - peft).abs() > 1e-3, "{model}: adapter is a no-op");
+            assert!((base - peft).abs() > 1e-3, "{name}: adapter is a no-op");
         }
     }
 }
