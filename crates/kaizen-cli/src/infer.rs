@@ -244,11 +244,14 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     if let Some(info) = adapter {
         // PEFT's print_trainable_parameters: all = base + adapter.
         let all = c.num_parameters() + info.trainable_params;
-        println!(
-            "adapter:          {} on {} layers",
-            info.peft_type,
-            info.targets.len()
-        );
+        match info.targets.len() {
+            0 => println!(
+                "adapter:          {} (virtual tokens: {})",
+                info.peft_type,
+                m.model.num_virtual_tokens()
+            ),
+            n => println!("adapter:          {} on {n} layers", info.peft_type),
+        }
         println!(
             "trainable params: {} || all params: {} || trainable%: {:.4}",
             info.trainable_params,

@@ -13,6 +13,7 @@ use kaizen::train::schedule::Schedule;
 use kaizen::train::trainer::{self, Event, TrainConfig, TrainData};
 use kaizen::tuners::ia3::{self, Ia3Config};
 use kaizen::tuners::lora::{self, LoraConfig};
+use kaizen::tuners::prompt::{self, PromptInit, PromptTuningConfig};
 use kaizen::tuners::Method;
 use kaizen_data::{load_dataset, pack, split_validation, DataOptions, Template};
 use serde::{Deserialize, Serialize};
@@ -34,7 +35,7 @@ pub struct TrainArgs {
     /// Output directory: adapter, metrics.jsonl, loss.png, run.json, checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PEFT method: lora or ia3.
+    /// PEFT method: lora, ia3 or prompt.
     #[arg(long)]
     pub method: Option<String>,
     /// LoRA rank (default 8).
@@ -48,6 +49,15 @@ pub struct TrainArgs {
     /// Comma-separated module names, a regex, or all-linear (default: attention query/value).
     #[arg(long)]
     pub target_modules: Option<String>,
+    /// Prompt tuning: number of virtual tokens (default 20).
+    #[arg(long)]
+    pub num_virtual_tokens: Option<usize>,
+    /// Prompt tuning: random (default), text or sample_vocab.
+    #[arg(long)]
+    pub prompt_tuning_init: Option<String>,
+    /// Prompt tuning: the text whose token embeddings initialise the virtual tokens.
+    #[arg(long)]
+    pub prompt_tuning_init_text: Option<String>,
     /// IA3: modules whose input (not output) is scaled (default: the MLP output projection).
     #[arg(long)]
     pub feedforward_modules: Option<String>,
@@ -162,7 +172,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, use_rslora,
+        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, prompt_tuning_init, prompt_tuning_init_text, use_rslora,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
     }
@@ -170,8 +180,44 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     let data_path = a.data.clone().context("--data is required")?;
     let out = a.out.clone().context("--out is required")?;
     let method_name = a.method.clone().unwrap_or_else(|| "lora".into());
-    if !["lora", "ia3"].contains(&method_name.as_str()) {
-        bail!("--method {method_name}: unknown method (available: lora, ia3)");
+    if !["lora", "ia3", "prompt"].contains(&method_name.as_str()) {
+        bail!("--method {method_name}: unknown method (available: lora, ia3, prompt)");
+    }
+    let flags_of = [
+        ("--r", a.r.is_some(), "lora"),
+        ("--lora-alpha", a.lora_alpha.is_some(), "lora"),
+        ("--lora-dropout", a.lora_dropout.is_some(), "lora"),
+        ("--use-rslora", a.use_rslora.is_some(), "lora"),
+        (
+            "--target-modules",
+            a.target_modules.is_some() && method_name == "prompt",
+            "lora, ia3",
+        ),
+        (
+            "--feedforward-modules",
+            a.feedforward_modules.is_some(),
+            "ia3",
+        ),
+        (
+            "--num-virtual-tokens",
+            a.num_virtual_tokens.is_some(),
+            "prompt",
+        ),
+        (
+            "--prompt-tuning-init",
+            a.prompt_tuning_init.is_some(),
+            "prompt",
+        ),
+        (
+            "--prompt-tuning-init-text",
+            a.prompt_tuning_init_text.is_some(),
+            "prompt",
+        ),
+    ];
+    for (flag, given, methods) in flags_of {
+        if given && !methods.split(", ").any(|m| m == method_name) {
+            bail!("{flag} applies to --method {methods}, not {method_name}");
+        }
     }
     let mut loaded = kaizen::load(&model_path)?;
     let tok = &loaded.tokenizer;
@@ -222,6 +268,29 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             }
             kaizen::tuners::load_adapter(&mut loaded.model, dir)?.method
         }
+        None if method_name == "prompt" => {
+            let n = a.num_virtual_tokens.unwrap_or(20);
+            let init = match a.prompt_tuning_init.as_deref().unwrap_or("random") {
+                "random" => PromptInit::Random,
+                "sample_vocab" => PromptInit::SampleVocab,
+                "text" => PromptInit::Text(
+                    a.prompt_tuning_init_text
+                        .clone()
+                        .context("--prompt-tuning-init text needs --prompt-tuning-init-text")?,
+                ),
+                other => {
+                    bail!("--prompt-tuning-init {other}: unknown (random, text, sample_vocab)")
+                }
+            };
+            let cfg = PromptTuningConfig {
+                num_virtual_tokens: n,
+                init,
+                base_model_name_or_path: Some(model_path.display().to_string()),
+            };
+            prompt::attach(&mut loaded.model, &cfg, None, Some(&loaded.tokenizer), seed)?;
+            let json = cfg.to_json(&loaded.model);
+            Method::PromptTuning { cfg, json }
+        }
         None if method_name == "ia3" => {
             if a.r.is_some()
                 || a.lora_alpha.is_some()
@@ -247,9 +316,6 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             }
         }
         None => {
-            if a.feedforward_modules.is_some() {
-                bail!("--feedforward-modules applies to --method ia3");
-            }
             let cfg = LoraConfig {
                 r: a.r.unwrap_or(8),
                 lora_alpha: a.lora_alpha.unwrap_or(8.0),

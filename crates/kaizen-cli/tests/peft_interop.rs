@@ -19,7 +19,11 @@ fn kaizen_adapters_score_as_in_python_peft() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("peft_interop.json")).unwrap())
             .unwrap();
     let models = record.as_object().unwrap();
-    assert_eq!(models.len(), 6, "LoRA on each HF fixture model, IA3 on two");
+    assert_eq!(
+        models.len(),
+        8,
+        "LoRA on each HF fixture model, IA3 and prompt tuning on two"
+    );
     for (name, r) in models {
         let model = r["model"].as_str().unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_kaizen"))
@@ -68,11 +72,15 @@ fn kaizen(args: &[&str]) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
-/// IA3 adapters made by Python PEFT: eval loss and greedy ids as PEFT computed them.
+/// IA3 and prompt-tuning adapters made by Python PEFT: eval loss and greedy ids (KV cache with
+/// the virtual tokens computed once) as PEFT computed them.
 #[test]
-fn peft_ia3_adapters_eval_and_generate_as_in_peft() {
-    for m in ["neox-seq-spiece", "neox-par-bpe", "llama-gqa-tied"] {
-        let dir = format!("tests/fixtures/peft/ia3/{m}");
+fn peft_ia3_and_prompt_adapters_eval_and_generate_as_in_peft() {
+    for (method, m) in ["ia3", "prompt_tuning"]
+        .iter()
+        .flat_map(|me| ["neox-seq-spiece", "neox-par-bpe", "llama-gqa-tied"].map(|m| (*me, m)))
+    {
+        let dir = format!("tests/fixtures/peft/{method}/{m}");
         let reference: Value = serde_json::from_str(
             &std::fs::read_to_string(root().join(&dir).join("reference.json")).unwrap(),
         )
@@ -93,7 +101,7 @@ fn peft_ia3_adapters_eval_and_generate_as_in_peft() {
         let loss = ours["loss"].as_f64().unwrap();
         assert!(
             (loss - want).abs() / want <= 1e-4,
-            "{m}: IA3 eval {loss} vs PEFT {want}"
+            "{method} {m}: eval {loss} vs PEFT {want}"
         );
         let g = &reference["greedy"];
         let n = g["new_ids"].as_array().unwrap().len().to_string();
@@ -110,6 +118,13 @@ fn peft_ia3_adapters_eval_and_generate_as_in_peft() {
             g["prompt"].as_str().unwrap(),
             "--json",
         ]);
-        assert_eq!(out["ids"], g["new_ids"], "{m}: IA3 greedy ids");
+        // The reference ignores EOS; kaizen stops there (with EOS included, as HF).
+        let ours = out["ids"].as_array().unwrap();
+        let want = g["new_ids"].as_array().unwrap();
+        assert_eq!(ours[..], want[..ours.len()], "{method} {m}: greedy ids");
+        assert!(
+            ours.len() == want.len() || reference["greedy"]["new_ids"][ours.len() - 1] == 2,
+            "{method} {m}: stopped early without EOS"
+        );
     }
 }

@@ -94,7 +94,8 @@ fn load(fixture: &str, model_name: &str) -> Fixture {
 
 /// Loss and gradients of one optimizer step over all micro-batches (token-weighted mean).
 fn step(f: &Fixture, grads: &mut Grads) -> (f64, Vec<Tensor>) {
-    let total: usize = f.batches.iter().map(label_count).sum();
+    let n = f.model.num_virtual_tokens();
+    let total: usize = f.batches.iter().map(|b| label_count(b, n)).sum();
     let mut sum = 0.0;
     let mut d_embeds = vec![];
     for b in &f.batches {
@@ -118,7 +119,7 @@ fn check_grads(fixture: &str, model: &str) {
     let n_ref = f
         .tensors
         .keys()
-        .filter(|k| k.starts_with("grad.base_model"))
+        .filter(|k| k.starts_with("grad.") && *k != "grad.inputs_embeds.0")
         .count();
     assert_eq!(
         grads.len(),
@@ -211,6 +212,41 @@ macro_rules! adapter_suite {
             #[test] fn sgd_steps() { check_optimizer($fixture, $model, OptimizerKind::Sgd, 0.1, "sgd_") }
         }
     )*};
+}
+
+/// Prompt tuning: PEFT's logits include the virtual positions; ours are the real tokens'.
+/// Virtual tokens change inputs, not weights, so merging must refuse.
+fn check_prompt_logits(fixture: &str, model: &str) {
+    let mut f = load(fixture, model);
+    let b = &f.batches[0];
+    let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &Device::Cpu).unwrap();
+    let logits = f.model.forward(&ids, None).unwrap();
+    let want = &f.tensors["logits.0"];
+    let n = want.dim(1).unwrap() - b.seq_len;
+    assert_eq!(n, f.model.num_virtual_tokens());
+    let err = rel_err(&logits, &want.narrow(1, n, b.seq_len).unwrap());
+    assert!(err <= TOL, "{fixture}: logits: relative error {err:e}");
+    assert!(
+        kaizen::tuners::merge(&mut f.model).is_err(),
+        "{fixture}: merge must refuse"
+    );
+}
+
+macro_rules! prompt_suite {
+    ($($test:ident => ($fixture:literal, $model:literal)),* $(,)?) => {$(
+        mod $test {
+            use super::*;
+            #[test] fn gradients() { check_grads($fixture, $model) }
+            #[test] fn logits() { check_prompt_logits($fixture, $model) }
+            #[test] fn adamw_steps() { check_optimizer($fixture, $model, OptimizerKind::adamw(), 1e-2, "") }
+        }
+    )*};
+}
+
+prompt_suite! {
+    prompt_neox_seq_spiece => ("peft/prompt_tuning/neox-seq-spiece", "neox-seq-spiece"),
+    prompt_neox_par_bpe => ("peft/prompt_tuning/neox-par-bpe", "neox-par-bpe"),
+    prompt_llama_gqa_tied => ("peft/prompt_tuning/llama-gqa-tied", "llama-gqa-tied"),
 }
 
 /// IA3 fixtures record AdamW steps only.

@@ -17,19 +17,29 @@ pub use kaizen_data::Batch;
 
 /// Next-token targets: position t predicts labels[t + 1]; the last position predicts nothing.
 pub fn shifted_targets(batch: &Batch) -> Vec<i64> {
+    targets_after_virtual(batch, 0)
+}
+
+/// Targets for a batch whose rows are preceded by `n` virtual tokens (label -100), over all
+/// n + T positions: as PEFT, the last virtual position predicts the first real token's label.
+pub fn targets_after_virtual(batch: &Batch, n: usize) -> Vec<i64> {
     let (b, t) = (batch.batch_size, batch.seq_len);
-    let mut out = vec![IGNORE_INDEX; b * t];
+    let full = n + t;
+    let mut out = vec![IGNORE_INDEX; b * full];
     for r in 0..b {
-        for c in 0..t.saturating_sub(1) {
-            out[r * t + c] = batch.labels[r * t + c + 1];
+        for c in 0..full - 1 {
+            // position c predicts extended label c + 1, i.e. real label c + 1 - n
+            if c + 1 >= n {
+                out[r * full + c] = batch.labels[r * t + c + 1 - n];
+            }
         }
     }
     out
 }
 
-/// Number of scored next-token predictions in a batch.
-pub fn label_count(batch: &Batch) -> usize {
-    shifted_targets(batch)
+/// Number of scored next-token predictions in a batch preceded by `n_virtual` virtual tokens.
+pub fn label_count(batch: &Batch, n_virtual: usize) -> usize {
+    targets_after_virtual(batch, n_virtual)
         .iter()
         .filter(|&&l| l != IGNORE_INDEX)
         .count()
@@ -63,17 +73,21 @@ pub fn micro_batch_backward(
         )));
     }
     let ids = Tensor::from_slice(&batch.input_ids, (b, t), &Device::Cpu)?;
-    let x = model.embed(&ids)?;
-    let (h, tape) = model.forward_train(&x, rng)?; // (B, T, hidden)
-    let hidden = h.dim(2)?;
-    let targets = shifted_targets(batch);
+    let (x, n) = model.embed_input(&ids, true)?; // (B, n + T, hidden): n virtual tokens first
+    let (h, tape) = model.forward_train(&x, rng)?;
+    let (full, hidden) = (n + t, h.dim(2)?);
+    let targets = targets_after_virtual(batch, n);
     let (loss_sum, tokens, dh) = head_loss_backward(
         model.lm_head(),
-        &h.reshape((b * t, hidden))?,
+        &h.reshape((b * full, hidden))?,
         &targets,
         loss_scale,
     )?;
-    let d_embeds = model.backward(&tape, &dh.reshape((b, t, hidden))?, grads)?;
+    let dx = model.backward(&tape, &dh.reshape((b, full, hidden))?, grads)?; // (B, n + T, hidden)
+    if let Some(v) = &model.virtual_tokens {
+        grads.add(&v.key, dx.narrow(1, 0, n)?.sum(0)?)?; // every sequence shares the table
+    }
+    let d_embeds = dx.narrow(1, n, t)?;
     Ok(MicroStep {
         loss_sum,
         tokens,
@@ -83,7 +97,11 @@ pub fn micro_batch_backward(
 
 /// Trainable tensors currently attached to the model's linear layers, by PEFT key.
 pub fn trainable_params(model: &mut Model) -> Vec<(String, Tensor)> {
-    let mut out = Vec::new();
+    let mut out: Vec<(String, Tensor)> = model
+        .virtual_tokens
+        .iter()
+        .map(|v| (v.key.clone(), v.table.clone()))
+        .collect();
     for (_, lin) in model.linears_mut() {
         if let Some(a) = &lin.adapter {
             out.extend(a.params());
@@ -94,8 +112,15 @@ pub fn trainable_params(model: &mut Model) -> Vec<(String, Tensor)> {
 
 /// Writes updated tensors back into their adapters.
 pub fn set_params(model: &mut Model, updates: Vec<(String, Tensor)>) -> Result<()> {
-    let mut linears = model.linears_mut();
+    let virtual_key = model.virtual_tokens.as_ref().map(|v| v.key.clone());
     for (key, value) in updates {
+        if Some(&key) == virtual_key.as_ref() {
+            if let Some(v) = model.virtual_tokens.as_mut() {
+                v.table = value;
+            }
+            continue;
+        }
+        let mut linears = model.linears_mut();
         let mut done = false;
         for (_, lin) in linears.iter_mut() {
             if let Some(a) = lin.adapter.as_mut() {

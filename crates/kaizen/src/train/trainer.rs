@@ -21,7 +21,7 @@ use serde_json::json;
 use super::optim::{clip_grad_norm, Optimizer, OptimizerKind};
 use super::schedule::Schedule;
 use super::{
-    label_count, micro_batch_backward, set_params, shifted_targets, trainable_params, Batch,
+    label_count, micro_batch_backward, set_params, targets_after_virtual, trainable_params, Batch,
 };
 use crate::checkpoint::adapter::{write_atomic, write_safetensors};
 use crate::nn::loss::{token_nll, IGNORE_INDEX};
@@ -128,7 +128,8 @@ pub fn train(
             })
             .collect();
         // 2. Loss and backward: token-weighted mean over the whole step.
-        let tokens: usize = micro.iter().map(label_count).sum();
+        let n_virtual = model.num_virtual_tokens();
+        let tokens: usize = micro.iter().map(|b| label_count(b, n_virtual)).sum();
         if tokens == 0 {
             return Err(Error::Input(format!(
                 "step {}: the batches hold no label tokens",
@@ -211,8 +212,9 @@ pub fn evaluate(
     for chunk in examples.chunks(batch_size.max(1)) {
         let b = collate(&chunk.iter().collect::<Vec<_>>(), pad_id);
         let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &Device::Cpu)?;
-        let h = model.forward_hidden(&model.embed(&ids)?, None)?; // (B, T, hidden)
-        let targets = shifted_targets(&b);
+        let (x, n) = model.embed_input(&ids, true)?;
+        let h = model.forward_hidden(&x, None)?; // (B, n + T, hidden)
+        let targets = targets_after_virtual(&b, n);
         let rows: Vec<u32> = (0..targets.len())
             .filter(|&i| targets[i] != IGNORE_INDEX)
             .map(|i| i as u32)
@@ -222,7 +224,7 @@ pub fn evaluate(
         }
         // The LM head only on scored rows: prompts can be most of a sequence.
         let h = h
-            .reshape((b.batch_size * b.seq_len, h.dim(2)?))?
+            .reshape((b.batch_size * (n + b.seq_len), h.dim(2)?))?
             .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
         let picked = model.lm_head().forward(&h)?; // (rows, V)
         let t: Vec<u32> = rows.iter().map(|&i| targets[i as usize] as u32).collect();

@@ -3,6 +3,7 @@
 
 pub mod ia3;
 pub mod lora;
+pub mod prompt;
 
 use std::path::Path;
 
@@ -23,6 +24,11 @@ pub enum Method {
         targets: Vec<String>,
         feedforward: Vec<String>,
     },
+    PromptTuning {
+        cfg: prompt::PromptTuningConfig,
+        /// adapter_config.json (depends on model dims).
+        json: Value,
+    },
 }
 
 impl Method {
@@ -31,6 +37,7 @@ impl Method {
         match self {
             Method::Lora { .. } => "LORA",
             Method::Ia3 { .. } => "IA3",
+            Method::PromptTuning { .. } => "PROMPT_TUNING",
         }
     }
 
@@ -43,6 +50,7 @@ impl Method {
                 targets,
                 feedforward,
             } => cfg.to_json(targets, feedforward),
+            Method::PromptTuning { json, .. } => json.clone(),
         }
     }
 
@@ -97,15 +105,40 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
                 feedforward,
             }
         }
+        "PROMPT_TUNING" => {
+            let cfg = prompt::PromptTuningConfig::from_json(&config)
+                .map_err(|m| Error::config(&cfg_path, m))?;
+            let mut weights = weights;
+            let table = weights.remove(prompt::KEY).ok_or_else(|| {
+                Error::Input(format!(
+                    "{}: the adapter has no \"{}\" tensor",
+                    dir.display(),
+                    prompt::KEY
+                ))
+            })?;
+            if let Some(k) = weights.keys().next() {
+                return Err(Error::Input(format!(
+                    "{}: unexpected tensor \"{k}\" in a prompt-tuning adapter",
+                    dir.display()
+                )));
+            }
+            prompt::attach(model, &cfg, Some(table), None, 0)
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            let json = cfg.to_json(model);
+            Method::PromptTuning { cfg, json }
+        }
         other => {
             return Err(Error::config(
                 &cfg_path,
-                format!("peft_type \"{other}\" is not supported (supported: LORA, IA3)"),
+                format!(
+                    "peft_type \"{other}\" is not supported (supported: LORA, IA3, PROMPT_TUNING)"
+                ),
             ))
         }
     };
     let targets = match &method {
         Method::Lora { targets, .. } | Method::Ia3 { targets, .. } => targets.clone(),
+        Method::PromptTuning { .. } => vec![],
     };
     Ok(AdapterInfo {
         method,
@@ -118,6 +151,11 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
 /// Folds every adapter into its base weight and bias and removes it (LoRA `W += scale * B A`,
 /// IA3 scalings, ...).
 pub fn merge(model: &mut Model) -> Result<usize> {
+    if model.virtual_tokens.is_some() {
+        return Err(Error::Input(
+            "virtual-token adapters (prompt tuning, P-tuning) add inputs rather than change weights, so they cannot be merged; use --adapter instead".into(),
+        ));
+    }
     let mut n = 0;
     for (path, lin) in model.linears_mut() {
         if let Some(a) = lin.adapter.take() {
