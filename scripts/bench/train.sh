@@ -120,6 +120,8 @@ print(f"kaizen / pytorch f32 tokens/s: {k['tokens_per_sec'] / t['tokens_per_sec'
 fmt = lambda xs: " ".join(f"{x:.4f}" for x in xs)
 for r in (k, t, tb):
     print(f"{r['impl']:>8} {r['dtype']:>4} loss: {fmt(r['losses'])}")
+for r in (k, t, tb):
+    print(f"{r['impl']:>8} {r['dtype']:>4} s/step: {' '.join(f'{x:.2f}' for x in r['step_seconds'])}")
 print(f"pytorch versions: torch {t['torch']}, transformers {t['transformers']}, peft {t['peft']}, "
       f"attention {t['attn_implementation']}; pytorch load peak RSS {t['load_peak_rss_mb']:.0f} MB (f32), "
       f"{tb['load_peak_rss_mb']:.0f} MB (bf16)")
