@@ -3,6 +3,9 @@
 //! two-micro-batch optimizer step, the gradient of every adapter tensor and of the input
 //! embeddings, merged logits, and three AdamW / SGD steps all match within 1e-4 relative error.
 
+mod common;
+use common::rel_err;
+
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
@@ -15,25 +18,6 @@ const TOL: f64 = 1e-4;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    diff / scale
 }
 
 struct Fixture {

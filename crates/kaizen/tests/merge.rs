@@ -5,6 +5,9 @@
 //! nothing behind. (scripts/fixtures/check_merged.py checks the same directories with
 //! transformers: tests/fixtures/merge_crosscheck.json.)
 
+mod common;
+use common::rel_err;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -33,19 +36,6 @@ fn adapter_path(name: &str) -> PathBuf {
 
 fn texts() -> Vec<String> {
     kaizen_data::jsonl::read_texts(&root().join("tests/fixtures/lora/eval.jsonl")).unwrap()
-}
-
-/// max |a - b| / max |b|
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let max = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64
-    };
-    max(&(a - b).unwrap()) / max(b)
 }
 
 fn load(path: &Path, adapter: Option<&Path>) -> Loaded {

@@ -2,9 +2,12 @@
 //! scripts/fixtures/gen_models.py): token ids exact, logits and losses within 1e-4 relative
 //! error in f32, greedy continuations exact (cached decoding against uncached reference).
 
+mod common;
+use common::rel_err;
+
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use kaizen::generate::{generate, GenerateConfig};
 use serde_json::Value;
 
@@ -15,25 +18,6 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/models")
         .join(name)
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff as f64 / scale as f64
 }
 
 fn ids(v: &Value) -> Vec<u32> {
