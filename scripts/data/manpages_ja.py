@@ -49,7 +49,11 @@ def find_deb(cache: Path) -> Path:
     if not debs:
         print(f"no manpages-ja .deb in {cache}; running apt-get download manpages-ja", file=sys.stderr)
         cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["apt-get", "download", "manpages-ja"], cwd=cache, check=True)
+        if subprocess.run(["apt-get", "download", "manpages-ja"], cwd=cache).returncode != 0:
+            # A fresh machine may have no package lists yet.
+            print("apt-get download failed; running apt-get update and trying again", file=sys.stderr)
+            subprocess.run(["apt-get", "update"], check=True)
+            subprocess.run(["apt-get", "download", "manpages-ja"], cwd=cache, check=True)
         debs = sorted(cache.glob("manpages-ja_*.deb"))
     if not debs:
         sys.exit(f"apt-get download left no manpages-ja_*.deb in {cache}")
