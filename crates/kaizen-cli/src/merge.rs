@@ -42,7 +42,7 @@ pub fn merge(a: MergeArgs) -> Result<()> {
                 src.display()
             )
         })?;
-        merged = format!(" with {} merged into {n} layers", info.peft_type);
+        merged = format!(" with {} merged into {} layers", info.peft_type, n.len());
     }
     let out = export::write_hf_dir(&mut m.model, &m.tokenizer, src, &a.out, a.overwrite)
         .with_context(|| format!("cannot write {}", a.out.display()))?;

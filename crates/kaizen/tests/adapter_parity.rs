@@ -135,7 +135,7 @@ fn check_logits_and_merge(fixture: &str, model: &str) {
     let err = rel_err(&logits, &f.tensors["logits.0"]);
     assert!(err <= TOL, "{name}: adapter logits: relative error {err:e}");
     let merged = kaizen::tuners::merge(&mut f.model).unwrap();
-    assert!(merged > 0);
+    assert!(!merged.is_empty());
     let logits = f.model.forward(&ids, None).unwrap();
     // PEFT's merged logits where recorded; else merging must reproduce the unmerged logits.
     let want = f
@@ -144,6 +144,18 @@ fn check_logits_and_merge(fixture: &str, model: &str) {
         .unwrap_or(&f.tensors["logits.0"]);
     let err = rel_err(&logits, want);
     assert!(err <= TOL, "{name}: merged logits: relative error {err:e}");
+    // Unmerge restores the adapter, unmerged: the unmerged logits again.
+    kaizen::tuners::unmerge(&mut f.model, merged).unwrap();
+    let logits = f.model.forward(&ids, None).unwrap();
+    let err = rel_err(&logits, &f.tensors["logits.0"]);
+    assert!(
+        err <= TOL,
+        "{name}: logits after unmerge: relative error {err:e}"
+    );
+    assert!(
+        !kaizen::train::trainable_params(&mut f.model).is_empty(),
+        "{name}: adapter back after unmerge"
+    );
 }
 
 fn check_optimizer(fixture: &str, model: &str, kind: OptimizerKind, lr: f64, prefix: &str) {

@@ -7,9 +7,11 @@ pub mod prompt;
 
 use std::path::Path;
 
+use candle_core::Tensor;
 use serde_json::Value;
 
 use crate::checkpoint::adapter;
+use crate::nn::LinearAdapter;
 use crate::{Error, Model, Result};
 
 /// A PEFT method with its resolved configuration: what `adapter_config.json` describes.
@@ -148,31 +150,80 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
     })
 }
 
-/// Folds every adapter into its base weight and bias and removes it (LoRA `W += scale * B A`,
-/// IA3 scalings, ...).
-pub fn merge(model: &mut Model) -> Result<usize> {
+/// What [`merge`] took out of the model, so [`unmerge`] can put it back exactly.
+pub struct Merged {
+    layers: Vec<MergedLayer>,
+}
+
+struct MergedLayer {
+    path: String,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    adapter: Box<dyn LinearAdapter>,
+}
+
+impl Merged {
+    /// Number of layers that were merged.
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+}
+
+/// Folds every adapter into its base weight and bias (LoRA `W += scale * B A`, IA3 scalings)
+/// and removes it: zero added inference latency. All-or-nothing: if one layer cannot merge,
+/// the model is left unchanged.
+pub fn merge(model: &mut Model) -> Result<Merged> {
     if model.virtual_tokens.is_some() {
         return Err(Error::Input(
             "virtual-token adapters (prompt tuning, P-tuning) add inputs rather than change weights, so they cannot be merged; use --adapter instead".into(),
         ));
     }
-    let mut n = 0;
+    let mut folded = Vec::new();
     for (path, lin) in model.linears_mut() {
-        if let Some(a) = lin.adapter.take() {
-            match a.merged(lin)? {
-                Some((w, b)) => {
-                    lin.weight = w;
-                    lin.bias = b;
-                    n += 1;
-                }
-                None => {
-                    lin.adapter = Some(a);
-                    return Err(Error::Input(format!(
-                        "the adapter on {path} cannot be merged into the weights"
-                    )));
-                }
-            }
+        if let Some(a) = &lin.adapter {
+            let wb = a.merged(lin)?.ok_or_else(|| {
+                Error::Input(format!(
+                    "the adapter on {path} cannot be merged into the weights"
+                ))
+            })?;
+            folded.push((path, wb));
         }
     }
-    Ok(n)
+    let mut layers = Vec::with_capacity(folded.len());
+    let mut linears = model.linears_mut();
+    for (path, (w, b)) in folded {
+        let (_, lin) = linears
+            .iter_mut()
+            .find(|(p, _)| *p == path)
+            .expect("path from this model");
+        let adapter = lin.adapter.take().expect("checked above");
+        let weight = std::mem::replace(&mut lin.weight, w);
+        let bias = std::mem::replace(&mut lin.bias, b);
+        layers.push(MergedLayer {
+            path,
+            weight,
+            bias,
+            adapter,
+        });
+    }
+    Ok(Merged { layers })
+}
+
+/// Undoes [`merge`]: restores the original weights and re-attaches the adapters unmerged.
+pub fn unmerge(model: &mut Model, merged: Merged) -> Result<()> {
+    let mut linears = model.linears_mut();
+    for l in merged.layers {
+        let (_, lin) = linears
+            .iter_mut()
+            .find(|(p, _)| *p == l.path)
+            .ok_or_else(|| Error::Input(format!("unmerge: no layer {} in this model", l.path)))?;
+        lin.weight = l.weight;
+        lin.bias = l.bias;
+        lin.adapter = Some(l.adapter);
+    }
+    Ok(())
 }
