@@ -451,10 +451,11 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         "trained {} steps: final train loss {:.4}{}, {:.0} tokens/s; adapter written to {}",
         summary.steps,
         summary.final_loss,
-        summary
-            .eval_loss
-            .map(|l| format!(", eval loss {l:.4}"))
-            .unwrap_or_default(),
+        match (summary.initial_eval_loss, summary.eval_loss) {
+            (Some(a), Some(b)) => format!(", held-out loss {a:.4} -> {b:.4}"),
+            (None, Some(b)) => format!(", held-out loss {b:.4}"),
+            _ => String::new(),
+        },
         summary.tokens_per_sec,
         out.display()
     );
