@@ -1407,3 +1407,133 @@ fn max_len_beyond_the_context_warns_and_runs() {
     );
     assert_eq!(step_lines(&out).len(), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// other methods: IA3 and prompt tuning
+
+/// IA3 and prompt tuning train, lower the held-out loss, write PEFT files of their own type, and
+/// serve `eval` / `generate` through `--adapter`; IA3 merges, prompt tuning refuses to.
+#[test]
+fn ia3_and_prompt_tuning_train_evaluate_generate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
+    let cases: [(&str, &[&str], &str, &str); 2] = [
+        ("ia3", &["--method", "ia3"], "IA3", ".ia3_l"),
+        (
+            "prompt",
+            &["--method", "prompt", "--num-virtual-tokens", "3"],
+            "PROMPT_TUNING",
+            "prompt_embeddings",
+        ),
+    ];
+    for (name, flags, peft_type, key) in cases {
+        let out = tmp.path().join(name);
+        let mut extra = vec![
+            "--max-steps",
+            "8",
+            "--batch-size",
+            "4",
+            "--lr",
+            "5e-2",
+            "--val-split",
+            "0.25",
+        ];
+        extra.extend(flags);
+        let stdout = train_ok(LLAMA, &data, &out, &extra);
+        assert!(stdout.contains("held-out loss"), "{name}: {stdout}");
+        let cfg = read_json(&out.join("adapter_config.json"));
+        assert_eq!(cfg["peft_type"], peft_type, "{name}");
+        let evals: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter_map(|v| v["eval_loss"].as_f64())
+            .collect();
+        assert!(
+            evals.last().unwrap() < &evals[0],
+            "{name}: held-out loss did not drop: {evals:?}"
+        );
+        let header = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+        assert!(
+            String::from_utf8_lossy(&header[..200.min(header.len())]).contains(key),
+            "{name}: no {key} tensor"
+        );
+        let model = s(&model_path(LLAMA));
+        let adapter = s(&out);
+        kaizen([
+            "eval",
+            "--model",
+            &model,
+            "--adapter",
+            &adapter,
+            "--data",
+            &s(&data),
+            "--json",
+        ])
+        .ok();
+        kaizen([
+            "generate",
+            "--model",
+            &model,
+            "--adapter",
+            &adapter,
+            "--prompt",
+            "the cat",
+            "--greedy",
+            "--max-new-tokens",
+            "3",
+        ])
+        .ok();
+        let merged = s(&tmp.path().join(format!("{name}-merged")));
+        let run = kaizen([
+            "merge",
+            "--model",
+            &model,
+            "--adapter",
+            &adapter,
+            "--out",
+            &merged,
+        ]);
+        if name == "ia3" {
+            run.ok();
+        } else {
+            assert_mentions(&run.fails(), &["cannot be merged"]);
+        }
+    }
+}
+
+#[test]
+fn zero_virtual_tokens() {
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--method", "prompt", "--num-virtual-tokens", "0"],
+        &["num_virtual_tokens", "0"],
+    );
+}
+
+#[test]
+fn lora_flags_with_other_methods() {
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--method", "ia3", "--r", "4"],
+        &["--r", "lora"],
+    );
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--method", "lora", "--num-virtual-tokens", "4"],
+        &["--num-virtual-tokens", "prompt"],
+    );
+}
+
+#[test]
+fn text_init_without_text() {
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--method", "prompt", "--prompt-tuning-init", "text"],
+        &["--prompt-tuning-init-text"],
+    );
+}
