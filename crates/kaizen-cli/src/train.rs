@@ -266,7 +266,13 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             if a.r.is_some() || a.lora_alpha.is_some() || a.target_modules.is_some() {
                 bail!("--init-adapter takes its method and config from {}/adapter_config.json; drop --r, --lora-alpha and --target-modules", dir.display());
             }
-            kaizen::tuners::load_adapter(&mut loaded.model, dir)?.method
+            match kaizen::tuners::load_adapter(&mut loaded.model, dir)?.method {
+                Method::PTuningInference { .. } => bail!(
+                    "{}: a P-tuning adapter as PEFT saves it holds only the prompt encoder's output, not its weights, so it can be used for inference (--adapter) but not trained further",
+                    dir.display()
+                ),
+                m => m,
+            }
         }
         None if method_name == "prompt" => {
             let n = a.num_virtual_tokens.unwrap_or(20);

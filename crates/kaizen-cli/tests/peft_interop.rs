@@ -76,7 +76,7 @@ fn kaizen(args: &[&str]) -> Value {
 /// the virtual tokens computed once) as PEFT computed them.
 #[test]
 fn peft_ia3_and_prompt_adapters_eval_and_generate_as_in_peft() {
-    for (method, m) in ["ia3", "prompt_tuning"]
+    for (method, m) in ["ia3", "prompt_tuning", "p_tuning"]
         .iter()
         .flat_map(|me| ["neox-seq-spiece", "neox-par-bpe", "llama-gqa-tied"].map(|m| (*me, m)))
     {

@@ -1537,3 +1537,14 @@ fn text_init_without_text() {
         &["--prompt-tuning-init-text"],
     );
 }
+
+#[test]
+fn peft_p_tuning_file_is_inference_only() {
+    let adapter = s(&repo_root().join("tests/fixtures/peft/p_tuning/llama-gqa-tied/adapter"));
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--init-adapter", &adapter],
+        &["P-tuning", "inference"],
+    );
+}

@@ -245,6 +245,96 @@ prompt_suite! {
     prompt_llama_gqa_tied => ("peft/prompt_tuning/llama-gqa-tied", "llama-gqa-tied"),
 }
 
+/// P-tuning: PEFT's file holds only the encoder output (inference); training starts from the
+/// encoder weights the fixture records as `init.*`.
+fn load_p_tuning(fixture: &str, model: &str) -> Fixture {
+    use kaizen::models::TokenEncoder;
+    let mut f = load(fixture, model);
+    let init: std::collections::BTreeMap<String, Tensor> = f
+        .tensors
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("init.").map(|k| (k.to_string(), v.clone())))
+        .collect();
+    let enc = kaizen::tuners::prompt::p_tuning::MlpEncoder::from_weights(&init).unwrap();
+    let v = f.model.virtual_tokens.as_mut().unwrap();
+    let err = rel_err(&enc.forward().unwrap(), &v.table);
+    assert!(
+        err <= TOL,
+        "{fixture}: encoder output vs the saved prompt_embeddings: {err:e}"
+    );
+    v.table = enc.forward().unwrap();
+    v.encoder = Some(Box::new(enc));
+    f
+}
+
+fn check_p_tuning(fixture: &str, model: &str) {
+    let mut f = load_p_tuning(fixture, model);
+    let mut grads = Grads::new();
+    let (loss, _) = step(&f, &mut grads);
+    let want = f.reference["loss"].as_f64().unwrap();
+    assert!(
+        (loss - want).abs() / want <= TOL,
+        "{fixture}: loss {loss} vs {want}"
+    );
+    assert_eq!(grads.len(), 7, "{fixture}: one gradient per encoder tensor");
+    for (key, g) in grads.iter() {
+        let err = rel_err(g, &f.tensors[&format!("grad.{key}")]);
+        assert!(
+            err <= TOL,
+            "{fixture}: gradient of {key}: relative error {err:e}"
+        );
+    }
+    let mut opt = Optimizer::new(OptimizerKind::adamw());
+    let want: Vec<f64> = f.reference["step_losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    for (i, w) in want.iter().enumerate() {
+        let mut grads = Grads::new();
+        let (loss, _) = step(&f, &mut grads);
+        assert!(
+            (loss - w).abs() / w <= TOL,
+            "{fixture} step {i}: {loss} vs {w}"
+        );
+        clip_grad_norm(&mut grads, 1.0).unwrap();
+        let updated = opt
+            .update(&trainable_params(&mut f.model), &grads, 1e-2)
+            .unwrap();
+        set_params(&mut f.model, updated).unwrap();
+    }
+    for (k, v) in trainable_params(&mut f.model) {
+        let err = rel_err(&v, &f.tensors[&format!("after.{k}")]);
+        assert!(
+            err <= TOL,
+            "{fixture}: {k} after 3 steps: relative error {err:e}"
+        );
+    }
+    let table = &f.model.virtual_tokens.as_ref().unwrap().table;
+    let err = rel_err(table, &f.tensors["after.prompt_embeddings"]);
+    assert!(
+        err <= TOL,
+        "{fixture}: virtual tokens after 3 steps: relative error {err:e}"
+    );
+}
+
+macro_rules! p_tuning_suite {
+    ($($test:ident => ($fixture:literal, $model:literal)),* $(,)?) => {$(
+        mod $test {
+            use super::*;
+            #[test] fn gradients_and_adamw_steps() { check_p_tuning($fixture, $model) }
+            #[test] fn logits_from_the_saved_output() { check_prompt_logits($fixture, $model) }
+        }
+    )*};
+}
+
+p_tuning_suite! {
+    p_tuning_neox_seq_spiece => ("peft/p_tuning/neox-seq-spiece", "neox-seq-spiece"),
+    p_tuning_neox_par_bpe => ("peft/p_tuning/neox-par-bpe", "neox-par-bpe"),
+    p_tuning_llama_gqa_tied => ("peft/p_tuning/llama-gqa-tied", "llama-gqa-tied"),
+}
+
 /// IA3 fixtures record AdamW steps only.
 macro_rules! ia3_suite {
     ($($test:ident => ($fixture:literal, $model:literal)),* $(,)?) => {$(

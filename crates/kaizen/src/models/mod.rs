@@ -28,12 +28,25 @@ pub struct Model {
     pub virtual_tokens: Option<VirtualTokens>,
 }
 
-/// Embeddings of `n` virtual tokens, trained under a PEFT key (`prompt_embeddings`).
-#[derive(Debug, Clone)]
+/// Embeddings of `n` virtual tokens, saved under a PEFT key (`prompt_embeddings`). Trained
+/// directly (prompt tuning) or produced by a trainable `encoder` (P-tuning).
+#[derive(Debug)]
 pub struct VirtualTokens {
     pub key: String,
-    /// (n, hidden)
+    /// (n, hidden); the encoder's output when there is an encoder.
     pub table: Tensor,
+    pub encoder: Option<Box<dyn TokenEncoder>>,
+}
+
+/// A trainable network whose output is the virtual-token table (P-tuning's prompt encoder).
+pub trait TokenEncoder: std::fmt::Debug + Send + Sync {
+    /// The table (n, hidden).
+    fn forward(&self) -> Result<Tensor>;
+    /// Accumulates the encoder's gradients given the table's gradient (n, hidden).
+    fn backward(&self, d_table: &Tensor, grads: &mut Grads) -> Result<()>;
+    fn params(&self) -> Vec<(String, Tensor)>;
+    /// Replaces a parameter; false if the key is not the encoder's.
+    fn set_param(&mut self, key: &str, value: Tensor) -> Result<bool>;
 }
 
 impl Model {

@@ -8,6 +8,7 @@ pub mod trainer;
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 
+use crate::models::VirtualTokens;
 use crate::nn::loss::{head_loss_backward, IGNORE_INDEX};
 use crate::nn::Grads;
 use crate::{Error, Model, Result};
@@ -85,7 +86,11 @@ pub fn micro_batch_backward(
     )?;
     let dx = model.backward(&tape, &dh.reshape((b, full, hidden))?, grads)?; // (B, n + T, hidden)
     if let Some(v) = &model.virtual_tokens {
-        grads.add(&v.key, dx.narrow(1, 0, n)?.sum(0)?)?; // every sequence shares the table
+        let d_table = dx.narrow(1, 0, n)?.sum(0)?; // every sequence shares the table
+        match &v.encoder {
+            Some(e) => e.backward(&d_table, grads)?,
+            None => grads.add(&v.key, d_table)?,
+        }
     }
     let d_embeds = dx.narrow(1, n, t)?;
     Ok(MicroStep {
@@ -97,11 +102,13 @@ pub fn micro_batch_backward(
 
 /// Trainable tensors currently attached to the model's linear layers, by PEFT key.
 pub fn trainable_params(model: &mut Model) -> Vec<(String, Tensor)> {
-    let mut out: Vec<(String, Tensor)> = model
-        .virtual_tokens
-        .iter()
-        .map(|v| (v.key.clone(), v.table.clone()))
-        .collect();
+    let mut out: Vec<(String, Tensor)> = match &model.virtual_tokens {
+        Some(VirtualTokens {
+            encoder: Some(e), ..
+        }) => e.params(),
+        Some(v) => vec![(v.key.clone(), v.table.clone())],
+        None => vec![],
+    };
     for (_, lin) in model.linears_mut() {
         if let Some(a) = &lin.adapter {
             out.extend(a.params());
@@ -114,11 +121,17 @@ pub fn trainable_params(model: &mut Model) -> Vec<(String, Tensor)> {
 pub fn set_params(model: &mut Model, updates: Vec<(String, Tensor)>) -> Result<()> {
     let virtual_key = model.virtual_tokens.as_ref().map(|v| v.key.clone());
     for (key, value) in updates {
-        if Some(&key) == virtual_key.as_ref() {
-            if let Some(v) = model.virtual_tokens.as_mut() {
+        if let Some(v) = model.virtual_tokens.as_mut() {
+            if Some(&key) == virtual_key.as_ref() && v.encoder.is_none() {
                 v.table = value;
+                continue;
             }
-            continue;
+            if let Some(e) = v.encoder.as_mut() {
+                if e.set_param(&key, value.clone())? {
+                    v.table = e.forward()?;
+                    continue;
+                }
+            }
         }
         let mut linears = model.linears_mut();
         let mut done = false;

@@ -31,6 +31,8 @@ pub enum Method {
         /// adapter_config.json (depends on model dims).
         json: Value,
     },
+    /// A P-tuning adapter as PEFT saves it: only the encoder's output, so inference only.
+    PTuningInference { json: Value },
 }
 
 impl Method {
@@ -40,6 +42,7 @@ impl Method {
             Method::Lora { .. } => "LORA",
             Method::Ia3 { .. } => "IA3",
             Method::PromptTuning { .. } => "PROMPT_TUNING",
+            Method::PTuningInference { .. } => "P_TUNING",
         }
     }
 
@@ -52,7 +55,7 @@ impl Method {
                 targets,
                 feedforward,
             } => cfg.to_json(targets, feedforward),
-            Method::PromptTuning { json, .. } => json.clone(),
+            Method::PromptTuning { json, .. } | Method::PTuningInference { json } => json.clone(),
         }
     }
 
@@ -129,18 +132,31 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
             let json = cfg.to_json(model);
             Method::PromptTuning { cfg, json }
         }
+        "P_TUNING" => {
+            // PEFT saves the encoder's output as "prompt_embeddings": the same table as prompt
+            // tuning at inference time.
+            let cfg = prompt::PromptTuningConfig::from_json(&config)
+                .map_err(|m| Error::config(&cfg_path, m))?;
+            let mut weights = weights;
+            let table = weights.remove(prompt::KEY).ok_or_else(|| {
+                Error::Input(format!("{}: the adapter has no \"{}\" tensor", dir.display(), prompt::KEY))
+            })?;
+            prompt::attach(model, &cfg, Some(table), None, 0)
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            Method::PTuningInference { json: Value::Object(config.clone()) }
+        }
         other => {
             return Err(Error::config(
                 &cfg_path,
                 format!(
-                    "peft_type \"{other}\" is not supported (supported: LORA, IA3, PROMPT_TUNING)"
+                    "peft_type \"{other}\" is not supported (supported: LORA, IA3, PROMPT_TUNING, P_TUNING for inference)"
                 ),
             ))
         }
     };
     let targets = match &method {
         Method::Lora { targets, .. } | Method::Ia3 { targets, .. } => targets.clone(),
-        Method::PromptTuning { .. } => vec![],
+        Method::PromptTuning { .. } | Method::PTuningInference { .. } => vec![],
     };
     Ok(AdapterInfo {
         method,

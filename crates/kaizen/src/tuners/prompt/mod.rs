@@ -4,6 +4,8 @@
 //! real tokens take positions n, n+1, ... (PEFT passes no position ids). Saved as one tensor,
 //! `prompt_embeddings` (n, hidden).
 
+pub mod p_tuning;
+
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -133,6 +135,7 @@ pub fn attach(
     model.virtual_tokens = Some(VirtualTokens {
         key: KEY.into(),
         table,
+        encoder: None,
     });
     Ok(())
 }
