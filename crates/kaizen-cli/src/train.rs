@@ -13,7 +13,7 @@ use kaizen::train::schedule::Schedule;
 use kaizen::train::trainer::{self, Event, TrainConfig, TrainData};
 use kaizen::tuners::ia3::{self, Ia3Config};
 use kaizen::tuners::lora::{self, LoraConfig};
-use kaizen::tuners::prompt::{self, PromptInit, PromptTuningConfig};
+use kaizen::tuners::prompt::{self, p_tuning, PromptInit, PromptTuningConfig};
 use kaizen::tuners::Method;
 use kaizen_data::{load_dataset, pack, split_validation, DataOptions, Template};
 use serde::{Deserialize, Serialize};
@@ -35,7 +35,7 @@ pub struct TrainArgs {
     /// Output directory: adapter, metrics.jsonl, loss.png, run.json, checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PEFT method: lora, ia3 or prompt.
+    /// PEFT method: lora, ia3, prompt or p-tuning.
     #[arg(long)]
     pub method: Option<String>,
     /// LoRA rank (default 8).
@@ -52,6 +52,9 @@ pub struct TrainArgs {
     /// Prompt tuning: number of virtual tokens (default 20).
     #[arg(long)]
     pub num_virtual_tokens: Option<usize>,
+    /// P-tuning: hidden size of the MLP prompt encoder (default: the model's hidden size).
+    #[arg(long)]
+    pub encoder_hidden_size: Option<usize>,
     /// Prompt tuning: random (default), text or sample_vocab.
     #[arg(long)]
     pub prompt_tuning_init: Option<String>,
@@ -172,7 +175,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, prompt_tuning_init, prompt_tuning_init_text, use_rslora,
+        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, prompt_tuning_init, prompt_tuning_init_text, use_rslora,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
     }
@@ -180,19 +183,15 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     let data_path = a.data.clone().context("--data is required")?;
     let out = a.out.clone().context("--out is required")?;
     let method_name = a.method.clone().unwrap_or_else(|| "lora".into());
-    if !["lora", "ia3", "prompt"].contains(&method_name.as_str()) {
-        bail!("--method {method_name}: unknown method (available: lora, ia3, prompt)");
+    if !["lora", "ia3", "prompt", "p-tuning"].contains(&method_name.as_str()) {
+        bail!("--method {method_name}: unknown method (available: lora, ia3, prompt, p-tuning)");
     }
     let flags_of = [
         ("--r", a.r.is_some(), "lora"),
         ("--lora-alpha", a.lora_alpha.is_some(), "lora"),
         ("--lora-dropout", a.lora_dropout.is_some(), "lora"),
         ("--use-rslora", a.use_rslora.is_some(), "lora"),
-        (
-            "--target-modules",
-            a.target_modules.is_some() && method_name == "prompt",
-            "lora, ia3",
-        ),
+        ("--target-modules", a.target_modules.is_some(), "lora, ia3"),
         (
             "--feedforward-modules",
             a.feedforward_modules.is_some(),
@@ -201,7 +200,12 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         (
             "--num-virtual-tokens",
             a.num_virtual_tokens.is_some(),
-            "prompt",
+            "prompt, p-tuning",
+        ),
+        (
+            "--encoder-hidden-size",
+            a.encoder_hidden_size.is_some(),
+            "p-tuning",
         ),
         (
             "--prompt-tuning-init",
@@ -296,6 +300,23 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             prompt::attach(&mut loaded.model, &cfg, None, Some(&loaded.tokenizer), seed)?;
             let json = cfg.to_json(&loaded.model);
             Method::PromptTuning { cfg, json }
+        }
+        None if method_name == "p-tuning" => {
+            let n = a.num_virtual_tokens.unwrap_or(20);
+            let hidden = loaded.model.config().hidden_size;
+            let enc_hidden = a.encoder_hidden_size.unwrap_or(hidden);
+            if n == 0 || enc_hidden == 0 {
+                bail!("--num-virtual-tokens and --encoder-hidden-size must be at least 1");
+            }
+            let enc = p_tuning::new_encoder(n, hidden, enc_hidden, seed)?;
+            p_tuning::set_encoder(&mut loaded.model, enc)?;
+            let json = p_tuning::config_json(
+                &loaded.model,
+                n,
+                enc_hidden,
+                Some(model_path.display().to_string()),
+            );
+            Method::PTuning { json }
         }
         None if method_name == "ia3" => {
             if a.r.is_some()

@@ -21,8 +21,8 @@ fn kaizen_adapters_score_as_in_python_peft() {
     let models = record.as_object().unwrap();
     assert_eq!(
         models.len(),
-        8,
-        "LoRA on each HF fixture model, IA3 and prompt tuning on two"
+        9,
+        "LoRA on each HF fixture model, IA3 and prompt tuning on two, P-tuning on one"
     );
     for (name, r) in models {
         let model = r["model"].as_str().unwrap();

@@ -1417,7 +1417,20 @@ fn max_len_beyond_the_context_warns_and_runs() {
 fn ia3_and_prompt_tuning_train_evaluate_generate() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
-    let cases: [(&str, &[&str], &str, &str); 2] = [
+    let cases: [(&str, &[&str], &str, &str); 3] = [
+        (
+            "p-tuning",
+            &[
+                "--method",
+                "p-tuning",
+                "--num-virtual-tokens",
+                "3",
+                "--encoder-hidden-size",
+                "8",
+            ],
+            "P_TUNING",
+            "prompt_embeddings",
+        ),
         ("ia3", &["--method", "ia3"], "IA3", ".ia3_l"),
         (
             "prompt",

@@ -364,7 +364,15 @@ fn save_checkpoint(
 
 /// Restores adapter tensors and optimizer state; returns the step to continue from.
 fn load_checkpoint(model: &mut Model, opt: &mut Optimizer, dir: &Path) -> Result<usize> {
-    let (_, weights) = crate::checkpoint::adapter::read(dir)?;
+    let (_, mut weights) = crate::checkpoint::adapter::read(dir)?;
+    let encoder_file = dir.join(crate::tuners::prompt::p_tuning::ENCODER_FILE);
+    if encoder_file.is_file() {
+        // P-tuning: the trainable tensors are the encoder's; the adapter file holds its output.
+        weights = candle_core::safetensors::load(&encoder_file, &Device::Cpu)
+            .map_err(|e| Error::checkpoint(&encoder_file, crate::error::brief(&e)))?
+            .into_iter()
+            .collect();
+    }
     set_params(model, weights.into_iter().collect())?;
     let state_path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;

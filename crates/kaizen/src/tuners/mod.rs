@@ -33,6 +33,9 @@ pub enum Method {
     },
     /// A P-tuning adapter as PEFT saves it: only the encoder's output, so inference only.
     PTuningInference { json: Value },
+    /// P-tuning with its MLP prompt encoder, trainable; saved as PEFT does (the encoder's output)
+    /// plus the encoder's weights beside it (`prompt_encoder.safetensors`) to continue training.
+    PTuning { json: Value },
 }
 
 impl Method {
@@ -42,7 +45,7 @@ impl Method {
             Method::Lora { .. } => "LORA",
             Method::Ia3 { .. } => "IA3",
             Method::PromptTuning { .. } => "PROMPT_TUNING",
-            Method::PTuningInference { .. } => "P_TUNING",
+            Method::PTuningInference { .. } | Method::PTuning { .. } => "P_TUNING",
         }
     }
 
@@ -55,12 +58,26 @@ impl Method {
                 targets,
                 feedforward,
             } => cfg.to_json(targets, feedforward),
-            Method::PromptTuning { json, .. } | Method::PTuningInference { json } => json.clone(),
+            Method::PromptTuning { json, .. }
+            | Method::PTuningInference { json }
+            | Method::PTuning { json } => json.clone(),
         }
     }
 
     /// Writes the model's current adapter tensors and this config as a PEFT adapter directory.
     pub fn save(&self, model: &mut Model, dir: &Path) -> Result<()> {
+        if let (Method::PTuning { .. }, Some(table)) =
+            (self, model.virtual_tokens.as_ref().map(|v| v.table.clone()))
+        {
+            let encoder: std::collections::HashMap<String, Tensor> =
+                crate::train::trainable_params(model).into_iter().collect();
+            adapter::write(
+                dir,
+                &self.config_json(),
+                &[(prompt::KEY.to_string(), table)],
+            )?;
+            return adapter::write_safetensors(&dir.join(prompt::p_tuning::ENCODER_FILE), &encoder);
+        }
         adapter::write(
             dir,
             &self.config_json(),
@@ -143,7 +160,15 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
             })?;
             prompt::attach(model, &cfg, Some(table), None, 0)
                 .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
-            Method::PTuningInference { json: Value::Object(config.clone()) }
+            let json = Value::Object(config.clone());
+            let encoder_file = dir.join(prompt::p_tuning::ENCODER_FILE);
+            if encoder_file.is_file() {
+                // Written by kaizen beside PEFT's file: the encoder can keep training.
+                prompt::p_tuning::attach_encoder(model, &encoder_file)?;
+                Method::PTuning { json }
+            } else {
+                Method::PTuningInference { json }
+            }
         }
         other => {
             return Err(Error::config(
@@ -156,7 +181,9 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
     };
     let targets = match &method {
         Method::Lora { targets, .. } | Method::Ia3 { targets, .. } => targets.clone(),
-        Method::PromptTuning { .. } | Method::PTuningInference { .. } => vec![],
+        Method::PromptTuning { .. } | Method::PTuningInference { .. } | Method::PTuning { .. } => {
+            vec![]
+        }
     };
     Ok(AdapterInfo {
         method,

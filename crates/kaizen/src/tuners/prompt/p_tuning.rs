@@ -7,11 +7,13 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 
-use crate::models::TokenEncoder;
+use crate::models::{Model, TokenEncoder};
 use crate::nn::Grads;
 use crate::{Error, Result};
 
 pub const PREFIX: &str = "prompt_encoder.default.";
+/// kaizen's file beside adapter_model.safetensors holding the encoder's weights.
+pub const ENCODER_FILE: &str = "prompt_encoder.safetensors";
 const NAMES: [&str; 7] = [
     "embedding.weight",
     "mlp_head.0.weight",
@@ -99,4 +101,94 @@ impl TokenEncoder for MlpEncoder {
             None => Ok(false),
         }
     }
+}
+
+/// Loads the encoder weights from `path` and makes them the source of the model's virtual tokens.
+pub fn attach_encoder(model: &mut Model, path: &std::path::Path) -> Result<()> {
+    let w = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .map_err(|e| Error::checkpoint(path, crate::error::brief(&e)))?;
+    let enc = MlpEncoder::from_weights(&w.into_iter().collect())?;
+    set_encoder(model, enc)
+}
+
+/// Makes `enc` the source of the model's virtual tokens (their count must match).
+pub fn set_encoder(model: &mut Model, enc: MlpEncoder) -> Result<()> {
+    let table = enc.forward()?;
+    let n = table.dim(0)?;
+    let hidden = model.config().hidden_size;
+    if table.dims() != [n, hidden] {
+        return Err(Error::Input(format!(
+            "the P-tuning encoder produces {:?}, but the model needs [n, {hidden}]",
+            table.dims()
+        )));
+    }
+    model.virtual_tokens = Some(crate::models::VirtualTokens {
+        key: super::KEY.into(),
+        table,
+        encoder: Some(Box::new(enc)),
+    });
+    Ok(())
+}
+
+/// A new encoder as PEFT initialises one: embedding N(0, 1), linears torch's default
+/// U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
+pub fn new_encoder(n: usize, token_dim: usize, hidden: usize, seed: u64) -> Result<MlpEncoder> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dev = candle_core::Device::Cpu;
+    let mut normal = |k: usize| -> Vec<f32> {
+        (0..k)
+            .map(|_| {
+                let (u1, u2) = (rng.random::<f64>().max(1e-300), rng.random::<f64>());
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+            })
+            .collect()
+    };
+    let emb = Tensor::from_vec(normal(n * token_dim), (n, token_dim), &dev)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+    let mut uniform = |shape: &[usize], fan_in: usize| -> Result<Tensor> {
+        let b = 1.0 / (fan_in as f64).sqrt();
+        let v: Vec<f32> = (0..shape.iter().product())
+            .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * b) as f32)
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &dev)?)
+    };
+    let p = vec![
+        emb,
+        uniform(&[hidden, token_dim], token_dim)?,
+        uniform(&[hidden], token_dim)?,
+        uniform(&[hidden, hidden], hidden)?,
+        uniform(&[hidden], hidden)?,
+        uniform(&[token_dim, hidden], hidden)?,
+        uniform(&[token_dim], hidden)?,
+    ];
+    Ok(MlpEncoder { p })
+}
+
+/// adapter_config.json for a P-tuning (MLP) adapter, as PEFT writes it.
+pub fn config_json(
+    model: &Model,
+    n: usize,
+    encoder_hidden: usize,
+    base: Option<String>,
+) -> serde_json::Value {
+    let c = model.config();
+    serde_json::json!({
+        "auto_mapping": null,
+        "base_model_name_or_path": base,
+        "encoder_dropout": 0.0,
+        "encoder_hidden_size": encoder_hidden,
+        "encoder_num_layers": 2,
+        "encoder_reparameterization_type": "MLP",
+        "inference_mode": true,
+        "modules_to_save": null,
+        "num_attention_heads": c.num_attention_heads,
+        "num_layers": c.num_hidden_layers,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": n,
+        "peft_type": "P_TUNING",
+        "revision": null,
+        "task_type": "CAUSAL_LM",
+        "token_dim": c.hidden_size,
+    })
 }
