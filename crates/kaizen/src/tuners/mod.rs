@@ -2,6 +2,7 @@
 //! cache or the input embeddings; none names an architecture.
 
 pub mod ia3;
+pub mod init;
 pub mod lora;
 pub mod prompt;
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use regex::Regex;
 
 pub use config::{LoraConfig, LoraInit, TargetModules};
@@ -170,21 +170,11 @@ fn init(
     rng: &mut StdRng,
 ) -> Result<(Tensor, Tensor)> {
     let bound = 1.0 / (inp as f64).sqrt();
-    let uniform = |n: usize, rng: &mut StdRng, bound: f64| -> Vec<f32> {
-        (0..n)
-            .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
-            .collect()
-    };
+    let uniform = |n: usize, rng: &mut StdRng, bound: f64| super::init::uniform(n, bound, rng);
     let a = match kind {
         LoraInit::Gaussian => {
             let std = 1.0 / r as f64;
-            (0..r * inp)
-                .map(|_| {
-                    // Box-Muller
-                    let (u1, u2) = (rng.random::<f64>().max(1e-300), rng.random::<f64>());
-                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
-                })
-                .collect()
+            super::init::normal(r * inp, std, rng)
         }
         _ => uniform(r * inp, rng, bound),
     };

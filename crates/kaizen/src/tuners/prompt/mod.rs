@@ -156,12 +156,7 @@ fn init_table(
     };
     match &cfg.init {
         PromptInit::Random => {
-            let v: Vec<f32> = (0..n * hidden)
-                .map(|_| {
-                    let (u1, u2) = (rng.random::<f64>().max(1e-300), rng.random::<f64>());
-                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-                })
-                .collect();
+            let v = super::init::normal(n * hidden, 1.0, &mut rng);
             Ok(Tensor::from_vec(v, (n, hidden), &Device::Cpu)?)
         }
         PromptInit::SampleVocab => {

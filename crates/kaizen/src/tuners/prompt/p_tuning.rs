@@ -133,24 +133,18 @@ pub fn set_encoder(model: &mut Model, enc: MlpEncoder) -> Result<()> {
 /// A new encoder as PEFT initialises one: embedding N(0, 1), linears torch's default
 /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
 pub fn new_encoder(n: usize, token_dim: usize, hidden: usize, seed: u64) -> Result<MlpEncoder> {
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dev = candle_core::Device::Cpu;
-    let mut normal = |k: usize| -> Vec<f32> {
-        (0..k)
-            .map(|_| {
-                let (u1, u2) = (rng.random::<f64>().max(1e-300), rng.random::<f64>());
-                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-            })
-            .collect()
-    };
-    let emb = Tensor::from_vec(normal(n * token_dim), (n, token_dim), &dev)?;
+    let emb = Tensor::from_vec(
+        super::super::init::normal(n * token_dim, 1.0, &mut rng),
+        (n, token_dim),
+        &dev,
+    )?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut uniform = |shape: &[usize], fan_in: usize| -> Result<Tensor> {
         let b = 1.0 / (fan_in as f64).sqrt();
-        let v: Vec<f32> = (0..shape.iter().product())
-            .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * b) as f32)
-            .collect();
+        let v = super::super::init::uniform(shape.iter().product(), b, &mut rng);
         Ok(Tensor::from_vec(v, shape, &dev)?)
     };
     let p = vec![

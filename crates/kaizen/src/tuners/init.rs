@@ -1,0 +1,21 @@
+//! Seeded random initialisations shared by the methods (torch's defaults, drawn with Rust's RNG).
+
+use rand::rngs::StdRng;
+use rand::Rng;
+
+/// `n` draws from N(0, std^2) (Box-Muller).
+pub fn normal(n: usize, std: f64, rng: &mut StdRng) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (rng.random::<f64>().max(1e-300), rng.random::<f64>());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+        })
+        .collect()
+}
+
+/// `n` draws from U(-bound, bound): torch's Kaiming-uniform(a = sqrt 5) with bound 1/sqrt(fan_in).
+pub fn uniform(n: usize, bound: f64, rng: &mut StdRng) -> Vec<f32> {
+    (0..n)
+        .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+        .collect()
+}
