@@ -4,7 +4,6 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use candle_core::{Tensor, D};
 use kaizen_data::TextStream;
 
 use crate::{Error, Model, Result, Tokenizer};
@@ -211,9 +210,4 @@ fn argmax(l: &[f32]) -> u32 {
         }
     }
     best as u32
-}
-
-/// Argmax ids of (T, V) logits, for tests and greedy checks.
-pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-    Ok(logits.argmax(D::Minus1)?.to_vec1()?)
 }

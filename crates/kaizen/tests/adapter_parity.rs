@@ -159,14 +159,15 @@ fn check_logits_and_merge(fixture: &str, model: &str) {
 }
 
 fn check_optimizer(fixture: &str, model: &str, kind: OptimizerKind, lr: f64, prefix: &str) {
-    let name = fixture;
     let mut f = load(fixture, model);
+    run_steps(fixture, &mut f, kind, lr, prefix);
+}
+
+/// Optimizer steps as recorded: each step's loss before the update (`{prefix}step_losses`),
+/// clipping at 1.0, then every trainable tensor against `{prefix}after.<key>`.
+fn run_steps(name: &str, f: &mut Fixture, kind: OptimizerKind, lr: f64, prefix: &str) {
     let mut opt = Optimizer::new(kind);
-    let key = if prefix.is_empty() {
-        "step_losses".to_string()
-    } else {
-        format!("{prefix}step_losses")
-    };
+    let key = format!("{prefix}step_losses");
     let want: Vec<f64> = f.reference[&key]
         .as_array()
         .unwrap()
@@ -175,7 +176,7 @@ fn check_optimizer(fixture: &str, model: &str, kind: OptimizerKind, lr: f64, pre
         .collect();
     for (i, w) in want.iter().enumerate() {
         let mut grads = Grads::new();
-        let (loss, _) = step(&f, &mut grads);
+        let (loss, _) = step(f, &mut grads);
         assert!(
             (loss - w).abs() / w <= TOL,
             "{name} {key}[{i}]: {loss} vs {w}"
@@ -186,10 +187,7 @@ fn check_optimizer(fixture: &str, model: &str, kind: OptimizerKind, lr: f64, pre
         set_params(&mut f.model, updated).unwrap();
     }
     for (k, v) in trainable_params(&mut f.model) {
-        let err = rel_err(
-            &v,
-            &f.tensors[&format!("{}after.{k}", if prefix.is_empty() { "" } else { prefix })],
-        );
+        let err = rel_err(&v, &f.tensors[&format!("{prefix}after.{k}")]);
         assert!(
             err <= TOL,
             "{name}: {k} after 3 steps: relative error {err:e}"
@@ -284,33 +282,7 @@ fn check_p_tuning(fixture: &str, model: &str) {
             "{fixture}: gradient of {key}: relative error {err:e}"
         );
     }
-    let mut opt = Optimizer::new(OptimizerKind::adamw());
-    let want: Vec<f64> = f.reference["step_losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect();
-    for (i, w) in want.iter().enumerate() {
-        let mut grads = Grads::new();
-        let (loss, _) = step(&f, &mut grads);
-        assert!(
-            (loss - w).abs() / w <= TOL,
-            "{fixture} step {i}: {loss} vs {w}"
-        );
-        clip_grad_norm(&mut grads, 1.0).unwrap();
-        let updated = opt
-            .update(&trainable_params(&mut f.model), &grads, 1e-2)
-            .unwrap();
-        set_params(&mut f.model, updated).unwrap();
-    }
-    for (k, v) in trainable_params(&mut f.model) {
-        let err = rel_err(&v, &f.tensors[&format!("after.{k}")]);
-        assert!(
-            err <= TOL,
-            "{fixture}: {k} after 3 steps: relative error {err:e}"
-        );
-    }
+    run_steps(fixture, &mut f, OptimizerKind::adamw(), 1e-2, "");
     let table = &f.model.virtual_tokens.as_ref().unwrap().table;
     let err = rel_err(table, &f.tensors["after.prompt_embeddings"]);
     assert!(
