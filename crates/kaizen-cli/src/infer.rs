@@ -248,9 +248,16 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             0 => println!(
                 "adapter:          {} (virtual tokens: {})",
                 info.peft_type,
-                m.model.num_virtual_tokens()
+                m.model
+                    .learned_tokens()
+                    .map(|v| v.table.dims()[0])
+                    .sum::<usize>()
             ),
-            n => println!("adapter:          {} on {n} layers", info.peft_type),
+            n => {
+                let dora = matches!(&info.method, kaizen::tuners::Method::Lora { cfg, .. } if cfg.use_dora);
+                let kind = if dora { " (DoRA)" } else { "" };
+                println!("adapter:          {}{kind} on {n} layers", info.peft_type)
+            }
         }
         println!(
             "trainable params: {} || all params: {} || trainable%: {:.4}",

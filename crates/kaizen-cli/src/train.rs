@@ -13,6 +13,7 @@ use kaizen::train::schedule::Schedule;
 use kaizen::train::trainer::{self, Event, TrainConfig, TrainData};
 use kaizen::tuners::ia3::{self, Ia3Config};
 use kaizen::tuners::lora::{self, LoraConfig};
+use kaizen::tuners::prefix::{self, PrefixTuningConfig};
 use kaizen::tuners::prompt::{self, p_tuning, PromptInit, PromptTuningConfig};
 use kaizen::tuners::Method;
 use kaizen_data::{load_dataset, pack, split_validation, DataOptions, Template};
@@ -35,7 +36,7 @@ pub struct TrainArgs {
     /// Output directory: adapter, metrics.jsonl, loss.png, run.json, checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PEFT method: lora, ia3, prompt or p-tuning.
+    /// PEFT method: lora, ia3, prompt, p-tuning or prefix.
     #[arg(long)]
     pub method: Option<String>,
     /// LoRA rank (default 8).
@@ -49,24 +50,37 @@ pub struct TrainArgs {
     /// Comma-separated module names, a regex, or all-linear (default: attention query/value).
     #[arg(long)]
     pub target_modules: Option<String>,
-    /// Prompt tuning: number of virtual tokens (default 20).
+    /// Prompt tuning, P-tuning, prefix tuning: number of virtual tokens (default 20).
     #[arg(long)]
     pub num_virtual_tokens: Option<usize>,
-    /// P-tuning: hidden size of the MLP prompt encoder (default: the model's hidden size).
+    /// P-tuning: hidden size of the prompt encoder (default: the model's hidden size).
     #[arg(long)]
     pub encoder_hidden_size: Option<usize>,
+    /// P-tuning: the prompt encoder, MLP (default) or LSTM (PEFT's names, any case).
+    #[arg(long)]
+    pub encoder_reparameterization_type: Option<String>,
     /// Prompt tuning: random (default), text or sample_vocab.
     #[arg(long)]
     pub prompt_tuning_init: Option<String>,
     /// Prompt tuning: the text whose token embeddings initialise the virtual tokens.
     #[arg(long)]
     pub prompt_tuning_init_text: Option<String>,
+    /// Prefix tuning: produce the prefix with PEFT's Embedding -> Linear -> Tanh -> Linear.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub prefix_projection: Option<bool>,
+    /// Keep only each layer's input during the forward and recompute its activations in
+    /// backward: less memory for long sequences, about a third more compute.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub gradient_checkpointing: Option<bool>,
     /// IA3: modules whose input (not output) is scaled (default: the MLP output projection).
     #[arg(long)]
     pub feedforward_modules: Option<String>,
     /// Scale by alpha/sqrt(r) instead of alpha/r.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_rslora: Option<bool>,
+    /// DoRA: also train a magnitude per output row of each targeted layer (PEFT's use_dora).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub use_dora: Option<bool>,
     /// Continue training an existing PEFT adapter (method and config come from it).
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
@@ -161,6 +175,8 @@ struct Run {
     shuffle: bool,
     eval_every: usize,
     save_every: usize,
+    #[serde(default)]
+    gradient_checkpointing: bool,
 }
 
 pub fn run(mut a: TrainArgs) -> Result<()> {
@@ -175,7 +191,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, prompt_tuning_init, prompt_tuning_init_text, use_rslora,
+        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, prefix_projection, gradient_checkpointing,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
     }
@@ -183,14 +199,20 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     let data_path = a.data.clone().context("--data is required")?;
     let out = a.out.clone().context("--out is required")?;
     let method_name = a.method.clone().unwrap_or_else(|| "lora".into());
-    if !["lora", "ia3", "prompt", "p-tuning"].contains(&method_name.as_str()) {
-        bail!("--method {method_name}: unknown method (available: lora, ia3, prompt, p-tuning)");
+    if method_name == "dora" {
+        bail!("--method dora: DoRA is a LoRA option; use --method lora --use-dora");
+    }
+    if !["lora", "ia3", "prompt", "p-tuning", "prefix"].contains(&method_name.as_str()) {
+        bail!(
+            "--method {method_name}: unknown method (available: lora, ia3, prompt, p-tuning, prefix)"
+        );
     }
     let flags_of = [
         ("--r", a.r.is_some(), "lora"),
         ("--lora-alpha", a.lora_alpha.is_some(), "lora"),
         ("--lora-dropout", a.lora_dropout.is_some(), "lora"),
         ("--use-rslora", a.use_rslora.is_some(), "lora"),
+        ("--use-dora", a.use_dora.is_some(), "lora"),
         ("--target-modules", a.target_modules.is_some(), "lora, ia3"),
         (
             "--feedforward-modules",
@@ -200,12 +222,22 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         (
             "--num-virtual-tokens",
             a.num_virtual_tokens.is_some(),
-            "prompt, p-tuning",
+            "prompt, p-tuning, prefix",
         ),
         (
             "--encoder-hidden-size",
             a.encoder_hidden_size.is_some(),
+            "p-tuning, prefix",
+        ),
+        (
+            "--encoder-reparameterization-type",
+            a.encoder_reparameterization_type.is_some(),
             "p-tuning",
+        ),
+        (
+            "--prefix-projection",
+            a.prefix_projection.is_some(),
+            "prefix",
         ),
         (
             "--prompt-tuning-init",
@@ -267,12 +299,25 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     // Method.
     let method = match &a.init_adapter {
         Some(dir) => {
-            if a.r.is_some() || a.lora_alpha.is_some() || a.target_modules.is_some() {
-                bail!("--init-adapter takes its method and config from {}/adapter_config.json; drop --r, --lora-alpha and --target-modules", dir.display());
+            if a.r.is_some()
+                || a.lora_alpha.is_some()
+                || a.target_modules.is_some()
+                || a.use_dora.is_some()
+            {
+                bail!("--init-adapter takes its method and config from {}/adapter_config.json; drop --r, --lora-alpha, --target-modules and --use-dora", dir.display());
+            }
+            if a.encoder_hidden_size.is_some() || a.encoder_reparameterization_type.is_some() {
+                bail!("--init-adapter takes the prompt encoder from {}/adapter_config.json; drop --encoder-hidden-size and --encoder-reparameterization-type", dir.display());
             }
             match kaizen::tuners::load_adapter(&mut loaded.model, dir)?.method {
                 Method::PTuningInference { .. } => bail!(
                     "{}: a P-tuning adapter as PEFT saves it holds only the prompt encoder's output, not its weights, so it can be used for inference (--adapter) but not trained further",
+                    dir.display()
+                ),
+                Method::PrefixTuning {
+                    trainable: false, ..
+                } => bail!(
+                    "{}: a prefix-projection adapter as PEFT saves it holds only the projection's output, not its weights, so it can be used for inference (--adapter) but not trained further",
                     dir.display()
                 ),
                 m => m,
@@ -308,15 +353,46 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             if n == 0 || enc_hidden == 0 {
                 bail!("--num-virtual-tokens and --encoder-hidden-size must be at least 1");
             }
-            let enc = p_tuning::new_encoder(n, hidden, enc_hidden, seed)?;
-            p_tuning::set_encoder(&mut loaded.model, enc)?;
-            let json = p_tuning::config_json(
-                &loaded.model,
-                n,
-                enc_hidden,
-                Some(model_path.display().to_string()),
-            );
-            Method::PTuning { json }
+            let cfg = p_tuning::EncoderConfig {
+                encoder_reparameterization_type: a
+                    .encoder_reparameterization_type
+                    .as_deref()
+                    .unwrap_or("MLP")
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--encoder-reparameterization-type: {e}"))?,
+                num_virtual_tokens: n,
+                token_dim: hidden,
+                encoder_hidden_size: enc_hidden,
+                encoder_num_layers: 2,
+                encoder_dropout: 0.0,
+                base_model_name_or_path: Some(model_path.display().to_string()),
+            };
+            p_tuning::set_encoder(&mut loaded.model, cfg.init(seed)?)?;
+            Method::PTuning {
+                json: cfg.to_json(&loaded.model),
+            }
+        }
+        None if method_name == "prefix" => {
+            let projection = a.prefix_projection.unwrap_or(false);
+            if a.encoder_hidden_size.is_some() && !projection {
+                bail!("--encoder-hidden-size applies to prefix tuning with --prefix-projection");
+            }
+            if a.encoder_hidden_size == Some(0) {
+                bail!("--encoder-hidden-size must be at least 1");
+            }
+            let cfg = PrefixTuningConfig {
+                num_virtual_tokens: a.num_virtual_tokens.unwrap_or(20),
+                prefix_projection: projection,
+                encoder_hidden_size: a.encoder_hidden_size,
+                base_model_name_or_path: Some(model_path.display().to_string()),
+            };
+            prefix::attach(&mut loaded.model, &cfg, None, seed)?;
+            let json = cfg.to_json(&loaded.model);
+            Method::PrefixTuning {
+                cfg,
+                json,
+                trainable: true,
+            }
         }
         None if method_name == "ia3" => {
             if a.r.is_some()
@@ -349,6 +425,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
                 lora_dropout: a.lora_dropout.unwrap_or(0.0),
                 target_modules: a.target_modules.as_deref().map(LoraConfig::parse_targets),
                 use_rslora: a.use_rslora.unwrap_or(false),
+                use_dora: a.use_dora.unwrap_or(false),
                 base_model_name_or_path: Some(model_path.display().to_string()),
                 ..LoraConfig::default()
             };
@@ -356,6 +433,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             Method::Lora { cfg, targets }
         }
     };
+
+    loaded.model.gradient_checkpointing = a.gradient_checkpointing.unwrap_or(false);
 
     // Optimisation.
     let optimizer = match a.optimizer.as_deref().unwrap_or("adamw") {
@@ -422,6 +501,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         shuffle: cfg.shuffle,
         eval_every: cfg.eval_every,
         save_every: cfg.save_every,
+        gradient_checkpointing: loaded.model.gradient_checkpointing,
     };
     let resume_from = prepare_out(
         &out,

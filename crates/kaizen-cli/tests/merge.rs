@@ -77,7 +77,8 @@ fn assert_close(got: f64, want: f64, what: &str) {
     assert!(err < TOL, "{what}: {got} vs {want} (relative {err:e})");
 }
 
-fn merged_scores_like_unmerged(name: &str) {
+/// `fixture`: a directory under tests/fixtures/lora for the base model `name`.
+fn merged_scores_like_unmerged(fixture: &str, name: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let out = s(&tmp.path().join("merged"));
     let stdout = ok(&[
@@ -85,7 +86,7 @@ fn merged_scores_like_unmerged(name: &str) {
         "--model",
         &model(name),
         "--adapter",
-        &adapter(name),
+        &adapter(fixture),
         "--out",
         &out,
     ]);
@@ -94,10 +95,14 @@ fn merged_scores_like_unmerged(name: &str) {
         "{stdout}"
     );
     let merged = eval_loss(&out, None);
-    assert_close(merged, eval_loss(&model(name), Some(&adapter(name))), name);
+    assert_close(
+        merged,
+        eval_loss(&model(name), Some(&adapter(fixture))),
+        fixture,
+    );
     let reference = root()
         .join("tests/fixtures/lora")
-        .join(name)
+        .join(fixture)
         .join("reference.json");
     let r: Value = serde_json::from_str(&std::fs::read_to_string(reference).unwrap()).unwrap();
     assert_close(merged, r["eval"]["loss"].as_f64().unwrap(), "vs PEFT");
@@ -105,12 +110,18 @@ fn merged_scores_like_unmerged(name: &str) {
 
 #[test]
 fn merge_gpt_neox_scores_like_unmerged() {
-    merged_scores_like_unmerged("neox-seq-spiece");
+    merged_scores_like_unmerged("neox-seq-spiece", "neox-seq-spiece");
 }
 
 #[test]
 fn merge_llama_scores_like_unmerged() {
-    merged_scores_like_unmerged("llama-gqa-tied");
+    merged_scores_like_unmerged("llama-gqa-tied", "llama-gqa-tied");
+}
+
+#[test]
+fn merge_dora_scores_like_unmerged_and_like_peft() {
+    merged_scores_like_unmerged("dora-neox-seq-spiece", "neox-seq-spiece");
+    merged_scores_like_unmerged("dora-llama-gqa-tied", "llama-gqa-tied");
 }
 
 #[test]

@@ -21,8 +21,8 @@ fn kaizen_adapters_score_as_in_python_peft() {
     let models = record.as_object().unwrap();
     assert_eq!(
         models.len(),
-        9,
-        "LoRA on each HF fixture model, IA3 and prompt tuning on two, P-tuning on one"
+        13,
+        "LoRA on each HF fixture model; IA3, prompt tuning, P-tuning (MLP, LSTM) and prefix tuning on two; DoRA on one"
     );
     for (name, r) in models {
         let model = r["model"].as_str().unwrap();
@@ -72,11 +72,11 @@ fn kaizen(args: &[&str]) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
-/// IA3 and prompt-tuning adapters made by Python PEFT: eval loss and greedy ids (KV cache with
-/// the virtual tokens computed once) as PEFT computed them.
+/// IA3 and prompt-method adapters made by Python PEFT: eval loss and greedy ids (KV cache with
+/// the virtual tokens or prefix computed once) as PEFT computed them.
 #[test]
 fn peft_ia3_and_prompt_adapters_eval_and_generate_as_in_peft() {
-    for (method, m) in ["ia3", "prompt_tuning", "p_tuning"]
+    for (method, m) in ["ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
         .iter()
         .flat_map(|me| ["neox-seq-spiece", "neox-par-bpe", "llama-gqa-tied"].map(|m| (*me, m)))
     {
@@ -126,5 +126,53 @@ fn peft_ia3_and_prompt_adapters_eval_and_generate_as_in_peft() {
             ours.len() == want.len() || reference["greedy"]["new_ids"][ours.len() - 1] == 2,
             "{method} {m}: stopped early without EOS"
         );
+    }
+}
+
+/// DoRA adapters made by Python PEFT (tests/fixtures/lora/dora-*): eval loss and greedy ids as
+/// PEFT computed them.
+#[test]
+fn peft_dora_adapters_eval_and_generate_as_in_peft() {
+    for m in ["neox-seq-spiece", "llama-gqa-tied"] {
+        let dir = format!("tests/fixtures/lora/dora-{m}");
+        let reference: Value = serde_json::from_str(
+            &std::fs::read_to_string(root().join(&dir).join("reference.json")).unwrap(),
+        )
+        .unwrap();
+        let model = format!("tests/fixtures/models/{m}");
+        let adapter = format!("{dir}/adapter");
+        let data = "tests/fixtures/lora/eval.jsonl";
+        let ours = kaizen(&[
+            "eval",
+            "--model",
+            &model,
+            "--adapter",
+            &adapter,
+            "--data",
+            data,
+            "--json",
+        ]);
+        let want = reference["eval"]["loss"].as_f64().unwrap();
+        let loss = ours["loss"].as_f64().unwrap();
+        assert!(
+            (loss - want).abs() / want <= 1e-4,
+            "DoRA {m}: eval {loss} vs PEFT {want}"
+        );
+        let g = &reference["greedy"];
+        let n = g["new_ids"].as_array().unwrap().len().to_string();
+        let out = kaizen(&[
+            "generate",
+            "--model",
+            &model,
+            "--adapter",
+            &adapter,
+            "--greedy",
+            "--max-new-tokens",
+            &n,
+            "--prompt",
+            g["prompt"].as_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(out["ids"], g["new_ids"], "DoRA {m}: greedy ids");
     }
 }

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use common::*;
+use kaizen::tuners::prompt::p_tuning::ENCODER_FILE;
 use serde_json::{json, Value};
 
 const LLAMA: &str = "llama-gqa-tied";
@@ -217,6 +218,23 @@ fn read_safetensors(path: &Path) -> BTreeMap<String, TensorInfo> {
     }
     assert_eq!(end, data.len(), "{}: data not fully used", path.display());
     out
+}
+
+/// Writes F32 tensors as a safetensors file: the inverse of `read_safetensors`.
+fn write_safetensors(path: &Path, tensors: &BTreeMap<String, TensorInfo>) {
+    let (mut header, mut data) = (serde_json::Map::new(), Vec::new());
+    for (key, t) in tensors {
+        let start = data.len();
+        data.extend(t.values.iter().flat_map(|x| x.to_le_bytes()));
+        let offsets = [start, data.len()];
+        header.insert(
+            key.clone(),
+            json!({"dtype": "F32", "shape": t.shape, "data_offsets": offsets}),
+        );
+    }
+    let header = serde_json::to_vec(&header).unwrap();
+    let len = (header.len() as u64).to_le_bytes();
+    std::fs::write(path, [&len[..], &header, &data].concat()).unwrap();
 }
 
 /// Shape of `<path>.weight` in the fixture's base checkpoint ([out, in]).
@@ -1046,6 +1064,105 @@ fn init_adapter_with_r_is_an_error() {
     }
 }
 
+/// `use_dora = true` (TOML; the flag is `--use-dora`): PEFT's DoRA file (A, B and a magnitude per
+/// output row, saved without `.weight`), shown by inspect, and `--init-adapter` continues it from
+/// where it stopped (its step-0 held-out loss is the first run's last).
+#[test]
+fn dora_writes_peft_magnitudes_and_init_adapter_continues_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &completion_rows(10));
+    let opts = [
+        "--val-split",
+        "0.2",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+    ];
+    let toml = "r = 4\ntarget_modules = \"q_proj,v_proj\"\nuse_dora = true\nlr = 0.05\n";
+    let config = write_config(tmp.path(), LLAMA, &data, toml);
+    let out = tmp.path().join("dora");
+    kaizen(
+        [
+            &["train", "--config", &s(&config), "--out", &s(&out)][..],
+            &opts[..],
+        ]
+        .concat(),
+    )
+    .ok();
+    let cfg = adapter_config(&out);
+    assert_eq!(cfg["use_dora"], json!(true), "{cfg}");
+    let targets = target_list(&cfg);
+    assert_eq!(targets.len(), 2 * num_layers(LLAMA) as usize);
+    let tensors = read_safetensors(&out.join("adapter_model.safetensors"));
+    assert_eq!(
+        tensors.len(),
+        3 * targets.len(),
+        "A, B and a magnitude per layer"
+    );
+    for t in &targets {
+        let w = base_weight_shape(LLAMA, t);
+        let shape = |k: &str| tensors[&format!("base_model.model.{t}.{k}")].shape.clone();
+        assert_eq!(shape("lora_A.weight"), [4, w[1]], "{t}");
+        assert_eq!(shape("lora_B.weight"), [w[0], 4], "{t}");
+        assert_eq!(
+            shape("lora_magnitude_vector"),
+            [w[0]],
+            "{t}: (out,), no .weight"
+        );
+    }
+    let adapter = s(&out);
+    let shown = kaizen([
+        "inspect",
+        "--model",
+        &s(&model_path(LLAMA)),
+        "--adapter",
+        &adapter,
+    ])
+    .ok();
+    assert!(shown.contains("LORA (DoRA) on 4 layers"), "{shown}");
+
+    let next = tmp.path().join("continued");
+    train_ok(
+        LLAMA,
+        &data,
+        &next,
+        &[&opts[..], &["--init-adapter", &adapter]].concat(),
+    );
+    assert_eq!(adapter_config(&next)["use_dora"], json!(true));
+    let after = read_safetensors(&next.join("adapter_model.safetensors"));
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        tensors.keys().collect::<Vec<_>>()
+    );
+    for (k, t) in &tensors {
+        assert_ne!(f32_bits(t), f32_bits(&after[k]), "{k}: not trained further");
+    }
+    let (end, start) = (*eval_losses(&out).last().unwrap(), eval_losses(&next)[0]);
+    assert_eq!((end.0, start.0), (2, 0));
+    assert_close(
+        "held-out loss where the DoRA run stopped",
+        start.1,
+        end.1,
+        1e-6,
+    );
+
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--method", "ia3", "--use-dora"],
+        &["--use-dora", "lora"],
+    );
+    let err = train(
+        LLAMA,
+        &data,
+        &tmp.path().join("x"),
+        &["--init-adapter", &adapter, "--use-dora"],
+    )
+    .fails();
+    assert_mentions(&err, &["--init-adapter", "--use-dora"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // (7) gradient accumulation: the loss of a step is the token-weighted mean
 
@@ -1409,20 +1526,55 @@ fn max_len_beyond_the_context_warns_and_runs() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// other methods: IA3 and prompt tuning
+// other methods: IA3, prompt tuning, P-tuning, prefix tuning
 
-/// IA3 and prompt tuning train, lower the held-out loss, write PEFT files of their own type, and
-/// serve `eval` / `generate` through `--adapter`; IA3 merges, prompt tuning refuses to.
+/// IA3 and the prompt methods train, lower the held-out loss, write PEFT files of their own type,
+/// and serve `eval` / `generate` through `--adapter`; IA3 merges, the prompt methods refuse to.
 #[test]
-fn ia3_and_prompt_tuning_train_evaluate_generate() {
+fn ia3_and_prompt_methods_train_evaluate_generate() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
-    let cases: [(&str, &[&str], &str, &str); 3] = [
+    let cases: [(&str, &[&str], &str, &str); 6] = [
+        (
+            "prefix",
+            &["--method", "prefix", "--num-virtual-tokens", "3"],
+            "PREFIX_TUNING",
+            "prompt_embeddings",
+        ),
+        (
+            "prefix-projection",
+            &[
+                "--method",
+                "prefix",
+                "--num-virtual-tokens",
+                "3",
+                "--prefix-projection",
+                "--encoder-hidden-size",
+                "8",
+            ],
+            "PREFIX_TUNING",
+            "prompt_embeddings",
+        ),
         (
             "p-tuning",
             &[
                 "--method",
                 "p-tuning",
+                "--num-virtual-tokens",
+                "3",
+                "--encoder-hidden-size",
+                "8",
+            ],
+            "P_TUNING",
+            "prompt_embeddings",
+        ),
+        (
+            "p-tuning-lstm",
+            &[
+                "--method",
+                "p-tuning",
+                "--encoder-reparameterization-type",
+                "lstm",
                 "--num-virtual-tokens",
                 "3",
                 "--encoder-hidden-size",
@@ -1517,12 +1669,90 @@ fn ia3_and_prompt_tuning_train_evaluate_generate() {
 
 #[test]
 fn zero_virtual_tokens() {
-    assert_train_fails(
-        LLAMA,
-        None,
-        &["--method", "prompt", "--num-virtual-tokens", "0"],
-        &["num_virtual_tokens", "0"],
-    );
+    for method in ["prompt", "prefix"] {
+        assert_train_fails(
+            LLAMA,
+            None,
+            &["--method", method, "--num-virtual-tokens", "0"],
+            &["num_virtual_tokens", "0"],
+        );
+    }
+}
+
+/// Recomputing activations in backward changes memory, not results: the same adapter bits,
+/// with LoRA dropout (the recomputation replays the RNG) and with a prefix.
+#[test]
+fn gradient_checkpointing_gives_the_same_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &completion_rows(8));
+    let methods: [&[&str]; 2] = [
+        &["--lora-dropout", "0.2"],
+        &["--method", "prefix", "--num-virtual-tokens", "2"],
+    ];
+    for (i, flags) in methods.iter().enumerate() {
+        let opts = [&["--max-steps", "2", "--batch-size", "4"], *flags].concat();
+        let plain = tmp.path().join(format!("plain-{i}"));
+        let ckpt = tmp.path().join(format!("ckpt-{i}"));
+        train_ok(LLAMA, &data, &plain, &opts);
+        train_ok(
+            LLAMA,
+            &data,
+            &ckpt,
+            &[&opts[..], &["--gradient-checkpointing"]].concat(),
+        );
+        let a = std::fs::read(plain.join("adapter_model.safetensors")).unwrap();
+        let b = std::fs::read(ckpt.join("adapter_model.safetensors")).unwrap();
+        assert!(a == b, "{flags:?}: checkpointing changed the adapter");
+        assert_eq!(
+            read_json(&ckpt.join("run.json"))["gradient_checkpointing"],
+            true
+        );
+    }
+}
+
+/// `--init-adapter` continues kaizen's prefix adapters (with a projection: through the encoder
+/// weights kept beside PEFT's file): the continued run starts where the first one ended.
+#[test]
+fn init_adapter_continues_a_prefix_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(10));
+    let opts = [
+        "--val-split",
+        "0.2",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "5e-2",
+    ];
+    let methods: [&[&str]; 2] = [
+        &["--method", "prefix", "--num-virtual-tokens", "2"],
+        &[
+            "--method",
+            "prefix",
+            "--num-virtual-tokens",
+            "2",
+            "--prefix-projection",
+        ],
+    ];
+    for (i, flags) in methods.iter().enumerate() {
+        let first = tmp.path().join(format!("first-{i}"));
+        train_ok(LLAMA, &data, &first, &[&opts[..], flags].concat());
+        let next = tmp.path().join(format!("next-{i}"));
+        train_ok(
+            LLAMA,
+            &data,
+            &next,
+            &[&opts[..], &["--init-adapter", &s(&first)]].concat(),
+        );
+        let (ended, started) = (*eval_losses(&first).last().unwrap(), eval_losses(&next)[0]);
+        assert!(
+            (ended.1 - started.1).abs() <= 1e-6 * ended.1,
+            "{flags:?}: the continued run starts at {started:?}, the first ended at {ended:?}"
+        );
+        assert_eq!(adapter_config(&next), adapter_config(&first), "{flags:?}");
+    }
 }
 
 #[test]
@@ -1551,13 +1781,140 @@ fn text_init_without_text() {
     );
 }
 
+/// PEFT saves P-tuning's and the prefix projection's output, not the encoder: inference only.
 #[test]
-fn peft_p_tuning_file_is_inference_only() {
-    let adapter = s(&repo_root().join("tests/fixtures/peft/p_tuning/llama-gqa-tied/adapter"));
+fn peft_encoder_output_files_are_inference_only() {
+    for (fixture, model, what) in [
+        ("p_tuning/llama-gqa-tied", LLAMA, "P-tuning"),
+        (
+            "prefix_tuning/neox-par-bpe",
+            "neox-par-bpe",
+            "prefix-projection",
+        ),
+    ] {
+        let adapter = s(&repo_root().join(format!("tests/fixtures/peft/{fixture}/adapter")));
+        assert_train_fails(
+            model,
+            None,
+            &["--init-adapter", &adapter],
+            &[what, "inference"],
+        );
+    }
+}
+
+/// `kaizen train --method p-tuning` with `--encoder-reparameterization-type ty` and `extra`.
+fn p_tuning_opts<'a>(ty: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut opts = vec![
+        "--method",
+        "p-tuning",
+        "--encoder-reparameterization-type",
+        ty,
+        "--num-virtual-tokens",
+        "3",
+        "--encoder-hidden-size",
+        "8",
+    ];
+    opts.extend(P_TUNING_RUN);
+    opts.extend(extra);
+    opts
+}
+
+const P_TUNING_RUN: [&str; 10] = [
+    "--val-split",
+    "0.2",
+    "--max-steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--lr",
+    "5e-2",
+    "--save-every",
+    "1",
+];
+
+/// Both P-tuning encoders keep their weights beside PEFT's file under PEFT's names; from them
+/// `--resume` reproduces the uninterrupted run and `--init-adapter` continues where it ended.
+#[test]
+fn p_tuning_encoders_resume_and_continue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(10));
+    for (ty, name) in [
+        ("MLP", "mlp_head.4.weight"),
+        ("lstm", "lstm_head.weight_hh_l1_reverse"),
+    ] {
+        let out = tmp.path().join(ty);
+        train_ok(LLAMA, &data, &out, &p_tuning_opts(ty, &[]));
+        let cfg = adapter_config(&out);
+        assert_eq!(cfg["encoder_reparameterization_type"], ty.to_uppercase());
+        let encoder = read_safetensors(&out.join(ENCODER_FILE));
+        assert!(
+            encoder.contains_key(&format!("prompt_encoder.default.{name}")),
+            "{ty}: {ENCODER_FILE} holds {:?}",
+            encoder.keys()
+        );
+        // As if the run had died after checkpoint-1: --resume writes the same files.
+        let files = ["adapter_model.safetensors", ENCODER_FILE];
+        let whole: Vec<Vec<u8>> = files
+            .iter()
+            .map(|f| std::fs::read(out.join(f)).unwrap())
+            .collect();
+        for f in files.iter().chain(&["adapter_config.json"]) {
+            std::fs::remove_file(out.join(f)).unwrap();
+        }
+        train_ok(LLAMA, &data, &out, &p_tuning_opts(ty, &["--resume"]));
+        for (f, w) in files.iter().zip(&whole) {
+            assert!(
+                std::fs::read(out.join(f)).unwrap() == *w,
+                "{ty}: {f} after --resume differs from the uninterrupted run's"
+            );
+        }
+        let next = tmp.path().join(format!("{ty}-next"));
+        let init = s(&out);
+        train_ok(
+            LLAMA,
+            &data,
+            &next,
+            &[&P_TUNING_RUN[..], &["--init-adapter", &init]].concat(),
+        );
+        let (ended, started) = (*eval_losses(&out).last().unwrap(), eval_losses(&next)[0]);
+        assert!(
+            (ended.1 - started.1).abs() <= 1e-6 * ended.1,
+            "{ty}: the continued run starts at {started:?}, the first ended at {ended:?}"
+        );
+        assert_eq!(adapter_config(&next), cfg, "{ty}");
+    }
+}
+
+/// An encoder file lacking a tensor that adapter_config.json's encoder needs: --init-adapter
+/// and --resume name the file and the tensor.
+#[test]
+fn p_tuning_encoder_file_lacking_a_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(10));
+    let out = tmp.path().join("run");
+    train_ok(LLAMA, &data, &out, &p_tuning_opts("LSTM", &[]));
+    let key = "prompt_encoder.default.lstm_head.weight_ih_l1_reverse";
+    for dir in [out.clone(), out.join("checkpoint-1")] {
+        let file = dir.join(ENCODER_FILE);
+        let mut tensors = read_safetensors(&file);
+        tensors.remove(key).unwrap();
+        write_safetensors(&file, &tensors);
+    }
+    let init = s(&out);
     assert_train_fails(
         LLAMA,
-        None,
-        &["--init-adapter", &adapter],
-        &["P-tuning", "inference"],
+        Some(&data),
+        &["--init-adapter", &init],
+        &[ENCODER_FILE, key],
     );
+    // The checkpoint is read after the run's summary lines: the error is the last line.
+    let run = train(LLAMA, &data, &out, &p_tuning_opts("LSTM", &["--resume"]));
+    assert!(run.code.is_some_and(|c| c != 0), "{}", run.stderr);
+    let last = run.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ") && !run.stderr.contains("panicked"),
+        "{}",
+        run.stderr
+    );
+    assert_mentions(last, &["checkpoint-1", ENCODER_FILE, key]);
 }

@@ -395,6 +395,15 @@ impl ModelConfig {
         }
     }
 
+    /// Where bottleneck adapters sit for this architecture: (the attention output projection,
+    /// the MLP output projection). Houlsby adapts both outputs, Pfeiffer the MLP's only.
+    pub fn default_bottleneck_modules(&self) -> (&'static str, &'static str) {
+        match self.architecture {
+            Architecture::GptNeoX => ("attention.dense", "mlp.dense_4h_to_h"),
+            Architecture::Llama => ("self_attn.o_proj", "mlp.down_proj"),
+        }
+    }
+
     /// Total parameter count of the dense model (tied embeddings counted once).
     pub fn num_parameters(&self) -> usize {
         let (h, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);

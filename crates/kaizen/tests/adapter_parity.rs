@@ -245,23 +245,29 @@ prompt_suite! {
 
 /// P-tuning: PEFT's file holds only the encoder output (inference); training starts from the
 /// encoder weights the fixture records as `init.*`.
+/// The encoder (MLP or LSTM) is the one the fixture's adapter_config.json describes.
 fn load_p_tuning(fixture: &str, model: &str) -> Fixture {
-    use kaizen::models::TokenEncoder;
+    use kaizen::tuners::prompt::p_tuning;
     let mut f = load(fixture, model);
     let init: std::collections::BTreeMap<String, Tensor> = f
         .tensors
         .iter()
         .filter_map(|(k, v)| k.strip_prefix("init.").map(|k| (k.to_string(), v.clone())))
         .collect();
-    let enc = kaizen::tuners::prompt::p_tuning::MlpEncoder::from_weights(&init).unwrap();
-    let v = f.model.virtual_tokens.as_mut().unwrap();
-    let err = rel_err(&enc.forward().unwrap(), &v.table);
+    let dir = root().join("tests/fixtures").join(fixture);
+    let cfg =
+        p_tuning::EncoderConfig::from_json(f.reference["adapter_config"].as_object().unwrap())
+            .unwrap();
+    let enc = cfg
+        .from_weights(&init, &dir.join("reference.safetensors"))
+        .unwrap();
+    let saved = f.model.virtual_tokens.as_ref().unwrap().table.clone();
+    p_tuning::set_encoder(&mut f.model, enc).unwrap();
+    let err = rel_err(&f.model.virtual_tokens.as_ref().unwrap().table, &saved);
     assert!(
         err <= TOL,
         "{fixture}: encoder output vs the saved prompt_embeddings: {err:e}"
     );
-    v.table = enc.forward().unwrap();
-    v.encoder = Some(Box::new(enc));
     f
 }
 
@@ -274,7 +280,12 @@ fn check_p_tuning(fixture: &str, model: &str) {
         (loss - want).abs() / want <= TOL,
         "{fixture}: loss {loss} vs {want}"
     );
-    assert_eq!(grads.len(), 7, "{fixture}: one gradient per encoder tensor");
+    let trainable = f.reference["trainable_param_names"].as_object().unwrap();
+    assert_eq!(
+        grads.len(),
+        trainable.len(),
+        "{fixture}: one gradient per encoder tensor"
+    );
     for (key, g) in grads.iter() {
         let err = rel_err(g, &f.tensors[&format!("grad.{key}")]);
         assert!(
@@ -305,6 +316,7 @@ p_tuning_suite! {
     p_tuning_neox_seq_spiece => ("peft/p_tuning/neox-seq-spiece", "neox-seq-spiece"),
     p_tuning_neox_par_bpe => ("peft/p_tuning/neox-par-bpe", "neox-par-bpe"),
     p_tuning_llama_gqa_tied => ("peft/p_tuning/llama-gqa-tied", "llama-gqa-tied"),
+    p_tuning_llama_gqa_tied_lstm => ("peft/p_tuning/llama-gqa-tied-lstm", "llama-gqa-tied"),
 }
 
 /// IA3 fixtures record AdamW steps only.
@@ -330,4 +342,110 @@ adapter_suite! {
     lora_neox_par_bpe => ("lora/neox-par-bpe", "neox-par-bpe"),
     lora_llama_gqa_tied => ("lora/llama-gqa-tied", "llama-gqa-tied"),
     lora_llama_mha_linear => ("lora/llama-mha-linear", "llama-mha-linear"),
+    dora_neox_seq_spiece => ("lora/dora-neox-seq-spiece", "neox-seq-spiece"),
+    dora_llama_gqa_tied => ("lora/dora-llama-gqa-tied", "llama-gqa-tied"),
+}
+
+/// Prefix tuning: the cache PEFT builds, logits over the real tokens (no extra positions), and
+/// merge refusing (the prefix adds keys, not weights).
+fn check_prefix_logits(fixture: &str, model: &str) {
+    let mut f = load(fixture, model);
+    let kv = f.model.prefix_kv().unwrap().unwrap();
+    let ours: Vec<Tensor> = kv
+        .iter()
+        .map(|(k, v)| Tensor::cat(&[k, v], 0).unwrap())
+        .collect();
+    let err = rel_err(&Tensor::stack(&ours, 0).unwrap(), &f.tensors["prefix_kv"]);
+    assert!(
+        err <= TOL,
+        "{fixture}: prefix cache: relative error {err:e}"
+    );
+    let b = &f.batches[0];
+    let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &Device::Cpu).unwrap();
+    let logits = f.model.forward(&ids, None).unwrap();
+    let err = rel_err(&logits, &f.tensors["logits.0"]);
+    assert!(err <= TOL, "{fixture}: logits: relative error {err:e}");
+    assert!(
+        kaizen::tuners::merge(&mut f.model).is_err(),
+        "{fixture}: merge must refuse"
+    );
+}
+
+/// With `prefix_projection` PEFT's file holds the projection's output; training starts from the
+/// encoder weights the fixture records as `init.*`, loaded as kaizen's encoder file.
+fn load_prefix(fixture: &str, model: &str, checkpointing: bool) -> Fixture {
+    let mut f = load(fixture, model);
+    f.model.gradient_checkpointing = checkpointing;
+    let init: std::collections::HashMap<String, Tensor> = f
+        .tensors
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("init.").map(|k| (k.to_string(), v.clone())))
+        .collect();
+    if !init.is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        candle_core::safetensors::save(
+            &init,
+            dir.path()
+                .join(kaizen::tuners::prompt::p_tuning::ENCODER_FILE),
+        )
+        .unwrap();
+        let saved = f.model.prefix.as_ref().unwrap().table.clone();
+        kaizen::tuners::prefix::attach_encoder(&mut f.model, dir.path()).unwrap();
+        let err = rel_err(&f.model.prefix.as_ref().unwrap().table, &saved);
+        assert!(
+            err <= TOL,
+            "{fixture}: encoder output vs the saved prompt_embeddings: {err:e}"
+        );
+    }
+    f
+}
+
+/// Gradients of every trainable tensor and three AdamW steps, with or without gradient
+/// checkpointing (which PEFT refuses for prefix tuning).
+fn check_prefix_training(fixture: &str, model: &str, checkpointing: bool) {
+    let mut f = load_prefix(fixture, model, checkpointing);
+    let mut grads = Grads::new();
+    let (loss, _) = step(&f, &mut grads);
+    let want = f.reference["loss"].as_f64().unwrap();
+    assert!(
+        (loss - want).abs() / want <= TOL,
+        "{fixture}: loss {loss} vs {want}"
+    );
+    let trainable = f.reference["trainable_param_names"].as_object().unwrap();
+    assert_eq!(
+        grads.len(),
+        trainable.len(),
+        "{fixture}: one gradient per tensor"
+    );
+    for (key, g) in grads.iter() {
+        let err = rel_err(g, &f.tensors[&format!("grad.{key}")]);
+        assert!(
+            err <= TOL,
+            "{fixture}: gradient of {key}: relative error {err:e}"
+        );
+    }
+    run_steps(fixture, &mut f, OptimizerKind::adamw(), 1e-2, "");
+    let table = &f.model.prefix.as_ref().unwrap().table;
+    let err = rel_err(table, &f.tensors["after.prompt_embeddings"]);
+    assert!(
+        err <= TOL,
+        "{fixture}: prefix table after 3 steps: relative error {err:e}"
+    );
+}
+
+macro_rules! prefix_suite {
+    ($($test:ident => ($fixture:literal, $model:literal)),* $(,)?) => {$(
+        mod $test {
+            use super::*;
+            #[test] fn logits_and_cache() { check_prefix_logits($fixture, $model) }
+            #[test] fn gradients_and_adamw_steps() { check_prefix_training($fixture, $model, false) }
+            #[test] fn with_gradient_checkpointing() { check_prefix_training($fixture, $model, true) }
+        }
+    )*};
+}
+
+prefix_suite! {
+    prefix_neox_seq_spiece => ("peft/prefix_tuning/neox-seq-spiece", "neox-seq-spiece"),
+    prefix_neox_par_bpe_projection => ("peft/prefix_tuning/neox-par-bpe", "neox-par-bpe"),
+    prefix_llama_gqa_tied => ("peft/prefix_tuning/llama-gqa-tied", "llama-gqa-tied"),
 }

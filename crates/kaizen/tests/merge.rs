@@ -1,4 +1,4 @@
-//! `merge` + HF export on the committed fixtures: a LoRA adapter folded into the weights and
+//! `merge` + HF export on the committed fixtures: a LoRA (or DoRA) adapter folded into the weights and
 //! written as an HF directory loads back with kaizen to the same logits (1e-4 relative) and the
 //! same token ids as base + adapter unmerged; a GGUF converts the same way; the config survives
 //! `to_hf_json` -> `from_hf_json`; a non-empty destination is refused; a failed export leaves
@@ -163,6 +163,14 @@ fn llama_gqa_tied_llama3_rope() {
 #[test]
 fn llama_all_linear_rslora_linear_rope() {
     check("llama-mha-linear", Some("llama-mha-linear"));
+}
+
+/// DoRA: the merged weight is `(m / ||W + s B A||_row) (W + s B A)`, the bias unchanged (NeoX's
+/// query_key_value has one); Llama with every linear targeted.
+#[test]
+fn dora_merges_into_the_weights() {
+    check("neox-seq-spiece", Some("dora-neox-seq-spiece"));
+    check("llama-gqa-tied", Some("dora-llama-gqa-tied"));
 }
 
 #[test]

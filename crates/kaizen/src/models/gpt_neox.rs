@@ -8,6 +8,9 @@ use rand::rngs::StdRng;
 
 use crate::checkpoint::Weights;
 use crate::config::ModelConfig;
+use crate::models::{
+    backward_layers, forward_layers, split_prefix_grad, with_prefix, KvPair, Saved,
+};
 use crate::nn::attention::{causal_attention_backward, causal_attention_t, AttnCache};
 use crate::nn::linear::LinearCache;
 use crate::nn::norm::NormCache;
@@ -251,18 +254,19 @@ impl GptNeoX {
 
     /// Training forward from embeddings (B, T, hidden): returns the final normalised hidden
     /// states (B, T, hidden) (the LM head is applied by the loss) and what backward needs.
+    /// `prefix`: per-layer learned keys/values ahead of the real tokens (which then start at
+    /// position n); `checkpoint`: keep only layer inputs and recompute in backward.
     pub fn forward_train(
         &self,
         x: &Tensor,
-        mut rng: Option<&mut StdRng>,
+        prefix: Option<&[KvPair]>,
+        checkpoint: bool,
+        rng: Option<&mut StdRng>,
     ) -> Result<(Tensor, Tape)> {
-        let mut x = x.clone();
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for l in &self.layers {
-            let (y, tape) = self.layer_train(l, &x, rng.as_deref_mut())?;
-            layers.push(tape);
-            x = y;
-        }
+        let (x, layers) =
+            forward_layers(&self.layers, x, prefix, checkpoint, rng, |l, x, kv, r| {
+                self.layer_train(l, x, kv, r)
+            })?;
         let (h, final_norm) = self.final_layer_norm.forward_t(&x)?;
         Ok((h, Tape { layers, final_norm }))
     }
@@ -271,6 +275,7 @@ impl GptNeoX {
         &self,
         l: &Layer,
         x: &Tensor,
+        prefix: Option<&KvPair>,
         mut rng: Option<&mut StdRng>,
     ) -> Result<(Tensor, LayerTape)> {
         let c = &self.config;
@@ -288,9 +293,11 @@ impl GptNeoX {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = self.rotary.forward(&part(0)?, 0)?;
-        let k = self.rotary.forward(&part(1)?, 0)?;
-        let (o, attn) = causal_attention_t(&q, &k, &part(2)?, 1.0 / (hd as f64).sqrt())?; // (B, H, T, hd)
+        let n = prefix.map_or(Ok(0), |(pk, _)| pk.dim(2))?;
+        let q = self.rotary.forward(&part(0)?, n)?;
+        let k = self.rotary.forward(&part(1)?, n)?;
+        let (k, v) = with_prefix(prefix, k, part(2)?)?;
+        let (o, attn) = causal_attention_t(&q, &k, &v, 1.0 / (hd as f64).sqrt())?; // (B, H, T, hd)
         let o = o.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         let (attn_out, dense) = l.attention.dense.forward_t(&o, rng.as_deref_mut())?;
         let resid = if c.use_parallel_residual {
@@ -311,6 +318,7 @@ impl GptNeoX {
             (m + resid)?
         };
         let tape = LayerTape {
+            prefix_len: n,
             ln1,
             qkv,
             attn,
@@ -323,13 +331,25 @@ impl GptNeoX {
         Ok((y, tape))
     }
 
-    /// d_h: gradient w.r.t. forward_train's output -> gradient w.r.t. its input embeddings.
-    pub fn backward(&self, tape: &Tape, d_h: &Tensor, grads: &mut Grads) -> Result<Tensor> {
-        let mut dx = self.final_layer_norm.backward(&tape.final_norm, d_h)?;
-        for (l, lt) in self.layers.iter().zip(&tape.layers).rev() {
-            dx = self.layer_backward(l, lt, &dx, grads)?;
-        }
-        Ok(dx)
+    /// d_h: gradient w.r.t. forward_train's output -> gradient w.r.t. its input embeddings and
+    /// the prefix keys/values per layer (empty without a prefix).
+    pub fn backward(
+        &self,
+        tape: &Tape,
+        prefix: Option<&[KvPair]>,
+        d_h: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<(Tensor, Vec<KvPair>)> {
+        let dx = self.final_layer_norm.backward(&tape.final_norm, d_h)?;
+        backward_layers(
+            &self.layers,
+            &tape.layers,
+            prefix,
+            dx,
+            grads,
+            |l, x, kv, r| self.layer_train(l, x, kv, r),
+            |l, lt, dy, g| self.layer_backward(l, lt, dy, g),
+        )
     }
 
     fn layer_backward(
@@ -338,7 +358,7 @@ impl GptNeoX {
         lt: &LayerTape,
         dy: &Tensor,
         grads: &mut Grads,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<KvPair>)> {
         let c = &self.config;
         // MLP branch: m = 4h_to_h(act(h_to_4h(ln2(resid))))
         let d_act = l.mlp.dense_4h_to_h.backward(&lt.h4_to_h, dy, grads)?;
@@ -352,36 +372,45 @@ impl GptNeoX {
             (dy + &d_resid_mlp)?
         };
         let d_x_direct = (dy + &d_resid_mlp)?;
-        let d_ln1 = self.attention_backward(l, lt, &d_attn_out, grads)?;
-        Ok((d_x_direct + l.input_layernorm.backward(&lt.ln1, &d_ln1)?)?)
+        let (d_ln1, d_prefix) = self.attention_backward(l, lt, &d_attn_out, grads)?;
+        let dx = (d_x_direct + l.input_layernorm.backward(&lt.ln1, &d_ln1)?)?;
+        Ok((dx, d_prefix))
     }
 
-    /// Gradient through dense(attn(rotary(split(qkv(ln1))))) down to ln1's output.
+    /// Gradient through dense(attn(rotary(split(qkv(ln1))))) down to ln1's output, and to the
+    /// prefix keys/values.
     fn attention_backward(
         &self,
         l: &Layer,
         lt: &LayerTape,
         d_out: &Tensor,
         grads: &mut Grads,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<KvPair>)> {
         let c = &self.config;
         let (b, t, _) = d_out.dims3()?;
         let (nh, hd) = (c.num_attention_heads, c.head_dim);
         let d_o = l.attention.dense.backward(&lt.dense, d_out, grads)?; // (B, T, H*hd)
         let d_o = d_o.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?; // (B, H, T, hd)
         let (dq, dk, dv) = causal_attention_backward(&lt.attn, &d_o)?;
-        let dq = self.rotary.backward(&dq, 0)?;
-        let dk = self.rotary.backward(&dk, 0)?;
+        let (dk, dv, d_prefix) = split_prefix_grad(lt.prefix_len, dk, dv)?;
+        let dq = self.rotary.backward(&dq, lt.prefix_len)?;
+        let dk = self.rotary.backward(&dk, lt.prefix_len)?;
         // Re-interleave per head: (B, T, H, [q; k; v])
         let d_qkv = Tensor::cat(&[dq, dk, dv], 3)?
             .transpose(1, 2)?
             .reshape((b, t, nh * 3 * hd))?;
-        l.attention.query_key_value.backward(&lt.qkv, &d_qkv, grads)
+        let d_ln1 = l
+            .attention
+            .query_key_value
+            .backward(&lt.qkv, &d_qkv, grads)?;
+        Ok((d_ln1, d_prefix))
     }
 }
 
 /// Saved activations of one layer for backward.
 pub struct LayerTape {
+    /// Number of prefix keys ahead of the real ones.
+    prefix_len: usize,
     ln1: NormCache,
     qkv: LinearCache,
     attn: AttnCache,
@@ -394,6 +423,6 @@ pub struct LayerTape {
 }
 
 pub struct Tape {
-    layers: Vec<LayerTape>,
+    layers: Vec<Saved<LayerTape>>,
     final_norm: NormCache,
 }

@@ -7,6 +7,9 @@ use rand::rngs::StdRng;
 
 use crate::checkpoint::Weights;
 use crate::config::ModelConfig;
+use crate::models::{
+    backward_layers, forward_layers, split_prefix_grad, with_prefix, KvPair, Saved,
+};
 use crate::nn::attention::{causal_attention_backward, causal_attention_t, AttnCache};
 use crate::nn::linear::LinearCache;
 use crate::nn::norm::NormCache;
@@ -233,18 +236,19 @@ impl Llama {
 
     /// Training forward from embeddings (B, T, hidden): returns the final normalised hidden
     /// states (B, T, hidden) (the LM head is applied by the loss) and what backward needs.
+    /// `prefix`: per-layer learned keys/values ahead of the real tokens (which then start at
+    /// position n); `checkpoint`: keep only layer inputs and recompute in backward.
     pub fn forward_train(
         &self,
         x: &Tensor,
-        mut rng: Option<&mut StdRng>,
+        prefix: Option<&[KvPair]>,
+        checkpoint: bool,
+        rng: Option<&mut StdRng>,
     ) -> Result<(Tensor, Tape)> {
-        let mut x = x.clone();
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for l in &self.layers {
-            let (y, tape) = self.layer_train(l, &x, rng.as_deref_mut())?;
-            layers.push(tape);
-            x = y;
-        }
+        let (x, layers) =
+            forward_layers(&self.layers, x, prefix, checkpoint, rng, |l, x, kv, r| {
+                self.layer_train(l, x, kv, r)
+            })?;
         let (h, final_norm) = self.norm.forward_t(&x)?;
         Ok((h, Tape { layers, final_norm }))
     }
@@ -253,6 +257,7 @@ impl Llama {
         &self,
         l: &Layer,
         x: &Tensor,
+        prefix: Option<&KvPair>,
         mut rng: Option<&mut StdRng>,
     ) -> Result<(Tensor, LayerTape)> {
         let c = &self.config;
@@ -270,8 +275,10 @@ impl Llama {
         let (q, q_c) = heads(&a.q_proj, c.num_attention_heads)?;
         let (k, k_c) = heads(&a.k_proj, c.num_key_value_heads)?;
         let (v, v_c) = heads(&a.v_proj, c.num_key_value_heads)?;
-        let q = self.rotary.forward(&q, 0)?;
-        let k = self.rotary.forward(&k, 0)?;
+        let n = prefix.map_or(Ok(0), |(pk, _)| pk.dim(2))?;
+        let q = self.rotary.forward(&q, n)?;
+        let k = self.rotary.forward(&k, n)?;
+        let (k, v) = with_prefix(prefix, k, v)?;
         let (o, attn) = causal_attention_t(&q, &k, &v, 1.0 / (hd as f64).sqrt())?;
         let o = o
             .transpose(1, 2)?
@@ -284,6 +291,7 @@ impl Llama {
         let act = activation::apply(c.hidden_act, &gate)?;
         let (m, down_c) = l.mlp.down_proj.forward_t(&(&act * &up)?, rng)?;
         let tape = LayerTape {
+            prefix_len: n,
             ln1,
             q_c,
             k_c,
@@ -301,13 +309,25 @@ impl Llama {
         Ok(((h + m)?, tape))
     }
 
-    /// d_h: gradient w.r.t. forward_train's output -> gradient w.r.t. its input embeddings.
-    pub fn backward(&self, tape: &Tape, d_h: &Tensor, grads: &mut Grads) -> Result<Tensor> {
-        let mut dx = self.norm.backward(&tape.final_norm, d_h)?;
-        for (l, lt) in self.layers.iter().zip(&tape.layers).rev() {
-            dx = self.layer_backward(l, lt, &dx, grads)?;
-        }
-        Ok(dx)
+    /// d_h: gradient w.r.t. forward_train's output -> gradient w.r.t. its input embeddings and
+    /// the prefix keys/values per layer (empty without a prefix).
+    pub fn backward(
+        &self,
+        tape: &Tape,
+        prefix: Option<&[KvPair]>,
+        d_h: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<(Tensor, Vec<KvPair>)> {
+        let dx = self.norm.backward(&tape.final_norm, d_h)?;
+        backward_layers(
+            &self.layers,
+            &tape.layers,
+            prefix,
+            dx,
+            grads,
+            |l, x, kv, r| self.layer_train(l, x, kv, r),
+            |l, lt, dy, g| self.layer_backward(l, lt, dy, g),
+        )
     }
 
     fn layer_backward(
@@ -316,7 +336,7 @@ impl Llama {
         lt: &LayerTape,
         dy: &Tensor,
         grads: &mut Grads,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<KvPair>)> {
         let c = &self.config;
         let (b, t, _) = dy.dims3()?;
         let hd = c.head_dim;
@@ -335,21 +355,26 @@ impl Llama {
             .transpose(1, 2)?
             .contiguous()?;
         let (dq, dk, dv) = causal_attention_backward(&lt.attn, &d_o)?;
+        let (dk, dv, d_prefix) = split_prefix_grad(lt.prefix_len, dk, dv)?;
+        let n = lt.prefix_len;
         let flat = |d: Tensor, n: usize| -> Result<Tensor> {
             Ok(d.transpose(1, 2)?.reshape((b, t, n * hd))?)
         };
-        let dq = flat(self.rotary.backward(&dq, 0)?, c.num_attention_heads)?;
-        let dk = flat(self.rotary.backward(&dk, 0)?, c.num_key_value_heads)?;
+        let dq = flat(self.rotary.backward(&dq, n)?, c.num_attention_heads)?;
+        let dk = flat(self.rotary.backward(&dk, n)?, c.num_key_value_heads)?;
         let dv = flat(dv, c.num_key_value_heads)?;
         let d_ln1 = ((a.q_proj.backward(&lt.q_c, &dq, grads)?
             + a.k_proj.backward(&lt.k_c, &dk, grads)?)?
             + a.v_proj.backward(&lt.v_c, &dv, grads)?)?;
-        Ok((d_h + l.input_layernorm.backward(&lt.ln1, &d_ln1)?)?)
+        let dx = (d_h + l.input_layernorm.backward(&lt.ln1, &d_ln1)?)?;
+        Ok((dx, d_prefix))
     }
 }
 
 /// Saved activations of one layer for backward.
 pub struct LayerTape {
+    /// Number of prefix keys ahead of the real ones.
+    prefix_len: usize,
     ln1: NormCache,
     q_c: LinearCache,
     k_c: LinearCache,
@@ -367,6 +392,6 @@ pub struct LayerTape {
 }
 
 pub struct Tape {
-    layers: Vec<LayerTape>,
+    layers: Vec<Saved<LayerTape>>,
     final_norm: NormCache,
 }

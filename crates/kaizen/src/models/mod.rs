@@ -21,11 +21,117 @@ pub enum Arch {
     Llama(Llama),
 }
 
-/// A causal LM plus the input-embedding door: learned virtual-token embeddings that are
-/// prepended to the token embeddings of a fresh sequence (prompt tuning, P-tuning).
+/// A causal LM plus two doors for learned tokens: `virtual_tokens`, embeddings prepended to the
+/// token embeddings of a fresh sequence (prompt tuning, P-tuning), and `prefix`, per-layer keys
+/// and values placed in the KV cache ahead of the real tokens (prefix tuning).
 pub struct Model {
     pub arch: Arch,
     pub virtual_tokens: Option<VirtualTokens>,
+    /// Table (n, layers * 2 * kv_heads * head_dim), each row `[layer][key|value][kv_head][head_dim]`
+    /// as PEFT lays out `prompt_embeddings`; real tokens then take positions n, n+1, ...
+    pub prefix: Option<VirtualTokens>,
+    /// Training keeps only each layer's input and recomputes its activations during backward.
+    pub gradient_checkpointing: bool,
+}
+
+/// One layer's key and value, each (B or 1, kv_heads, S, head_dim).
+pub type KvPair = (Tensor, Tensor);
+
+/// What backward needs of one layer: its tape, or with gradient checkpointing its input and the
+/// dropout RNG state, to recompute the tape.
+pub enum Saved<T> {
+    Tape(T),
+    Input { x: Tensor, rng: Option<Box<StdRng>> },
+}
+
+/// Runs `layer` over `layers` for training, keeping tapes or (checkpointing) only inputs.
+/// `layer(l, x, prefix_kv, rng)` returns the layer's output and tape.
+pub(crate) fn forward_layers<L, T>(
+    layers: &[L],
+    x: &Tensor,
+    prefix: Option<&[KvPair]>,
+    checkpoint: bool,
+    mut rng: Option<&mut StdRng>,
+    layer: impl Fn(&L, &Tensor, Option<&KvPair>, Option<&mut StdRng>) -> Result<(Tensor, T)>,
+) -> Result<(Tensor, Vec<Saved<T>>)> {
+    let mut x = x.clone();
+    let mut saved = Vec::with_capacity(layers.len());
+    for (i, l) in layers.iter().enumerate() {
+        let kv = prefix.map(|p| &p[i]);
+        if checkpoint {
+            saved.push(Saved::Input {
+                x: x.clone(),
+                rng: rng.as_deref().cloned().map(Box::new),
+            });
+            x = layer(l, &x, kv, rng.as_deref_mut())?.0;
+        } else {
+            let (y, tape) = layer(l, &x, kv, rng.as_deref_mut())?;
+            saved.push(Saved::Tape(tape));
+            x = y;
+        }
+    }
+    Ok((x, saved))
+}
+
+/// Backward over the layers in reverse, recomputing checkpointed tapes with `forward`.
+/// `backward(l, tape, dy, grads)` returns the gradient of the layer's input and, with a prefix,
+/// of its prefix key and value. Returns dx and the prefix gradients in layer order.
+pub(crate) fn backward_layers<L, T>(
+    layers: &[L],
+    saved: &[Saved<T>],
+    prefix: Option<&[KvPair]>,
+    dy: Tensor,
+    grads: &mut Grads,
+    forward: impl Fn(&L, &Tensor, Option<&KvPair>, Option<&mut StdRng>) -> Result<(Tensor, T)>,
+    backward: impl Fn(&L, &T, &Tensor, &mut Grads) -> Result<(Tensor, Option<KvPair>)>,
+) -> Result<(Tensor, Vec<KvPair>)> {
+    let mut dx = dy;
+    let mut d_prefix = Vec::new();
+    for (i, (l, s)) in layers.iter().zip(saved).enumerate().rev() {
+        let recomputed;
+        let tape = match s {
+            Saved::Tape(t) => t,
+            Saved::Input { x, rng } => {
+                let mut rng = rng.as_deref().cloned();
+                recomputed = forward(l, x, prefix.map(|p| &p[i]), rng.as_mut())?.1;
+                &recomputed
+            }
+        };
+        let (d, dkv) = backward(l, tape, &dx, grads)?;
+        dx = d;
+        d_prefix.extend(dkv);
+    }
+    d_prefix.reverse();
+    Ok((dx, d_prefix))
+}
+
+/// Concatenates a layer's prefix key/value (1, KVH, n, hd) before the real ones (B, KVH, T, hd).
+pub(crate) fn with_prefix(kv: Option<&KvPair>, k: Tensor, v: Tensor) -> Result<KvPair> {
+    let Some((pk, pv)) = kv else {
+        return Ok((k, v));
+    };
+    let cat = |p: &Tensor, x: &Tensor| -> Result<Tensor> {
+        let (b, h, _, d) = x.dims4()?;
+        let p = p.broadcast_as((b, h, p.dim(2)?, d))?.contiguous()?;
+        Ok(Tensor::cat(&[&p, x], 2)?)
+    };
+    Ok((cat(pk, &k)?, cat(pv, &v)?))
+}
+
+/// Splits attention's dk/dv over (prefix + real) keys: the real part, and the prefix part summed
+/// over the batch (every sequence shares the prefix) when there is one.
+pub(crate) fn split_prefix_grad(
+    n: usize,
+    dk: Tensor,
+    dv: Tensor,
+) -> Result<(Tensor, Tensor, Option<KvPair>)> {
+    if n == 0 {
+        return Ok((dk, dv, None));
+    }
+    let s = dk.dim(2)?;
+    let prefix = |d: &Tensor| -> Result<Tensor> { Ok(d.narrow(2, 0, n)?.sum_keepdim(0)?) };
+    let real = |d: &Tensor| -> Result<Tensor> { Ok(d.narrow(2, n, s - n)?.contiguous()?) };
+    Ok((real(&dk)?, real(&dv)?, Some((prefix(&dk)?, prefix(&dv)?))))
 }
 
 /// Embeddings of `n` virtual tokens, saved under a PEFT key (`prompt_embeddings`). Trained
@@ -66,6 +172,8 @@ impl Model {
         Ok(Model {
             arch,
             virtual_tokens: None,
+            prefix: None,
+            gradient_checkpointing: false,
         })
     }
 
@@ -93,8 +201,20 @@ impl Model {
     }
 
     /// Embeddings (B, T, hidden) -> final normalised hidden states (B, T, hidden); with a cache,
-    /// positions continue after it.
+    /// positions continue after it. With a prefix, an empty or absent cache starts as the prefix.
     pub fn forward_hidden(&self, x: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let mut own;
+        let cache = match (cache, self.prefix.is_some()) {
+            (Some(c), true) if c.is_empty() => {
+                *c = self.prefix_cache(x.dim(0)?)?;
+                Some(c)
+            }
+            (None, true) => {
+                own = self.prefix_cache(x.dim(0)?)?;
+                Some(&mut own)
+            }
+            (c, _) => c,
+        };
         match &self.arch {
             Arch::GptNeoX(m) => m.forward_hidden(x, cache),
             Arch::Llama(m) => m.forward_hidden(x, cache),
@@ -104,6 +224,56 @@ impl Model {
     /// Embeddings (B, T, hidden) -> logits (B, T, vocab).
     pub fn forward_embeds(&self, x: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         self.lm_head().forward(&self.forward_hidden(x, cache)?)
+    }
+
+    /// The prefix's key and value per layer, each (1, kv_heads, n, head_dim), from PEFT's flat
+    /// table (n, layers * 2 * kv_heads * head_dim).
+    pub fn prefix_kv(&self) -> Result<Option<Vec<KvPair>>> {
+        let Some(p) = &self.prefix else {
+            return Ok(None);
+        };
+        let c = self.config();
+        let (l, kvh, hd) = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim);
+        let n = p.table.dim(0)?;
+        let t = p
+            .table
+            .reshape((n, l * 2, kvh, hd))?
+            .permute((1, 2, 0, 3))?; // (layers * 2, KVH, n, hd)
+        let slot = |j: usize| -> Result<Tensor> { Ok(t.get(j)?.unsqueeze(0)?.contiguous()?) };
+        Ok(Some(
+            (0..l)
+                .map(|i| Ok((slot(2 * i)?, slot(2 * i + 1)?)))
+                .collect::<Result<_>>()?,
+        ))
+    }
+
+    /// Gradients of the prefix keys/values per layer (1, KVH, n, hd) -> gradient of the table.
+    fn prefix_table_grad(&self, d: &[KvPair]) -> Result<Tensor> {
+        let slots: Vec<Tensor> = d
+            .iter()
+            .flat_map(|(k, v)| [k.squeeze(0), v.squeeze(0)])
+            .collect::<candle_core::Result<_>>()?;
+        let t = Tensor::stack(&slots, 0)?; // (layers * 2, KVH, n, hd)
+        let n = t.dim(2)?;
+        Ok(t.permute((2, 0, 1, 3))?.reshape((n, ()))?)
+    }
+
+    /// A cache holding the prefix for a batch of `b` sequences.
+    fn prefix_cache(&self, b: usize) -> Result<KvCache> {
+        let mut cache = self.new_cache();
+        for (i, (k, v)) in self.prefix_kv()?.into_iter().flatten().enumerate() {
+            let full = |t: &Tensor| -> Result<Tensor> {
+                let (_, h, n, d) = t.dims4()?;
+                Ok(t.broadcast_as((b, h, n, d))?.contiguous()?)
+            };
+            cache.append(i, full(&k)?, full(&v)?)?;
+        }
+        Ok(cache)
+    }
+
+    /// The learned-token tables attached (virtual tokens, prefix).
+    pub fn learned_tokens(&self) -> impl Iterator<Item = &VirtualTokens> {
+        self.virtual_tokens.iter().chain(self.prefix.iter())
     }
 
     /// Number of virtual tokens prepended to a fresh sequence.
@@ -188,36 +358,57 @@ impl Model {
         }
     }
 
-    /// Training forward from embeddings (B, T, hidden) to final normalised hidden states; `rng`
-    /// drives dropout in adapters.
+    /// Training forward from embeddings (B, T, hidden) to final normalised hidden states, after
+    /// the prefix if there is one; `rng` drives dropout in adapters.
     pub fn forward_train(&self, x: &Tensor, rng: Option<&mut StdRng>) -> Result<(Tensor, Tape)> {
-        Ok(match &self.arch {
+        let prefix = self.prefix_kv()?;
+        let ckpt = self.gradient_checkpointing;
+        let (h, arch) = match &self.arch {
             Arch::GptNeoX(m) => {
-                let (h, t) = m.forward_train(x, rng)?;
-                (h, Tape::GptNeoX(t))
+                let (h, t) = m.forward_train(x, prefix.as_deref(), ckpt, rng)?;
+                (h, ArchTape::GptNeoX(t))
             }
             Arch::Llama(m) => {
-                let (h, t) = m.forward_train(x, rng)?;
-                (h, Tape::Llama(t))
+                let (h, t) = m.forward_train(x, prefix.as_deref(), ckpt, rng)?;
+                (h, ArchTape::Llama(t))
             }
-        })
+        };
+        Ok((h, Tape { arch, prefix }))
     }
 
-    /// Backward from the gradient of the final hidden states to the input embeddings;
-    /// adapter gradients accumulate into `grads`.
-    pub fn backward(&self, tape: &Tape, d_h: &Tensor, grads: &mut Grads) -> Result<Tensor> {
-        match (&self.arch, tape) {
-            (Arch::GptNeoX(m), Tape::GptNeoX(t)) => m.backward(t, d_h, grads),
-            (Arch::Llama(m), Tape::Llama(t)) => m.backward(t, d_h, grads),
-            _ => Err(crate::Error::Input(
-                "tape from a different architecture".into(),
-            )),
-        }
+    /// Backward from the gradient of the final hidden states: returns the gradient of the input
+    /// embeddings and, with a prefix, of its table. Adapter gradients accumulate into `grads`.
+    pub fn backward(
+        &self,
+        tape: &Tape,
+        d_h: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let p = tape.prefix.as_deref();
+        let (dx, d_prefix) = match (&self.arch, &tape.arch) {
+            (Arch::GptNeoX(m), ArchTape::GptNeoX(t)) => m.backward(t, p, d_h, grads)?,
+            (Arch::Llama(m), ArchTape::Llama(t)) => m.backward(t, p, d_h, grads)?,
+            _ => {
+                return Err(crate::Error::Input(
+                    "tape from a different architecture".into(),
+                ))
+            }
+        };
+        let d_table = match p {
+            Some(_) => Some(self.prefix_table_grad(&d_prefix)?),
+            None => None,
+        };
+        Ok((dx, d_table))
     }
 }
 
 /// Activations saved by [`Model::forward_train`].
-pub enum Tape {
+pub struct Tape {
+    arch: ArchTape,
+    prefix: Option<Vec<KvPair>>,
+}
+
+enum ArchTape {
     GptNeoX(gpt_neox::Tape),
     Llama(llama::Tape),
 }

@@ -84,13 +84,13 @@ pub fn micro_batch_backward(
         &targets,
         loss_scale,
     )?;
-    let dx = model.backward(&tape, &dh.reshape((b, full, hidden))?, grads)?; // (B, n + T, hidden)
+    let (dx, d_prefix) = model.backward(&tape, &dh.reshape((b, full, hidden))?, grads)?; // (B, n + T, hidden)
     if let Some(v) = &model.virtual_tokens {
         let d_table = dx.narrow(1, 0, n)?.sum(0)?; // every sequence shares the table
-        match &v.encoder {
-            Some(e) => e.backward(&d_table, grads)?,
-            None => grads.add(&v.key, d_table)?,
-        }
+        table_backward(v, d_table, grads)?;
+    }
+    if let (Some(p), Some(d_table)) = (&model.prefix, d_prefix) {
+        table_backward(p, d_table, grads)?;
     }
     let d_embeds = dx.narrow(1, n, t)?;
     Ok(MicroStep {
@@ -100,15 +100,23 @@ pub fn micro_batch_backward(
     })
 }
 
-/// Trainable tensors currently attached to the model's linear layers, by PEFT key.
+/// Gradient of a learned-token table into its encoder's parameters, or the table itself.
+fn table_backward(v: &VirtualTokens, d_table: Tensor, grads: &mut Grads) -> Result<()> {
+    match &v.encoder {
+        Some(e) => e.backward(&d_table, grads),
+        None => grads.add(&v.key, d_table),
+    }
+}
+
+/// Trainable tensors currently attached to the model, by PEFT key.
 pub fn trainable_params(model: &mut Model) -> Vec<(String, Tensor)> {
-    let mut out: Vec<(String, Tensor)> = match &model.virtual_tokens {
-        Some(VirtualTokens {
-            encoder: Some(e), ..
-        }) => e.params(),
-        Some(v) => vec![(v.key.clone(), v.table.clone())],
-        None => vec![],
-    };
+    let mut out: Vec<(String, Tensor)> = Vec::new();
+    for v in model.learned_tokens() {
+        match &v.encoder {
+            Some(e) => out.extend(e.params()),
+            None => out.push((v.key.clone(), v.table.clone())),
+        }
+    }
     for (_, lin) in model.linears_mut() {
         if let Some(a) = &lin.adapter {
             out.extend(a.params());
@@ -117,22 +125,40 @@ pub fn trainable_params(model: &mut Model) -> Vec<(String, Tensor)> {
     out
 }
 
-/// Writes updated tensors back into their adapters.
+/// Writes updated tensors back into their adapters (encoders then recompute their tables once).
 pub fn set_params(model: &mut Model, updates: Vec<(String, Tensor)>) -> Result<()> {
-    let virtual_key = model.virtual_tokens.as_ref().map(|v| v.key.clone());
+    let mut linear_updates = Vec::new();
     for (key, value) in updates {
-        if let Some(v) = model.virtual_tokens.as_mut() {
-            if Some(&key) == virtual_key.as_ref() && v.encoder.is_none() {
-                v.table = value;
-                continue;
-            }
-            if let Some(e) = v.encoder.as_mut() {
-                if e.set_param(&key, value.clone())? {
-                    v.table = e.forward()?;
-                    continue;
+        let mut taken = false;
+        for v in [&mut model.virtual_tokens, &mut model.prefix]
+            .into_iter()
+            .flatten()
+        {
+            taken = match v.encoder.as_mut() {
+                None if key == v.key => {
+                    v.table = value.clone();
+                    true
                 }
+                None => false,
+                Some(e) => e.set_param(&key, value.clone())?,
+            };
+            if taken {
+                break;
             }
         }
+        if !taken {
+            linear_updates.push((key, value));
+        }
+    }
+    for v in [&mut model.virtual_tokens, &mut model.prefix]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(e) = &v.encoder {
+            v.table = e.forward()?;
+        }
+    }
+    for (key, value) in linear_updates {
         let mut linears = model.linears_mut();
         let mut done = false;
         for (_, lin) in linears.iter_mut() {

@@ -364,7 +364,9 @@ fn save_checkpoint(
 
 /// Restores adapter tensors and optimizer state; returns the step to continue from.
 fn load_checkpoint(model: &mut Model, opt: &mut Optimizer, dir: &Path) -> Result<usize> {
-    let (_, mut weights) = crate::checkpoint::adapter::read(dir)?;
+    use crate::checkpoint::adapter;
+    let (_, mut weights) = adapter::read(dir)?;
+    let mut file = dir.join(adapter::WEIGHTS_FILE);
     let encoder_file = dir.join(crate::tuners::prompt::p_tuning::ENCODER_FILE);
     if encoder_file.is_file() {
         // P-tuning: the trainable tensors are the encoder's; the adapter file holds its output.
@@ -372,6 +374,18 @@ fn load_checkpoint(model: &mut Model, opt: &mut Optimizer, dir: &Path) -> Result
             .map_err(|e| Error::checkpoint(&encoder_file, crate::error::brief(&e)))?
             .into_iter()
             .collect();
+        file = encoder_file;
+    }
+    // Every trainable tensor must come back: one left at its fresh init would train on silently.
+    for (key, t) in trainable_params(model) {
+        let msg = match weights.get(&key) {
+            None => format!("no tensor \"{key}\", which the run trains; the checkpoint is incomplete or from another run"),
+            Some(w) if w.dims() != t.dims() => {
+                format!("\"{key}\" has shape {:?}, the run's is {:?}", w.dims(), t.dims())
+            }
+            Some(_) => continue,
+        };
+        return Err(Error::checkpoint(&file, msg));
     }
     set_params(model, weights.into_iter().collect())?;
     let state_path = dir.join("trainer_state.json");

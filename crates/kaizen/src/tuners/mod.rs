@@ -4,6 +4,7 @@
 pub mod ia3;
 pub mod init;
 pub mod lora;
+pub mod prefix;
 pub mod prompt;
 
 use std::path::Path;
@@ -34,9 +35,16 @@ pub enum Method {
     },
     /// A P-tuning adapter as PEFT saves it: only the encoder's output, so inference only.
     PTuningInference { json: Value },
-    /// P-tuning with its MLP prompt encoder, trainable; saved as PEFT does (the encoder's output)
-    /// plus the encoder's weights beside it (`prompt_encoder.safetensors`) to continue training.
+    /// P-tuning with its prompt encoder (MLP or LSTM), trainable; saved as PEFT does (the
+    /// encoder's output) plus the encoder's weights beside it (`prompt_encoder.safetensors`).
     PTuning { json: Value },
+    /// Prefix tuning; with `prefix_projection`, trainable only with the encoder's weights beside
+    /// the file (else, as PEFT saves it, inference only).
+    PrefixTuning {
+        cfg: prefix::PrefixTuningConfig,
+        json: Value,
+        trainable: bool,
+    },
 }
 
 impl Method {
@@ -47,6 +55,7 @@ impl Method {
             Method::Ia3 { .. } => "IA3",
             Method::PromptTuning { .. } => "PROMPT_TUNING",
             Method::PTuningInference { .. } | Method::PTuning { .. } => "P_TUNING",
+            Method::PrefixTuning { .. } => "PREFIX_TUNING",
         }
     }
 
@@ -61,15 +70,20 @@ impl Method {
             } => cfg.to_json(targets, feedforward),
             Method::PromptTuning { json, .. }
             | Method::PTuningInference { json }
-            | Method::PTuning { json } => json.clone(),
+            | Method::PTuning { json }
+            | Method::PrefixTuning { json, .. } => json.clone(),
         }
     }
 
     /// Writes the model's current adapter tensors and this config as a PEFT adapter directory.
     pub fn save(&self, model: &mut Model, dir: &Path) -> Result<()> {
-        if let (Method::PTuning { .. }, Some(table)) =
-            (self, model.virtual_tokens.as_ref().map(|v| v.table.clone()))
-        {
+        // P-tuning, prefix projection: PEFT's file holds the encoder's output; its weights go
+        // beside it.
+        let encoded = model
+            .learned_tokens()
+            .find(|v| v.encoder.is_some())
+            .map(|v| v.table.clone());
+        if let Some(table) = encoded {
             let encoder: std::collections::HashMap<String, Tensor> =
                 crate::train::trainable_params(model).into_iter().collect();
             adapter::write(
@@ -131,20 +145,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
         "PROMPT_TUNING" => {
             let cfg = prompt::PromptTuningConfig::from_json(&config)
                 .map_err(|m| Error::config(&cfg_path, m))?;
-            let mut weights = weights;
-            let table = weights.remove(prompt::KEY).ok_or_else(|| {
-                Error::Input(format!(
-                    "{}: the adapter has no \"{}\" tensor",
-                    dir.display(),
-                    prompt::KEY
-                ))
-            })?;
-            if let Some(k) = weights.keys().next() {
-                return Err(Error::Input(format!(
-                    "{}: unexpected tensor \"{k}\" in a prompt-tuning adapter",
-                    dir.display()
-                )));
-            }
+            let table = only_table(dir, weights)?;
             prompt::attach(model, &cfg, Some(table), None, 0)
                 .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
             let json = cfg.to_json(model);
@@ -155,36 +156,55 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
             // tuning at inference time.
             let cfg = prompt::PromptTuningConfig::from_json(&config)
                 .map_err(|m| Error::config(&cfg_path, m))?;
-            let mut weights = weights;
-            let table = weights.remove(prompt::KEY).ok_or_else(|| {
-                Error::Input(format!("{}: the adapter has no \"{}\" tensor", dir.display(), prompt::KEY))
-            })?;
+            let table = only_table(dir, weights)?;
             prompt::attach(model, &cfg, Some(table), None, 0)
                 .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
             let json = Value::Object(config.clone());
             let encoder_file = dir.join(prompt::p_tuning::ENCODER_FILE);
             if encoder_file.is_file() {
                 // Written by kaizen beside PEFT's file: the encoder can keep training.
-                prompt::p_tuning::attach_encoder(model, &encoder_file)?;
+                let enc = prompt::p_tuning::EncoderConfig::from_json(&config)
+                    .map_err(|m| Error::config(&cfg_path, m))?;
+                prompt::p_tuning::attach_encoder(model, &encoder_file, &enc)?;
                 Method::PTuning { json }
             } else {
                 Method::PTuningInference { json }
+            }
+        }
+        "PREFIX_TUNING" => {
+            let cfg = prefix::PrefixTuningConfig::from_json(&config)
+                .map_err(|m| Error::config(&cfg_path, m))?;
+            let table = only_table(dir, weights)?;
+            prefix::attach(model, &cfg, Some(table), 0)
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            // PEFT saves a projection's output only; kaizen keeps its weights beside it.
+            let trainable = !cfg.prefix_projection
+                || dir.join(prompt::p_tuning::ENCODER_FILE).is_file();
+            if cfg.prefix_projection && trainable {
+                prefix::attach_encoder(model, dir)?;
+            }
+            let json = Value::Object(config.clone());
+            Method::PrefixTuning {
+                cfg,
+                json,
+                trainable,
             }
         }
         other => {
             return Err(Error::config(
                 &cfg_path,
                 format!(
-                    "peft_type \"{other}\" is not supported (supported: LORA, IA3, PROMPT_TUNING, P_TUNING for inference)"
+                    "peft_type \"{other}\" is not supported (supported: LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING)"
                 ),
             ))
         }
     };
     let targets = match &method {
         Method::Lora { targets, .. } | Method::Ia3 { targets, .. } => targets.clone(),
-        Method::PromptTuning { .. } | Method::PTuningInference { .. } | Method::PTuning { .. } => {
-            vec![]
-        }
+        Method::PromptTuning { .. }
+        | Method::PTuningInference { .. }
+        | Method::PTuning { .. }
+        | Method::PrefixTuning { .. } => vec![],
     };
     Ok(AdapterInfo {
         method,
@@ -192,6 +212,28 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
         targets,
         trainable_params,
     })
+}
+
+/// The one tensor of a prompt-method adapter, `prompt_embeddings`.
+fn only_table(
+    dir: &Path,
+    mut weights: std::collections::BTreeMap<String, Tensor>,
+) -> Result<Tensor> {
+    let table = weights.remove(prompt::KEY).ok_or_else(|| {
+        Error::Input(format!(
+            "{}: the adapter has no \"{}\" tensor",
+            dir.display(),
+            prompt::KEY
+        ))
+    })?;
+    if let Some(k) = weights.keys().next() {
+        return Err(Error::Input(format!(
+            "{}: unexpected tensor \"{k}\" beside \"{}\"",
+            dir.display(),
+            prompt::KEY
+        )));
+    }
+    Ok(table)
 }
 
 /// What [`merge`] took out of the model, so [`unmerge`] can put it back exactly.
@@ -221,9 +263,9 @@ impl Merged {
 /// and removes it: zero added inference latency. All-or-nothing: if one layer cannot merge,
 /// the model is left unchanged.
 pub fn merge(model: &mut Model) -> Result<Merged> {
-    if model.virtual_tokens.is_some() {
+    if model.learned_tokens().next().is_some() {
         return Err(Error::Input(
-            "virtual-token adapters (prompt tuning, P-tuning) add inputs rather than change weights, so they cannot be merged; use --adapter instead".into(),
+            "virtual-token adapters (prompt tuning, P-tuning, prefix tuning) add inputs rather than change weights, so they cannot be merged; use --adapter instead".into(),
         ));
     }
     let mut folded = Vec::new();

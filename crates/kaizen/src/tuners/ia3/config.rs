@@ -26,7 +26,11 @@ impl Default for Ia3Config {
     }
 }
 
-fn modules(map: &Map<String, Value>, key: &str) -> Result<Option<TargetModules>, String> {
+/// A module list as PEFT writes it: a list of names, a regex string, "all-linear", or null.
+pub(crate) fn modules(
+    map: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<TargetModules>, String> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s == "all-linear" => Ok(Some(TargetModules::AllLinear)),

@@ -47,6 +47,9 @@ pub struct LoraConfig {
     /// None: the architecture's default (GPT-NeoX `query_key_value`, Llama `q_proj`,`v_proj`).
     pub target_modules: Option<TargetModules>,
     pub use_rslora: bool,
+    /// DoRA (Liu et al. 2024): a trainable magnitude per output row times the direction of
+    /// `W + scale B A` (see `dora.rs`).
+    pub use_dora: bool,
     pub init_lora_weights: LoraInit,
     pub layers_to_transform: Option<Vec<usize>>,
     /// Module-name regex -> rank / alpha overrides.
@@ -63,6 +66,7 @@ impl Default for LoraConfig {
             lora_dropout: 0.0,
             target_modules: None,
             use_rslora: false,
+            use_dora: false,
             init_lora_weights: LoraInit::Default,
             layers_to_transform: None,
             rank_pattern: BTreeMap::new(),
@@ -125,7 +129,6 @@ impl LoraConfig {
     /// are errors (rather than silently computing something else).
     pub fn from_json(map: &Map<String, Value>) -> std::result::Result<Self, String> {
         for (key, what) in [
-            ("use_dora", "DoRA"),
             ("lora_bias", "LoRA bias"),
             ("fan_in_fan_out", "fan_in_fan_out"),
         ] {
@@ -233,6 +236,10 @@ impl LoraConfig {
                 .get("use_rslora")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            use_dora: map
+                .get("use_dora")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             init_lora_weights: init,
             layers_to_transform,
             rank_pattern: pattern("rank_pattern")?
@@ -285,7 +292,7 @@ impl LoraConfig {
             "revision": null,
             "target_modules": target_modules,
             "task_type": "CAUSAL_LM",
-            "use_dora": false,
+            "use_dora": self.use_dora,
             "use_rslora": self.use_rslora,
         })
     }

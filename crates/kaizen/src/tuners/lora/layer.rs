@@ -1,11 +1,13 @@
 //! A LoRA layer beside a frozen linear: `y = W x + b + scale * B A dropout(x)`
 //! (Hu et al. 2021; HF PEFT `peft/tuners/lora/layer.py`, `Linear.forward`). A: (r, in),
-//! B: (out, r); scale = alpha / r, or alpha / sqrt(r) with rsLoRA.
+//! B: (out, r); scale = alpha / r, or alpha / sqrt(r) with rsLoRA. With a magnitude vector the
+//! layer is DoRA instead (`dora.rs`).
 
 use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::Rng;
 
+use super::dora;
 use crate::nn::{Grads, Linear, LinearAdapter};
 use crate::Result;
 
@@ -19,6 +21,8 @@ pub struct LoraLayer {
     pub lora_b: Tensor,
     pub scale: f64,
     pub dropout: f64,
+    /// DoRA's `lora_magnitude_vector` (out,); None for plain LoRA.
+    pub magnitude: Option<Tensor>,
 }
 
 impl LoraLayer {
@@ -27,6 +31,10 @@ impl LoraLayer {
     }
     pub fn key_b(&self) -> String {
         format!("{}.lora_B.weight", self.prefix)
+    }
+    /// PEFT saves DoRA's magnitude without a `.weight` suffix.
+    pub fn key_magnitude(&self) -> String {
+        format!("{}.lora_magnitude_vector", self.prefix)
     }
 }
 
@@ -37,7 +45,6 @@ impl LinearAdapter for LoraLayer {
         x: &Tensor,
         rng: Option<&mut StdRng>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let y = base.base_forward(x)?;
         // Inverted dropout on the LoRA branch only; the saved mask is already scaled by 1/(1-p).
         let mask = match rng {
             Some(rng) if self.dropout > 0.0 => {
@@ -59,6 +66,11 @@ impl LinearAdapter for LoraLayer {
             Some(m) => (x * m)?,
             None => x.clone(),
         };
+        if let Some(mag) = &self.magnitude {
+            let xd = mask.is_some().then_some(&xd);
+            return Ok((dora::forward(self, mag, base, x, xd)?, mask));
+        }
+        let y = base.base_forward(x)?;
         let h = xd.matmul(&self.lora_a.t()?)?; // (N, r)
         let delta = (h.matmul(&self.lora_b.t()?)? * self.scale)?; // (N, out)
         Ok(((y + delta)?, mask))
@@ -72,6 +84,9 @@ impl LinearAdapter for LoraLayer {
         dy: &Tensor,
         grads: &mut Grads,
     ) -> Result<Tensor> {
+        if let Some(mag) = &self.magnitude {
+            return dora::backward(self, mag, base, x, mask, dy, grads);
+        }
         let xd = match mask {
             Some(m) => (x * m)?,
             None => x.clone(),
@@ -90,10 +105,14 @@ impl LinearAdapter for LoraLayer {
     }
 
     fn params(&self) -> Vec<(String, Tensor)> {
-        vec![
+        let mut p = vec![
             (self.key_a(), self.lora_a.clone()),
             (self.key_b(), self.lora_b.clone()),
-        ]
+        ];
+        if let Some(m) = &self.magnitude {
+            p.push((self.key_magnitude(), m.clone()));
+        }
+        p
     }
 
     fn set_param(&mut self, key: &str, value: Tensor) -> Result<bool> {
@@ -101,6 +120,8 @@ impl LinearAdapter for LoraLayer {
             self.lora_a = value;
         } else if key == self.key_b() {
             self.lora_b = value;
+        } else if self.magnitude.is_some() && key == self.key_magnitude() {
+            self.magnitude = Some(value);
         } else {
             return Ok(false);
         }
@@ -108,6 +129,10 @@ impl LinearAdapter for LoraLayer {
     }
 
     fn merged(&self, base: &Linear) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        if let Some(mag) = &self.magnitude {
+            let w = dora::merged_weight(self, mag, base)?;
+            return Ok(Some((w, base.bias.clone())));
+        }
         let delta = (self.lora_b.matmul(&self.lora_a)? * self.scale)?; // (out, in)
         Ok(Some(((&base.weight + delta)?, base.bias.clone())))
     }

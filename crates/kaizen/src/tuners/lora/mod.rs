@@ -1,6 +1,8 @@
-//! LoRA (HF PEFT `LORA`): low-rank A/B beside frozen linear layers, chosen by `target_modules`.
+//! LoRA (HF PEFT `LORA`): low-rank A/B beside frozen linear layers, chosen by `target_modules`;
+//! with `use_dora`, DoRA's magnitude/direction split of the same layers.
 
 pub mod config;
+pub mod dora;
 pub mod layer;
 
 use std::collections::BTreeMap;
@@ -97,8 +99,9 @@ fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Result<
 }
 
 /// Attaches LoRA layers to the targeted linears. With `weights` (PEFT keys -> tensors, e.g. from
-/// an adapter file) every layer takes its A/B from there and every tensor must be used;
-/// otherwise they are initialised per `cfg.init_lora_weights` from `seed`. Returns the targets.
+/// an adapter file) every layer takes its A/B (and DoRA magnitude) from there and every tensor
+/// must be used; otherwise they are initialised per `cfg.init_lora_weights` from `seed`, and a
+/// DoRA magnitude, as PEFT, to the row norms of `W + scale B A`. Returns the targets.
 pub fn attach(
     model: &mut Model,
     cfg: &LoraConfig,
@@ -128,12 +131,18 @@ pub fn attach(
             ),
             None => init(cfg.init_lora_weights, r, inp, out, &mut rng)?,
         };
+        let magnitude = match (cfg.use_dora, weights.as_mut()) {
+            (false, _) => None,
+            (true, Some(w)) => Some(take(w, &format!("{prefix}.lora_magnitude_vector"), &[out])?),
+            (true, None) => Some(dora::initial_magnitude(lin, &a, &b, scale)?),
+        };
         lin.adapter = Some(Box::new(LoraLayer {
             prefix,
             lora_a: a,
             lora_b: b,
             scale,
             dropout: cfg.lora_dropout,
+            magnitude,
         }));
     }
     if let Some(w) = weights {
@@ -147,7 +156,8 @@ pub fn attach(
     Ok(targets)
 }
 
-fn take(w: &mut BTreeMap<String, Tensor>, key: &str, shape: &[usize]) -> Result<Tensor> {
+/// Removes `key` from an adapter's tensors, checking its shape.
+pub(crate) fn take(w: &mut BTreeMap<String, Tensor>, key: &str, shape: &[usize]) -> Result<Tensor> {
     let t = w
         .remove(key)
         .ok_or_else(|| Error::Input(format!("the adapter has no tensor \"{key}\"")))?;
