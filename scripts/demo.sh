@@ -17,7 +17,7 @@ case "$METHOD" in
   prompt) FLAGS=(--method prompt --num-virtual-tokens 20 --prompt-tuning-init text
     --prompt-tuning-init-text "Explain what this Unix command does, in Japanese:" --lr 3e-2) ;;
   p-tuning) FLAGS=(--method p-tuning --num-virtual-tokens 20 --encoder-hidden-size 128 --lr 3e-3) ;;
-  prefix) FLAGS=(--method prefix --num-virtual-tokens 20 --lr 1e-2) ;;
+  prefix) FLAGS=(--method prefix --num-virtual-tokens 20 --prefix-projection --lr 1e-2) ;;
   *) echo "usage: bash scripts/demo.sh [lora|ia3|prompt|p-tuning|prefix]" >&2; exit 2 ;;
 esac
 CACHE="${KAIZEN_CACHE:-cache}"

@@ -93,7 +93,7 @@ pub struct InspectArgs {
 }
 
 /// Loads the model and, if given, attaches the adapter unmerged.
-fn load(model: &Path, adapter: Option<&Path>) -> Result<(kaizen::Loaded, Option<AdapterInfo>)> {
+pub fn load(model: &Path, adapter: Option<&Path>) -> Result<(kaizen::Loaded, Option<AdapterInfo>)> {
     let mut m = kaizen::load(model)?;
     let info = match adapter {
         Some(dir) => Some(kaizen::tuners::load_adapter(&mut m.model, dir)?),

@@ -1,6 +1,7 @@
 //! The `kaizen` binary: argument parsing, terminal output and exit codes. All the work happens in
 //! the `kaizen` and `kaizen-data` library crates.
 
+mod compare;
 mod infer;
 mod merge;
 mod plot;
@@ -38,6 +39,8 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Fine-tune a PEFT adapter on a JSONL file.
     Train(Box<train::TrainArgs>),
+    /// Train several methods on the same data and write a comparison report with charts.
+    Compare(Box<compare::CompareArgs>),
 }
 
 fn main() -> ExitCode {
@@ -58,5 +61,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => infer::inspect(a),
         Command::Merge(a) => merge::merge(a),
         Command::Train(a) => train::run(*a),
+        Command::Compare(a) => compare::run(*a),
     }
 }

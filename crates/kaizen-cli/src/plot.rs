@@ -1,5 +1,6 @@
 //! Training charts as PNG files: `loss.png` from a run's `metrics.jsonl`, drawn by a generic
-//! [`line_chart`] that a multi-run comparison reuses.
+//! [`line_chart`]; a multi-run comparison (`kaizen compare`) draws [`curves_chart`] (colours chosen
+//! per curve) and [`bar_chart`].
 //!
 //! Pure Rust: plotters' bitmap backend, with text rendered by `ab_glyph` from a TTF font read at run
 //! time (no fontconfig or freetype). Without a font the curves are still drawn, with no text at all,
@@ -10,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
+use plotters::coord::ranged1d::ValueFormatter;
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{register_font, FontStyle};
@@ -36,14 +40,30 @@ const FONT: &str = "sans-serif";
 /// single point draws no line).
 const MARKER_MAX_POINTS: usize = 100;
 /// Matplotlib's tab10 colours, in order.
-const PALETTE: [RGBColor; 6] = [
+const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
+
+/// One curve of a [`curves_chart`].
+#[derive(Clone, Debug)]
+pub struct Curve {
+    /// Legend entry; an empty name gets none.
+    pub name: String,
+    pub points: Points,
+    /// Index into the palette (wraps around).
+    pub color: usize,
+    /// Draw only a dot per point, no line (e.g. sparse eval points beside a train curve).
+    pub dots_only: bool,
+}
 
 /// Draw the train and eval loss of one run (`metrics.jsonl`, as the trainer writes it) against step.
 /// Returns a warning to show the user, if any.
@@ -62,7 +82,7 @@ pub fn loss_chart(metrics: &Path, out_png: &Path) -> Result<Option<String>> {
 
 /// The `step`/`loss` and `step`/`eval_loss` points of a metrics file. A `null` loss (how serde_json
 /// writes NaN) is skipped; anything else that is not a number is an error naming `file:line`.
-fn read_losses(metrics: &Path) -> Result<(Points, Points)> {
+pub fn read_losses(metrics: &Path) -> Result<(Points, Points)> {
     let text = fs::read_to_string(metrics)
         .with_context(|| format!("cannot read metrics file {}", metrics.display()))?;
     let (mut train, mut eval) = (Vec::new(), Vec::new());
@@ -104,24 +124,56 @@ pub fn line_chart(
     y_label: &str,
     series: &[Series],
 ) -> Result<Option<String>> {
-    let text = font_loaded();
-    let series: Vec<Series> = series
+    let curves: Vec<Curve> = series
         .iter()
-        .map(|(name, pts)| {
-            let finite = pts.iter().filter(|(x, y)| x.is_finite() && y.is_finite());
-            (name.clone(), finite.copied().collect())
+        .enumerate()
+        .map(|(i, (name, pts))| Curve {
+            name: name.clone(),
+            points: pts.clone(),
+            color: i,
+            dots_only: false,
         })
-        .filter(|(_, pts): &Series| !pts.is_empty())
+        .collect();
+    curves_chart(out_png, title, x_label, y_label, &curves)
+}
+
+/// [`line_chart`] with each curve's colour and style given: several runs on one chart, a run's
+/// train and eval curves in the same colour.
+pub fn curves_chart(
+    out_png: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    curves: &[Curve],
+) -> Result<Option<String>> {
+    let text = font_loaded();
+    let curves: Vec<Curve> = curves
+        .iter()
+        .map(|c| {
+            let finite = c
+                .points
+                .iter()
+                .filter(|(x, y)| x.is_finite() && y.is_finite());
+            Curve {
+                points: finite.copied().collect(),
+                ..c.clone()
+            }
+        })
+        .filter(|c| !c.points.is_empty())
         .collect();
     let labels = text.then_some(Labels {
         title,
         x: x_label,
         y: y_label,
     });
-    write_atomically(out_png, |tmp| draw(tmp, labels, &series))?;
+    write_atomically(out_png, |tmp| draw(tmp, labels, &curves))?;
+    Ok(warnings(title, out_png, curves.is_empty(), text))
+}
 
+/// What to tell the user about a chart: no data, no font.
+fn warnings(title: &str, out_png: &Path, empty: bool, text: bool) -> Option<String> {
     let mut warnings = Vec::new();
-    if series.is_empty() {
+    if empty {
         warnings.push(format!("{title}: no data points yet, drew an empty chart"));
     }
     if !text {
@@ -131,7 +183,7 @@ pub fn line_chart(
             out_png.display()
         ));
     }
-    Ok((!warnings.is_empty()).then(|| warnings.join("; ")))
+    (!warnings.is_empty()).then(|| warnings.join("; "))
 }
 
 /// The chart's text; `None` draws a chart with no text at all (no font to draw it with).
@@ -174,7 +226,7 @@ fn font_loaded() -> bool {
     })
 }
 
-fn draw(path: &Path, labels: Option<Labels>, series: &[Series]) -> Result<()> {
+fn draw(path: &Path, labels: Option<Labels>, series: &[Curve]) -> Result<()> {
     let root = BitMapBackend::new(path, CHART_SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let (x_range, y_range) = ranges(series);
@@ -209,12 +261,23 @@ fn draw(path: &Path, labels: Option<Labels>, series: &[Series]) -> Result<()> {
         chart.draw_series([frame]).map_err(plot_err)?;
     }
 
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
+    for c in series {
+        let (color, pts) = (PALETTE[c.color % PALETTE.len()], &c.points);
+        let named = labels.is_some() && !c.name.is_empty();
+        if c.dots_only {
+            let dots = pts.iter().map(|&p| Circle::new(p, 5, color.filled()));
+            let drawn = chart.draw_series(dots).map_err(plot_err)?;
+            if named {
+                drawn
+                    .label(&c.name)
+                    .legend(move |(x, y)| Circle::new((x + 12, y), 5, color.filled()));
+            }
+            continue;
+        }
         let line = LineSeries::new(pts.iter().copied(), color.stroke_width(2));
         let drawn = chart.draw_series(line).map_err(plot_err)?;
-        if labels.is_some() {
-            drawn.label(name).legend(move |(x, y)| {
+        if named {
+            drawn.label(&c.name).legend(move |(x, y)| {
                 PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3))
             });
         }
@@ -223,7 +286,7 @@ fn draw(path: &Path, labels: Option<Labels>, series: &[Series]) -> Result<()> {
             chart.draw_series(dots).map_err(plot_err)?;
         }
     }
-    if labels.is_some() && !series.is_empty() {
+    if labels.is_some() && series.iter().any(|c| !c.name.is_empty()) {
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperRight)
@@ -249,8 +312,8 @@ fn plot_err(e: impl std::fmt::Display) -> anyhow::Error {
 }
 
 /// Axis ranges covering every point with a little margin; a unit box when there are none.
-fn ranges(series: &[Series]) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
-    let pts = || series.iter().flat_map(|(_, pts)| pts.iter());
+fn ranges(series: &[Curve]) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
+    let pts = || series.iter().flat_map(|c| c.points.iter());
     let span = |vals: Vec<f64>, pad_frac: f64| {
         let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -269,6 +332,153 @@ fn ranges(series: &[Series]) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
         span(pts().map(|p| p.0).collect(), 0.02),
         span(pts().map(|p| p.1).collect(), 0.05),
     )
+}
+
+/// One bar of a [`bar_chart`]: its name under the axis and its value.
+pub type Bar = (String, f64);
+
+/// Draw one bar per `(name, value)`, each labelled with `fmt(value)`, into `out_png` (written
+/// atomically like [`line_chart`]). With `log_y` and every value above zero the y axis is
+/// logarithmic, so bars orders of magnitude apart stay readable; otherwise it is linear, includes
+/// zero, and bars may go below it. A non-finite value keeps its slot, with no bar and "n/a".
+/// Returns a warning to show the user, if any.
+pub fn bar_chart(
+    out_png: &Path,
+    title: &str,
+    y_label: &str,
+    bars: &[Bar],
+    log_y: bool,
+    fmt: &dyn Fn(f64) -> String,
+) -> Result<Option<String>> {
+    let text = font_loaded();
+    let labels = text.then_some(Labels {
+        title,
+        x: "",
+        y: y_label,
+    });
+    write_atomically(out_png, |tmp| draw_bars(tmp, labels, bars, log_y, fmt))?;
+    let empty = !bars.iter().any(|(_, v)| v.is_finite());
+    Ok(warnings(title, out_png, empty, text))
+}
+
+fn draw_bars(
+    path: &Path,
+    labels: Option<Labels>,
+    bars: &[Bar],
+    log_y: bool,
+    fmt: &dyn Fn(f64) -> String,
+) -> Result<()> {
+    let root = BitMapBackend::new(path, CHART_SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(24);
+    if let Some(l) = labels {
+        builder
+            .caption(l.title, (FONT, 28))
+            .x_label_area_size(48)
+            .y_label_area_size(96);
+    }
+    // Bar i is centred on x = i.
+    let x = -0.5..bars.len().max(1) as f64 - 0.5;
+    let values: Vec<f64> = bars.iter().map(|b| b.1).filter(|v| v.is_finite()).collect();
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let bars = BarsOn {
+        root: &root,
+        labels,
+        bars,
+        fmt,
+    };
+    if log_y && lo > 0.0 && lo.is_finite() {
+        // At least a decade, so there is a tick; room above the tallest bar for its label.
+        let bottom = (lo / 2.0).min(hi / 10.0);
+        let chart = builder
+            .build_cartesian_2d(x, (bottom..hi * 2.5).log_scale())
+            .map_err(plot_err)?;
+        bars.fill(chart, bottom)?;
+    } else {
+        let (lo, hi) = if lo.is_finite() {
+            (lo.min(0.0), hi.max(0.0))
+        } else {
+            (0.0, 1.0)
+        };
+        let pad = if hi > lo { (hi - lo) * 0.12 } else { 1.0 };
+        let y = (lo - if lo < 0.0 { pad } else { 0.0 })..hi + pad;
+        let chart = builder.build_cartesian_2d(x, y).map_err(plot_err)?;
+        bars.fill(chart, 0.0)?;
+    }
+    root.present().map_err(plot_err)
+}
+
+/// What [`draw_bars`] draws, for either y axis.
+struct BarsOn<'a, 'b> {
+    root: &'a DrawingArea<BitMapBackend<'b>, Shift>,
+    labels: Option<Labels<'a>>,
+    bars: &'a [Bar],
+    fmt: &'a dyn Fn(f64) -> String,
+}
+
+impl BarsOn<'_, '_> {
+    /// Mesh, bars rising (or falling) from `base`, value labels and the names under the axis.
+    fn fill<'c, Y>(
+        &self,
+        mut chart: ChartContext<'c, BitMapBackend<'c>, Cartesian2d<RangedCoordf64, Y>>,
+        base: f64,
+    ) -> Result<()>
+    where
+        Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+    {
+        let y_fmt = |v: &f64| (self.fmt)(*v);
+        let mut mesh = chart.configure_mesh();
+        mesh.disable_x_mesh()
+            .light_line_style(RGBColor(240, 240, 240))
+            .x_labels(0);
+        match self.labels {
+            Some(l) => mesh
+                .y_desc(l.y)
+                .label_style((FONT, 16))
+                .axis_desc_style((FONT, 20))
+                .y_label_formatter(&y_fmt),
+            None => mesh.y_label_formatter(&|_| String::new()),
+        };
+        mesh.draw().map_err(plot_err)?;
+        let bottom = chart.y_range().start;
+        for (i, (name, v)) in self.bars.iter().enumerate() {
+            let (x, v) = (i as f64, *v);
+            let color = PALETTE[i % PALETTE.len()];
+            if v.is_finite() {
+                let bar = Rectangle::new([(x - 0.35, base), (x + 0.35, v)], color.filled());
+                chart.draw_series([bar]).map_err(plot_err)?;
+            }
+            if self.labels.is_none() {
+                continue;
+            }
+            let (text, at, v_pos) = match v.is_finite() {
+                true if v < base => ((self.fmt)(v), v, VPos::Top),
+                true => ((self.fmt)(v), v, VPos::Bottom),
+                false => ("n/a".to_string(), base, VPos::Bottom),
+            };
+            let style = |v_pos| {
+                (FONT, 16)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(Pos::new(HPos::Center, v_pos))
+            };
+            chart
+                .draw_series([Text::new(text, (x, at), style(v_pos))])
+                .map_err(plot_err)?;
+            // Names go under the axis, in the label area outside the plot.
+            let (px, py) = chart.backend_coord(&(x, bottom));
+            self.root
+                .draw_text(name, &style(VPos::Top), (px, py + 8))
+                .map_err(plot_err)?;
+        }
+        if base == 0.0 {
+            let zero = PathElement::new([(-0.5, 0.0), (self.bars.len() as f64, 0.0)], BLACK);
+            chart.draw_series([zero]).map_err(plot_err)?;
+        }
+        Ok(())
+    }
 }
 
 /// Tick labels with as many decimals as the axis span needs: `1200` for steps, `2.35` for losses.
@@ -346,8 +556,13 @@ mod tests {
     fn plot_without_font_draws_curves_only() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("bare.png");
-        let series = [("a".to_string(), vec![(0.0, 1.0), (1.0, 0.5)])];
-        draw(&out, None, &series).unwrap();
+        let curve = Curve {
+            name: "a".to_string(),
+            points: vec![(0.0, 1.0), (1.0, 0.5)],
+            color: 0,
+            dots_only: false,
+        };
+        draw(&out, None, &[curve]).unwrap();
         assert_eq!(png_size(&out), CHART_SIZE);
     }
 

@@ -11,6 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kaizen::train::optim::OptimizerKind;
 use kaizen::train::schedule::Schedule;
 use kaizen::train::trainer::{self, Event, TrainConfig, TrainData};
+use kaizen::tuners::bottleneck::{self, config::parse_non_linearity, BottleneckConfig};
+use kaizen::tuners::full;
 use kaizen::tuners::ia3::{self, Ia3Config};
 use kaizen::tuners::lora::{self, LoraConfig};
 use kaizen::tuners::prefix::{self, PrefixTuningConfig};
@@ -36,7 +38,7 @@ pub struct TrainArgs {
     /// Output directory: adapter, metrics.jsonl, loss.png, run.json, checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PEFT method: lora, ia3, prompt, p-tuning or prefix.
+    /// PEFT method: lora, ia3, prompt, p-tuning, prefix or adapter (bottleneck adapters).
     #[arg(long)]
     pub method: Option<String>,
     /// LoRA rank (default 8).
@@ -68,10 +70,27 @@ pub struct TrainArgs {
     /// Prefix tuning: produce the prefix with PEFT's Embedding -> Linear -> Tanh -> Linear.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub prefix_projection: Option<bool>,
+    /// Full fine-tuning: refuse when the estimated memory exceeds this many GiB (default: the
+    /// memory available now).
+    #[arg(long)]
+    pub max_memory: Option<f64>,
     /// Keep only each layer's input during the forward and recompute its activations in
     /// backward: less memory for long sequences, about a third more compute.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
+    /// Bottleneck adapters: houlsby (after attention and MLP outputs, default) or pfeiffer (after
+    /// the MLP output only).
+    #[arg(long)]
+    pub adapter_type: Option<String>,
+    /// Bottleneck adapters: width = hidden size / this (default 16).
+    #[arg(long)]
+    pub reduction_factor: Option<usize>,
+    /// Bottleneck adapters: the width itself (overrides --reduction-factor).
+    #[arg(long)]
+    pub bottleneck_size: Option<usize>,
+    /// Bottleneck adapters: relu (default), gelu or swish.
+    #[arg(long)]
+    pub non_linearity: Option<String>,
     /// IA3: modules whose input (not output) is scaled (default: the MLP output projection).
     #[arg(long)]
     pub feedforward_modules: Option<String>,
@@ -191,7 +210,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, prefix_projection, gradient_checkpointing,
+        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, prefix_projection, gradient_checkpointing, max_memory,
+            adapter_type, reduction_factor, bottleneck_size, non_linearity,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
     }
@@ -202,13 +222,21 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     if method_name == "dora" {
         bail!("--method dora: DoRA is a LoRA option; use --method lora --use-dora");
     }
-    if !["lora", "ia3", "prompt", "p-tuning", "prefix"].contains(&method_name.as_str()) {
+    let methods = [
+        "lora", "ia3", "prompt", "p-tuning", "prefix", "adapter", "full",
+    ];
+    if !methods.contains(&method_name.as_str()) {
         bail!(
-            "--method {method_name}: unknown method (available: lora, ia3, prompt, p-tuning, prefix)"
+            "--method {method_name}: unknown method (available: {})",
+            methods.join(", ")
         );
+    }
+    if method_name == "full" && a.init_adapter.is_some() {
+        bail!("--method full trains the model itself: give the model to continue from as --model, not --init-adapter");
     }
     let flags_of = [
         ("--r", a.r.is_some(), "lora"),
+        ("--max-memory", a.max_memory.is_some(), "full"),
         ("--lora-alpha", a.lora_alpha.is_some(), "lora"),
         ("--lora-dropout", a.lora_dropout.is_some(), "lora"),
         ("--use-rslora", a.use_rslora.is_some(), "lora"),
@@ -249,6 +277,14 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             a.prompt_tuning_init_text.is_some(),
             "prompt",
         ),
+        ("--adapter-type", a.adapter_type.is_some(), "adapter"),
+        (
+            "--reduction-factor",
+            a.reduction_factor.is_some(),
+            "adapter",
+        ),
+        ("--bottleneck-size", a.bottleneck_size.is_some(), "adapter"),
+        ("--non-linearity", a.non_linearity.is_some(), "adapter"),
     ];
     for (flag, given, methods) in flags_of {
         if given && !methods.split(", ").any(|m| m == method_name) {
@@ -308,6 +344,13 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             }
             if a.encoder_hidden_size.is_some() || a.encoder_reparameterization_type.is_some() {
                 bail!("--init-adapter takes the prompt encoder from {}/adapter_config.json; drop --encoder-hidden-size and --encoder-reparameterization-type", dir.display());
+            }
+            if a.adapter_type.is_some()
+                || a.reduction_factor.is_some()
+                || a.bottleneck_size.is_some()
+                || a.non_linearity.is_some()
+            {
+                bail!("--init-adapter takes the bottleneck adapter's shape from {}/adapter_config.json; drop --adapter-type, --reduction-factor, --bottleneck-size and --non-linearity", dir.display());
             }
             match kaizen::tuners::load_adapter(&mut loaded.model, dir)?.method {
                 Method::PTuningInference { .. } => bail!(
@@ -372,6 +415,27 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
                 json: cfg.to_json(&loaded.model),
             }
         }
+        None if method_name == "full" => {
+            let params = full::attach(&mut loaded.model)?;
+            let batch_size = a.batch_size.unwrap_or(8);
+            let need = full::memory_estimate(&loaded.model, params, batch_size, max_len);
+            let have = match a.max_memory {
+                Some(gib) => Some((gib * (1u64 << 30) as f64) as u64),
+                None => full::available_memory(),
+            };
+            if let Some(have) = have.filter(|&h| need > h) {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                bail!(
+                    "full fine-tuning of this model needs about {:.1} GiB ({params} weights x 4 for weights, gradients and AdamW's moments, plus activations for --batch-size {batch_size} x --max-len {max_len}), but {:.1} GiB is available; use a PEFT method (--method lora), or lower --batch-size / --max-len, or add --gradient-checkpointing",
+                    gib(need),
+                    gib(have)
+                );
+            }
+            Method::Full(Box::new(full::FullFineTuning {
+                source: model_path.clone(),
+                tokenizer: loaded.tokenizer.clone(),
+            }))
+        }
         None if method_name == "prefix" => {
             let projection = a.prefix_projection.unwrap_or(false);
             if a.encoder_hidden_size.is_some() && !projection {
@@ -393,6 +457,24 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
                 json,
                 trainable: true,
             }
+        }
+        None if method_name == "adapter" => {
+            let cfg = BottleneckConfig {
+                adapter_type: a
+                    .adapter_type
+                    .as_deref()
+                    .unwrap_or("houlsby")
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--adapter-type: {e}"))?,
+                reduction_factor: a.reduction_factor.unwrap_or(16),
+                bottleneck_size: a.bottleneck_size,
+                non_linearity: parse_non_linearity(a.non_linearity.as_deref().unwrap_or("relu"))
+                    .map_err(|e| anyhow::anyhow!("--non-linearity: {e}"))?,
+                target_modules: None,
+                base_model_name_or_path: Some(model_path.display().to_string()),
+            };
+            let targets = bottleneck::attach(&mut loaded.model, &cfg, None, seed)?;
+            Method::Bottleneck { cfg, targets }
         }
         None if method_name == "ia3" => {
             if a.r.is_some()
@@ -514,7 +596,10 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         .iter()
         .map(|(_, t)| t.elem_count())
         .sum();
-    let all = loaded.model.config().num_parameters() + trainable;
+    let all = match method {
+        Method::Full(_) => loaded.model.config().num_parameters(),
+        _ => loaded.model.config().num_parameters() + trainable,
+    };
     eprintln!(
         "{} examples for training, {} for validation; {} steps; trainable params: {trainable} || all params: {all} || trainable%: {:.4}",
         train_set.len(),

@@ -72,15 +72,18 @@ fn kaizen(args: &[&str]) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
-/// IA3 and prompt-method adapters made by Python PEFT: eval loss and greedy ids (KV cache with
-/// the virtual tokens or prefix computed once) as PEFT computed them.
+/// IA3 and prompt-method adapters made by Python PEFT, and bottleneck adapters made by
+/// gen_bottleneck.py's PyTorch reference: eval loss and greedy ids (KV cache with the virtual
+/// tokens or prefix computed once) as Python computed them.
 #[test]
 fn peft_ia3_and_prompt_adapters_eval_and_generate_as_in_peft() {
-    for (method, m) in ["ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
+    let models = ["neox-seq-spiece", "neox-par-bpe", "llama-gqa-tied"];
+    let fixtures = ["ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
         .iter()
-        .flat_map(|me| ["neox-seq-spiece", "neox-par-bpe", "llama-gqa-tied"].map(|m| (*me, m)))
-    {
-        let dir = format!("tests/fixtures/peft/{method}/{m}");
+        .flat_map(|me| models.map(|m| (format!("peft/{me}"), m)))
+        .chain(models.map(|m| ("bottleneck".to_string(), m)));
+    for (method, m) in fixtures {
+        let dir = format!("tests/fixtures/{method}/{m}");
         let reference: Value = serde_json::from_str(
             &std::fs::read_to_string(root().join(&dir).join("reference.json")).unwrap(),
         )

@@ -1528,13 +1528,14 @@ fn max_len_beyond_the_context_warns_and_runs() {
 // ---------------------------------------------------------------------------------------------
 // other methods: IA3, prompt tuning, P-tuning, prefix tuning
 
-/// IA3 and the prompt methods train, lower the held-out loss, write PEFT files of their own type,
-/// and serve `eval` / `generate` through `--adapter`; IA3 merges, the prompt methods refuse to.
+/// IA3, the prompt methods and bottleneck adapters train, lower the held-out loss, write PEFT
+/// files of their own type, and serve `eval` / `generate` through `--adapter`; IA3 merges, the
+/// others refuse to.
 #[test]
 fn ia3_and_prompt_methods_train_evaluate_generate() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
-    let cases: [(&str, &[&str], &str, &str); 6] = [
+    let cases: [(&str, &[&str], &str, &str); 8] = [
         (
             "prefix",
             &["--method", "prefix", "--num-virtual-tokens", "3"],
@@ -1584,6 +1585,27 @@ fn ia3_and_prompt_methods_train_evaluate_generate() {
             "prompt_embeddings",
         ),
         ("ia3", &["--method", "ia3"], "IA3", ".ia3_l"),
+        (
+            "bottleneck-houlsby",
+            &["--method", "adapter", "--adapter-type", "houlsby"],
+            "BOTTLENECK",
+            ".adapter_down.",
+        ),
+        (
+            "bottleneck-pfeiffer",
+            &[
+                "--method",
+                "adapter",
+                "--adapter-type",
+                "pfeiffer",
+                "--reduction-factor",
+                "8",
+                "--non-linearity",
+                "gelu",
+            ],
+            "BOTTLENECK",
+            ".adapter_down.",
+        ),
         (
             "prompt",
             &["--method", "prompt", "--num-virtual-tokens", "3"],
@@ -1661,6 +1683,11 @@ fn ia3_and_prompt_methods_train_evaluate_generate() {
         ]);
         if name == "ia3" {
             run.ok();
+        } else if name.starts_with("bottleneck") {
+            assert_mentions(
+                &run.fails(),
+                &["bottleneck", "cannot be merged", "--adapter"],
+            );
         } else {
             assert_mentions(&run.fails(), &["cannot be merged"]);
         }
@@ -1711,7 +1738,8 @@ fn gradient_checkpointing_gives_the_same_adapter() {
 }
 
 /// `--init-adapter` continues kaizen's prefix adapters (with a projection: through the encoder
-/// weights kept beside PEFT's file): the continued run starts where the first one ended.
+/// weights kept beside PEFT's file) and bottleneck adapters: the continued run starts where the
+/// first one ended.
 #[test]
 fn init_adapter_continues_a_prefix_adapter() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1726,7 +1754,7 @@ fn init_adapter_continues_a_prefix_adapter() {
         "--lr",
         "5e-2",
     ];
-    let methods: [&[&str]; 2] = [
+    let methods: [&[&str]; 3] = [
         &["--method", "prefix", "--num-virtual-tokens", "2"],
         &[
             "--method",
@@ -1734,6 +1762,16 @@ fn init_adapter_continues_a_prefix_adapter() {
             "--num-virtual-tokens",
             "2",
             "--prefix-projection",
+        ],
+        &[
+            "--method",
+            "adapter",
+            "--adapter-type",
+            "pfeiffer",
+            "--bottleneck-size",
+            "3",
+            "--non-linearity",
+            "swish",
         ],
     ];
     for (i, flags) in methods.iter().enumerate() {
@@ -1753,6 +1791,37 @@ fn init_adapter_continues_a_prefix_adapter() {
         );
         assert_eq!(adapter_config(&next), adapter_config(&first), "{flags:?}");
     }
+}
+
+/// Bottleneck adapters: a width that rounds to zero, an unknown placement or non-linearity, and
+/// their flags with another method are refused before anything is written.
+#[test]
+fn bad_bottleneck_options() {
+    let adapter = |extra: &[&'static str]| [&["--method", "adapter"][..], extra].concat();
+    assert_train_fails(
+        LLAMA,
+        None,
+        &adapter(&["--reduction-factor", "1000"]),
+        &["reduction_factor 1000", "zero-width bottleneck"],
+    );
+    assert_train_fails(
+        LLAMA,
+        None,
+        &adapter(&["--adapter-type", "parallel"]),
+        &["--adapter-type", "parallel", "houlsby", "pfeiffer"],
+    );
+    assert_train_fails(
+        LLAMA,
+        None,
+        &adapter(&["--non-linearity", "tanh"]),
+        &["tanh", "relu", "gelu", "swish"],
+    );
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--method", "ia3", "--reduction-factor", "4"],
+        &["--reduction-factor", "adapter"],
+    );
 }
 
 #[test]
@@ -1917,4 +1986,93 @@ fn p_tuning_encoder_file_lacking_a_tensor() {
         run.stderr
     );
     assert_mentions(last, &["checkpoint-1", ENCODER_FILE, key]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// full fine-tuning
+
+/// `--method full` trains every weight and leaves an HF model directory that `eval` and
+/// `generate` load as a model; the held-out loss drops, and `--resume` reproduces the
+/// uninterrupted run's weights.
+#[test]
+fn full_fine_tuning_writes_a_model_directory_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
+    for model in [LLAMA, NEOX] {
+        let opts = [
+            "--method",
+            "full",
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--val-split",
+            "0.25",
+            "--save-every",
+            "2",
+        ];
+        let out = tmp.path().join(format!("full-{model}"));
+        let stdout = train_ok(model, &data, &out, &opts);
+        assert!(stdout.contains("held-out loss"), "{model}: {stdout}");
+        let evals = eval_losses(&out);
+        assert!(
+            evals.last().unwrap().1 < evals[0].1,
+            "{model}: held-out loss did not drop: {evals:?}"
+        );
+        for f in ["config.json", "model.safetensors"] {
+            assert!(out.join(f).is_file(), "{model}: no {f}");
+        }
+        assert!(!out.join("adapter_config.json").exists());
+        // Every weight moved (a tied head is stored once, as the embeddings).
+        let before = read_safetensors(&model_path(model).join("model.safetensors"));
+        let after = read_safetensors(&out.join("model.safetensors"));
+        for (name, t) in &after {
+            if let Some(b) = before.get(name) {
+                assert!(f32_bits(b) != f32_bits(t), "{model}: {name} did not train");
+            }
+        }
+        let base = eval_loss(&model_path(model), None, &data);
+        let tuned = eval_loss(&out, None, &data);
+        assert!(
+            tuned < base,
+            "{model}: eval of the written model {tuned} vs base {base}"
+        );
+        kaizen([
+            "generate",
+            "--model",
+            &s(&out),
+            "--prompt",
+            "the cat",
+            "--greedy",
+            "--max-new-tokens",
+            "3",
+        ])
+        .ok();
+        // Resume from checkpoint-2 gives the same weights as the uninterrupted run.
+        let cut = tmp.path().join(format!("cut-{model}"));
+        train_ok(model, &data, &cut, &opts);
+        std::fs::remove_file(cut.join("model.safetensors")).unwrap();
+        train_ok(model, &data, &cut, &[&opts[..], &["--resume"]].concat());
+        let a = std::fs::read(out.join("model.safetensors")).unwrap();
+        let b = std::fs::read(cut.join("model.safetensors")).unwrap();
+        assert!(a == b, "{model}: resumed full fine-tuning differs");
+    }
+}
+
+#[test]
+fn full_fine_tuning_that_would_not_fit_is_refused_with_the_estimate() {
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--method", "full", "--max-memory", "0.0001"],
+        &["GiB", "--method lora", "--batch-size"],
+    );
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--method", "lora", "--max-memory", "4"],
+        &["--max-memory", "full"],
+    );
 }

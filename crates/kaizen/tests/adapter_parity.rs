@@ -40,34 +40,7 @@ fn load(fixture: &str, model_name: &str) -> Fixture {
         .unwrap()
         .model;
     kaizen::tuners::load_adapter(&mut model, &dir.join("adapter")).unwrap();
-    let batches = reference["micro_batches"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|mb| {
-            let rows = |k: &str| -> Vec<Vec<i64>> {
-                mb[k]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|r| {
-                        r.as_array()
-                            .unwrap()
-                            .iter()
-                            .map(|x| x.as_i64().unwrap())
-                            .collect()
-                    })
-                    .collect()
-            };
-            let (ids, labels) = (rows("input_ids"), rows("labels"));
-            Batch {
-                batch_size: ids.len(),
-                seq_len: ids[0].len(),
-                input_ids: ids.concat().into_iter().map(|x| x as u32).collect(),
-                labels: labels.concat(),
-            }
-        })
-        .collect();
+    let batches = common::batches(&reference);
     Fixture {
         model,
         reference,
@@ -335,6 +308,118 @@ ia3_suite! {
     ia3_neox_seq_spiece => ("peft/ia3/neox-seq-spiece", "neox-seq-spiece"),
     ia3_neox_par_bpe => ("peft/ia3/neox-par-bpe", "neox-par-bpe"),
     ia3_llama_gqa_tied => ("peft/ia3/llama-gqa-tied", "llama-gqa-tied"),
+}
+
+/// Bottleneck adapters (tests/fixtures/bottleneck, made by scripts/fixtures/gen_bottleneck.py
+/// from a PyTorch reference): logits as recorded, and merge refusing with the method's reason.
+fn check_bottleneck_logits(fixture: &str, model: &str) {
+    let mut f = load(fixture, model);
+    let b = &f.batches[0];
+    let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &Device::Cpu).unwrap();
+    let logits = f.model.forward(&ids, None).unwrap();
+    let err = rel_err(&logits, &f.tensors["logits.0"]);
+    assert!(err <= TOL, "{fixture}: logits: relative error {err:e}");
+    let Err(refused) = kaizen::tuners::merge(&mut f.model) else {
+        panic!("{fixture}: merge must refuse")
+    };
+    let refused = refused.to_string();
+    assert!(
+        refused.contains("bottleneck") && refused.contains("cannot be merged"),
+        "{fixture}: {refused}"
+    );
+    let after = f.model.forward(&ids, None).unwrap();
+    assert_eq!(
+        rel_err(&after, &logits),
+        0.0,
+        "{fixture}: a refused merge changed the model"
+    );
+}
+
+macro_rules! bottleneck_suite {
+    ($($test:ident => ($fixture:literal, $model:literal)),* $(,)?) => {$(
+        mod $test {
+            use super::*;
+            #[test] fn gradients() { check_grads($fixture, $model) }
+            #[test] fn logits_and_no_merge() { check_bottleneck_logits($fixture, $model) }
+            #[test] fn adamw_steps() { check_optimizer($fixture, $model, OptimizerKind::adamw(), 1e-2, "") }
+        }
+    )*};
+}
+
+/// A new bottleneck adapter is the identity (zero `adapter_up`), for both placements; trained
+/// values survive a save / load round trip bit for bit.
+#[test]
+fn bottleneck_new_adapter_is_identity_and_round_trips() {
+    use kaizen::tuners::bottleneck::{self, AdapterType, BottleneckConfig};
+    let models = root().join("tests/fixtures/models");
+    for (model, adapter_type) in [
+        ("neox-par-bpe", AdapterType::Houlsby),
+        ("llama-gqa-tied", AdapterType::Pfeiffer),
+    ] {
+        let mut m = kaizen::load(&models.join(model)).unwrap().model;
+        let ids = Tensor::new(&[[5u32, 17, 9, 40]], &Device::Cpu).unwrap();
+        let base = m.forward(&ids, None).unwrap();
+        let cfg = BottleneckConfig {
+            adapter_type,
+            ..BottleneckConfig::default()
+        };
+        let targets = bottleneck::attach(&mut m, &cfg, None, 7).unwrap();
+        assert_eq!(
+            targets.len(),
+            if adapter_type == AdapterType::Houlsby {
+                4
+            } else {
+                2
+            }
+        );
+        assert_eq!(
+            rel_err(&m.forward(&ids, None).unwrap(), &base),
+            0.0,
+            "{model}: not the identity"
+        );
+        // Move every tensor off its init (not by a constant, which LayerNorm would hide), then
+        // save and load into a fresh model.
+        let moved = trainable_params(&mut m)
+            .into_iter()
+            .map(|(k, t)| {
+                let n = t.elem_count() as u32;
+                let wave = Tensor::arange(0, n, &Device::Cpu).unwrap();
+                let wave = wave
+                    .to_dtype(candle_core::DType::F32)
+                    .unwrap()
+                    .sin()
+                    .unwrap();
+                let wave = (wave.reshape(t.dims()).unwrap() * 0.5).unwrap();
+                (k, (t + wave).unwrap())
+            })
+            .collect();
+        set_params(&mut m, moved).unwrap();
+        let want = m.forward(&ids, None).unwrap();
+        let moved_err = rel_err(&want, &base);
+        assert!(
+            moved_err > 1e-3,
+            "{model}: the moved adapter changes nothing ({moved_err})"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let method = kaizen::tuners::Method::Bottleneck { cfg, targets };
+        method.save(&mut m, dir.path()).unwrap();
+        let mut fresh = kaizen::load(&models.join(model)).unwrap().model;
+        let info = kaizen::tuners::load_adapter(&mut fresh, dir.path()).unwrap();
+        assert_eq!(info.peft_type, "BOTTLENECK");
+        assert_eq!(
+            info.method.config_json(),
+            method.config_json(),
+            "{model}: config"
+        );
+        let got = fresh.forward(&ids, None).unwrap();
+        assert_eq!(rel_err(&got, &want), 0.0, "{model}: round trip");
+    }
+}
+
+bottleneck_suite! {
+    bottleneck_houlsby_neox_seq_spiece => ("bottleneck/neox-seq-spiece", "neox-seq-spiece"),
+    bottleneck_pfeiffer_neox_par_bpe => ("bottleneck/neox-par-bpe", "neox-par-bpe"),
+    bottleneck_houlsby_llama_gqa_tied => ("bottleneck/llama-gqa-tied", "llama-gqa-tied"),
 }
 
 adapter_suite! {

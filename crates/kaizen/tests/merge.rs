@@ -309,7 +309,7 @@ fn failed_export_leaves_nothing_behind() {
 #[test]
 fn named_weights_cover_the_parameter_count() {
     for name in ["neox-seq-spiece", "llama-gqa-tied", "llama-mha-linear"] {
-        let m: Model = kaizen::load(&model_path(name)).unwrap().model;
+        let mut m: Model = kaizen::load(&model_path(name)).unwrap().model;
         let n: usize = m.named_weights().iter().map(|(_, t)| t.elem_count()).sum();
         assert_eq!(n, m.config().num_parameters(), "{name}");
     }

@@ -74,7 +74,7 @@ pub fn write_hf_dir(
     fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     let tmp = sibling(out, "tmp")?;
     fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let written = fill(&tmp, model, tokenizer, source)
+    let written = write_model_files(&tmp, model, tokenizer, source)
         .and_then(|exported| verify(&tmp, model, tokenizer).map(|()| exported))
         .and_then(|exported| move_into_place(&tmp, out).map(|()| exported));
     if written.is_err() {
@@ -132,7 +132,15 @@ fn sibling(out: &Path, tag: &str) -> Result<PathBuf> {
     Ok(out.with_file_name(name))
 }
 
-fn fill(dir: &Path, model: &Model, tokenizer: &Tokenizer, source: &Path) -> Result<Exported> {
+/// Writes config.json, model.safetensors and the tokenizer files (copied from an HF `source`
+/// directory, else written from `tokenizer`) into the existing directory `dir`, each file
+/// atomically; other files in `dir` stay.
+pub fn write_model_files(
+    dir: &Path,
+    model: &mut Model,
+    tokenizer: &Tokenizer,
+    source: &Path,
+) -> Result<Exported> {
     let config = serde_json::to_string_pretty(&model.config().to_hf_json())
         .map_err(|e| Error::Input(format!("cannot serialise config.json: {e}")))?;
     write_atomic(&dir.join("config.json"), format!("{config}\n").as_bytes())?;
@@ -175,7 +183,9 @@ fn copy_tokenizer_files(source: &Path, dir: &Path) -> Result<()> {
             )));
         }
         let to = dir.join(name);
-        fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+        let tmp = dir.join(format!(".{name}.tmp"));
+        fs::copy(&from, &tmp).map_err(|e| Error::io(&from, e))?;
+        fs::rename(&tmp, &to).map_err(|e| Error::io(&to, e))?;
         copied += 1;
     }
     if copied == 0 {
@@ -216,7 +226,7 @@ fn write_tokenizer(dir: &Path, tokenizer: &Tokenizer) -> Result<()> {
 
 /// Opens the written directory as `kaizen::load` would (config, tokenizer, tensor index) and
 /// checks it describes the model in memory.
-fn verify(dir: &Path, model: &Model, tokenizer: &Tokenizer) -> Result<()> {
+fn verify(dir: &Path, model: &mut Model, tokenizer: &Tokenizer) -> Result<()> {
     let ck = super::open(dir)?;
     let bug = |what: String| {
         Error::checkpoint(

@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use crate::checkpoint::Weights;
 use crate::config::ModelConfig;
 use crate::models::{
-    backward_layers, forward_layers, split_prefix_grad, with_prefix, KvPair, Saved,
+    backward_layers, forward_layers, split_prefix_grad, with_prefix, KvPair, Part, Saved,
 };
 use crate::nn::attention::{causal_attention_backward, causal_attention_t, AttnCache};
 use crate::nn::linear::LinearCache;
@@ -56,6 +56,7 @@ fn layer_norm(w: &mut Weights, name: &str, size: usize, eps: f64) -> Result<Laye
         weight: w.take(&format!("{name}.weight"), &[size])?,
         bias: w.take(&format!("{name}.bias"), &[size])?,
         eps,
+        trainable: None,
     })
 }
 
@@ -179,76 +180,46 @@ impl GptNeoX {
         self.embed_in.forward(ids)
     }
 
-    /// Every weight under its HF tensor name (what `load` takes, minus the ignored buffers), for
-    /// writing an HF directory. An attached adapter is not included: merge it first.
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        fn linear(out: &mut Vec<(String, Tensor)>, name: &str, l: &Linear) {
-            out.push((format!("{name}.weight"), l.weight.clone()));
-            if let Some(b) = &l.bias {
-                out.push((format!("{name}.bias"), b.clone()));
-            }
-        }
-        fn norm(out: &mut Vec<(String, Tensor)>, name: &str, n: &LayerNorm) {
-            out.push((format!("{name}.weight"), n.weight.clone()));
-            out.push((format!("{name}.bias"), n.bias.clone()));
-        }
+    /// Every module holding weights, by HF module path (what `load` reads, minus the ignored
+    /// buffers): the embeddings, per layer its norms and linear layers, the final norm, and
+    /// `embed_out` last.
+    pub fn parts_mut(&mut self) -> Vec<(String, Part<'_>)> {
         let mut out = vec![(
-            "gpt_neox.embed_in.weight".into(),
-            self.embed_in.weight.clone(),
+            "gpt_neox.embed_in".to_string(),
+            Part::Embedding(&mut self.embed_in),
         )];
-        for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("gpt_neox.layers.{i}");
-            norm(
-                &mut out,
-                &format!("{p}.input_layernorm"),
-                &l.input_layernorm,
-            );
-            norm(
-                &mut out,
-                &format!("{p}.post_attention_layernorm"),
-                &l.post_attention_layernorm,
-            );
-            let (a, m) = (&l.attention, &l.mlp);
-            linear(
-                &mut out,
-                &format!("{p}.attention.query_key_value"),
-                &a.query_key_value,
-            );
-            linear(&mut out, &format!("{p}.attention.dense"), &a.dense);
-            linear(
-                &mut out,
-                &format!("{p}.mlp.dense_h_to_4h"),
-                &m.dense_h_to_4h,
-            );
-            linear(
-                &mut out,
-                &format!("{p}.mlp.dense_4h_to_h"),
-                &m.dense_4h_to_h,
-            );
-        }
-        norm(
-            &mut out,
-            "gpt_neox.final_layer_norm",
-            &self.final_layer_norm,
-        );
-        linear(&mut out, "embed_out", &self.embed_out);
-        out
-    }
-
-    /// Every linear layer with its HF module path (the tuners' door).
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
             let p = format!("gpt_neox.layers.{i}");
-            out.push((
-                format!("{p}.attention.query_key_value"),
-                &mut l.attention.query_key_value,
-            ));
-            out.push((format!("{p}.attention.dense"), &mut l.attention.dense));
-            out.push((format!("{p}.mlp.dense_h_to_4h"), &mut l.mlp.dense_h_to_4h));
-            out.push((format!("{p}.mlp.dense_4h_to_h"), &mut l.mlp.dense_4h_to_h));
+            let (a, m) = (&mut l.attention, &mut l.mlp);
+            out.extend([
+                (
+                    format!("{p}.input_layernorm"),
+                    Part::LayerNorm(&mut l.input_layernorm),
+                ),
+                (
+                    format!("{p}.post_attention_layernorm"),
+                    Part::LayerNorm(&mut l.post_attention_layernorm),
+                ),
+                (
+                    format!("{p}.attention.query_key_value"),
+                    Part::Linear(&mut a.query_key_value),
+                ),
+                (format!("{p}.attention.dense"), Part::Linear(&mut a.dense)),
+                (
+                    format!("{p}.mlp.dense_h_to_4h"),
+                    Part::Linear(&mut m.dense_h_to_4h),
+                ),
+                (
+                    format!("{p}.mlp.dense_4h_to_h"),
+                    Part::Linear(&mut m.dense_4h_to_h),
+                ),
+            ]);
         }
-        out.push(("embed_out".into(), &mut self.embed_out));
+        out.push((
+            "gpt_neox.final_layer_norm".into(),
+            Part::LayerNorm(&mut self.final_layer_norm),
+        ));
+        out.push(("embed_out".into(), Part::Linear(&mut self.embed_out)));
         out
     }
 
@@ -340,7 +311,9 @@ impl GptNeoX {
         d_h: &Tensor,
         grads: &mut Grads,
     ) -> Result<(Tensor, Vec<KvPair>)> {
-        let dx = self.final_layer_norm.backward(&tape.final_norm, d_h)?;
+        let dx = self
+            .final_layer_norm
+            .backward(&tape.final_norm, d_h, grads)?;
         backward_layers(
             &self.layers,
             &tape.layers,
@@ -364,7 +337,9 @@ impl GptNeoX {
         let d_act = l.mlp.dense_4h_to_h.backward(&lt.h4_to_h, dy, grads)?;
         let d_pre = activation::backward(c.hidden_act, &lt.pre_act, &d_act)?;
         let d_ln2 = l.mlp.dense_h_to_4h.backward(&lt.h_to_4h, &d_pre, grads)?;
-        let d_resid_mlp = l.post_attention_layernorm.backward(&lt.ln2, &d_ln2)?;
+        let d_resid_mlp = l
+            .post_attention_layernorm
+            .backward(&lt.ln2, &d_ln2, grads)?;
         // Parallel: y = x + attn + m, ln2 reads x. Sequential: resid = x + attn, y = resid + m.
         let d_attn_out = if c.use_parallel_residual {
             dy.clone()
@@ -373,7 +348,7 @@ impl GptNeoX {
         };
         let d_x_direct = (dy + &d_resid_mlp)?;
         let (d_ln1, d_prefix) = self.attention_backward(l, lt, &d_attn_out, grads)?;
-        let dx = (d_x_direct + l.input_layernorm.backward(&lt.ln1, &d_ln1)?)?;
+        let dx = (d_x_direct + l.input_layernorm.backward(&lt.ln1, &d_ln1, grads)?)?;
         Ok((dx, d_prefix))
     }
 

@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use crate::checkpoint::Weights;
 use crate::config::ModelConfig;
 use crate::models::{
-    backward_layers, forward_layers, split_prefix_grad, with_prefix, KvPair, Saved,
+    backward_layers, forward_layers, split_prefix_grad, with_prefix, KvPair, Part, Saved,
 };
 use crate::nn::attention::{causal_attention_backward, causal_attention_t, AttnCache};
 use crate::nn::linear::LinearCache;
@@ -52,6 +52,7 @@ fn rms(w: &mut Weights, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
     Ok(RmsNorm {
         weight: w.take(&format!("{name}.weight"), &[size])?,
         eps,
+        trainable: None,
     })
 }
 
@@ -177,60 +178,37 @@ impl Llama {
         self.embed_tokens.forward(ids)
     }
 
-    /// Every weight under its HF tensor name (what `load` takes), for writing an HF directory.
-    /// Tied embeddings appear once, as `model.embed_tokens.weight`, with no `lm_head.weight`.
-    /// An attached adapter is not included: merge it first.
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        fn linear(out: &mut Vec<(String, Tensor)>, name: &str, l: &Linear) {
-            out.push((format!("{name}.weight"), l.weight.clone()));
-            if let Some(b) = &l.bias {
-                out.push((format!("{name}.bias"), b.clone()));
-            }
-        }
-        let w = |n: &RmsNorm| n.weight.clone();
+    /// Every module holding weights, by HF module path (what `load` reads): the embeddings,
+    /// per layer its norms and linear layers, the final norm, and the LM head last (a copy of the
+    /// embeddings when tied).
+    pub fn parts_mut(&mut self) -> Vec<(String, Part<'_>)> {
         let mut out = vec![(
-            "model.embed_tokens.weight".into(),
-            self.embed_tokens.weight.clone(),
+            "model.embed_tokens".to_string(),
+            Part::Embedding(&mut self.embed_tokens),
         )];
-        for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), w(&l.input_layernorm)));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                w(&l.post_attention_layernorm),
-            ));
-            let (a, m) = (&l.self_attn, &l.mlp);
-            linear(&mut out, &format!("{p}.self_attn.q_proj"), &a.q_proj);
-            linear(&mut out, &format!("{p}.self_attn.k_proj"), &a.k_proj);
-            linear(&mut out, &format!("{p}.self_attn.v_proj"), &a.v_proj);
-            linear(&mut out, &format!("{p}.self_attn.o_proj"), &a.o_proj);
-            linear(&mut out, &format!("{p}.mlp.gate_proj"), &m.gate_proj);
-            linear(&mut out, &format!("{p}.mlp.up_proj"), &m.up_proj);
-            linear(&mut out, &format!("{p}.mlp.down_proj"), &m.down_proj);
-        }
-        out.push(("model.norm.weight".into(), w(&self.norm)));
-        if !self.config.tie_word_embeddings {
-            linear(&mut out, "lm_head", &self.lm_head);
-        }
-        out
-    }
-
-    /// Every linear layer with its HF module path (the tuners' door).
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
-            let a = &mut l.self_attn;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            let m = &mut l.mlp;
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            out.extend([
+                (
+                    format!("{p}.input_layernorm"),
+                    Part::RmsNorm(&mut l.input_layernorm),
+                ),
+                (
+                    format!("{p}.post_attention_layernorm"),
+                    Part::RmsNorm(&mut l.post_attention_layernorm),
+                ),
+                (format!("{p}.self_attn.q_proj"), Part::Linear(&mut a.q_proj)),
+                (format!("{p}.self_attn.k_proj"), Part::Linear(&mut a.k_proj)),
+                (format!("{p}.self_attn.v_proj"), Part::Linear(&mut a.v_proj)),
+                (format!("{p}.self_attn.o_proj"), Part::Linear(&mut a.o_proj)),
+                (format!("{p}.mlp.gate_proj"), Part::Linear(&mut m.gate_proj)),
+                (format!("{p}.mlp.up_proj"), Part::Linear(&mut m.up_proj)),
+                (format!("{p}.mlp.down_proj"), Part::Linear(&mut m.down_proj)),
+            ]);
         }
-        out.push(("lm_head".into(), &mut self.lm_head));
+        out.push(("model.norm".into(), Part::RmsNorm(&mut self.norm)));
+        out.push(("lm_head".into(), Part::Linear(&mut self.lm_head)));
         out
     }
 
@@ -318,7 +296,7 @@ impl Llama {
         d_h: &Tensor,
         grads: &mut Grads,
     ) -> Result<(Tensor, Vec<KvPair>)> {
-        let dx = self.norm.backward(&tape.final_norm, d_h)?;
+        let dx = self.norm.backward(&tape.final_norm, d_h, grads)?;
         backward_layers(
             &self.layers,
             &tape.layers,
@@ -346,7 +324,9 @@ impl Llama {
         let d_up = (&d_prod * &lt.act)?;
         let d_ln2 = (l.mlp.gate_proj.backward(&lt.gate_c, &d_gate, grads)?
             + l.mlp.up_proj.backward(&lt.up_c, &d_up, grads)?)?;
-        let d_h = (dy + l.post_attention_layernorm.backward(&lt.ln2, &d_ln2)?)?;
+        let d_h = (dy
+            + l.post_attention_layernorm
+                .backward(&lt.ln2, &d_ln2, grads)?)?;
         // Attention: h = x + o_proj(attn(rope(q), rope(k), v))
         let a = &l.self_attn;
         let d_o = a.o_proj.backward(&lt.o_c, &d_h, grads)?;
@@ -366,7 +346,7 @@ impl Llama {
         let d_ln1 = ((a.q_proj.backward(&lt.q_c, &dq, grads)?
             + a.k_proj.backward(&lt.k_c, &dk, grads)?)?
             + a.v_proj.backward(&lt.v_c, &dv, grads)?)?;
-        let dx = (d_h + l.input_layernorm.backward(&lt.ln1, &d_ln1)?)?;
+        let dx = (d_h + l.input_layernorm.backward(&lt.ln1, &d_ln1, grads)?)?;
         Ok((dx, d_prefix))
     }
 }

@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 
 use crate::checkpoint::Weights;
 use crate::config::{Architecture, ModelConfig};
-use crate::nn::{Grads, KvCache, Linear};
+use crate::nn::{Embedding, Grads, KvCache, LayerNorm, Linear, RmsNorm};
 use crate::Result;
 
 pub use gpt_neox::GptNeoX;
@@ -32,6 +32,40 @@ pub struct Model {
     pub prefix: Option<VirtualTokens>,
     /// Training keeps only each layer's input and recomputes its activations during backward.
     pub gradient_checkpointing: bool,
+}
+
+/// A module holding weights (what full fine-tuning trains).
+pub enum Part<'a> {
+    Linear(&'a mut Linear),
+    LayerNorm(&'a mut LayerNorm),
+    RmsNorm(&'a mut RmsNorm),
+    Embedding(&'a mut Embedding),
+}
+
+impl Part<'_> {
+    /// Its tensors under their HF suffixes ("weight", "bias").
+    pub fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        match self {
+            Part::Linear(l) => {
+                let mut out = vec![("weight", &mut l.weight)];
+                out.extend(l.bias.as_mut().map(|b| ("bias", b)));
+                out
+            }
+            Part::LayerNorm(n) => vec![("weight", &mut n.weight), ("bias", &mut n.bias)],
+            Part::RmsNorm(n) => vec![("weight", &mut n.weight)],
+            Part::Embedding(e) => vec![("weight", &mut e.weight)],
+        }
+    }
+
+    /// Where its gradients go when it trains (full fine-tuning); None = frozen.
+    pub fn trainable_mut(&mut self) -> &mut Option<String> {
+        match self {
+            Part::Linear(l) => &mut l.trainable,
+            Part::LayerNorm(n) => &mut n.trainable,
+            Part::RmsNorm(n) => &mut n.trainable,
+            Part::Embedding(e) => &mut e.trainable,
+        }
+    }
 }
 
 /// One layer's key and value, each (B or 1, kv_heads, S, head_dim).
@@ -200,6 +234,15 @@ impl Model {
         }
     }
 
+    /// Full fine-tuning: the embedding table's gradient from that of the embeddings of ids
+    /// (B, T, hidden); nothing while the table is frozen.
+    pub fn embed_backward(&self, ids: &Tensor, d_x: &Tensor, grads: &mut Grads) -> Result<()> {
+        match &self.arch {
+            Arch::GptNeoX(m) => m.embed_in.backward(ids, d_x, grads),
+            Arch::Llama(m) => m.embed_tokens.backward(ids, d_x, grads),
+        }
+    }
+
     /// Embeddings (B, T, hidden) -> final normalised hidden states (B, T, hidden); with a cache,
     /// positions continue after it. With a prefix, an empty or absent cache starts as the prefix.
     pub fn forward_hidden(&self, x: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
@@ -325,22 +368,48 @@ impl Model {
         Ok(self.forward(&t, cache)?.squeeze(0)?)
     }
 
+    /// Every module holding weights, by HF module path, the LM head last.
+    pub fn parts_mut(&mut self) -> Vec<(String, Part<'_>)> {
+        match &mut self.arch {
+            Arch::GptNeoX(m) => m.parts_mut(),
+            Arch::Llama(m) => m.parts_mut(),
+        }
+    }
+
     /// Every linear layer with its HF module path, e.g. `model.layers.0.self_attn.q_proj`; the
     /// LM head last.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        match &mut self.arch {
-            Arch::GptNeoX(m) => m.linears_mut(),
-            Arch::Llama(m) => m.linears_mut(),
+        self.parts_mut()
+            .into_iter()
+            .filter_map(|(p, part)| match part {
+                Part::Linear(l) => Some((p, l)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether the LM head is the embedding table (then a checkpoint stores it once, as the
+    /// embeddings).
+    pub fn tied_head(&self) -> bool {
+        match &self.arch {
+            Arch::GptNeoX(_) => false,
+            Arch::Llama(m) => m.config.tie_word_embeddings,
         }
     }
 
     /// Every weight under its HF tensor name, as an HF checkpoint stores it (tied embeddings
     /// once, no `lm_head.weight`); attached adapters are not included.
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        match &self.arch {
-            Arch::GptNeoX(m) => m.named_weights(),
-            Arch::Llama(m) => m.named_weights(),
+    pub fn named_weights(&mut self) -> Vec<(String, Tensor)> {
+        let skip = self.tied_head().then(|| self.lm_head_name());
+        let mut out = Vec::new();
+        for (path, mut part) in self.parts_mut() {
+            if Some(path.as_str()) != skip {
+                for (suffix, t) in part.tensors_mut() {
+                    out.push((format!("{path}.{suffix}"), t.clone()));
+                }
+            }
         }
+        out
     }
 
     /// HF module path of the output projection (never a LoRA target under "all-linear").

@@ -3,17 +3,23 @@
 
 use candle_core::Tensor;
 
+use super::Grads;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct Embedding {
     /// (vocab, hidden)
     pub weight: Tensor,
+    /// Full fine-tuning: the HF module path its gradients are kept under; None = frozen.
+    pub trainable: Option<String>,
 }
 
 impl Embedding {
     pub fn new(weight: Tensor) -> Self {
-        Embedding { weight }
+        Embedding {
+            weight,
+            trainable: None,
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -32,5 +38,20 @@ impl Embedding {
         }
         let flat = self.weight.index_select(&ids.flatten_all()?, 0)?; // (B*T, hidden)
         Ok(flat.reshape((b, t, self.weight.dims()[1]))?)
+    }
+
+    /// Full fine-tuning: scatters the gradient of the looked-up rows (B, T, hidden) back into the
+    /// table's gradient. Nothing for a frozen table.
+    pub fn backward(&self, ids: &Tensor, d_x: &Tensor, grads: &mut Grads) -> Result<()> {
+        let Some(path) = &self.trainable else {
+            return Ok(());
+        };
+        let h = self.weight.dims()[1];
+        let d = Tensor::zeros(self.weight.dims(), d_x.dtype(), d_x.device())?.index_add(
+            &ids.flatten_all()?,
+            &d_x.reshape(((), h))?,
+            0,
+        )?;
+        grads.add(&format!("{path}.weight"), d)
     }
 }

@@ -1,6 +1,7 @@
 //! A dense layer `y = x W^T + b`, as torch.nn.Linear. Weights are stored `(out, in)` exactly as
 //! in checkpoint files. This is the "named linear layer" door: a tuner (LoRA, IA3, ...) attaches
-//! a [`LinearAdapter`] here; the model around it never knows which method it is.
+//! a [`LinearAdapter`] here; the model around it never knows which method it is. Full
+//! fine-tuning instead marks the layer `trainable`, and backward then also yields dW and db.
 
 use std::fmt::Debug;
 
@@ -45,11 +46,14 @@ pub struct Linear {
     /// (out,)
     pub bias: Option<Tensor>,
     pub adapter: Option<Box<dyn LinearAdapter>>,
+    /// Full fine-tuning: the HF module path its gradients are kept under (`<path>.weight`,
+    /// `<path>.bias`); None = frozen, the default.
+    pub trainable: Option<String>,
 }
 
 /// What [`Linear::backward`] needs from the forward.
 pub struct LinearCache {
-    /// (N, in), kept only when an adapter needs it.
+    /// (N, in), kept only when an adapter or the weight's own gradient needs it.
     x: Option<Tensor>,
     saved: Option<Tensor>,
     in_dims: Vec<usize>,
@@ -61,6 +65,7 @@ impl Linear {
             weight,
             bias,
             adapter: None,
+            trainable: None,
         }
     }
 
@@ -101,7 +106,7 @@ impl Linear {
                 let (y, saved) = a.forward(self, &x2, rng)?;
                 (y, saved, true)
             }
-            None => (self.base_forward(&x2)?, None, false),
+            None => (self.base_forward(&x2)?, None, self.trainable.is_some()),
         };
         let mut out_dims = dims.clone();
         *out_dims.last_mut().expect("x has at least one dim") = self.out_features();
@@ -114,9 +119,21 @@ impl Linear {
     }
 
     /// dy: (..., out) -> dx (..., in). The frozen weight and bias get no gradient.
+    /// dW = dyᵀ x, db = column sums of dy, into `grads` under `<path>.weight` / `<path>.bias`.
+    fn weight_grads(&self, path: &str, x: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<()> {
+        grads.add(&format!("{path}.weight"), dy.t()?.matmul(x)?)?;
+        if self.bias.is_some() {
+            grads.add(&format!("{path}.bias"), dy.sum(0)?)?;
+        }
+        Ok(())
+    }
+
     pub fn backward(&self, c: &LinearCache, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
         let rows: usize = c.in_dims[..c.in_dims.len() - 1].iter().product();
         let dy2 = dy.reshape((rows, self.out_features()))?; // (N, out)
+        if let (Some(path), Some(x)) = (&self.trainable, &c.x) {
+            self.weight_grads(path, x, &dy2, grads)?;
+        }
         let dx = match (&self.adapter, &c.x) {
             (Some(a), Some(x)) => a.backward(self, x, c.saved.as_ref(), &dy2, grads)?,
             _ => self.base_backward(&dy2)?,

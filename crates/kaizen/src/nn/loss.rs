@@ -5,7 +5,7 @@
 
 use candle_core::{Tensor, D};
 
-use super::Linear;
+use super::{Grads, Linear};
 use crate::Result;
 
 /// Labels equal to this are not scored (HF's ignore index).
@@ -27,12 +27,14 @@ const CHUNK_ROWS: usize = 256;
 /// h: (N, hidden) final hidden states, targets: N next-token labels (-100 = skip).
 /// Returns (sum of NLL over scored rows, number of scored rows, dh) where dh is the gradient of
 /// `sum NLL * loss_scale` w.r.t. h. Only scored rows go through the head (prompt tokens are
-/// often most of a batch), in chunks; the head weight is frozen: no gradient for it.
+/// often most of a batch), in chunks. The head's weight gets a gradient only when it is
+/// `trainable` (full fine-tuning).
 pub fn head_loss_backward(
     head: &Linear,
     h: &Tensor,
     targets: &[i64],
     loss_scale: f64,
+    grads: &mut Grads,
 ) -> Result<(f64, usize, Tensor)> {
     let (n, hidden) = h.dims2()?;
     let rows: Vec<u32> = (0..n as u32)
@@ -46,9 +48,13 @@ pub fn head_loss_backward(
     for chunk in rows.chunks(CHUNK_ROWS) {
         let idx = Tensor::from_slice(chunk, chunk.len(), h.device())?;
         let labels: Vec<u32> = chunk.iter().map(|&r| targets[r as usize] as u32).collect();
-        let logits = head.forward(&h.index_select(&idx, 0)?)?; // (c, V)
+        let hr = h.index_select(&idx, 0)?; // (c, hidden)
+        let logits = head.forward(&hr)?; // (c, V)
         let (nll, dlogits) = softmax_xent_rows(&logits, &labels, loss_scale)?;
         sum += nll;
+        if let Some(path) = &head.trainable {
+            grads.add(&format!("{path}.weight"), dlogits.t()?.matmul(&hr)?)?;
+        }
         dh = dh.index_add(&idx, &dlogits.matmul(&head.weight)?, 0)?; // rows of (c, hidden)
     }
     Ok((sum, rows.len(), dh))

@@ -1,9 +1,10 @@
 //! LayerNorm (GPT-NeoX; torch.nn.LayerNorm, biased variance) and RMSNorm (Llama; HF LlamaRMSNorm,
-//! `w * x / sqrt(mean(x^2) + eps)`), with hand-derived backward for the input only (norm
-//! weights are frozen).
+//! `w * x / sqrt(mean(x^2) + eps)`), with hand-derived backward: the input's gradient, and the
+//! weight's (and bias's) only when the norm is `trainable` (full fine-tuning).
 
 use candle_core::{Tensor, D};
 
+use super::Grads;
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -13,6 +14,8 @@ pub struct LayerNorm {
     /// (hidden,)
     pub bias: Tensor,
     pub eps: f64,
+    /// Full fine-tuning: the HF module path its gradients are kept under; None = frozen.
+    pub trainable: Option<String>,
 }
 
 /// Saved by LayerNorm / RMSNorm forward: the normalised input and 1/std per row.
@@ -42,7 +45,11 @@ impl LayerNorm {
     }
 
     /// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w
-    pub fn backward(&self, c: &NormCache, dy: &Tensor) -> Result<Tensor> {
+    pub fn backward(&self, c: &NormCache, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        if let Some(path) = &self.trainable {
+            weight_grad(path, c, dy, grads)?;
+            grads.add(&format!("{path}.bias"), rows_sum(dy)?)?;
+        }
         let g = dy.broadcast_mul(&self.weight)?;
         let mg = g.mean_keepdim(D::Minus1)?;
         let mgx = (&g * &c.xhat)?.mean_keepdim(D::Minus1)?;
@@ -56,6 +63,8 @@ pub struct RmsNorm {
     /// (hidden,)
     pub weight: Tensor,
     pub eps: f64,
+    /// Full fine-tuning: the HF module path its gradients are kept under; None = frozen.
+    pub trainable: Option<String>,
 }
 
 impl RmsNorm {
@@ -73,10 +82,24 @@ impl RmsNorm {
     }
 
     /// dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w
-    pub fn backward(&self, c: &NormCache, dy: &Tensor) -> Result<Tensor> {
+    pub fn backward(&self, c: &NormCache, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        if let Some(path) = &self.trainable {
+            weight_grad(path, c, dy, grads)?;
+        }
         let g = dy.broadcast_mul(&self.weight)?;
         let mgx = (&g * &c.xhat)?.mean_keepdim(D::Minus1)?;
         let inner = g.sub(&c.xhat.broadcast_mul(&mgx)?)?;
         Ok(inner.broadcast_mul(&c.rstd)?)
     }
+}
+
+/// Sum over every row of (..., hidden) -> (hidden,).
+fn rows_sum(t: &Tensor) -> Result<Tensor> {
+    let h = t.dim(D::Minus1)?;
+    Ok(t.reshape(((), h))?.sum(0)?)
+}
+
+/// y = xhat * w (+ b): dw = sum over rows of dy * xhat.
+fn weight_grad(path: &str, c: &NormCache, dy: &Tensor, grads: &mut Grads) -> Result<()> {
+    grads.add(&format!("{path}.weight"), rows_sum(&(dy * &c.xhat)?)?)
 }

@@ -8,7 +8,7 @@ pub mod trainer;
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 
-use crate::models::VirtualTokens;
+use crate::models::{Part, VirtualTokens};
 use crate::nn::loss::{head_loss_backward, IGNORE_INDEX};
 use crate::nn::Grads;
 use crate::{Error, Model, Result};
@@ -83,6 +83,7 @@ pub fn micro_batch_backward(
         &h.reshape((b * full, hidden))?,
         &targets,
         loss_scale,
+        grads,
     )?;
     let (dx, d_prefix) = model.backward(&tape, &dh.reshape((b, full, hidden))?, grads)?; // (B, n + T, hidden)
     if let Some(v) = &model.virtual_tokens {
@@ -93,6 +94,7 @@ pub fn micro_batch_backward(
         table_backward(p, d_table, grads)?;
     }
     let d_embeds = dx.narrow(1, n, t)?;
+    model.embed_backward(&ids, &d_embeds, grads)?;
     Ok(MicroStep {
         loss_sum,
         tokens,
@@ -117,9 +119,21 @@ pub fn trainable_params(model: &mut Model) -> Vec<(String, Tensor)> {
             None => out.push((v.key.clone(), v.table.clone())),
         }
     }
-    for (_, lin) in model.linears_mut() {
-        if let Some(a) = &lin.adapter {
-            out.extend(a.params());
+    let mut seen = std::collections::HashSet::new();
+    for (_, mut part) in model.parts_mut() {
+        if let Part::Linear(lin) = &part {
+            if let Some(a) = &lin.adapter {
+                out.extend(a.params());
+            }
+        }
+        // Full fine-tuning: the weights themselves, a tied head once (as the embeddings).
+        if let Some(path) = part.trainable_mut().clone() {
+            for (suffix, t) in part.tensors_mut() {
+                let key = format!("{path}.{suffix}");
+                if seen.insert(key.clone()) {
+                    out.push((key, t.clone()));
+                }
+            }
         }
     }
     out
@@ -158,7 +172,23 @@ pub fn set_params(model: &mut Model, updates: Vec<(String, Tensor)>) -> Result<(
             v.table = e.forward()?;
         }
     }
-    for (key, value) in linear_updates {
+    // Full fine-tuning: base weights by HF name (a tied head takes the embeddings' value too).
+    let mut rest: std::collections::HashMap<String, Tensor> = linear_updates.into_iter().collect();
+    let mut used = std::collections::HashSet::new();
+    for (_, mut part) in model.parts_mut() {
+        let Some(path) = part.trainable_mut().clone() else {
+            continue;
+        };
+        for (suffix, t) in part.tensors_mut() {
+            let key = format!("{path}.{suffix}");
+            if let Some(v) = rest.get(&key) {
+                *t = v.clone();
+                used.insert(key);
+            }
+        }
+    }
+    rest.retain(|k, _| !used.contains(k));
+    for (key, value) in rest {
         let mut linears = model.linears_mut();
         let mut done = false;
         for (_, lin) in linears.iter_mut() {

@@ -365,8 +365,16 @@ fn save_checkpoint(
 /// Restores adapter tensors and optimizer state; returns the step to continue from.
 fn load_checkpoint(model: &mut Model, opt: &mut Optimizer, dir: &Path) -> Result<usize> {
     use crate::checkpoint::adapter;
-    let (_, mut weights) = adapter::read(dir)?;
-    let mut file = dir.join(adapter::WEIGHTS_FILE);
+    let model_file = dir.join("model.safetensors");
+    let full = model_file.is_file() && !dir.join(adapter::CONFIG_FILE).is_file();
+    let (mut weights, mut file) = if full {
+        // Full fine-tuning: the checkpoint is an HF model directory.
+        let w = candle_core::safetensors::load(&model_file, &Device::Cpu)
+            .map_err(|e| Error::checkpoint(&model_file, crate::error::brief(&e)))?;
+        (w.into_iter().collect(), model_file)
+    } else {
+        (adapter::read(dir)?.1, dir.join(adapter::WEIGHTS_FILE))
+    };
     let encoder_file = dir.join(crate::tuners::prompt::p_tuning::ENCODER_FILE);
     if encoder_file.is_file() {
         // P-tuning: the trainable tensors are the encoder's; the adapter file holds its output.

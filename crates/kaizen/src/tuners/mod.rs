@@ -1,6 +1,8 @@
 //! PEFT methods, one folder each. Each reaches a model only through a named linear layer, the KV
 //! cache or the input embeddings; none names an architecture.
 
+pub mod bottleneck;
+pub mod full;
 pub mod ia3;
 pub mod init;
 pub mod lora;
@@ -28,6 +30,11 @@ pub enum Method {
         targets: Vec<String>,
         feedforward: Vec<String>,
     },
+    /// Bottleneck adapters (kaizen's "BOTTLENECK" files, PEFT's envelope).
+    Bottleneck {
+        cfg: bottleneck::BottleneckConfig,
+        targets: Vec<String>,
+    },
     PromptTuning {
         cfg: prompt::PromptTuningConfig,
         /// adapter_config.json (depends on model dims).
@@ -45,6 +52,8 @@ pub enum Method {
         json: Value,
         trainable: bool,
     },
+    /// Full fine-tuning: every weight trains; saved as an HF model directory.
+    Full(Box<full::FullFineTuning>),
 }
 
 impl Method {
@@ -53,9 +62,11 @@ impl Method {
         match self {
             Method::Lora { .. } => "LORA",
             Method::Ia3 { .. } => "IA3",
+            Method::Bottleneck { .. } => "BOTTLENECK",
             Method::PromptTuning { .. } => "PROMPT_TUNING",
             Method::PTuningInference { .. } | Method::PTuning { .. } => "P_TUNING",
             Method::PrefixTuning { .. } => "PREFIX_TUNING",
+            Method::Full(_) => "FULL",
         }
     }
 
@@ -68,15 +79,20 @@ impl Method {
                 targets,
                 feedforward,
             } => cfg.to_json(targets, feedforward),
+            Method::Bottleneck { cfg, targets } => cfg.to_json(targets),
             Method::PromptTuning { json, .. }
             | Method::PTuningInference { json }
             | Method::PTuning { json }
             | Method::PrefixTuning { json, .. } => json.clone(),
+            Method::Full(f) => f.config_json(),
         }
     }
 
     /// Writes the model's current adapter tensors and this config as a PEFT adapter directory.
     pub fn save(&self, model: &mut Model, dir: &Path) -> Result<()> {
+        if let Method::Full(f) = self {
+            return f.save(model, dir);
+        }
         // P-tuning, prefix projection: PEFT's file holds the encoder's output; its weights go
         // beside it.
         let encoded = model
@@ -142,6 +158,13 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
                 feedforward,
             }
         }
+        "BOTTLENECK" => {
+            let cfg = bottleneck::BottleneckConfig::from_json(&config)
+                .map_err(|m| Error::config(&cfg_path, m))?;
+            let targets = bottleneck::attach(model, &cfg, Some(weights), 0)
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            Method::Bottleneck { cfg, targets }
+        }
         "PROMPT_TUNING" => {
             let cfg = prompt::PromptTuningConfig::from_json(&config)
                 .map_err(|m| Error::config(&cfg_path, m))?;
@@ -194,17 +217,20 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
             return Err(Error::config(
                 &cfg_path,
                 format!(
-                    "peft_type \"{other}\" is not supported (supported: LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING)"
+                    "peft_type \"{other}\" is not supported (supported: LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)"
                 ),
             ))
         }
     };
     let targets = match &method {
-        Method::Lora { targets, .. } | Method::Ia3 { targets, .. } => targets.clone(),
+        Method::Lora { targets, .. }
+        | Method::Ia3 { targets, .. }
+        | Method::Bottleneck { targets, .. } => targets.clone(),
         Method::PromptTuning { .. }
         | Method::PTuningInference { .. }
         | Method::PTuning { .. }
-        | Method::PrefixTuning { .. } => vec![],
+        | Method::PrefixTuning { .. }
+        | Method::Full(_) => vec![],
     };
     Ok(AdapterInfo {
         method,
@@ -260,8 +286,8 @@ impl Merged {
 }
 
 /// Folds every adapter into its base weight and bias (LoRA `W += scale * B A`, IA3 scalings)
-/// and removes it: zero added inference latency. All-or-nothing: if one layer cannot merge,
-/// the model is left unchanged.
+/// and removes it: zero added inference latency. All-or-nothing: if one layer cannot merge
+/// (a bottleneck adapter's `merged` says why), the model is left unchanged.
 pub fn merge(model: &mut Model) -> Result<Merged> {
     if model.learned_tokens().next().is_some() {
         return Err(Error::Input(

@@ -145,6 +145,12 @@ pub fn attach(
             magnitude,
         }));
     }
+    all_used(weights)?;
+    Ok(targets)
+}
+
+/// After attaching from a file: every tensor must have found its layer.
+pub(crate) fn all_used(weights: Option<BTreeMap<String, Tensor>>) -> Result<()> {
     if let Some(w) = weights {
         if let Some(k) = w.keys().next() {
             return Err(Error::Input(format!(
@@ -153,7 +159,7 @@ pub fn attach(
             )));
         }
     }
-    Ok(targets)
+    Ok(())
 }
 
 /// Removes `key` from an adapter's tensors, checking its shape.

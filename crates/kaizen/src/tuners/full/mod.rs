@@ -1,0 +1,100 @@
+//! Full fine-tuning, the baseline every PEFT method is compared with: every weight trains
+//! (embeddings, norms, every linear layer, the LM head; a tied head is the embedding table, one
+//! tensor), with gradients and optimizer state for all, and the result is an HF model directory.
+//! The layers compute their weight gradients themselves once marked `trainable`; this module
+//! marks them, estimates the memory a run needs, and saves.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::checkpoint::export::write_model_files;
+use crate::models::Part;
+use crate::{Error, Model, Result, Tokenizer};
+
+/// What a full fine-tuning run saves with: the tokenizer and the model's source (tokenizer files
+/// are copied from an HF directory, written from the tokenizer for a GGUF).
+#[derive(Clone)]
+pub struct FullFineTuning {
+    pub source: PathBuf,
+    pub tokenizer: Tokenizer,
+}
+
+impl std::fmt::Debug for FullFineTuning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FullFineTuning({})", self.source.display())
+    }
+}
+
+impl FullFineTuning {
+    /// What run.json records as the "adapter".
+    pub fn config_json(&self) -> Value {
+        json!({"method": "full", "trains": "every weight", "saved_as": "HF model directory"})
+    }
+
+    /// Writes the model as an HF directory into `dir` (config.json, model.safetensors, tokenizer).
+    pub fn save(&self, model: &mut Model, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        write_model_files(dir, model, &self.tokenizer, &self.source)?;
+        Ok(())
+    }
+}
+
+/// Marks every weight of `model` trainable under its HF name; returns the number of trainable
+/// values (a tied head counted once).
+pub fn attach(model: &mut Model) -> Result<usize> {
+    if model.learned_tokens().next().is_some()
+        || model.linears_mut().iter().any(|(_, l)| l.adapter.is_some())
+    {
+        return Err(Error::Input(
+            "full fine-tuning trains the model itself; load it without an adapter".into(),
+        ));
+    }
+    let (head, tied) = (model.lm_head_name(), model.tied_head());
+    let mut parts = model.parts_mut();
+    let embeddings = parts
+        .iter()
+        .find(|(_, p)| matches!(p, Part::Embedding(_)))
+        .map(|(path, _)| path.clone())
+        .ok_or_else(|| Error::Input("the model has no embedding table".into()))?;
+    let mut count = 0;
+    for (path, part) in parts.iter_mut() {
+        let key = if tied && path == head {
+            embeddings.clone() // the same tensor: its gradients add up under one name
+        } else {
+            count += part
+                .tensors_mut()
+                .iter()
+                .map(|(_, t)| t.elem_count())
+                .sum::<usize>();
+            path.clone()
+        };
+        *part.trainable_mut() = Some(key);
+    }
+    Ok(count)
+}
+
+/// Estimated peak bytes of a full fine-tuning step: weights, gradients and AdamW's two moments
+/// (4 x f32 per weight), the activations each layer keeps for backward, and the LM head's chunk.
+pub fn memory_estimate(model: &Model, params: usize, batch_size: usize, seq_len: usize) -> u64 {
+    let c = model.config();
+    let (h, f, heads) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.num_attention_heads as u64,
+    );
+    let tokens = (batch_size * seq_len) as u64;
+    // Per token and layer: norm outputs and linear inputs (~6 h), MLP activations (~4 f), and
+    // one attention-probability row per head.
+    let per_layer = tokens * (6 * h + 4 * f + heads * seq_len as u64);
+    let activations = per_layer * c.num_hidden_layers as u64 + 2 * 256 * c.vocab_size as u64;
+    4 * (4 * params as u64 + activations)
+}
+
+/// Memory available to a new run (Linux `MemAvailable`), if known.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
