@@ -633,6 +633,53 @@ mod tests {
     }
 
     #[test]
+    fn plot_bar_chart_draws_log_negative_missing_and_single_bars() {
+        let dir = tempfile::tempdir().unwrap();
+        let fmt = |v: f64| format!("{v:.1}");
+        let cases: [(&str, Vec<f64>, bool); 5] = [
+            ("log", vec![10.0, 1.3e8, 384.0], true),
+            ("neg", vec![-0.3, 0.2, f64::NAN], false),
+            ("one", vec![384.0], true),
+            ("zero_on_log", vec![0.0, 5.0], true),
+            ("none", vec![], false),
+        ];
+        for (name, values, log_y) in cases {
+            let bars: Vec<Bar> = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("bar {i}"), *v))
+                .collect();
+            let out = dir.path().join(format!("{name}.png"));
+            let warning = bar_chart(&out, name, "y", &bars, log_y, &fmt).unwrap();
+            assert_eq!(png_size(&out), CHART_SIZE, "{name}");
+            let empty = !values.iter().any(|v| v.is_finite());
+            let says_empty = warning.is_some_and(|w| w.contains("no data points"));
+            assert_eq!(says_empty, empty, "{name}");
+        }
+        assert_eq!(dir_names(dir.path()).len(), 5, "temp files left behind");
+    }
+
+    #[test]
+    fn plot_curves_chart_draws_lines_and_unnamed_dots() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("curves.png");
+        let curves: Vec<Curve> = (0..12)
+            .map(|i| Curve {
+                name: if i % 2 == 0 {
+                    format!("run {i}")
+                } else {
+                    String::new()
+                },
+                points: vec![(0.0, i as f64), (1.0, i as f64 / 2.0)],
+                color: i / 2,
+                dots_only: i % 2 == 1,
+            })
+            .collect();
+        curves_chart(&out, "t", "x", "y", &curves).unwrap();
+        assert_eq!(png_size(&out), CHART_SIZE);
+    }
+
+    #[test]
     fn plot_tick_format_fits_the_span() {
         assert_eq!(tick_format(&(0.0..1200.0))(&400.0), "400");
         assert_eq!(tick_format(&(1.5..2.5))(&2.0), "2.0");

@@ -393,8 +393,9 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             let n = a.num_virtual_tokens.unwrap_or(20);
             let hidden = loaded.model.config().hidden_size;
             let enc_hidden = a.encoder_hidden_size.unwrap_or(hidden);
-            if n == 0 || enc_hidden == 0 {
-                bail!("--num-virtual-tokens and --encoder-hidden-size must be at least 1");
+            prompt::check_num_virtual_tokens(n, &loaded.model)?;
+            if enc_hidden == 0 {
+                bail!("--encoder-hidden-size must be at least 1");
             }
             let cfg = p_tuning::EncoderConfig {
                 encoder_reparameterization_type: a

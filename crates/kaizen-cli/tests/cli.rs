@@ -792,3 +792,41 @@ fn adapter_tensor_shapes_do_not_fit_the_model() {
         assert_adapter_fails(&model_path(model), &a, &[&s(&a), "shape", "lora_"]);
     }
 }
+
+#[test]
+fn prompt_embeddings_of_the_wrong_shape_for_the_model() {
+    // Prefix tables made for other models (layers x key/value x kv heads x head_dim differ).
+    let root = repo_root().join("tests/fixtures/peft/prefix_tuning");
+    for (made_for, model) in [
+        ("llama-gqa-tied", "llama-mha-linear"),
+        ("neox-seq-spiece", "llama-gqa-tied"),
+    ] {
+        let a = root.join(made_for).join("adapter");
+        assert_adapter_fails(
+            &model_path(model),
+            &a,
+            &[&s(&a), "prompt_embeddings", "shape"],
+        );
+    }
+    // A prompt-tuning table must be (num_virtual_tokens, hidden): here a prefix table.
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("adapter");
+    std::fs::create_dir(&a).unwrap();
+    let from = root.join("llama-gqa-tied/adapter");
+    std::fs::copy(
+        from.join("adapter_model.safetensors"),
+        a.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(from.join("adapter_config.json")).unwrap();
+    std::fs::write(
+        a.join("adapter_config.json"),
+        cfg.replace("PREFIX_TUNING", "PROMPT_TUNING"),
+    )
+    .unwrap();
+    assert_adapter_fails(
+        &model_path("llama-gqa-tied"),
+        &a,
+        &[&s(&a), "prompt_embeddings", "shape"],
+    );
+}

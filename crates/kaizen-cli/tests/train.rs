@@ -1695,14 +1695,16 @@ fn ia3_and_prompt_methods_train_evaluate_generate() {
 }
 
 #[test]
-fn zero_virtual_tokens() {
-    for method in ["prompt", "prefix"] {
-        assert_train_fails(
-            LLAMA,
-            None,
-            &["--method", method, "--num-virtual-tokens", "0"],
-            &["num_virtual_tokens", "0"],
-        );
+fn virtual_tokens_none_or_beyond_the_context() {
+    for method in ["prompt", "p-tuning", "prefix"] {
+        for n in ["0", "100000"] {
+            assert_train_fails(
+                LLAMA,
+                None,
+                &["--method", method, "--num-virtual-tokens", n],
+                &["num_virtual_tokens", n, "context"],
+            );
+        }
     }
 }
 

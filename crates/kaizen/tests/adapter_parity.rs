@@ -245,7 +245,17 @@ fn load_p_tuning(fixture: &str, model: &str) -> Fixture {
 }
 
 fn check_p_tuning(fixture: &str, model: &str) {
-    let mut f = load_p_tuning(fixture, model);
+    let f = load_p_tuning(fixture, model);
+    check_table_training(fixture, f, |m| &m.virtual_tokens);
+}
+
+/// Prompt methods trained through their table or its encoder: the loss, one gradient per
+/// trainable tensor, three AdamW steps, and the table (`door` picks it) after them.
+fn check_table_training(
+    fixture: &str,
+    mut f: Fixture,
+    door: fn(&kaizen::Model) -> &Option<kaizen::models::VirtualTokens>,
+) {
     let mut grads = Grads::new();
     let (loss, _) = step(&f, &mut grads);
     let want = f.reference["loss"].as_f64().unwrap();
@@ -257,7 +267,7 @@ fn check_p_tuning(fixture: &str, model: &str) {
     assert_eq!(
         grads.len(),
         trainable.len(),
-        "{fixture}: one gradient per encoder tensor"
+        "{fixture}: one gradient per trainable tensor"
     );
     for (key, g) in grads.iter() {
         let err = rel_err(g, &f.tensors[&format!("grad.{key}")]);
@@ -267,11 +277,11 @@ fn check_p_tuning(fixture: &str, model: &str) {
         );
     }
     run_steps(fixture, &mut f, OptimizerKind::adamw(), 1e-2, "");
-    let table = &f.model.virtual_tokens.as_ref().unwrap().table;
+    let table = &door(&f.model).as_ref().unwrap().table;
     let err = rel_err(table, &f.tensors["after.prompt_embeddings"]);
     assert!(
         err <= TOL,
-        "{fixture}: virtual tokens after 3 steps: relative error {err:e}"
+        "{fixture}: table after 3 steps: relative error {err:e}"
     );
 }
 
@@ -488,34 +498,8 @@ fn load_prefix(fixture: &str, model: &str, checkpointing: bool) -> Fixture {
 /// Gradients of every trainable tensor and three AdamW steps, with or without gradient
 /// checkpointing (which PEFT refuses for prefix tuning).
 fn check_prefix_training(fixture: &str, model: &str, checkpointing: bool) {
-    let mut f = load_prefix(fixture, model, checkpointing);
-    let mut grads = Grads::new();
-    let (loss, _) = step(&f, &mut grads);
-    let want = f.reference["loss"].as_f64().unwrap();
-    assert!(
-        (loss - want).abs() / want <= TOL,
-        "{fixture}: loss {loss} vs {want}"
-    );
-    let trainable = f.reference["trainable_param_names"].as_object().unwrap();
-    assert_eq!(
-        grads.len(),
-        trainable.len(),
-        "{fixture}: one gradient per tensor"
-    );
-    for (key, g) in grads.iter() {
-        let err = rel_err(g, &f.tensors[&format!("grad.{key}")]);
-        assert!(
-            err <= TOL,
-            "{fixture}: gradient of {key}: relative error {err:e}"
-        );
-    }
-    run_steps(fixture, &mut f, OptimizerKind::adamw(), 1e-2, "");
-    let table = &f.model.prefix.as_ref().unwrap().table;
-    let err = rel_err(table, &f.tensors["after.prompt_embeddings"]);
-    assert!(
-        err <= TOL,
-        "{fixture}: prefix table after 3 steps: relative error {err:e}"
-    );
+    let f = load_prefix(fixture, model, checkpointing);
+    check_table_training(fixture, f, |m| &m.prefix);
 }
 
 macro_rules! prefix_suite {

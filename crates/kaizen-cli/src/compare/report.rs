@@ -260,7 +260,7 @@ fn how_to_read(s: &mut String, base: &Base) {
         "**saved size**: the `*.safetensors` files the run leaves (the adapter; the whole model for `full`).".to_string(),
         format!("**peak RSS**: the training process's maximum resident memory (`wait4`'s `ru_maxrss`), model load included; Linux counts the parent's peak at spawn into it, here {}. The base row is the peak of a process that loaded the base model and evaluated and generated with it.", fmt_rss(base.rss_at_spawn_bytes)),
         "**train tok/s**: mean over steps of (batch × padded length) / step time. **wall**: the whole `kaizen train` run, model load and evaluations included.".to_string(),
-        "**held-out loss**: mean loss on the answer tokens of `--val-data` before the first step and after the last; gain = before − after (higher is better).".to_string(),
+        "**held-out loss**: mean loss on the label tokens of `--val-data` (the answers; prompts are masked) before the first step and after the last; gain = before − after (higher is better).".to_string(),
         "**general loss**: mean next-token loss on `--general-data`, unrelated text, with the base model and with the trained one; forgetting = after − before (above zero: the method damaged what the model knew).".to_string(),
         format!("**final train loss**: mean of the last {TRAIN_TAIL} step losses. **gap** = held-out − train: large and growing means over-fitting the small training set."),
         format!("**gen tok/s**: greedy generation, batch 1, {GEN_TOKENS} new tokens, best of {GEN_REPEATS}; unmerged = adapter applied on the fly, merged = folded into the weights (LoRA, DoRA, IA3; `full` is a plain model). **vs base**: merged (else unmerged) speed over the base model's; merged should be 1.00x within noise."),

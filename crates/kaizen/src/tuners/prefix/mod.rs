@@ -41,18 +41,7 @@ pub struct PrefixTuningConfig {
 
 impl PrefixTuningConfig {
     pub fn from_json(map: &Map<String, Value>) -> std::result::Result<Self, String> {
-        let n = map
-            .get("num_virtual_tokens")
-            .and_then(Value::as_u64)
-            .ok_or("missing \"num_virtual_tokens\"")? as usize;
-        if map
-            .get("num_transformer_submodules")
-            .and_then(Value::as_u64)
-            .unwrap_or(1)
-            != 1
-        {
-            return Err("\"num_transformer_submodules\" must be 1 for causal LMs".into());
-        }
+        let n = super::prompt::num_virtual_tokens(map)?;
         Ok(PrefixTuningConfig {
             num_virtual_tokens: n,
             prefix_projection: map
@@ -110,12 +99,7 @@ pub fn attach(
     seed: u64,
 ) -> Result<()> {
     let n = cfg.num_virtual_tokens;
-    let ctx = model.config().max_position_embeddings;
-    if n == 0 || n >= ctx {
-        return Err(Error::Input(format!(
-            "num_virtual_tokens must be between 1 and the context ({ctx}), found {n}"
-        )));
-    }
+    super::prompt::check_num_virtual_tokens(n, model)?;
     let (token_dim, width) = dims(model);
     let mut rng = StdRng::seed_from_u64(seed);
     let (table, encoder) = match table {

@@ -35,20 +35,37 @@ pub struct PromptTuningConfig {
     pub base_model_name_or_path: Option<String>,
 }
 
+/// Virtual tokens take positions ahead of the real ones: at least one, and fewer than the context.
+pub fn check_num_virtual_tokens(n: usize, model: &Model) -> Result<()> {
+    let ctx = model.config().max_position_embeddings;
+    if n == 0 || n >= ctx {
+        return Err(Error::Input(format!(
+            "num_virtual_tokens must be between 1 and the context ({ctx}) minus 1, found {n}"
+        )));
+    }
+    Ok(())
+}
+
+/// `num_virtual_tokens` of a prompt-learning config (PEFT's `PromptLearningConfig`), which for a
+/// causal LM has one transformer submodule.
+pub fn num_virtual_tokens(map: &Map<String, Value>) -> std::result::Result<usize, String> {
+    if map
+        .get("num_transformer_submodules")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        != 1
+    {
+        return Err("\"num_transformer_submodules\" must be 1 for causal LMs".into());
+    }
+    map.get("num_virtual_tokens")
+        .and_then(Value::as_u64)
+        .map(|n| n as usize)
+        .ok_or_else(|| "missing \"num_virtual_tokens\"".into())
+}
+
 impl PromptTuningConfig {
     pub fn from_json(map: &Map<String, Value>) -> std::result::Result<Self, String> {
-        let n = map
-            .get("num_virtual_tokens")
-            .and_then(Value::as_u64)
-            .ok_or("missing \"num_virtual_tokens\"")? as usize;
-        if map
-            .get("num_transformer_submodules")
-            .and_then(Value::as_u64)
-            .unwrap_or(1)
-            != 1
-        {
-            return Err("\"num_transformer_submodules\" must be 1 for causal LMs".into());
-        }
+        let n = num_virtual_tokens(map)?;
         let init = match map
             .get("prompt_tuning_init")
             .and_then(Value::as_str)
@@ -116,12 +133,7 @@ pub fn attach(
     seed: u64,
 ) -> Result<()> {
     let (n, hidden) = (cfg.num_virtual_tokens, model.config().hidden_size);
-    if n == 0 || n >= model.config().max_position_embeddings {
-        return Err(Error::Input(format!(
-            "num_virtual_tokens must be between 1 and the context ({}), found {n}",
-            model.config().max_position_embeddings
-        )));
-    }
+    check_num_virtual_tokens(n, model)?;
     let table = match table {
         Some(t) if t.dims() == [n, hidden] => t,
         Some(t) => {
