@@ -11,8 +11,8 @@
 #
 # Environment: KAIZEN_CACHE (default cache), COMPARE_OUT (default $KAIZEN_CACHE/runs/compare),
 # COMPARE_METHODS (default all eight), COMPARE_STEPS (default 20), COMPARE_EVAL_EVERY (default
-# COMPARE_STEPS: the held-out loss before and after only; each evaluation of the 111 held-out
-# pairs costs about half a minute here).
+# COMPARE_STEPS: the held-out loss before and after only), COMPARE_VAL (default 48: held-out pairs
+# scored; the task's 111 cost about half a minute per evaluation here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE="${KAIZEN_CACHE:-cache}"
@@ -28,6 +28,8 @@ K=target/release/kaizen
 
 DATA="$CACHE/manpages_ja"
 python3 scripts/data/manpages_ja.py --cache "$CACHE" --out "$DATA"
+VAL="$DATA/val_${COMPARE_VAL:-48}.jsonl"
+head -n "${COMPARE_VAL:-48}" "$DATA/val.jsonl" > "$VAL"
 
 GENERAL="$CACHE/botchan_general.jsonl"
 python3 - "$CACHE/botchan.txt" "$GENERAL" <<'PY'
@@ -55,7 +57,7 @@ with open(sys.argv[2], "w", encoding="utf-8") as f:
 print(f"general text: {len(picked)} chunks of botchan.txt ({sum(map(len, picked))} characters) -> {sys.argv[2]}")
 PY
 
-$K compare --model "$GGUF" --data "$DATA/train.jsonl" --val-data "$DATA/val.jsonl" \
+$K compare --model "$GGUF" --data "$DATA/train.jsonl" --val-data "$VAL" \
     --general-data "$GENERAL" --methods "$METHODS" --max-steps "$STEPS" --eval-every "$EVAL_EVERY" \
     --out "$OUT" "$@"
 echo "report: $OUT/report.md"

@@ -101,8 +101,8 @@ pub const SPECS: [Spec; 8] = [
     ),
     spec(
         "prefix",
-        1e-2,
-        "--method prefix --num-virtual-tokens 20",
+        3e-3,
+        "--method prefix --num-virtual-tokens 20 --prefix-projection",
         false,
     ),
     spec(
@@ -114,7 +114,7 @@ pub const SPECS: [Spec; 8] = [
     spec(
         "prompt",
         3e-2,
-        "--method prompt --num-virtual-tokens 20",
+        "--method prompt --num-virtual-tokens 20 --prompt-tuning-init sample_vocab",
         false,
     ),
 ];
