@@ -3,7 +3,6 @@
 # f32; LoRA r=8 alpha=16 on q_proj,v_proj; AdamW lr 1e-4 constant, clip 1.0; batch 4 x 256 packed
 # tokens of botchan.txt, no padding), in one run on this machine. Prints a table.
 #   bash scripts/bench/train.sh [STEPS] [THREADS]      (default 7 steps, the first 2 untimed; 2 threads)
-#   KAIZEN_FEATURES=openblas bash scripts/bench/train.sh   (GEMMs through OpenBLAS: apt-get install libopenblas-dev)
 # Needs the Python side: python3 -m venv .venv-bench && .venv-bench/bin/pip install -r scripts/reference/requirements.txt
 # (or PYTHON=/path/to/python with torch, transformers, peft and gguf).
 #
@@ -38,7 +37,7 @@ command -v python3 >/dev/null || die "python3 not found (used to drive kaizen an
     || die "$PY lacks torch/transformers/peft/gguf: $PY -m pip install -r scripts/reference/requirements.txt"
 
 bash scripts/fetch_assets.sh "$CACHE" >/dev/null || die "fetching the assets failed (see above)"
-cargo build --release --locked -p kaizen-cli ${KAIZEN_FEATURES:+--features "$KAIZEN_FEATURES"} || die "cargo build failed"
+cargo build --release --locked -p kaizen-cli || die "cargo build failed"
 
 TMP="$(mktemp -d "$CACHE/.bench-train.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT

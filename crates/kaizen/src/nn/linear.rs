@@ -79,7 +79,7 @@ impl Linear {
 
     /// The frozen layer alone. x: (N, in) -> (N, out)
     pub fn base_forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = super::gemm::matmul_nt(x, &self.weight)?;
+        let y = x.matmul(&self.weight.t()?)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -88,7 +88,7 @@ impl Linear {
 
     /// Input gradient of the frozen layer alone: dy (N, out) -> dx (N, in). No weight gradient.
     pub fn base_backward(&self, dy: &Tensor) -> Result<Tensor> {
-        super::gemm::matmul_nn(dy, &self.weight)
+        Ok(dy.matmul(&self.weight)?)
     }
 
     /// x: (..., in) -> (..., out)
@@ -121,7 +121,7 @@ impl Linear {
     /// dy: (..., out) -> dx (..., in). The frozen weight and bias get no gradient.
     /// dW = dyᵀ x, db = column sums of dy, into `grads` under `<path>.weight` / `<path>.bias`.
     fn weight_grads(&self, path: &str, x: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<()> {
-        grads.add(&format!("{path}.weight"), super::gemm::matmul_tn(dy, x)?)?;
+        grads.add(&format!("{path}.weight"), dy.t()?.matmul(x)?)?;
         if self.bias.is_some() {
             grads.add(&format!("{path}.bias"), dy.sum(0)?)?;
         }

@@ -5,7 +5,6 @@
 
 use candle_core::{Tensor, D};
 
-use super::gemm::{matmul_nn, matmul_tn};
 use super::{Grads, Linear};
 use crate::Result;
 
@@ -54,9 +53,9 @@ pub fn head_loss_backward(
         let (nll, dlogits) = softmax_xent_rows(&logits, &labels, loss_scale)?;
         sum += nll;
         if let Some(path) = &head.trainable {
-            grads.add(&format!("{path}.weight"), matmul_tn(&dlogits, &hr)?)?;
+            grads.add(&format!("{path}.weight"), dlogits.t()?.matmul(&hr)?)?;
         }
-        dh = dh.index_add(&idx, &matmul_nn(&dlogits, &head.weight)?, 0)?; // rows of (c, hidden)
+        dh = dh.index_add(&idx, &dlogits.matmul(&head.weight)?, 0)?; // rows of (c, hidden)
     }
     Ok((sum, rows.len(), dh))
 }
