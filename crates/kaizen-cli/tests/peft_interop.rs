@@ -72,6 +72,56 @@ fn kaizen(args: &[&str]) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
+/// `kaizen eval` and greedy `kaizen generate` with the adapter in `dir` (a fixture directory:
+/// adapter/ and reference.json) on `tests/fixtures/models/<model>` give the reference's loss and
+/// ids. The reference ignores EOS; kaizen stops there (with EOS included, as HF).
+fn check_eval_and_greedy(dir: &str, model: &str) {
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join(dir).join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    let model_dir = format!("tests/fixtures/models/{model}");
+    let adapter = format!("{dir}/adapter");
+    let ours = kaizen(&[
+        "eval",
+        "--model",
+        &model_dir,
+        "--adapter",
+        &adapter,
+        "--data",
+        "tests/fixtures/lora/eval.jsonl",
+        "--json",
+    ]);
+    let want = reference["eval"]["loss"].as_f64().unwrap();
+    let loss = ours["loss"].as_f64().unwrap();
+    assert!(
+        (loss - want).abs() / want <= 1e-4,
+        "{dir}: eval {loss} vs the reference {want}"
+    );
+    let g = &reference["greedy"];
+    let n = g["new_ids"].as_array().unwrap().len().to_string();
+    let out = kaizen(&[
+        "generate",
+        "--model",
+        &model_dir,
+        "--adapter",
+        &adapter,
+        "--greedy",
+        "--max-new-tokens",
+        &n,
+        "--prompt",
+        g["prompt"].as_str().unwrap(),
+        "--json",
+    ]);
+    let ours = out["ids"].as_array().unwrap();
+    let want = g["new_ids"].as_array().unwrap();
+    assert_eq!(ours[..], want[..ours.len()], "{dir}: greedy ids");
+    assert!(
+        ours.len() == want.len() || want[ours.len() - 1] == 2,
+        "{dir}: stopped early without EOS"
+    );
+}
+
 /// IA3 and prompt-method adapters made by Python PEFT, and bottleneck adapters made by
 /// gen_bottleneck.py's PyTorch reference: eval loss and greedy ids (KV cache with the virtual
 /// tokens or prefix computed once) as Python computed them.
@@ -83,52 +133,7 @@ fn peft_ia3_and_prompt_adapters_eval_and_generate_as_in_peft() {
         .flat_map(|me| models.map(|m| (format!("peft/{me}"), m)))
         .chain(models.map(|m| ("bottleneck".to_string(), m)));
     for (method, m) in fixtures {
-        let dir = format!("tests/fixtures/{method}/{m}");
-        let reference: Value = serde_json::from_str(
-            &std::fs::read_to_string(root().join(&dir).join("reference.json")).unwrap(),
-        )
-        .unwrap();
-        let model = format!("tests/fixtures/models/{m}");
-        let adapter = format!("{dir}/adapter");
-        let ours = kaizen(&[
-            "eval",
-            "--model",
-            &model,
-            "--adapter",
-            &adapter,
-            "--data",
-            "tests/fixtures/lora/eval.jsonl",
-            "--json",
-        ]);
-        let want = reference["eval"]["loss"].as_f64().unwrap();
-        let loss = ours["loss"].as_f64().unwrap();
-        assert!(
-            (loss - want).abs() / want <= 1e-4,
-            "{method} {m}: eval {loss} vs PEFT {want}"
-        );
-        let g = &reference["greedy"];
-        let n = g["new_ids"].as_array().unwrap().len().to_string();
-        let out = kaizen(&[
-            "generate",
-            "--model",
-            &model,
-            "--adapter",
-            &adapter,
-            "--greedy",
-            "--max-new-tokens",
-            &n,
-            "--prompt",
-            g["prompt"].as_str().unwrap(),
-            "--json",
-        ]);
-        // The reference ignores EOS; kaizen stops there (with EOS included, as HF).
-        let ours = out["ids"].as_array().unwrap();
-        let want = g["new_ids"].as_array().unwrap();
-        assert_eq!(ours[..], want[..ours.len()], "{method} {m}: greedy ids");
-        assert!(
-            ours.len() == want.len() || reference["greedy"]["new_ids"][ours.len() - 1] == 2,
-            "{method} {m}: stopped early without EOS"
-        );
+        check_eval_and_greedy(&format!("tests/fixtures/{method}/{m}"), m);
     }
 }
 
@@ -137,45 +142,6 @@ fn peft_ia3_and_prompt_adapters_eval_and_generate_as_in_peft() {
 #[test]
 fn peft_dora_adapters_eval_and_generate_as_in_peft() {
     for m in ["neox-seq-spiece", "llama-gqa-tied"] {
-        let dir = format!("tests/fixtures/lora/dora-{m}");
-        let reference: Value = serde_json::from_str(
-            &std::fs::read_to_string(root().join(&dir).join("reference.json")).unwrap(),
-        )
-        .unwrap();
-        let model = format!("tests/fixtures/models/{m}");
-        let adapter = format!("{dir}/adapter");
-        let data = "tests/fixtures/lora/eval.jsonl";
-        let ours = kaizen(&[
-            "eval",
-            "--model",
-            &model,
-            "--adapter",
-            &adapter,
-            "--data",
-            data,
-            "--json",
-        ]);
-        let want = reference["eval"]["loss"].as_f64().unwrap();
-        let loss = ours["loss"].as_f64().unwrap();
-        assert!(
-            (loss - want).abs() / want <= 1e-4,
-            "DoRA {m}: eval {loss} vs PEFT {want}"
-        );
-        let g = &reference["greedy"];
-        let n = g["new_ids"].as_array().unwrap().len().to_string();
-        let out = kaizen(&[
-            "generate",
-            "--model",
-            &model,
-            "--adapter",
-            &adapter,
-            "--greedy",
-            "--max-new-tokens",
-            &n,
-            "--prompt",
-            g["prompt"].as_str().unwrap(),
-            "--json",
-        ]);
-        assert_eq!(out["ids"], g["new_ids"], "DoRA {m}: greedy ids");
+        check_eval_and_greedy(&format!("tests/fixtures/lora/dora-{m}"), m);
     }
 }
