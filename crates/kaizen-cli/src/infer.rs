@@ -253,11 +253,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
                     .map(|v| v.table.dims()[0])
                     .sum::<usize>()
             ),
-            n => {
-                let dora = matches!(&info.method, kaizen::tuners::Method::Lora { cfg, .. } if cfg.use_dora);
-                let kind = if dora { " (DoRA)" } else { "" };
-                println!("adapter:          {}{kind} on {n} layers", info.peft_type)
-            }
+            n => println!("adapter:          {} on {n} layers", info.method.label()),
         }
         println!(
             "trainable params: {} || all params: {} || trainable%: {:.4}",

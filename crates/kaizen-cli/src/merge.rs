@@ -42,7 +42,11 @@ pub fn merge(a: MergeArgs) -> Result<()> {
                 src.display()
             )
         })?;
-        merged = format!(" with {} merged into {} layers", info.peft_type, n.len());
+        merged = format!(
+            " with {} merged into {} layers",
+            info.method.label(),
+            n.len()
+        );
     }
     let out = export::write_hf_dir(&mut m.model, &m.tokenizer, src, &a.out, a.overwrite)
         .with_context(|| format!("cannot write {}", a.out.display()))?;

@@ -70,6 +70,17 @@ impl Method {
         }
     }
 
+    /// PEFT's type with the variant a reader needs: "LORA (DoRA)", "BOTTLENECK (houlsby)".
+    pub fn label(&self) -> String {
+        match self {
+            Method::Lora { cfg, .. } if cfg.use_dora => "LORA (DoRA)".into(),
+            Method::Bottleneck { cfg, .. } => {
+                format!("BOTTLENECK ({})", cfg.adapter_type.name())
+            }
+            m => m.peft_type().into(),
+        }
+    }
+
     /// The adapter_config.json contents.
     pub fn config_json(&self) -> Value {
         match self {
