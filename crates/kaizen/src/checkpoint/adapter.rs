@@ -14,6 +14,14 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 /// Reads an adapter directory: its config object and its tensors (as f32).
+/// Every tensor of a safetensors file, by name; an unreadable file is an error naming it.
+pub fn load_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    Ok(candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| Error::checkpoint(path, crate::error::brief(&e)))?
+        .into_iter()
+        .collect())
+}
+
 pub fn read(dir: &Path) -> Result<(Map<String, Value>, BTreeMap<String, Tensor>)> {
     let cfg_path = dir.join(CONFIG_FILE);
     if !cfg_path.is_file() {

@@ -319,6 +319,11 @@ impl Model {
         self.virtual_tokens.iter().chain(self.prefix.iter())
     }
 
+    /// The same, to update them.
+    pub fn learned_tokens_mut(&mut self) -> impl Iterator<Item = &mut VirtualTokens> {
+        self.virtual_tokens.iter_mut().chain(self.prefix.iter_mut())
+    }
+
     /// Number of virtual tokens prepended to a fresh sequence.
     pub fn num_virtual_tokens(&self) -> usize {
         self.virtual_tokens

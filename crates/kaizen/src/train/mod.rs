@@ -144,10 +144,7 @@ pub fn set_params(model: &mut Model, updates: Vec<(String, Tensor)>) -> Result<(
     let mut linear_updates = Vec::new();
     for (key, value) in updates {
         let mut taken = false;
-        for v in [&mut model.virtual_tokens, &mut model.prefix]
-            .into_iter()
-            .flatten()
-        {
+        for v in model.learned_tokens_mut() {
             taken = match v.encoder.as_mut() {
                 None if key == v.key => {
                     v.table = value.clone();
@@ -164,10 +161,7 @@ pub fn set_params(model: &mut Model, updates: Vec<(String, Tensor)>) -> Result<(
             linear_updates.push((key, value));
         }
     }
-    for v in [&mut model.virtual_tokens, &mut model.prefix]
-        .into_iter()
-        .flatten()
-    {
+    for v in model.learned_tokens_mut() {
         if let Some(e) = &v.encoder {
             v.table = e.forward()?;
         }

@@ -369,19 +369,15 @@ fn load_checkpoint(model: &mut Model, opt: &mut Optimizer, dir: &Path) -> Result
     let full = model_file.is_file() && !dir.join(adapter::CONFIG_FILE).is_file();
     let (mut weights, mut file) = if full {
         // Full fine-tuning: the checkpoint is an HF model directory.
-        let w = candle_core::safetensors::load(&model_file, &Device::Cpu)
-            .map_err(|e| Error::checkpoint(&model_file, crate::error::brief(&e)))?;
-        (w.into_iter().collect(), model_file)
+        (adapter::load_tensors(&model_file)?, model_file)
     } else {
         (adapter::read(dir)?.1, dir.join(adapter::WEIGHTS_FILE))
     };
     let encoder_file = dir.join(crate::tuners::prompt::p_tuning::ENCODER_FILE);
     if encoder_file.is_file() {
-        // P-tuning: the trainable tensors are the encoder's; the adapter file holds its output.
-        weights = candle_core::safetensors::load(&encoder_file, &Device::Cpu)
-            .map_err(|e| Error::checkpoint(&encoder_file, crate::error::brief(&e)))?
-            .into_iter()
-            .collect();
+        // P-tuning, prefix projection: the trainable tensors are the encoder's; the adapter file
+        // holds its output.
+        weights = adapter::load_tensors(&encoder_file)?;
         file = encoder_file;
     }
     // Every trainable tensor must come back: one left at its fresh init would train on silently.

@@ -133,8 +133,7 @@ pub fn attach(
 /// model's prefix, which must already be attached.
 pub fn attach_encoder(model: &mut Model, dir: &std::path::Path) -> Result<()> {
     let path = dir.join(ENCODER_FILE);
-    let w = candle_core::safetensors::load(&path, &Device::Cpu)
-        .map_err(|e| Error::checkpoint(&path, crate::error::brief(&e)))?;
+    let w = crate::checkpoint::adapter::load_tensors(&path)?;
     let p = NAMES
         .iter()
         .map(|name| {

@@ -219,17 +219,10 @@ impl EncoderConfig {
     }
 }
 
-fn load(path: &Path) -> Result<BTreeMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| Error::checkpoint(path, crate::error::brief(&e)))?
-        .into_iter()
-        .collect())
-}
-
 /// Loads the encoder `cfg` describes from `path` and makes it the source of the model's virtual
 /// tokens.
 pub fn attach_encoder(model: &mut Model, path: &Path, cfg: &EncoderConfig) -> Result<()> {
-    let enc = cfg.from_weights(&load(path)?, path)?;
+    let enc = cfg.from_weights(&crate::checkpoint::adapter::load_tensors(path)?, path)?;
     set_encoder(model, enc)
 }
 
