@@ -14,11 +14,12 @@ seconds is the median of those, covering prefill + all decode steps (KV cache on
 
 --json prints exactly one JSON line on stdout:
   {"impl": "pytorch", "dtype", "new_tokens", "seconds", "tokens_per_sec", "prefill_tokens",
-   "peak_rss_mb", ...extra keys: prefill_seconds, decode_tokens_per_sec, runs, threads, versions}
+   "peak_rss_mb", ...extra keys: variant ("base"), load_peak_rss_mb, prefill_seconds, decode_tokens_per_sec, runs, threads, versions}
 tokens_per_sec = new_tokens / seconds (end to end, prefill included);
 decode_tokens_per_sec = (new_tokens - 1) / (seconds - prefill_seconds), prefill_seconds being the
 median time of one separate forward over the prompt. peak_rss_mb is ru_maxrss of this process
-(includes the load, where the GGUF is dequantized).
+(includes the load, where the GGUF is dequantized); load_peak_rss_mb is the same taken right after
+loading. With --dtype bf16 the model is loaded in bf16 (every weight, as `dtype=torch.bfloat16`).
 """
 
 import argparse
@@ -64,6 +65,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=DTYPES[args.dtype])
     model.eval()
     load_s = time.perf_counter() - t0
+    load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
@@ -109,11 +111,13 @@ def main():
     result = {
         "impl": "pytorch",
         "dtype": args.dtype,
+        "variant": "base",
         "new_tokens": n,
         "seconds": round(seconds, 4),
         "tokens_per_sec": round(n / seconds, 3),
         "prefill_tokens": int(ids.shape[1]),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "load_peak_rss_mb": round(load_rss, 1),
         "prefill_seconds": round(prefill_s, 4),
         "decode_tokens_per_sec": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else None,
         "runs": args.runs,

@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use kaizen::generate::{generate, GenerateConfig};
 use kaizen::tuners::AdapterInfo;
+use kaizen::DType;
 use kaizen_data::chat::Message;
 use serde_json::json;
 
@@ -45,6 +46,10 @@ pub struct EvalArgs {
     /// End with one JSON line {"loss", "perplexity", "tokens"}.
     #[arg(long)]
     pub json: bool,
+    /// Store the base weights in bf16 (f32 or bf16; default f32): half the memory, bf16 matrix
+    /// products accumulating in f32.
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 #[derive(Args)]
@@ -82,6 +87,10 @@ pub struct GenerateArgs {
     /// End with one JSON line {"ids": [...], "text": ...} instead of streaming.
     #[arg(long)]
     pub json: bool,
+    /// Store the base weights in bf16 (f32 or bf16; default f32): half the memory, bf16 matrix
+    /// products accumulating in f32.
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 #[derive(Args)]
@@ -92,9 +101,24 @@ pub struct InspectArgs {
     pub adapter: Option<PathBuf>,
 }
 
-/// Loads the model and, if given, attaches the adapter unmerged.
-pub fn load(model: &Path, adapter: Option<&Path>) -> Result<(kaizen::Loaded, Option<AdapterInfo>)> {
+/// `--dtype`: how the base weights are stored.
+pub fn parse_dtype(dtype: Option<&str>) -> Result<DType> {
+    Ok(match dtype.unwrap_or("f32") {
+        "f32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        other => bail!("--dtype {other}: unknown dtype (available: f32, bf16)"),
+    })
+}
+
+/// Loads the model (base weights stored as `dtype`) and, if given, attaches the adapter
+/// unmerged.
+pub fn load(
+    model: &Path,
+    adapter: Option<&Path>,
+    dtype: DType,
+) -> Result<(kaizen::Loaded, Option<AdapterInfo>)> {
     let mut m = kaizen::load(model)?;
+    m.model.store_weights(dtype)?;
     let info = match adapter {
         Some(dir) => Some(kaizen::tuners::load_adapter(&mut m.model, dir)?),
         None => None,
@@ -120,7 +144,11 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     let texts = kaizen_data::jsonl::read_texts(&a.data)?;
-    let (m, _) = load(&a.model.model, a.adapter.as_deref())?;
+    let (m, _) = load(
+        &a.model.model,
+        a.adapter.as_deref(),
+        parse_dtype(a.dtype.as_deref())?,
+    )?;
     let ctx = m.model.config().max_position_embeddings;
     let max_len = a.max_len.unwrap_or(ctx);
     if max_len == 0 {
@@ -153,7 +181,11 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     if a.prompt.trim().is_empty() {
         bail!("--prompt is empty: give some text to continue");
     }
-    let (m, _) = load(&a.model.model, a.adapter.as_deref())?;
+    let (m, _) = load(
+        &a.model.model,
+        a.adapter.as_deref(),
+        parse_dtype(a.dtype.as_deref())?,
+    )?;
     let ids = if a.chat {
         let msg = Message {
             role: "user".into(),
@@ -205,7 +237,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
 }
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
-    let (m, adapter) = load(&a.model.model, a.adapter.as_deref())?;
+    let (m, adapter) = load(&a.model.model, a.adapter.as_deref(), DType::F32)?;
     let c = m.model.config();
     let t = &m.tokenizer;
     println!("model:            {}", a.model.model.display());

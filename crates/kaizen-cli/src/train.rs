@@ -78,6 +78,10 @@ pub struct TrainArgs {
     /// backward: less memory for long sequences, about a third more compute.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
+    /// Store the frozen base weights in bf16 (f32 or bf16; default f32): half their memory, and
+    /// bf16 matrix products accumulating in f32. Adapters and optimizer state stay f32.
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Bottleneck adapters: houlsby (after attention and MLP outputs, default) or pfeiffer (after
     /// the MLP output only).
     #[arg(long)]
@@ -196,6 +200,12 @@ struct Run {
     save_every: usize,
     #[serde(default)]
     gradient_checkpointing: bool,
+    #[serde(default = "f32_name")]
+    dtype: String,
+}
+
+fn f32_name() -> String {
+    "f32".into()
 }
 
 pub fn run(mut a: TrainArgs) -> Result<()> {
@@ -210,7 +220,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, prefix_projection, gradient_checkpointing, max_memory,
+        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, prefix_projection, gradient_checkpointing, dtype, max_memory,
             adapter_type, reduction_factor, bottleneck_size, non_linearity,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
@@ -291,7 +301,12 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             bail!("{flag} applies to --method {methods}, not {method_name}");
         }
     }
+    let dtype = crate::infer::parse_dtype(a.dtype.as_deref())?;
+    if method_name == "full" && dtype != kaizen::DType::F32 {
+        bail!("--method full trains every weight in f32; drop --dtype (bf16 stores a frozen base)");
+    }
     let mut loaded = kaizen::load(&model_path)?;
+    loaded.model.store_weights(dtype)?;
     let tok = &loaded.tokenizer;
     let ctx = loaded.model.config().max_position_embeddings;
 
@@ -585,6 +600,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         eval_every: cfg.eval_every,
         save_every: cfg.save_every,
         gradient_checkpointing: loaded.model.gradient_checkpointing,
+        dtype: format!("{dtype:?}").to_lowercase(),
     };
     let resume_from = prepare_out(
         &out,

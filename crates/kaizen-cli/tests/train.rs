@@ -2078,3 +2078,63 @@ fn full_fine_tuning_that_would_not_fit_is_refused_with_the_estimate() {
         &["--max-memory", "full"],
     );
 }
+
+/// `--dtype bf16`: the base is stored in bf16, the adapter and its file stay f32, training
+/// still learns, run.json records the dtype, and the adapter evaluates under either dtype to
+/// nearly the same loss. `--method full` refuses it and an unknown dtype lists the valid ones.
+#[test]
+fn bf16_base_trains_an_f32_adapter() {
+    assert_learns(LLAMA, &repetitive_text_rows(16), &["--dtype", "bf16"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(8));
+    let out = tmp.path().join("run");
+    train_ok(
+        NEOX,
+        &data,
+        &out,
+        &["--dtype", "bf16", "--max-steps", "2", "--batch-size", "2"],
+    );
+    assert_eq!(read_json(&out.join("run.json"))["dtype"], "bf16");
+    let tensors = read_safetensors(&out.join("adapter_model.safetensors"));
+    assert!(!tensors.is_empty() && tensors.values().all(|t| t.dtype == "F32"));
+    let loss = |dtype: &str| {
+        let stdout = kaizen(vec![
+            "eval".into(),
+            "--model".into(),
+            s(&model_path(NEOX)),
+            "--adapter".into(),
+            s(&out),
+            "--data".into(),
+            s(&data),
+            "--json".into(),
+            "--dtype".into(),
+            dtype.into(),
+        ])
+        .ok();
+        let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        f64_of(&last["loss"])
+    };
+    let (l32, l16) = (loss("f32"), loss("bf16"));
+    assert!(
+        (l32 - l16).abs() / l32 < 1e-2,
+        "eval f32 {l32} vs bf16 {l16}"
+    );
+
+    let err = train(
+        NEOX,
+        &data,
+        &tmp.path().join("full"),
+        &["--method", "full", "--dtype", "bf16"],
+    )
+    .fails();
+    assert!(
+        err.contains("--method full") && err.contains("--dtype"),
+        "{err}"
+    );
+    let err = train(NEOX, &data, &tmp.path().join("f16"), &["--dtype", "f16"]).fails();
+    assert!(
+        err.contains("--dtype f16") && err.contains("f32, bf16"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("full").exists() && !tmp.path().join("f16").exists());
+}

@@ -16,6 +16,7 @@ pub mod tuners;
 
 use std::path::Path;
 
+pub use candle_core::DType;
 pub use config::{Architecture, ModelConfig};
 pub use error::{Error, Result};
 pub use kaizen_data::Tokenizer;

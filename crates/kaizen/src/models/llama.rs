@@ -133,8 +133,9 @@ impl Llama {
 
     /// SwiGLU: down(act(gate(x)) * up(x))
     fn mlp(&self, m: &Mlp, x: &Tensor) -> Result<Tensor> {
-        let g = activation::apply(self.config.hidden_act, &m.gate_proj.forward(x)?)?;
-        m.down_proj.forward(&(g * m.up_proj.forward(x)?)?)
+        let (gate, up) = (m.gate_proj.forward(x)?, m.up_proj.forward(x)?);
+        m.down_proj
+            .forward(&activation::glu(self.config.hidden_act, &gate, &up)?)
     }
 
     /// x: (B, T, hidden) normalised -> (B, T, hidden)
@@ -266,8 +267,8 @@ impl Llama {
         let (ln2_out, ln2) = l.post_attention_layernorm.forward_t(&h)?;
         let (gate, gate_c) = l.mlp.gate_proj.forward_t(&ln2_out, rng.as_deref_mut())?;
         let (up, up_c) = l.mlp.up_proj.forward_t(&ln2_out, rng.as_deref_mut())?;
-        let act = activation::apply(c.hidden_act, &gate)?;
-        let (m, down_c) = l.mlp.down_proj.forward_t(&(&act * &up)?, rng)?;
+        let prod = activation::glu(c.hidden_act, &gate, &up)?;
+        let (m, down_c) = l.mlp.down_proj.forward_t(&prod, rng)?;
         let tape = LayerTape {
             prefix_len: n,
             ln1,
@@ -279,7 +280,6 @@ impl Llama {
             ln2,
             gate,
             up,
-            act,
             gate_c,
             up_c,
             down_c,
@@ -320,8 +320,7 @@ impl Llama {
         let hd = c.head_dim;
         // SwiGLU: m = down(act(gate) * up)
         let d_prod = l.mlp.down_proj.backward(&lt.down_c, dy, grads)?;
-        let d_gate = activation::backward(c.hidden_act, &lt.gate, &(&d_prod * &lt.up)?)?;
-        let d_up = (&d_prod * &lt.act)?;
+        let (d_gate, d_up) = activation::glu_backward(c.hidden_act, &lt.gate, &lt.up, &d_prod)?;
         let d_ln2 = (l.mlp.gate_proj.backward(&lt.gate_c, &d_gate, grads)?
             + l.mlp.up_proj.backward(&lt.up_c, &d_up, grads)?)?;
         let d_h = (dy
@@ -362,10 +361,9 @@ pub struct LayerTape {
     attn: AttnCache,
     o_c: LinearCache,
     ln2: NormCache,
-    /// (B, T, ffn) gate pre-activation, up projection, activated gate
+    /// (B, T, ffn) gate pre-activation and up projection (the activation is recomputed)
     gate: Tensor,
     up: Tensor,
-    act: Tensor,
     gate_c: LinearCache,
     up_c: LinearCache,
     down_c: LinearCache,

@@ -1,6 +1,7 @@
 //! Element-wise activations named by HF's `hidden_act`, with their derivatives.
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use crate::config::Activation;
 use crate::Result;
@@ -34,11 +35,71 @@ pub fn backward(act: Activation, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         }
         Activation::Relu => x.gt(0.0)?.to_dtype(x.dtype())?,
         Activation::Silu => {
-            // s (1 + x (1 - s)), s = sigmoid(x)
-            let s = (x.neg()?.exp()? + 1.0)?.recip()?;
-            let one_minus = (s.neg()? + 1.0)?;
-            (&s * ((x * one_minus)? + 1.0)?)?
+            // dy * s (1 + x (1 - s)), s = sigmoid(x): one fused parallel pass.
+            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let mut d: Vec<f32> = dy.flatten_all()?.to_vec1()?;
+            d.par_chunks_mut(4096)
+                .zip(xs.par_chunks(4096))
+                .for_each(|(d, x)| {
+                    for (d, &x) in d.iter_mut().zip(x) {
+                        let s = 1.0 / (1.0 + (-x).exp());
+                        *d *= s * (1.0 + x * (1.0 - s));
+                    }
+                });
+            return Ok(Tensor::from_vec(d, dy.dims(), dy.device())?);
         }
     };
     Ok((dy * d)?)
+}
+
+/// Gated MLP (SwiGLU): `act(gate) * up`, one fused parallel pass for SiLU.
+pub fn glu(act: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if act != Activation::Silu {
+        return Ok((apply(act, gate)? * up)?);
+    }
+    let g: Vec<f32> = gate.flatten_all()?.to_vec1()?;
+    let mut p: Vec<f32> = up.flatten_all()?.to_vec1()?;
+    p.par_chunks_mut(4096)
+        .zip(g.par_chunks(4096))
+        .for_each(|(p, g)| {
+            for (p, &x) in p.iter_mut().zip(g) {
+                *p *= x / (1.0 + (-x).exp());
+            }
+        });
+    Ok(Tensor::from_vec(p, up.dims(), up.device())?)
+}
+
+/// Backward of [`glu`]: (d_gate, d_up) from the product's gradient; the activation is
+/// recomputed rather than kept (one (tokens, intermediate) tensor less per layer).
+pub fn glu_backward(
+    act: Activation,
+    gate: &Tensor,
+    up: &Tensor,
+    d_prod: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    if act != Activation::Silu {
+        let d_gate = backward(act, gate, &(d_prod * up)?)?;
+        return Ok((d_gate, (d_prod * apply(act, gate)?)?));
+    }
+    let (g, u): (Vec<f32>, Vec<f32>) =
+        (gate.flatten_all()?.to_vec1()?, up.flatten_all()?.to_vec1()?);
+    let mut d_gate: Vec<f32> = d_prod.flatten_all()?.to_vec1()?;
+    let mut d_up = vec![0f32; d_gate.len()];
+    d_gate
+        .par_chunks_mut(4096)
+        .zip(d_up.par_chunks_mut(4096))
+        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+        .for_each(|((dg, du), (g, u))| {
+            for i in 0..dg.len() {
+                let (x, dp) = (g[i], dg[i]);
+                let s = 1.0 / (1.0 + (-x).exp());
+                du[i] = dp * (x * s);
+                dg[i] = dp * u[i] * (s * (1.0 + x * (1.0 - s)));
+            }
+        });
+    let dev = d_prod.device();
+    Ok((
+        Tensor::from_vec(d_gate, d_prod.dims(), dev)?,
+        Tensor::from_vec(d_up, d_prod.dims(), dev)?,
+    ))
 }

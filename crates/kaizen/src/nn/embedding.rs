@@ -37,6 +37,7 @@ impl Embedding {
             )));
         }
         let flat = self.weight.index_select(&ids.flatten_all()?, 0)?; // (B*T, hidden)
+        let flat = flat.to_dtype(candle_core::DType::F32)?; // a bf16 table gives f32 rows
         Ok(flat.reshape((b, t, self.weight.dims()[1]))?)
     }
 

@@ -5,10 +5,10 @@
 
 use std::fmt::Debug;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 
-use super::Grads;
+use super::{gemm, Grads};
 use crate::Result;
 
 /// A trainable method wrapped around a frozen linear layer. The adapter runs the whole layer:
@@ -77,9 +77,18 @@ impl Linear {
         self.weight.dims()[0]
     }
 
-    /// The frozen layer alone. x: (N, in) -> (N, out)
+    /// The weight in f32 (a copy when it is stored in bf16), for adapters that compute with it.
+    pub fn weight_f32(&self) -> Result<Tensor> {
+        Ok(self.weight.to_dtype(DType::F32)?)
+    }
+
+    /// The frozen layer alone. x: (N, in) -> (N, out). A bf16 weight (`--dtype bf16`) runs
+    /// kaizen's bf16 kernels; an f32 one candle's matmul.
     pub fn base_forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = match self.weight.dtype() {
+            DType::BF16 => gemm::linear_bf16(x, &self.weight, true)?,
+            _ => x.matmul(&self.weight.t()?)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -88,7 +97,10 @@ impl Linear {
 
     /// Input gradient of the frozen layer alone: dy (N, out) -> dx (N, in). No weight gradient.
     pub fn base_backward(&self, dy: &Tensor) -> Result<Tensor> {
-        Ok(dy.matmul(&self.weight)?)
+        match self.weight.dtype() {
+            DType::BF16 => gemm::linear_bf16(dy, &self.weight, false),
+            _ => Ok(dy.matmul(&self.weight)?),
+        }
     }
 
     /// x: (..., in) -> (..., out)

@@ -5,6 +5,7 @@
 
 use candle_core::{Tensor, D};
 
+use super::gemm::PackedLinear;
 use super::{Grads, Linear};
 use crate::Result;
 
@@ -45,17 +46,29 @@ pub fn head_loss_backward(
         return Ok((0.0, 0, dh));
     }
     let mut sum = 0.0f64;
+    // A plain bf16 head is packed once for all chunks.
+    let packed = match (&head.adapter, &head.bias) {
+        (None, None) => PackedLinear::new(&head.weight)?,
+        _ => None,
+    };
     for chunk in rows.chunks(CHUNK_ROWS) {
         let idx = Tensor::from_slice(chunk, chunk.len(), h.device())?;
         let labels: Vec<u32> = chunk.iter().map(|&r| targets[r as usize] as u32).collect();
         let hr = h.index_select(&idx, 0)?; // (c, hidden)
-        let logits = head.forward(&hr)?; // (c, V)
+        let logits = match &packed {
+            Some(p) => p.forward(&hr)?,
+            None => head.forward(&hr)?,
+        }; // (c, V)
         let (nll, dlogits) = softmax_xent_rows(&logits, &labels, loss_scale)?;
         sum += nll;
         if let Some(path) = &head.trainable {
             grads.add(&format!("{path}.weight"), dlogits.t()?.matmul(&hr)?)?;
         }
-        dh = dh.index_add(&idx, &dlogits.matmul(&head.weight)?, 0)?; // rows of (c, hidden)
+        let dhr = match &packed {
+            Some(p) => p.backward(&dlogits)?,
+            None => head.base_backward(&dlogits)?,
+        };
+        dh = dh.index_add(&idx, &dhr, 0)?; // rows of (c, hidden)
     }
     Ok((sum, rows.len(), dh))
 }

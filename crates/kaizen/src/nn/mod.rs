@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod attention;
 pub mod embedding;
+pub mod gemm;
 pub mod grads;
 pub mod kv_cache;
 pub mod linear;

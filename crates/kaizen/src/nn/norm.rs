@@ -3,6 +3,7 @@
 //! weight's (and bias's) only when the norm is `trainable` (full fine-tuning).
 
 use candle_core::{Tensor, D};
+use rayon::prelude::*;
 
 use super::Grads;
 use crate::Result;
@@ -33,15 +34,7 @@ impl LayerNorm {
     }
 
     pub fn forward_t(&self, x: &Tensor) -> Result<(Tensor, NormCache)> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let rstd = (var + self.eps)?.sqrt()?.recip()?;
-        let xhat = xc.broadcast_mul(&rstd)?;
-        let y = xhat
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?;
-        Ok((y, NormCache { xhat, rstd }))
+        fused_forward(x, &self.weight, Some(&self.bias), self.eps, true)
     }
 
     /// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w
@@ -50,11 +43,7 @@ impl LayerNorm {
             weight_grad(path, c, dy, grads)?;
             grads.add(&format!("{path}.bias"), rows_sum(dy)?)?;
         }
-        let g = dy.broadcast_mul(&self.weight)?;
-        let mg = g.mean_keepdim(D::Minus1)?;
-        let mgx = (&g * &c.xhat)?.mean_keepdim(D::Minus1)?;
-        let inner = g.broadcast_sub(&mg)?.sub(&c.xhat.broadcast_mul(&mgx)?)?;
-        Ok(inner.broadcast_mul(&c.rstd)?)
+        fused_backward(c, dy, &self.weight, true)
     }
 }
 
@@ -74,11 +63,7 @@ impl RmsNorm {
     }
 
     pub fn forward_t(&self, x: &Tensor) -> Result<(Tensor, NormCache)> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let rstd = (ms + self.eps)?.sqrt()?.recip()?;
-        let xhat = x.broadcast_mul(&rstd)?;
-        let y = xhat.broadcast_mul(&self.weight)?;
-        Ok((y, NormCache { xhat, rstd }))
+        fused_forward(x, &self.weight, None, self.eps, false)
     }
 
     /// dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w
@@ -86,11 +71,84 @@ impl RmsNorm {
         if let Some(path) = &self.trainable {
             weight_grad(path, c, dy, grads)?;
         }
-        let g = dy.broadcast_mul(&self.weight)?;
-        let mgx = (&g * &c.xhat)?.mean_keepdim(D::Minus1)?;
-        let inner = g.sub(&c.xhat.broadcast_mul(&mgx)?)?;
-        Ok(inner.broadcast_mul(&c.rstd)?)
+        fused_backward(c, dy, &self.weight, false)
     }
+}
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1()?)
+}
+
+/// One parallel pass over the rows of x (..., hidden): `xhat = (x - mean) * rstd` (no mean
+/// subtracted for RMSNorm: `center` false), `y = xhat * w (+ b)`.
+fn fused_forward(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    eps: f64,
+    center: bool,
+) -> Result<(Tensor, NormCache)> {
+    let dims = x.dims().to_vec();
+    let h = *dims.last().expect("norm input has a hidden dim");
+    let (xs, ws) = (values(x)?, values(w)?);
+    let bs = b.map(values).transpose()?;
+    let mut y = vec![0f32; xs.len()];
+    let mut xhat = vec![0f32; xs.len()];
+    let mut rstd = vec![0f32; xs.len() / h];
+    (
+        y.par_chunks_mut(h),
+        xhat.par_chunks_mut(h),
+        rstd.par_iter_mut(),
+        xs.par_chunks(h),
+    )
+        .into_par_iter()
+        .for_each(|(y, xh, r, x)| {
+            let mean = if center {
+                x.iter().sum::<f32>() / h as f32
+            } else {
+                0.0
+            };
+            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+            *r = 1.0 / (var + eps as f32).sqrt();
+            for i in 0..h {
+                xh[i] = (x[i] - mean) * *r;
+                y[i] = xh[i] * ws[i] + bs.as_ref().map_or(0.0, |b| b[i]);
+            }
+        });
+    let mut rdims = dims.clone();
+    *rdims.last_mut().expect("checked") = 1;
+    let dev = x.device();
+    Ok((
+        Tensor::from_vec(y, dims.as_slice(), dev)?,
+        NormCache {
+            xhat: Tensor::from_vec(xhat, dims.as_slice(), dev)?,
+            rstd: Tensor::from_vec(rstd, rdims.as_slice(), dev)?,
+        },
+    ))
+}
+
+/// `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`, g = dy * w (no mean(g) for RMSNorm).
+fn fused_backward(c: &NormCache, dy: &Tensor, w: &Tensor, center: bool) -> Result<Tensor> {
+    let dims = dy.dims().to_vec();
+    let h = *dims.last().expect("norm gradient has a hidden dim");
+    let (xhat, rstd, ws) = (values(&c.xhat)?, values(&c.rstd)?, values(w)?);
+    let mut dx = values(dy)?;
+    (dx.par_chunks_mut(h), xhat.par_chunks(h), rstd.par_iter())
+        .into_par_iter()
+        .for_each(|(d, xh, &r)| {
+            let (mut sg, mut sgx) = (0f32, 0f32);
+            for i in 0..h {
+                let g = d[i] * ws[i];
+                sg += g;
+                sgx += g * xh[i];
+            }
+            let mg = if center { sg / h as f32 } else { 0.0 };
+            let mgx = sgx / h as f32;
+            for i in 0..h {
+                d[i] = (d[i] * ws[i] - mg - xh[i] * mgx) * r;
+            }
+        });
+    Ok(Tensor::from_vec(dx, dims.as_slice(), dy.device())?)
 }
 
 /// Sum over every row of (..., hidden) -> (hidden,).

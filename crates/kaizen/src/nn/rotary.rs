@@ -2,7 +2,8 @@
 //! `rotary_dim` dims of each head (GPT-NeoX's partial rotary; Llama rotates the whole head).
 //! Frequencies as HF `modeling_rope_utils`: default, linear and llama3 scaling.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::Tensor;
+use rayon::prelude::*;
 
 use crate::config::RopeScaling;
 use crate::Result;
@@ -40,8 +41,8 @@ impl Rotary {
         }
     }
 
-    /// cos and sin for positions `start..start + len`, each (len, rotary_dim / 2).
-    fn tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    /// cos and sin for positions `start..start + len`, each (len, rotary_dim / 2) row-major.
+    fn tables(&self, start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
@@ -52,38 +53,42 @@ impl Rotary {
                 sin.push(angle.sin() as f32);
             }
         }
-        Ok((
-            Tensor::from_vec(cos, (len, half), device)?,
-            Tensor::from_vec(sin, (len, half), device)?,
-        ))
+        (cos, sin)
     }
 
     /// x: (B, H, T, hd), positions `start..start + T` -> same shape.
     pub fn forward(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (cos, sin) = self.tables(start, x.dims4()?.2, x.device())?; // (T, half)
-        self.rotate(x, &cos, &sin)
+        self.rotate(x, start, 1.0)
     }
 
     /// Gradient through [`Rotary::forward`]: the rotation is orthogonal, so its transpose is
     /// the rotation by the negated angle.
     pub fn backward(&self, dy: &Tensor, start: usize) -> Result<Tensor> {
-        let (cos, sin) = self.tables(start, dy.dims4()?.2, dy.device())?;
-        self.rotate(dy, &cos, &sin.neg()?)
+        self.rotate(dy, start, -1.0)
     }
 
-    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let hd = x.dims4()?.3;
+    /// One fused pass, parallel over (batch, head): `x1 cos - x2 sin`, `x2 cos + x1 sin` on
+    /// the rotated dims (sin times `sign`), the rest copied. The same f32 operations as HF's
+    /// `x * cos + rotate_half(x) * sin`, so the results are bit-identical to it.
+    fn rotate(&self, x: &Tensor, start: usize, sign: f32) -> Result<Tensor> {
+        let (b, h, t, hd) = x.dims4()?;
         let half = self.rotary_dim / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-        let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-        if self.rotary_dim == hd {
-            Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
-        } else {
-            let pass = x.narrow(D::Minus1, self.rotary_dim, hd - self.rotary_dim)?;
-            Ok(Tensor::cat(&[r1, r2, pass], D::Minus1)?)
-        }
+        let (cos, sin) = self.tables(start, t);
+        let sin: Vec<f32> = sin.iter().map(|s| s * sign).collect();
+        let mut out: Vec<f32> = x.flatten_all()?.to_vec1()?; // (B, H, T, hd), contiguous
+        out.par_chunks_mut(t * hd).for_each(|head| {
+            for (pos, row) in head.chunks_mut(hd).enumerate() {
+                let (c, s) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+                let (x1, rest) = row.split_at_mut(half);
+                let x2 = &mut rest[..half];
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    x1[i] = a * c[i] - b * s[i];
+                    x2[i] = b * c[i] + a * s[i];
+                }
+            }
+        });
+        Ok(Tensor::from_vec(out, (b, h, t, hd), x.device())?)
     }
 }
 

@@ -324,6 +324,8 @@ pub fn merge(model: &mut Model) -> Result<Merged> {
             .find(|(p, _)| *p == path)
             .expect("path from this model");
         let adapter = lin.adapter.take().expect("checked above");
+        // Folded in f32, kept in the layer's dtype (bf16 under --dtype bf16).
+        let w = w.to_dtype(lin.weight.dtype())?;
         let weight = std::mem::replace(&mut lin.weight, w);
         let bias = std::mem::replace(&mut lin.bias, b);
         layers.push(MergedLayer {

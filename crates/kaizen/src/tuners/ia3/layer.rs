@@ -73,11 +73,11 @@ impl LinearAdapter for Ia3Layer {
     fn merged(&self, base: &Linear) -> Result<Option<(Tensor, Option<Tensor>)>> {
         if self.feedforward {
             Ok(Some((
-                base.weight.broadcast_mul(&self.ia3_l)?,
+                base.weight_f32()?.broadcast_mul(&self.ia3_l)?,
                 base.bias.clone(),
             )))
         } else {
-            let w = base.weight.broadcast_mul(&self.ia3_l)?;
+            let w = base.weight_f32()?.broadcast_mul(&self.ia3_l)?;
             let b = match &base.bias {
                 Some(b) => Some((b * self.ia3_l.flatten_all()?)?),
                 None => None,

@@ -23,7 +23,7 @@ fn combined(
     lora_b: &Tensor,
     scale: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let w = (&base.weight + (lora_b.matmul(lora_a)? * scale)?)?; // (out, in)
+    let w = (base.weight_f32()? + (lora_b.matmul(lora_a)? * scale)?)?; // (out, in)
     let norm = w.sqr()?.sum(1)?.sqrt()?; // (out,)
     Ok((w, norm))
 }
@@ -53,7 +53,7 @@ pub(super) fn forward(
             }
         }
         Some(xd) => {
-            let u = xd.matmul(&base.weight.t()?)?; // (N, out): the base layer on x', no bias
+            let u = xd.matmul(&base.weight_f32()?.t()?)?; // (N, out): the base layer on x', no bias
             let v = xd.matmul(&l.lora_a.t()?)?.matmul(&l.lora_b.t()?)?; // (N, out)
             let corr = (u.broadcast_mul(&(&s - 1.0)?)? + (v * l.scale)?.broadcast_mul(&s)?)?;
             (base.base_forward(x)? + corr)?
@@ -93,7 +93,7 @@ pub(super) fn backward(
         // y = x W^T + b + (m/n - 1) x' W^T + (m/n) scale x' A^T B^T
         Some(mk) => {
             let dxd =
-                (dy.broadcast_mul(&(&s - 1.0)?)?.matmul(&base.weight)? + dh.matmul(&l.lora_a)?)?;
+                (base.base_backward(&dy.broadcast_mul(&(&s - 1.0)?)?)? + dh.matmul(&l.lora_a)?)?;
             (base.base_backward(dy)? + (dxd * mk)?)?
         }
     })

@@ -71,8 +71,8 @@ impl LinearAdapter for LoraLayer {
             return Ok((dora::forward(self, mag, base, x, xd)?, mask));
         }
         let y = base.base_forward(x)?;
-        let h = xd.matmul(&self.lora_a.t()?)?; // (N, r)
-        let delta = (h.matmul(&self.lora_b.t()?)? * self.scale)?; // (N, out)
+        let h = (xd.matmul(&self.lora_a.t()?)? * self.scale)?; // (N, r), scaled while small
+        let delta = h.matmul(&self.lora_b.t()?)?; // (N, out)
         Ok(((y + delta)?, mask))
     }
 
@@ -91,10 +91,10 @@ impl LinearAdapter for LoraLayer {
             Some(m) => (x * m)?,
             None => x.clone(),
         };
-        let h = xd.matmul(&self.lora_a.t()?)?; // (N, r), recomputed: cheaper than storing
-        let dys = (dy * self.scale)?;
-        grads.add(&self.key_b(), dys.t()?.matmul(&h)?)?; // (out, r)
-        let dh = dys.matmul(&self.lora_b)?; // (N, r)
+        // (N, r), recomputed: cheaper than storing; the scale applied on the rank-r side.
+        let h = (xd.matmul(&self.lora_a.t()?)? * self.scale)?;
+        grads.add(&self.key_b(), dy.t()?.matmul(&h)?)?; // (out, r)
+        let dh = (dy.matmul(&self.lora_b)? * self.scale)?; // (N, r)
         grads.add(&self.key_a(), dh.t()?.matmul(&xd)?)?; // (r, in)
         let dx = dh.matmul(&self.lora_a)?; // (N, in)
         let dx = match mask {
@@ -134,6 +134,6 @@ impl LinearAdapter for LoraLayer {
             return Ok(Some((w, base.bias.clone())));
         }
         let delta = (self.lora_b.matmul(&self.lora_a)? * self.scale)?; // (out, in)
-        Ok(Some(((&base.weight + delta)?, base.bias.clone())))
+        Ok(Some(((base.weight_f32()? + delta)?, base.bias.clone())))
     }
 }
