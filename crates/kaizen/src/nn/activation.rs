@@ -3,6 +3,7 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use super::math::sigmoid;
 use crate::config::Activation;
 use crate::Result;
 
@@ -42,7 +43,7 @@ pub fn backward(act: Activation, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
                 .zip(xs.par_chunks(4096))
                 .for_each(|(d, x)| {
                     for (d, &x) in d.iter_mut().zip(x) {
-                        let s = 1.0 / (1.0 + (-x).exp());
+                        let s = sigmoid(x);
                         *d *= s * (1.0 + x * (1.0 - s));
                     }
                 });
@@ -63,7 +64,7 @@ pub fn glu(act: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         .zip(g.par_chunks(4096))
         .for_each(|(p, g)| {
             for (p, &x) in p.iter_mut().zip(g) {
-                *p *= x / (1.0 + (-x).exp());
+                *p *= x * sigmoid(x);
             }
         });
     Ok(Tensor::from_vec(p, up.dims(), up.device())?)
@@ -92,7 +93,7 @@ pub fn glu_backward(
         .for_each(|((dg, du), (g, u))| {
             for i in 0..dg.len() {
                 let (x, dp) = (g[i], dg[i]);
-                let s = 1.0 / (1.0 + (-x).exp());
+                let s = sigmoid(x);
                 du[i] = dp * (x * s);
                 dg[i] = dp * u[i] * (s * (1.0 + x * (1.0 - s)));
             }

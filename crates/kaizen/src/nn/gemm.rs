@@ -182,22 +182,34 @@ fn pack_pairs<T: Copy>(
     let rows = width.min(m.rows - r0);
     let steps = kc.div_ceil(2);
     if m.cs == 1 {
-        dst[..steps * width].fill(Pair::default());
+        // Rows contiguous along k (W as B in `x Wᵀ`): each pair is two neighbours.
         for r in 0..rows {
             let src = &m.data[(r0 + r) * m.rs + p0..][..kc];
-            for (q, two) in src.chunks(2).enumerate() {
-                let hi = two.get(1).map_or(bf16::ZERO, |&v| bf(v));
-                dst[q * width + r] = Pair([bf(two[0]), hi]);
+            let pairs = src.chunks_exact(2);
+            if let [last] = pairs.remainder() {
+                dst[(steps - 1) * width + r] = Pair([bf(*last), bf16::ZERO]);
             }
+            for (q, two) in pairs.enumerate() {
+                dst[q * width + r] = Pair([bf(two[0]), bf(two[1])]);
+            }
+        }
+        for q in 0..steps {
+            dst[q * width + rows..(q + 1) * width].fill(Pair::default());
         }
     } else if m.rs == 1 {
         // Columns contiguous (W as B in `dy W`): interleave two k-rows per step.
         for q in 0..steps {
             let out = &mut dst[q * width..(q + 1) * width];
             let lo = &m.data[(p0 + 2 * q) * m.cs + r0..][..rows];
-            let hi = (2 * q + 1 < kc).then(|| &m.data[(p0 + 2 * q + 1) * m.cs + r0..][..rows]);
-            for (r, d) in out[..rows].iter_mut().enumerate() {
-                *d = Pair([bf(lo[r]), hi.map_or(bf16::ZERO, |h| bf(h[r]))]);
+            if 2 * q + 1 < kc {
+                let hi = &m.data[(p0 + 2 * q + 1) * m.cs + r0..][..rows];
+                for ((d, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+                    *d = Pair([bf(l), bf(h)]);
+                }
+            } else {
+                for (d, &l) in out.iter_mut().zip(lo) {
+                    *d = Pair([bf(l), bf16::ZERO]);
+                }
             }
             out[rows..].fill(Pair::default());
         }
@@ -532,23 +544,27 @@ impl PackedLinear {
         })
     }
 
-    /// x (N, in) -> x wᵀ (N, out)
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        product(x, &self.fwd)
+    /// x (N, in) -> x wᵀ (N, out), row-major.
+    pub fn forward_vec(&self, x: &Tensor) -> Result<Vec<f32>> {
+        let (n, k) = x.dims2()?;
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let mut c = vec![0f32; n * self.fwd.n];
+        with_slice::<f32, _>(&x, |xs| {
+            gemm_packed(Mat::row_major(xs, n, k), &self.fwd, &mut c)
+        })?;
+        Ok(c)
     }
 
-    /// dy (N, out) -> dy w (N, in)
-    pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {
-        product(dy, &self.bwd)
+    /// dy (rows, out) row-major -> dy w (rows, in)
+    pub fn backward_rows(&self, dy: &[f32], rows: usize) -> Result<Tensor> {
+        let mut c = vec![0f32; rows * self.bwd.n];
+        gemm_packed(Mat::row_major(dy, rows, self.bwd.k), &self.bwd, &mut c);
+        Ok(Tensor::from_vec(
+            c,
+            (rows, self.bwd.n),
+            &candle_core::Device::Cpu,
+        )?)
     }
-}
-
-fn product(x: &Tensor, b: &PackedB<bf16>) -> Result<Tensor> {
-    let (n, k) = x.dims2()?;
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let mut c = vec![0f32; n * b.n];
-    with_slice::<f32, _>(&x, |xs| gemm_packed(Mat::row_major(xs, n, k), b, &mut c))?;
-    Ok(Tensor::from_vec(c, (n, b.n), x.device())?)
 }
 
 /// Runs `f` on a contiguous CPU tensor's elements.

@@ -9,6 +9,7 @@ pub mod grads;
 pub mod kv_cache;
 pub mod linear;
 pub mod loss;
+pub mod math;
 pub mod norm;
 pub mod rotary;
 
