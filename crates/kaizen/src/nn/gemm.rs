@@ -519,28 +519,61 @@ pub fn linear_bf16(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
     Ok(Tensor::from_vec(c, (n, cols), x.device())?)
 }
 
-/// A bf16 weight (out, in) packed once in both orientations, for many products with it (the
+/// The same products with an f32 weight on kaizen's AVX-512 f32 kernel; None where the CPU
+/// lacks AVX-512F or for a handful of rows (decoding), where candle's matmul is the better fit.
+pub fn linear_f32(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Option<Tensor>> {
+    let (n, _) = x.dims2()?;
+    let (out, inp) = w.dims2()?;
+    if !available() || n <= GEMV_ROWS {
+        return Ok(None);
+    }
+    let (k, cols) = if transposed { (inp, out) } else { (out, inp) };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let mut c = vec![0f32; n * cols];
+    with_slice::<f32, _>(&x, |xs| {
+        with_slice::<f32, _>(&w, |ws| {
+            let wm = Mat::row_major(ws, out, inp);
+            let b = if transposed { wm.t() } else { wm };
+            gemm(Mat::row_major(xs, n, k), b, &mut c);
+        })
+    })??;
+    Ok(Some(Tensor::from_vec(c, (n, cols), x.device())?))
+}
+
+/// A frozen weight (out, in) packed once in both orientations, for many products with it (the
 /// LM head over the row chunks of a batch).
-pub struct PackedLinear {
-    fwd: PackedB<bf16>,
-    bwd: PackedB<bf16>,
+pub enum PackedLinear {
+    F32(Packed2<f32>),
+    Bf16(Packed2<bf16>),
+}
+
+/// The two packings of one weight: `wᵀ` for the forward, `w` for the input gradient.
+pub struct Packed2<W: Weight> {
+    fwd: PackedB<W>,
+    bwd: PackedB<W>,
+}
+
+impl<W: Weight + candle_core::WithDType> Packed2<W> {
+    fn new(w: &Tensor) -> Result<Self> {
+        let (out, inp) = w.dims2()?;
+        let w = w.contiguous()?;
+        with_slice::<W, _>(&w, |ws| {
+            let wm = Mat::row_major(ws, out, inp);
+            Packed2 {
+                fwd: PackedB::new(wm.t()),
+                bwd: PackedB::new(wm),
+            }
+        })
+    }
 }
 
 impl PackedLinear {
-    /// None unless `w` is bf16 and the CPU has AVX512-BF16 (then callers use [`linear_bf16`]
-    /// or candle as usual).
+    /// None where the CPU lacks the kernels for `w`'s dtype (callers then use the layer).
     pub fn new(w: &Tensor) -> Result<Option<Self>> {
-        if w.dtype() != DType::BF16 || !available_bf16() {
-            return Ok(None);
-        }
-        let (out, inp) = w.dims2()?;
-        let w = w.contiguous()?;
-        with_slice::<bf16, _>(&w, |ws| {
-            let wm = Mat::row_major(ws, out, inp);
-            Some(PackedLinear {
-                fwd: PackedB::new(wm.t()),
-                bwd: PackedB::new(wm),
-            })
+        Ok(match w.dtype() {
+            DType::BF16 if available_bf16() => Some(PackedLinear::Bf16(Packed2::new(w)?)),
+            DType::F32 if available() => Some(PackedLinear::F32(Packed2::new(w)?)),
+            _ => None,
         })
     }
 
@@ -548,23 +581,34 @@ impl PackedLinear {
     pub fn forward_vec(&self, x: &Tensor) -> Result<Vec<f32>> {
         let (n, k) = x.dims2()?;
         let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let mut c = vec![0f32; n * self.fwd.n];
         with_slice::<f32, _>(&x, |xs| {
-            gemm_packed(Mat::row_major(xs, n, k), &self.fwd, &mut c)
-        })?;
-        Ok(c)
+            let a = Mat::row_major(xs, n, k);
+            match self {
+                PackedLinear::F32(p) => product(a, &p.fwd),
+                PackedLinear::Bf16(p) => product(a, &p.fwd),
+            }
+        })
     }
 
     /// dy (rows, out) row-major -> dy w (rows, in)
     pub fn backward_rows(&self, dy: &[f32], rows: usize) -> Result<Tensor> {
-        let mut c = vec![0f32; rows * self.bwd.n];
-        gemm_packed(Mat::row_major(dy, rows, self.bwd.k), &self.bwd, &mut c);
+        let c = match self {
+            PackedLinear::F32(p) => product(Mat::row_major(dy, rows, p.bwd.k), &p.bwd),
+            PackedLinear::Bf16(p) => product(Mat::row_major(dy, rows, p.bwd.k), &p.bwd),
+        };
+        let cols = c.len() / rows.max(1);
         Ok(Tensor::from_vec(
             c,
-            (rows, self.bwd.n),
+            (rows, cols),
             &candle_core::Device::Cpu,
         )?)
     }
+}
+
+fn product<W: Weight>(a: Mat<f32>, b: &PackedB<W>) -> Vec<f32> {
+    let mut c = vec![0f32; a.rows * b.n];
+    gemm_packed(a, b, &mut c);
+    c
 }
 
 /// Runs `f` on a contiguous CPU tensor's elements.

@@ -87,7 +87,10 @@ impl Linear {
     pub fn base_forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.weight.dtype() {
             DType::BF16 => gemm::linear_bf16(x, &self.weight, true)?,
-            _ => x.matmul(&self.weight.t()?)?,
+            _ => match gemm::linear_f32(x, &self.weight, true)? {
+                Some(y) => y,
+                None => x.matmul(&self.weight.t()?)?,
+            },
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -99,7 +102,10 @@ impl Linear {
     pub fn base_backward(&self, dy: &Tensor) -> Result<Tensor> {
         match self.weight.dtype() {
             DType::BF16 => gemm::linear_bf16(dy, &self.weight, false),
-            _ => Ok(dy.matmul(&self.weight)?),
+            _ => match gemm::linear_f32(dy, &self.weight, false)? {
+                Some(dx) => Ok(dx),
+                None => Ok(dy.matmul(&self.weight)?),
+            },
         }
     }
 

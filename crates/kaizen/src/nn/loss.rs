@@ -47,9 +47,10 @@ pub fn head_loss_backward(
         return Ok((0.0, 0, dh));
     }
     let mut sum = 0.0f64;
-    // A plain bf16 head is packed once for all chunks.
-    let packed = match (&head.adapter, &head.bias) {
-        (None, None) => PackedLinear::new(&head.weight)?,
+    // A plain frozen head is packed once for all chunks (kaizen's kernels); an adapted,
+    // biased or trained one goes through the layer.
+    let packed = match (&head.adapter, &head.bias, &head.trainable) {
+        (None, None, None) => PackedLinear::new(&head.weight)?,
         _ => None,
     };
     let vocab = head.out_features();
