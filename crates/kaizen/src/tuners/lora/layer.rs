@@ -38,6 +38,34 @@ impl LoraLayer {
     }
 }
 
+/// Rows at or below which the unmerged forward adds `scale x Aᵀ Bᵀ` with plain loops (decoding,
+/// one token at a time) instead of four tensor ops.
+const DECODE_ROWS: usize = 4;
+
+impl LoraLayer {
+    /// `y + scale (x Aᵀ) Bᵀ` for a few rows of x (N, in) and y (N, out), in one pass.
+    fn add_delta_rows(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let (n, inp) = x.dims2()?;
+        let out = y.dim(1)?;
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let a: Vec<f32> = self.lora_a.flatten_all()?.to_vec1()?; // (r, in)
+        let b: Vec<f32> = self.lora_b.flatten_all()?.to_vec1()?; // (out, r)
+        let r = a.len() / inp;
+        let mut yv: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        let dot = |u: &[f32], v: &[f32]| u.iter().zip(v).map(|(p, q)| p * q).sum::<f32>();
+        for (xr, yr) in xv.chunks(inp).zip(yv.chunks_mut(out)) {
+            let h: Vec<f32> = a
+                .chunks(inp)
+                .map(|ar| dot(xr, ar) * self.scale as f32)
+                .collect();
+            for (yo, br) in yr.iter_mut().zip(b.chunks(r)) {
+                *yo += dot(&h, br);
+            }
+        }
+        Ok(Tensor::from_vec(yv, (n, out), y.device())?)
+    }
+}
+
 impl LinearAdapter for LoraLayer {
     fn forward(
         &self,
@@ -71,6 +99,9 @@ impl LinearAdapter for LoraLayer {
             return Ok((dora::forward(self, mag, base, x, xd)?, mask));
         }
         let y = base.base_forward(x)?;
+        if mask.is_none() && x.dim(0)? <= DECODE_ROWS {
+            return Ok((self.add_delta_rows(x, y)?, None));
+        }
         let h = (xd.matmul(&self.lora_a.t()?)? * self.scale)?; // (N, r), scaled while small
         let delta = h.matmul(&self.lora_b.t()?)?; // (N, out)
         Ok(((y + delta)?, mask))
