@@ -1,0 +1,117 @@
+//! Packing panels of A and B for the micro-kernel: `dst[step * width + lane]`, zero-padded,
+//! with contiguous fast paths for both orientations of a row-major matrix.
+
+use half::bf16;
+
+use super::{Mat, Pair};
+
+/// `dst[q * width + r] = get(r, q)` for the rows that exist, `Default` for the padding: the
+/// general strided case.
+fn pack_steps<P: Copy + Default>(
+    rows: usize,
+    width: usize,
+    steps: usize,
+    dst: &mut [P],
+    get: impl Fn(usize, usize) -> P,
+) {
+    for q in 0..steps {
+        let out = &mut dst[q * width..(q + 1) * width];
+        for (r, d) in out.iter_mut().enumerate() {
+            *d = if r < rows { get(r, q) } else { P::default() };
+        }
+    }
+}
+
+pub(super) fn pack_f32(
+    m: &Mat<f32>,
+    r0: usize,
+    width: usize,
+    p0: usize,
+    kc: usize,
+    dst: &mut [f32],
+) {
+    let rows = width.min(m.rows - r0);
+    if m.cs == 1 {
+        // Rows contiguous along k (x, dy): stream each row into its lane.
+        dst[..kc * width].fill(0.0);
+        for r in 0..rows {
+            let src = &m.data[(r0 + r) * m.rs + p0..][..kc];
+            for (p, &v) in src.iter().enumerate() {
+                dst[p * width + r] = v;
+            }
+        }
+    } else if m.rs == 1 {
+        // Columns contiguous (Wᵀ's rows, dyᵀ): one copy per step.
+        for p in 0..kc {
+            let out = &mut dst[p * width..(p + 1) * width];
+            out[..rows].copy_from_slice(&m.data[(p0 + p) * m.cs + r0..][..rows]);
+            out[rows..].fill(0.0);
+        }
+    } else {
+        pack_steps(rows, width, kc, dst, |r, p| m.at(r0 + r, p0 + p));
+    }
+}
+
+/// f32 -> bf16, round to nearest even (NaN stays NaN for the quiet NaNs floats produce).
+#[inline(always)]
+pub(super) fn to_bf16(x: f32) -> bf16 {
+    let u = x.to_bits();
+    bf16::from_bits((u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16)
+}
+
+pub(super) fn pack_pairs<T: Copy>(
+    m: &Mat<T>,
+    r0: usize,
+    width: usize,
+    p0: usize,
+    kc: usize,
+    dst: &mut [Pair],
+    bf: impl Fn(T) -> bf16,
+) {
+    let rows = width.min(m.rows - r0);
+    let steps = kc.div_ceil(2);
+    if m.cs == 1 {
+        // Rows contiguous along k (W as B in `x Wᵀ`): each pair is two neighbours.
+        for r in 0..rows {
+            let src = &m.data[(r0 + r) * m.rs + p0..][..kc];
+            let pairs = src.chunks_exact(2);
+            if let [last] = pairs.remainder() {
+                dst[(steps - 1) * width + r] = Pair([bf(*last), bf16::ZERO]);
+            }
+            for (q, two) in pairs.enumerate() {
+                dst[q * width + r] = Pair([bf(two[0]), bf(two[1])]);
+            }
+        }
+        for q in 0..steps {
+            dst[q * width + rows..(q + 1) * width].fill(Pair::default());
+        }
+    } else if m.rs == 1 {
+        // Columns contiguous (W as B in `dy W`): interleave two k-rows per step.
+        for q in 0..steps {
+            let out = &mut dst[q * width..(q + 1) * width];
+            let lo = &m.data[(p0 + 2 * q) * m.cs + r0..][..rows];
+            if 2 * q + 1 < kc {
+                let hi = &m.data[(p0 + 2 * q + 1) * m.cs + r0..][..rows];
+                for ((d, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+                    *d = Pair([bf(l), bf(h)]);
+                }
+            } else {
+                for (d, &l) in out.iter_mut().zip(lo) {
+                    *d = Pair([bf(l), bf16::ZERO]);
+                }
+            }
+            out[rows..].fill(Pair::default());
+        }
+    } else {
+        let get = |r: usize, p: usize| {
+            if p < kc {
+                bf(m.at(r0 + r, p0 + p))
+            } else {
+                bf16::ZERO
+            }
+        };
+        pack_steps(rows, width, steps, dst, |r, q| {
+            Pair([get(r, 2 * q), get(r, 2 * q + 1)])
+        });
+    }
+}
