@@ -52,7 +52,15 @@ fn main() -> ExitCode {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     keep_freed_memory();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // The command itself runs on a rayon worker, so a small parallel pass (a decoding step's
+    // norms, rotary, attention) starts on this thread instead of being handed to a sleeping
+    // pool thread and waited for. Threads: RAYON_NUM_THREADS or the machine's.
+    let result = match rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build() {
+        Ok(pool) => pool.install(|| run(cli)),
+        Err(_) => run(cli),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
