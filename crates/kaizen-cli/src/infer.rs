@@ -117,8 +117,7 @@ pub fn load(
     adapter: Option<&Path>,
     dtype: DType,
 ) -> Result<(kaizen::Loaded, Option<AdapterInfo>)> {
-    let mut m = kaizen::load(model)?;
-    m.model.store_weights(dtype)?;
+    let mut m = kaizen::load_as(model, dtype)?;
     let info = match adapter {
         Some(dir) => Some(kaizen::tuners::load_adapter(&mut m.model, dir)?),
         None => None,

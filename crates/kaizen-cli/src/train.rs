@@ -305,8 +305,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     if method_name == "full" && dtype != kaizen::DType::F32 {
         bail!("--method full trains every weight in f32; drop --dtype (bf16 stores a frozen base)");
     }
-    let mut loaded = kaizen::load(&model_path)?;
-    loaded.model.store_weights(dtype)?;
+    let mut loaded = kaizen::load_as(&model_path, dtype)?;
     let tok = &loaded.tokenizer;
     let ctx = loaded.model.config().max_position_embeddings;
 

@@ -32,8 +32,16 @@ pub struct Loaded {
 
 /// Loads `--model`: an HF model directory or a `.gguf` file. Weights are computed in f32.
 pub fn load(path: &Path) -> Result<Loaded> {
-    let ck = checkpoint::open(path)?;
-    let model = Model::load(&ck.config, ck.weights)?;
+    load_as(path, DType::F32)
+}
+
+/// [`load`] with the frozen matrices stored as `dtype` (`--dtype bf16`; see
+/// [`Model::store_weights`]), each narrowed as it is read.
+pub fn load_as(path: &Path, dtype: DType) -> Result<Loaded> {
+    let mut ck = checkpoint::open(path)?;
+    ck.weights.matrices = dtype;
+    let mut model = Model::load(&ck.config, ck.weights)?;
+    model.store_weights(dtype)?; // ties a shared head again; a no-op otherwise
     let (tv, mv) = (ck.tokenizer.vocab_size(), ck.config.vocab_size);
     if tv > mv {
         return Err(Error::Input(format!(

@@ -162,8 +162,7 @@ fn bf16_base_matches_torch_bf16() {
         "llama-mha-linear",
     ] {
         let dir = fixture(name);
-        let mut m = kaizen::load(&dir).unwrap();
-        m.model.store_weights(kaizen::DType::BF16).unwrap();
+        let m = kaizen::load_as(&dir, kaizen::DType::BF16).unwrap();
         let (f32_ref, bf16_ref) = (
             read(dir.join("reference.json")),
             read(dir.join("reference_bf16.json")),

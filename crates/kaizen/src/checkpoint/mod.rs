@@ -48,6 +48,9 @@ type Loader = Box<dyn Fn() -> Result<Tensor>>;
 pub struct Weights {
     path: PathBuf,
     entries: BTreeMap<String, (Vec<usize>, Loader)>,
+    /// The dtype 2-D tensors (linear layers, embeddings) are kept in: f32, or bf16 for
+    /// `--dtype bf16`, narrowed one tensor at a time so the f32 model never exists whole.
+    pub matrices: DType,
 }
 
 impl Weights {
@@ -55,6 +58,7 @@ impl Weights {
         Weights {
             path,
             entries: BTreeMap::new(),
+            matrices: DType::F32,
         }
     }
 
@@ -66,7 +70,7 @@ impl Weights {
         self.entries.contains_key(name)
     }
 
-    /// Removes `name` and returns it as f32, checking its shape.
+    /// Removes `name` and returns it as f32 (a 2-D tensor as `matrices`), checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let Some((found, load)) = self.entries.remove(name) else {
             let last = name.rsplit('.').next().unwrap_or(name);
@@ -88,8 +92,12 @@ impl Weights {
                 format!("tensor \"{name}\" has shape {found:?}, but the config implies {shape:?}"),
             ));
         }
-        let t = load()?.to_dtype(DType::F32)?;
-        Ok(t)
+        let dtype = if shape.len() == 2 {
+            self.matrices
+        } else {
+            DType::F32
+        };
+        Ok(load()?.to_dtype(dtype)?)
     }
 
     /// Like [`Weights::take`] for tensors that may be absent (biases, tied heads).
