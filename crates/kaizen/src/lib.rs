@@ -35,13 +35,15 @@ pub fn load(path: &Path) -> Result<Loaded> {
     load_as(path, DType::F32)
 }
 
-/// [`load`] with the frozen matrices stored as `dtype` (`--dtype bf16`; see
-/// [`Model::store_weights`]), each narrowed as it is read.
+/// [`load`] with the frozen matrices (linear layers, embeddings, LM head) stored as `dtype`,
+/// each narrowed as it is read (`--dtype bf16`: half their memory, products on kaizen's bf16
+/// kernels with f32 accumulation). Norms, biases, adapters and optimizer state stay f32, as
+/// PEFT's autocast; a tied head shares the narrowed table.
 pub fn load_as(path: &Path, dtype: DType) -> Result<Loaded> {
     let mut ck = checkpoint::open(path)?;
     ck.weights.matrices = dtype;
-    let mut model = Model::load(&ck.config, ck.weights)?;
-    model.store_weights(dtype)?; // ties a shared head again; a no-op otherwise
+    // Weights::take narrows each 2-D tensor; a tied head shares the narrowed table.
+    let model = Model::load(&ck.config, ck.weights)?;
     let (tv, mv) = (ck.tokenizer.vocab_size(), ck.config.vocab_size);
     if tv > mv {
         return Err(Error::Input(format!(

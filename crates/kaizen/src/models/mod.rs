@@ -4,7 +4,7 @@
 pub mod gpt_neox;
 pub mod llama;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 
 use crate::checkpoint::Weights;
@@ -395,24 +395,6 @@ impl Model {
 
     /// Whether the LM head is the embedding table (then a checkpoint stores it once, as the
     /// embeddings).
-    /// `--dtype bf16`: stores the frozen matrices (linear layers, embeddings, LM head) in bf16,
-    /// halving their memory; their products then run kaizen's bf16 kernels with f32
-    /// accumulation. Norms, biases, adapters and optimizer state stay f32, as PEFT's autocast.
-    /// A tied head keeps sharing the embedding table.
-    pub fn store_weights(&mut self, dtype: DType) -> Result<()> {
-        for (_, mut part) in self.parts_mut() {
-            match &mut part {
-                Part::Linear(l) => l.weight = l.weight.to_dtype(dtype)?,
-                Part::Embedding(e) => e.weight = e.weight.to_dtype(dtype)?,
-                Part::LayerNorm(_) | Part::RmsNorm(_) => {}
-            }
-        }
-        if let (true, Arch::Llama(m)) = (self.tied_head(), &mut self.arch) {
-            m.lm_head.weight = m.embed_tokens.weight.clone();
-        }
-        Ok(())
-    }
-
     pub fn tied_head(&self) -> bool {
         match &self.arch {
             Arch::GptNeoX(_) => false,

@@ -27,42 +27,46 @@ pub fn linear_bf16(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
         let wt = if transposed { w.t()? } else { w.clone() };
         return Ok(x.to_dtype(DType::BF16)?.matmul(&wt)?.to_dtype(DType::F32)?);
     }
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let w = w.contiguous()?;
-    let mut c = vec![0f32; n * cols];
-    with_slice::<f32, _>(&x, |xs| {
-        with_slice::<bf16, _>(&w, |ws| {
-            let wm = Mat::row_major(ws, out, inp);
-            if transposed && n <= GEMV_ROWS {
-                gemv_bf16(xs, n, ws, out, inp, &mut c);
-            } else {
-                let b = if transposed { wm.t() } else { wm };
-                gemm(Mat::row_major(xs, n, k), b, &mut c);
-            }
-        })
-    })??;
-    Ok(Tensor::from_vec(c, (n, cols), x.device())?)
+    if transposed && n <= GEMV_ROWS {
+        let (x, w) = (x.to_dtype(DType::F32)?.contiguous()?, w.contiguous()?);
+        let mut c = vec![0f32; n * cols];
+        with_slice::<f32, _>(&x, |xs| {
+            with_slice::<bf16, _>(&w, |ws| gemv_bf16(xs, n, ws, out, inp, &mut c))
+        })??;
+        return Ok(Tensor::from_vec(c, (n, cols), x.device())?);
+    }
+    product_of::<bf16>(x, w, transposed)
 }
 
 /// The same products with an f32 weight on kaizen's AVX-512 f32 kernel; None where the CPU
 /// lacks AVX-512F or for a handful of rows (decoding), where candle's matmul is the better fit.
 pub fn linear_f32(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Option<Tensor>> {
-    let (n, _) = x.dims2()?;
-    let (out, inp) = w.dims2()?;
-    if !available() || n <= GEMV_ROWS {
+    if !available() || x.dims2()?.0 <= GEMV_ROWS {
         return Ok(None);
     }
-    let (k, cols) = if transposed { (inp, out) } else { (out, inp) };
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    product_of::<f32>(x, w, transposed).map(Some)
+}
+
+/// `x wᵀ` (`transposed`) or `x w` for a weight `w` (out, in) of element type `W`, on kaizen's
+/// packed kernel.
+fn product_of<W: Weight + candle_core::WithDType>(
+    x: &Tensor,
+    w: &Tensor,
+    transposed: bool,
+) -> Result<Tensor> {
+    let (n, k) = x.dims2()?;
+    let (out, inp) = w.dims2()?;
+    let cols = if transposed { out } else { inp };
+    let (x, w) = (x.to_dtype(DType::F32)?.contiguous()?, w.contiguous()?);
     let mut c = vec![0f32; n * cols];
     with_slice::<f32, _>(&x, |xs| {
-        with_slice::<f32, _>(&w, |ws| {
+        with_slice::<W, _>(&w, |ws| {
             let wm = Mat::row_major(ws, out, inp);
             let b = if transposed { wm.t() } else { wm };
             gemm(Mat::row_major(xs, n, k), b, &mut c);
         })
     })??;
-    Ok(Some(Tensor::from_vec(c, (n, cols), x.device())?))
+    Ok(Tensor::from_vec(c, (n, cols), x.device())?)
 }
 
 /// A frozen weight (out, in) packed once in both orientations, for many products with it (the
