@@ -303,11 +303,8 @@ fn train_args(a: &CompareArgs, spec: &Spec, arch: Architecture) -> Vec<String> {
     }
     args.extend(spec.flags.split_whitespace().map(String::from));
     if spec.attention_targets {
-        let targets = match arch {
-            Architecture::GptNeoX => "query_key_value,dense",
-            Architecture::Llama => "q_proj,k_proj,v_proj,o_proj",
-        };
-        args.extend(["--target-modules".to_string(), targets.to_string()]);
+        let targets = arch.spec().attention_linears().join(",");
+        args.extend(["--target-modules".to_string(), targets]);
     }
     if a.overwrite {
         args.push("--overwrite".into());

@@ -470,6 +470,52 @@ fn config_json_with_unknown_model_type() {
 }
 
 #[test]
+fn config_json_with_zero_sliding_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture("mistral", tmp.path());
+    edit_config(&dir, |c| {
+        c.insert("sliding_window".into(), 0.into());
+    });
+    assert_load_fails(&dir, &[&s(&dir.join("config.json")), "sliding_window"]);
+}
+
+#[test]
+fn config_json_whose_heads_do_not_divide_hidden() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture("qwen2", tmp.path());
+    edit_config(&dir, |c| {
+        c.insert("num_attention_heads".into(), 5.into());
+        c.remove("head_dim");
+    });
+    let cfg = s(&dir.join("config.json"));
+    assert_load_fails(&dir, &[&cfg, "num_attention_heads 5", "head_dim"]);
+}
+
+#[test]
+fn config_json_with_bad_layer_types() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture("gemma3", tmp.path());
+    edit_config(&dir, |c| {
+        c.insert(
+            "layer_types".into(),
+            serde_json::json!(["sliding_attention"]),
+        );
+    });
+    assert_load_fails(&dir, &[&s(&dir.join("config.json")), "layer_types"]);
+}
+
+#[test]
+fn multimodal_gemma3_config_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture("gemma3", tmp.path());
+    edit_config(&dir, |c| {
+        c.insert("model_type".into(), "gemma3".into());
+        c.insert("text_config".into(), serde_json::json!({}));
+    });
+    assert_load_fails(&dir, &["multimodal", "gemma3_text"]);
+}
+
+#[test]
 fn config_json_missing_hidden_size() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = copy_fixture("llama-gqa-tied", tmp.path());

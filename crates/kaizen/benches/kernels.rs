@@ -194,8 +194,15 @@ fn main() {
             gflop
                 / median_secs(|| {
                     drop(
-                        loss::head_loss_backward(&head, &hs, &targets, 1.0, &mut Grads::new())
-                            .unwrap(),
+                        loss::head_loss_backward(
+                            &head,
+                            &hs,
+                            &targets,
+                            1.0,
+                            None,
+                            &mut Grads::new(),
+                        )
+                        .unwrap(),
                     )
                 })
         }));

@@ -1,29 +1,64 @@
 //! Model hyper-parameters, read from an HF `config.json` (transformers 4.x and 5.x styles) or from
-//! GGUF metadata. One struct serves both architectures; fields a model does not use keep defaults.
+//! GGUF metadata. One struct serves every architecture: the fields every decoder has, then the
+//! optional features (biases, QK-norm, sliding windows, soft-capping, ...) that the architecture
+//! files in `models/` map from their config keys. Fields a model does not use keep defaults.
 
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
+use crate::models::arch::{self, ArchSpec};
 use crate::{Error, Result};
 
-/// The architectures kaizen implements (one file each under `models/`).
+/// The architectures kaizen implements (one small file each under `models/`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     GptNeoX,
     Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+    Phi3,
+    Gemma2,
+    Gemma3,
 }
 
 impl Architecture {
-    /// `model_type` values accepted in config.json and what each maps to.
-    pub const SUPPORTED: &'static str =
-        "gpt_neox, llama, mistral (without sliding window), qwen2 (without sliding window)";
+    pub const ALL: [Architecture; 8] = [
+        Architecture::GptNeoX,
+        Architecture::Llama,
+        Architecture::Mistral,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+        Architecture::Phi3,
+        Architecture::Gemma2,
+        Architecture::Gemma3,
+    ];
+
+    /// The parts, names and config mapping of this architecture.
+    pub fn spec(self) -> &'static ArchSpec {
+        arch::spec(self)
+    }
 
     pub fn name(self) -> &'static str {
-        match self {
-            Architecture::GptNeoX => "gpt_neox",
-            Architecture::Llama => "llama",
-        }
+        self.spec().model_types[0]
+    }
+
+    /// The `model_type` values kaizen reads, for error messages.
+    pub fn supported() -> String {
+        Architecture::ALL
+            .iter()
+            .flat_map(|a| a.spec().model_types)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The architecture whose config.json says `model_type`.
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        Architecture::ALL
+            .into_iter()
+            .find(|a| a.spec().model_types.contains(&model_type))
     }
 }
 
@@ -53,7 +88,7 @@ pub enum RopeScaling {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub architecture: Architecture,
     /// `model_type` as written in the file.
@@ -69,16 +104,32 @@ pub struct ModelConfig {
     pub rotary_dim: usize,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
+    /// Sliding-window layers' own rotary base, unscaled (Gemma 3 `rope_local_base_freq`).
+    pub rope_local_theta: Option<f64>,
     pub max_position_embeddings: usize,
     pub norm_eps: f64,
     pub hidden_act: Activation,
     pub tie_word_embeddings: bool,
     /// GPT-NeoX: attention and MLP read the same input (true) or run one after the other (false).
     pub use_parallel_residual: bool,
-    /// Bias on the attention projections (GPT-NeoX: all four; qwen2: q/k/v only).
+    /// Bias on the q/k/v projections (GPT-NeoX, Qwen 2, `attention_bias`).
     pub attention_bias: bool,
-    /// Bias on the Llama MLP projections (`mlp_bias`).
+    /// Bias on the attention output projection.
+    pub o_bias: bool,
+    /// Bias on the MLP projections (`mlp_bias`; GPT-NeoX always).
     pub mlp_bias: bool,
+    /// RMSNorm over head_dim on q and k before rotary (Qwen 3, Gemma 3).
+    pub qk_norm: bool,
+    /// Keys a sliding-window layer sees: the query's own position and the `window - 1` before it.
+    pub sliding_window: Option<usize>,
+    /// Per layer: true where the layer attends within `sliding_window` (HF `layer_types`).
+    pub sliding_layers: Vec<bool>,
+    /// Gemma 2/3: attention scores are scaled by `query_pre_attn_scalar^-0.5` (else head_dim's).
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 2: scores become `cap * tanh(score / cap)`.
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma 2: logits become `cap * tanh(logit / cap)`.
+    pub final_logit_softcapping: Option<f64>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -100,47 +151,35 @@ impl ModelConfig {
     }
 
     /// Parses the fields of an HF config.json object; the error is a message without the path.
+    /// The fields every decoder has are read here; the architecture's file maps the rest.
     pub fn from_hf_json(map: &Map<String, Value>) -> std::result::Result<Self, String> {
         let c = Fields(map);
         let model_type = c.str("model_type")?.ok_or_else(|| {
             format!(
                 "no \"model_type\" field; kaizen supports {}",
-                Architecture::SUPPORTED
+                Architecture::supported()
             )
         })?;
-        let architecture = match model_type.as_str() {
-            "gpt_neox" => Architecture::GptNeoX,
-            "llama" | "mistral" | "qwen2" => Architecture::Llama,
-            other => {
-                return Err(format!(
-                    "model_type \"{other}\" is not supported; kaizen supports {}",
-                    Architecture::SUPPORTED
-                ))
-            }
-        };
-        if matches!(model_type.as_str(), "mistral" | "qwen2") {
-            let window = c.usize("sliding_window")?;
-            let enabled = c
-                .bool("use_sliding_window")?
-                .unwrap_or(model_type == "mistral");
-            if window.is_some() && enabled {
-                return Err(format!(
-                    "{model_type} with sliding-window attention is not supported (sliding_window is set)"
-                ));
-            }
-        }
+        let architecture = Architecture::from_model_type(&model_type).ok_or_else(|| {
+            format!(
+                "model_type \"{model_type}\" is not supported; kaizen supports {}",
+                Architecture::supported()
+            )
+        })?;
+        let spec = architecture.spec();
+        (spec.refuse)(&c)?;
         let hidden_size = c.req_usize("hidden_size")?;
         let num_attention_heads = c.req_usize("num_attention_heads")?;
-        if num_attention_heads == 0
-            || hidden_size % num_attention_heads != 0 && c.usize("head_dim")?.is_none()
-        {
+        if hidden_size % num_attention_heads != 0 && c.usize("head_dim")?.is_none() {
             return Err(format!(
                 "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads} and no head_dim is given"
             ));
         }
-        let head_dim = c
-            .usize("head_dim")?
-            .unwrap_or(hidden_size / num_attention_heads);
+        let head_dim = match c.usize("head_dim")? {
+            Some(0) => return Err("field \"head_dim\" must be positive, found 0".into()),
+            Some(d) => d,
+            None => hidden_size / num_attention_heads,
+        };
         let num_key_value_heads = c
             .usize("num_key_value_heads")?
             .unwrap_or(num_attention_heads);
@@ -149,11 +188,12 @@ impl ModelConfig {
                 "num_attention_heads {num_attention_heads} must be a multiple of num_key_value_heads {num_key_value_heads}"
             ));
         }
-        // Rotary settings: transformers 5.x nests them in `rope_parameters`; 4.x has top-level
-        // `rope_theta`/`rotary_emb_base`, `rotary_pct`/`partial_rotary_factor`, `rope_scaling`.
+        // Rotary settings: transformers 5.x nests them in `rope_parameters` (per layer type for
+        // Gemma 3: the architecture file reads those); 4.x has top-level `rope_theta` /
+        // `rotary_emb_base`, `rotary_pct` / `partial_rotary_factor`, `rope_scaling`.
         let rope = match map.get("rope_parameters") {
-            Some(Value::Object(p)) => Some(p),
-            Some(Value::Null) | None => None,
+            Some(Value::Object(p)) if !p.contains_key("full_attention") => Some(p),
+            Some(Value::Object(_)) | Some(Value::Null) | None => None,
             Some(_) => return Err("\"rope_parameters\" must be an object".into()),
         };
         let rp = rope.map(Fields);
@@ -165,12 +205,7 @@ impl ModelConfig {
             c.f64("rope_theta")?,
             c.f64("rotary_emb_base")?,
         ])
-        .unwrap_or(10000.0);
-        let default_pct = if architecture == Architecture::GptNeoX {
-            0.25
-        } else {
-            1.0
-        };
+        .unwrap_or(spec.defaults.rope_theta);
         let pct = first_f64(&[
             rp.as_ref()
                 .map(|r| r.f64("partial_rotary_factor"))
@@ -179,7 +214,7 @@ impl ModelConfig {
             c.f64("partial_rotary_factor")?,
             c.f64("rotary_pct")?,
         ])
-        .unwrap_or(default_pct);
+        .unwrap_or(spec.defaults.rotary_pct);
         if !(pct > 0.0 && pct <= 1.0) {
             return Err(format!("rotary fraction {pct} must be in (0, 1]"));
         }
@@ -194,14 +229,9 @@ impl ModelConfig {
             Some(s) => parse_rope_scaling(&Fields(s))?,
             None => RopeScaling::None,
         };
-        let act = c.str("hidden_act")?.unwrap_or_else(|| match architecture {
-            Architecture::GptNeoX => "gelu".into(),
-            Architecture::Llama => "silu".into(),
-        });
-        let hidden_act = parse_activation(&act)?;
-        let eps_key = match architecture {
-            Architecture::GptNeoX => "layer_norm_eps",
-            Architecture::Llama => "rms_norm_eps",
+        let act = match (c.str("hidden_activation")?, c.str("hidden_act")?) {
+            (Some(a), _) | (None, Some(a)) => a,
+            (None, None) => spec.defaults.hidden_act.into(),
         };
         let eos_token_ids = match map.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
@@ -212,34 +242,51 @@ impl ModelConfig {
                 .collect(),
             _ => vec![],
         };
-        let cfg = ModelConfig {
+        let num_hidden_layers = c.req_usize("num_hidden_layers")?;
+        let mut cfg = ModelConfig {
             architecture,
             vocab_size: c.req_usize("vocab_size")?,
             hidden_size,
             intermediate_size: c.req_usize("intermediate_size")?,
-            num_hidden_layers: c.req_usize("num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
             rotary_dim,
             rope_theta,
             rope_scaling,
+            rope_local_theta: None,
             max_position_embeddings: c.usize("max_position_embeddings")?.unwrap_or(2048),
-            norm_eps: c.f64(eps_key)?.unwrap_or(1e-5),
-            hidden_act,
-            tie_word_embeddings: c.bool("tie_word_embeddings")?.unwrap_or(false),
-            use_parallel_residual: c.bool("use_parallel_residual")?.unwrap_or(true),
-            attention_bias: match architecture {
-                Architecture::GptNeoX => c.bool("attention_bias")?.unwrap_or(true),
-                Architecture::Llama => {
-                    model_type == "qwen2" || c.bool("attention_bias")?.unwrap_or(false)
-                }
-            },
+            norm_eps: first_f64(&[c.f64("rms_norm_eps")?, c.f64("layer_norm_eps")?])
+                .unwrap_or(1e-5),
+            hidden_act: parse_activation(&act)?,
+            tie_word_embeddings: c
+                .bool("tie_word_embeddings")?
+                .unwrap_or(spec.defaults.tie_word_embeddings),
+            use_parallel_residual: false,
+            attention_bias: c
+                .bool("attention_bias")?
+                .unwrap_or(spec.defaults.attention_bias),
+            o_bias: false,
             mlp_bias: c.bool("mlp_bias")?.unwrap_or(false),
+            qk_norm: false,
+            sliding_window: c.usize("sliding_window")?,
+            sliding_layers: vec![false; num_hidden_layers],
+            query_pre_attn_scalar: None,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
             bos_token_id: c.usize("bos_token_id")?.map(|v| v as u32),
             eos_token_ids,
             model_type,
         };
+        cfg.o_bias = cfg.attention_bias;
+        (spec.read)(&c, &mut cfg)?;
+        if let Some(types) = c.get("layer_types") {
+            cfg.sliding_layers = parse_layer_types(types, num_hidden_layers)?;
+        }
+        if cfg.sliding_window.is_none() {
+            cfg.sliding_layers.fill(false);
+        }
         cfg.check()?;
         Ok(cfg)
     }
@@ -259,6 +306,28 @@ impl ModelConfig {
         )?;
         positive("rope_theta", self.rope_theta)?;
         positive("layer_norm_eps / rms_norm_eps", self.norm_eps)?;
+        if let Some(t) = self.rope_local_theta {
+            positive("rope_local_base_freq", t)?;
+        }
+        for (name, v) in [
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if let Some(v) = v {
+                positive(name, v)?;
+            }
+        }
+        if self.sliding_window == Some(0) {
+            return Err("\"sliding_window\" must be at least 1, found 0".into());
+        }
+        if self.sliding_layers.len() != self.num_hidden_layers {
+            return Err(format!(
+                "\"layer_types\" lists {} layers but num_hidden_layers is {}",
+                self.sliding_layers.len(),
+                self.num_hidden_layers
+            ));
+        }
         match self.rope_scaling {
             RopeScaling::Linear { factor } | RopeScaling::Llama3 { factor, .. } => {
                 positive("rope_scaling.factor", factor)
@@ -267,14 +336,18 @@ impl ModelConfig {
         }
     }
 
+    /// The window of layer `i`, if it attends within one.
+    pub fn window(&self, i: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| self.sliding_layers[i])
+    }
+
     /// An HF `config.json` for this model that transformers 5 loads with the same numerics and
     /// [`ModelConfig::from_hf_json`] reads back to an equal config. Rotary settings are written
     /// both as transformers 5 writes them (`rope_parameters`) and in the 4.x top-level form
-    /// (`rope_theta`, `rope_scaling`; GPT-NeoX `rotary_emb_base`, `rotary_pct`), with the same
-    /// values, so readers of either generation agree. Weights are described as float32.
+    /// (`rope_theta`, `rope_scaling`), with the same values, so readers of either generation
+    /// agree; the architecture's file adds its own keys. Weights are described as float32.
     pub fn to_hf_json(&self) -> Value {
-        let neox = self.architecture == Architecture::GptNeoX;
-        let mut rope = Map::new();
+        let spec = self.architecture.spec();
         let mut scaling = Map::new();
         match &self.rope_scaling {
             RopeScaling::None => {}
@@ -305,23 +378,17 @@ impl ModelConfig {
             RopeScaling::Llama3 { .. } => "llama3",
         };
         scaling.insert("rope_type".into(), json!(rope_type));
-        rope.extend(scaling.clone());
+        let mut rope = scaling.clone();
         rope.insert("rope_theta".into(), json!(self.rope_theta));
         let pct = rotary_fraction(self.rotary_dim, self.head_dim);
-        if neox || self.rotary_dim != self.head_dim {
+        if pct != spec.defaults.rotary_pct || self.rotary_dim != self.head_dim {
             rope.insert("partial_rotary_factor".into(), json!(pct));
         }
         let act = match self.hidden_act {
             Activation::Gelu => "gelu",
-            Activation::GeluTanh => "gelu_new",
+            Activation::GeluTanh => "gelu_pytorch_tanh",
             Activation::Relu => "relu",
             Activation::Silu => "silu",
-        };
-        let architectures = match self.model_type.as_str() {
-            "gpt_neox" => "GPTNeoXForCausalLM",
-            "mistral" => "MistralForCausalLM",
-            "qwen2" => "Qwen2ForCausalLM",
-            _ => "LlamaForCausalLM",
         };
         let eos = match self.eos_token_ids.as_slice() {
             [] => Value::Null,
@@ -329,7 +396,7 @@ impl ModelConfig {
             many => json!(many),
         };
         let mut c = json!({
-            "architectures": [architectures],
+            "architectures": [spec.hf_class],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -346,6 +413,7 @@ impl ModelConfig {
             "eos_token_id": eos,
             "rope_parameters": rope,
             "rope_theta": self.rope_theta,
+            "sliding_window": self.sliding_window,
             "dtype": "float32",
             "torch_dtype": "float32",
             "use_cache": true,
@@ -354,82 +422,100 @@ impl ModelConfig {
         if self.rope_scaling != RopeScaling::None {
             m.insert("rope_scaling".into(), Value::Object(scaling));
         }
-        if neox {
-            m.insert("layer_norm_eps".into(), json!(self.norm_eps));
-            m.insert(
-                "use_parallel_residual".into(),
-                json!(self.use_parallel_residual),
-            );
-            m.insert("rotary_emb_base".into(), json!(self.rope_theta));
-            m.insert("rotary_pct".into(), json!(pct));
-        } else {
-            m.insert("rms_norm_eps".into(), json!(self.norm_eps));
-            m.insert("mlp_bias".into(), json!(self.mlp_bias));
-            if self.rotary_dim != self.head_dim {
-                m.insert("partial_rotary_factor".into(), json!(pct));
-            }
-            if self.model_type != "llama" {
-                // kaizen reads these models only without sliding-window attention.
-                m.insert("use_sliding_window".into(), json!(false));
-                m.insert("sliding_window".into(), Value::Null);
-            }
+        if self.rotary_dim != self.head_dim {
+            m.insert("partial_rotary_factor".into(), json!(pct));
         }
+        m.insert(spec.defaults.eps_key.into(), json!(self.norm_eps));
+        if self.sliding_window.is_some() {
+            let types: Vec<&str> = self
+                .sliding_layers
+                .iter()
+                .map(|&s| match s {
+                    true => "sliding_attention",
+                    false => "full_attention",
+                })
+                .collect();
+            m.insert("layer_types".into(), json!(types));
+        }
+        (spec.write)(self, m);
         c
     }
 
-    /// Names of the attention query and value projections: PEFT's default LoRA targets
+    /// Names of the modules PEFT's LoRA targets by default
     /// (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
     pub fn default_qv_modules(&self) -> &'static [&'static str] {
-        match self.architecture {
-            Architecture::GptNeoX => &["query_key_value"],
-            Architecture::Llama => &["q_proj", "v_proj"],
-        }
+        self.architecture.spec().lora_targets
     }
 
     /// PEFT's default IA3 targets and feed-forward modules for this architecture
     /// (`TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING` / `..._FEEDFORWARD_MODULES_MAPPING`).
     pub fn default_ia3_modules(&self) -> (&'static [&'static str], &'static [&'static str]) {
-        match self.architecture {
-            Architecture::GptNeoX => (&["query_key_value", "dense_4h_to_h"], &["dense_4h_to_h"]),
-            Architecture::Llama => (&["k_proj", "v_proj", "down_proj"], &["down_proj"]),
-        }
+        self.architecture.spec().ia3_targets
     }
 
     /// Where bottleneck adapters sit for this architecture: (the attention output projection,
     /// the MLP output projection). Houlsby adapts both outputs, Pfeiffer the MLP's only.
-    pub fn default_bottleneck_modules(&self) -> (&'static str, &'static str) {
-        match self.architecture {
-            Architecture::GptNeoX => ("attention.dense", "mlp.dense_4h_to_h"),
-            Architecture::Llama => ("self_attn.o_proj", "mlp.down_proj"),
-        }
+    pub fn default_bottleneck_modules(&self) -> (String, String) {
+        let n = &self.architecture.spec().names;
+        (
+            format!("{}.{}", n.attn, n.o),
+            format!("{}.{}", n.mlp, n.down),
+        )
     }
 
     /// Total parameter count of the dense model (tied embeddings counted once).
     pub fn num_parameters(&self) -> usize {
+        let spec = self.architecture.spec();
         let (h, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
-        let per_layer = match self.architecture {
-            Architecture::GptNeoX => {
-                // qkv + dense (+ biases), two LayerNorms, MLP with biases.
-                (h * 3 * q + 3 * q) + (q * h + h) + 4 * h + (h * f + f) + (f * h + h)
-            }
-            Architecture::Llama => {
-                let bias = if self.attention_bias { q + 2 * kv } else { 0 };
-                let mlp_bias = if self.mlp_bias { 2 * f + h } else { 0 };
-                h * q + 2 * h * kv + q * h + bias + 2 * h + 3 * h * f + mlp_bias
-            }
+        let norm = |n: usize| match spec.norm {
+            arch::NormKind::Layer => 2 * n,
+            _ => n,
         };
-        let final_norm = match self.architecture {
-            Architecture::GptNeoX => 2 * h,
-            Architecture::Llama => h,
+        let attn = h * (q + 2 * kv)
+            + q * h
+            + if self.attention_bias { q + 2 * kv } else { 0 }
+            + if self.o_bias { h } else { 0 }
+            + if self.qk_norm {
+                2 * norm(self.head_dim)
+            } else {
+                0
+            };
+        let mlp = match spec.mlp {
+            arch::MlpKind::Plain => 2 * h * f + if self.mlp_bias { f + h } else { 0 },
+            _ => 3 * h * f + if self.mlp_bias { 2 * f + h } else { 0 },
         };
-        v * h + head + self.num_hidden_layers * per_layer + final_norm
+        let norms = if spec.sandwich { 4 } else { 2 };
+        let per_layer = attn + mlp + norms * norm(h);
+        v * h + head + self.num_hidden_layers * per_layer + norm(h)
     }
 }
 
-fn parse_rope_scaling(s: &Fields) -> std::result::Result<RopeScaling, String> {
+/// HF `layer_types`: "sliding_attention" or "full_attention" per layer.
+fn parse_layer_types(v: &Value, layers: usize) -> std::result::Result<Vec<bool>, String> {
+    let Value::Array(a) = v else {
+        return Err("\"layer_types\" must be a list".into());
+    };
+    if a.len() != layers {
+        return Err(format!(
+            "\"layer_types\" lists {} layers but num_hidden_layers is {layers}",
+            a.len()
+        ));
+    }
+    a.iter()
+        .map(|t| match t.as_str() {
+            Some("sliding_attention") => Ok(true),
+            Some("full_attention") => Ok(false),
+            _ => Err(format!(
+                "\"layer_types\" holds {t}; expected \"sliding_attention\" or \"full_attention\""
+            )),
+        })
+        .collect()
+}
+
+pub(crate) fn parse_rope_scaling(s: &Fields) -> std::result::Result<RopeScaling, String> {
     let kind = match s.str("rope_type")? {
         Some(t) => t,
         None => s.str("type")?.unwrap_or_else(|| "default".into()),
@@ -477,7 +563,7 @@ pub(crate) fn parse_activation(name: &str) -> std::result::Result<Activation, St
 
 /// `rotary_dim / head_dim`, nudged up where needed so that `int(head_dim * f)` (how both
 /// transformers and [`ModelConfig::from_hf_json`] turn it back into a count) gives `rotary_dim`.
-fn rotary_fraction(rotary_dim: usize, head_dim: usize) -> f64 {
+pub(crate) fn rotary_fraction(rotary_dim: usize, head_dim: usize) -> f64 {
     let mut f = rotary_dim as f64 / head_dim as f64;
     while ((head_dim as f64 * f) as usize) < rotary_dim {
         f = f64::from_bits(f.to_bits() + 1);
@@ -490,20 +576,21 @@ fn first_f64(options: &[Option<f64>]) -> Option<f64> {
 }
 
 /// Typed access to a JSON object with messages that name the field.
-struct Fields<'a>(&'a Map<String, Value>);
+/// (Architecture files read their own keys through it.)
+pub struct Fields<'a>(pub &'a Map<String, Value>);
 
 impl Fields<'_> {
-    fn get(&self, key: &str) -> Option<&Value> {
+    pub fn get(&self, key: &str) -> Option<&Value> {
         self.0.get(key).filter(|v| !v.is_null())
     }
-    fn str(&self, key: &str) -> std::result::Result<Option<String>, String> {
+    pub fn str(&self, key: &str) -> std::result::Result<Option<String>, String> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(v) => Err(format!("field \"{key}\" must be a string, found {v}")),
         }
     }
-    fn f64(&self, key: &str) -> std::result::Result<Option<f64>, String> {
+    pub fn f64(&self, key: &str) -> std::result::Result<Option<f64>, String> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -512,7 +599,7 @@ impl Fields<'_> {
                 .ok_or_else(|| format!("field \"{key}\" must be a number, found {v}")),
         }
     }
-    fn usize(&self, key: &str) -> std::result::Result<Option<usize>, String> {
+    pub fn usize(&self, key: &str) -> std::result::Result<Option<usize>, String> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
@@ -520,14 +607,14 @@ impl Fields<'_> {
             }),
         }
     }
-    fn req_usize(&self, key: &str) -> std::result::Result<usize, String> {
+    pub fn req_usize(&self, key: &str) -> std::result::Result<usize, String> {
         match self.usize(key)? {
             Some(0) => Err(format!("field \"{key}\" must be positive, found 0")),
             Some(v) => Ok(v),
             None => Err(format!("missing field \"{key}\"")),
         }
     }
-    fn bool(&self, key: &str) -> std::result::Result<Option<bool>, String> {
+    pub fn bool(&self, key: &str) -> std::result::Result<Option<bool>, String> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),

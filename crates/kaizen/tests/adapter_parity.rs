@@ -318,6 +318,9 @@ ia3_suite! {
     ia3_neox_seq_spiece => ("peft/ia3/neox-seq-spiece", "neox-seq-spiece"),
     ia3_neox_par_bpe => ("peft/ia3/neox-par-bpe", "neox-par-bpe"),
     ia3_llama_gqa_tied => ("peft/ia3/llama-gqa-tied", "llama-gqa-tied"),
+    ia3_gemma3 => ("peft/ia3/gemma3", "gemma3"),
+    ia3_qwen2 => ("peft/ia3/qwen2", "qwen2"),
+    ia3_phi3 => ("peft/ia3/phi3", "phi3"),
 }
 
 /// Bottleneck adapters (tests/fixtures/bottleneck, made by scripts/fixtures/gen_bottleneck.py
@@ -439,6 +442,12 @@ adapter_suite! {
     lora_llama_mha_linear => ("lora/llama-mha-linear", "llama-mha-linear"),
     dora_neox_seq_spiece => ("lora/dora-neox-seq-spiece", "neox-seq-spiece"),
     dora_llama_gqa_tied => ("lora/dora-llama-gqa-tied", "llama-gqa-tied"),
+    lora_gemma3 => ("lora/gemma3", "gemma3"),
+    lora_gemma2 => ("lora/gemma2", "gemma2"),
+    lora_qwen2 => ("lora/qwen2", "qwen2"),
+    lora_qwen3 => ("lora/qwen3", "qwen3"),
+    lora_mistral => ("lora/mistral", "mistral"),
+    lora_phi3 => ("lora/phi3", "phi3"),
 }
 
 /// Prefix tuning: the cache PEFT builds, logits over the real tokens (no extra positions), and
@@ -517,4 +526,7 @@ prefix_suite! {
     prefix_neox_seq_spiece => ("peft/prefix_tuning/neox-seq-spiece", "neox-seq-spiece"),
     prefix_neox_par_bpe_projection => ("peft/prefix_tuning/neox-par-bpe", "neox-par-bpe"),
     prefix_llama_gqa_tied => ("peft/prefix_tuning/llama-gqa-tied", "llama-gqa-tied"),
+    prefix_gemma3 => ("peft/prefix_tuning/gemma3", "gemma3"),
+    prefix_qwen2 => ("peft/prefix_tuning/qwen2", "qwen2"),
+    prefix_phi3 => ("peft/prefix_tuning/phi3", "phi3"),
 }

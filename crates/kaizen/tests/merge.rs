@@ -68,11 +68,11 @@ fn source_names(dir: &Path) -> BTreeSet<String> {
             names.extend(st.names().into_iter().map(String::from));
         }
     }
-    let ignored: Vec<&str> = [
-        kaizen::models::gpt_neox::IGNORED,
-        kaizen::models::llama::IGNORED,
-    ]
-    .concat();
+    let ignored: Vec<&str> = kaizen::Architecture::ALL
+        .iter()
+        .flat_map(|a| a.spec().ignored)
+        .copied()
+        .collect();
     names.retain(|n| !ignored.iter().any(|s| n.ends_with(s)));
     names
 }
@@ -173,6 +173,17 @@ fn dora_merges_into_the_weights() {
     check("llama-gqa-tied", Some("dora-llama-gqa-tied"));
 }
 
+/// Every newer architecture: its LoRA merged, exported and reloaded gives the unmerged logits
+/// (QK-norm, sandwich norms, sliding windows, soft-caps, fused projections in config.json).
+#[test]
+fn newer_architectures_merge_and_round_trip() {
+    for name in NEWER {
+        check(name, Some(name));
+    }
+}
+
+const NEWER: [&str; 6] = ["gemma3", "gemma2", "qwen2", "qwen3", "mistral", "phi3"];
+
 #[test]
 fn gguf_converts_to_hf_dir() {
     let tmp = check("llama-gguf/model.gguf", None);
@@ -192,6 +203,12 @@ fn config_round_trips_through_hf_json() {
         "neox-par-bpe",
         "llama-gqa-tied",
         "llama-mha-linear",
+        "gemma3",
+        "gemma2",
+        "qwen2",
+        "qwen3",
+        "mistral",
+        "phi3",
     ] {
         let cfg = ModelConfig::from_hf_file(&model_path(name).join("config.json")).unwrap();
         let json = cfg.to_hf_json();
@@ -308,7 +325,8 @@ fn failed_export_leaves_nothing_behind() {
 
 #[test]
 fn named_weights_cover_the_parameter_count() {
-    for name in ["neox-seq-spiece", "llama-gqa-tied", "llama-mha-linear"] {
+    let names = ["neox-seq-spiece", "llama-gqa-tied", "llama-mha-linear"];
+    for name in names.into_iter().chain(NEWER) {
         let mut m: Model = kaizen::load(&model_path(name)).unwrap().model;
         let n: usize = m.named_weights().iter().map(|(_, t)| t.elem_count()).sum();
         assert_eq!(n, m.config().num_parameters(), "{name}");

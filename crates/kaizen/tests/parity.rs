@@ -126,6 +126,36 @@ fn llama_gguf_quantized_permuted() {
 }
 
 #[test]
+fn gemma3_qk_norm_sandwich_sliding_window_local_rope() {
+    check("gemma3", None);
+}
+
+#[test]
+fn gemma2_softcapping_sliding_window() {
+    check("gemma2", None);
+}
+
+#[test]
+fn qwen2_qkv_bias() {
+    check("qwen2", None);
+}
+
+#[test]
+fn qwen3_qk_norm() {
+    check("qwen3", None);
+}
+
+#[test]
+fn mistral_sliding_window() {
+    check("mistral", None);
+}
+
+#[test]
+fn phi3_fused_qkv_gate_up_partial_rotary_sliding_window() {
+    check("phi3", None);
+}
+
+#[test]
 fn parameter_count_matches_reference() {
     let cases = [
         ("neox-seq-spiece", None),
@@ -133,6 +163,12 @@ fn parameter_count_matches_reference() {
         ("llama-gqa-tied", None),
         ("llama-mha-linear", None),
         ("llama-gguf", Some("model.gguf")),
+        ("gemma3", None),
+        ("gemma2", None),
+        ("qwen2", None),
+        ("qwen3", None),
+        ("mistral", None),
+        ("phi3", None),
     ];
     for (name, file) in cases {
         let dir = fixture(name);

@@ -3,9 +3,11 @@
 //! reference); the tests need neither Python nor network.
 #![allow(dead_code)]
 
+pub mod gguf_file;
+
 use std::path::PathBuf;
 
-use kaizen_data::Tokenizer;
+use kaizen_data::{TextStream, Tokenizer};
 use serde_json::Value;
 
 pub fn repo_root() -> PathBuf {
@@ -75,6 +77,55 @@ pub fn check_cases(tok: &Tokenizer, cases: &[Value], add_special_tokens: bool, d
     assert!(
         failures.is_empty(),
         "{} of {} cases differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+/// Every case's ids (with and without default special tokens) and decodes against a reference
+/// from transformers (`ids`, `ids_no_special`; `decoded`: `ids_no_special` decoded as they are;
+/// `decoded_skip_special`: `ids` decoded skipping special tokens; `decoded` again through a
+/// [`TextStream`]); reports all mismatches at once.
+pub fn check_reference(tok: &Tokenizer, cases: &[Value], what: &str) {
+    assert!(!cases.is_empty(), "{what}: no cases");
+    let mut failures = Vec::new();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        for (key, special) in [("ids", true), ("ids_no_special", false)] {
+            let want = ids(&case[key]);
+            let got = tok.encode(text, special).unwrap();
+            if got != want {
+                failures.push(format!("{key} {text:?}\n   got  {got:?}\n   want {want:?}"));
+            }
+        }
+        for (key, ids_key, skip) in [
+            ("decoded", "ids_no_special", false),
+            ("decoded_skip_special", "ids", true),
+        ] {
+            let want = case[key].as_str().unwrap();
+            let got = tok.decode(&ids(&case[ids_key]), skip).unwrap();
+            if got != want {
+                failures.push(format!("{key} {text:?}\n   got  {got:?}\n   want {want:?}"));
+            }
+        }
+        // Streamed one id at a time, the chunks join to the same text.
+        let mut stream = TextStream::new(tok);
+        let mut streamed = String::new();
+        for &id in &ids(&case["ids_no_special"]) {
+            streamed.push_str(&stream.push(id).unwrap());
+        }
+        streamed.push_str(&stream.finish().unwrap());
+        let want = case["decoded"].as_str().unwrap();
+        if streamed != want {
+            failures.push(format!(
+                "stream {text:?}\n   got  {streamed:?}\n   want {want:?}"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {} cases differ:\n{}",
         failures.len(),
         cases.len(),
         failures.join("\n")

@@ -1,7 +1,10 @@
-//! llama.cpp GGUF files (llama architecture): tensors are dequantized to f32 with candle's
-//! quantized module and renamed to HF names; Q/K rows are un-permuted back to HF's rotate_half
-//! layout (llama.cpp's `convert_hf_to_gguf.py` permutes them for its interleaved rope); the
-//! tokenizer and chat template come from the `tokenizer.*` metadata.
+//! llama.cpp GGUF files (llama and gemma3 architectures): tensors are dequantized to f32 with
+//! candle's quantized module (F32/F16/BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, K-quants) and renamed to
+//! the architecture's HF names. What llama.cpp's `convert_hf_to_gguf.py` changed is undone as
+//! transformers' GGUF loader does: llama's Q/K rows are un-permuted back to HF's rotate_half
+//! layout (llama.cpp permutes them for its interleaved rope), Gemma's norm gains, stored as
+//! `1 + w`, become `w` again. The tokenizer and chat template come from the `tokenizer.*`
+//! metadata.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -14,6 +17,7 @@ use kaizen_data::{GgufVocab, Tokenizer};
 
 use super::{Checkpoint, Weights};
 use crate::config::{Architecture, ModelConfig, RopeScaling};
+use crate::models::arch::NormKind;
 use crate::{Error, Result};
 
 pub fn open(path: &Path) -> Result<Checkpoint> {
@@ -42,7 +46,7 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     let mut dtypes = BTreeSet::new();
     for (gname, info) in &content.tensor_infos {
         dtypes.insert(format!("{:?}", info.ggml_dtype));
-        let Some((hf, heads)) = hf_name(gname, &config) else {
+        let Some((hf, fix)) = hf_name(gname, &config) else {
             weights.insert(
                 format!("gguf:{gname}"),
                 info.shape.dims().to_vec(),
@@ -51,7 +55,7 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
             continue;
         };
         let (c, g, p) = (content.clone(), gname.clone(), path.to_path_buf());
-        let loader = Box::new(move || load(&c, &p, &g, heads));
+        let loader = Box::new(move || load(&c, &p, &g, fix));
         weights.insert(hf, info.shape.dims().to_vec(), loader);
     }
     let dtypes: Vec<String> = dtypes.into_iter().collect();
@@ -87,12 +91,17 @@ fn unused() -> super::Loader {
     Box::new(|| Err(Error::Input("tensor without an HF name".into())))
 }
 
-fn load(
-    content: &Content,
-    path: &Path,
-    gname: &str,
-    unpermute_heads: Option<usize>,
-) -> Result<Tensor> {
+/// What llama.cpp's converter did to a tensor, to undo at load.
+#[derive(Clone, Copy)]
+enum Fix {
+    None,
+    /// Q/K rows permuted for llama.cpp's rope, over this many heads.
+    Unpermute(usize),
+    /// A Gemma norm gain stored as `1 + w`.
+    MinusOne,
+}
+
+fn load(content: &Content, path: &Path, gname: &str, fix: Fix) -> Result<Tensor> {
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
     let q = content.tensor(&mut f, gname, &Device::Cpu).map_err(|e| {
         Error::checkpoint(
@@ -104,9 +113,10 @@ fn load(
         )
     })?;
     let w = q.dequantize(&Device::Cpu)?;
-    match unpermute_heads {
-        Some(h) => unpermute(&w, h),
-        None => Ok(w),
+    match fix {
+        Fix::Unpermute(h) => unpermute(&w, h),
+        Fix::MinusOne => Ok((w - 1.0)?),
+        Fix::None => Ok(w),
     }
 }
 
@@ -120,33 +130,44 @@ fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
         .reshape((rows, cols))?)
 }
 
-/// llama.cpp tensor name -> (HF name, heads to un-permute by).
-fn hf_name(g: &str, c: &ModelConfig) -> Option<(String, Option<usize>)> {
-    let fixed = match g {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
+/// llama.cpp tensor name -> (the architecture's HF name, what to undo).
+fn hf_name(g: &str, c: &ModelConfig) -> Option<(String, Fix)> {
+    let spec = c.architecture.spec();
+    let n = &spec.names;
+    let gemma = spec.norm == NormKind::RmsPlusOne;
+    let norm_fix = if gemma { Fix::MinusOne } else { Fix::None };
+    let permute = |heads| match c.architecture {
+        Architecture::Llama => Fix::Unpermute(heads),
+        _ => Fix::None,
     };
-    if let Some(f) = fixed {
-        return Some((f.to_string(), None));
-    }
-    let rest = g.strip_prefix("blk.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, heads) = match tail {
-        "attn_norm.weight" => ("input_layernorm.weight", None),
-        "ffn_norm.weight" => ("post_attention_layernorm.weight", None),
-        "attn_q.weight" => ("self_attn.q_proj.weight", Some(c.num_attention_heads)),
-        "attn_k.weight" => ("self_attn.k_proj.weight", Some(c.num_key_value_heads)),
-        "attn_v.weight" => ("self_attn.v_proj.weight", None),
-        "attn_output.weight" => ("self_attn.o_proj.weight", None),
-        "ffn_gate.weight" => ("mlp.gate_proj.weight", None),
-        "ffn_up.weight" => ("mlp.up_proj.weight", None),
-        "ffn_down.weight" => ("mlp.down_proj.weight", None),
-        _ => return None,
+    let (module, fix) = match g.strip_suffix(".weight")? {
+        "token_embd" => return Some((format!("{}.weight", n.embed), Fix::None)),
+        "output_norm" => return Some((format!("{}.weight", n.final_norm), norm_fix)),
+        "output" => return Some((format!("{}.weight", n.head), Fix::None)),
+        other => {
+            let (layer, tail) = other.strip_prefix("blk.")?.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            let (a, m) = (n.attn, n.mlp);
+            let (module, fix) = match tail {
+                "attn_norm" => (n.attn_norm.to_string(), norm_fix),
+                "post_attention_norm" if spec.sandwich => (n.attn_post_norm.into(), norm_fix),
+                "ffn_norm" => (n.mlp_norm.to_string(), norm_fix),
+                "post_ffw_norm" if spec.sandwich => (n.mlp_post_norm.into(), norm_fix),
+                "attn_q" => (format!("{a}.{}", n.q), permute(c.num_attention_heads)),
+                "attn_k" => (format!("{a}.{}", n.k), permute(c.num_key_value_heads)),
+                "attn_v" => (format!("{a}.{}", n.v), Fix::None),
+                "attn_output" => (format!("{a}.{}", n.o), Fix::None),
+                "attn_q_norm" if c.qk_norm => (format!("{a}.{}", n.q_norm), norm_fix),
+                "attn_k_norm" if c.qk_norm => (format!("{a}.{}", n.k_norm), norm_fix),
+                "ffn_gate" => (format!("{m}.{}", n.gate), Fix::None),
+                "ffn_up" => (format!("{m}.{}", n.up), Fix::None),
+                "ffn_down" => (format!("{m}.{}", n.down), Fix::None),
+                _ => return None,
+            };
+            (format!("{}.{layer}.{module}", n.layers), fix)
+        }
     };
-    Some((format!("model.layers.{layer}.{module}"), heads))
+    Some((format!("{module}.weight"), fix))
 }
 
 struct Meta<'a> {
@@ -215,19 +236,37 @@ impl Meta<'_> {
     }
 
     fn config(&self) -> Result<ModelConfig> {
-        let arch = self.string("general.architecture")?.unwrap_or_default();
-        if arch != "llama" {
+        let name = self.string("general.architecture")?.unwrap_or_default();
+        let Some(architecture) = Architecture::ALL
+            .into_iter()
+            .find(|a| a.spec().gguf == Some(name.as_str()))
+        else {
+            let known: Vec<&str> = Architecture::ALL
+                .iter()
+                .filter_map(|a| a.spec().gguf)
+                .collect();
             return Err(self.err(format!(
-                "GGUF architecture \"{arch}\" is not supported; kaizen reads llama-architecture GGUF files (use an HF directory for gpt_neox)"
+                "GGUF architecture \"{name}\" is not supported; kaizen reads GGUF files of: {} (other architectures load from an HF directory)",
+                known.join(", ")
             )));
-        }
-        let k = |s: &str| format!("llama.{s}");
+        };
+        let k = |s: &str| format!("{name}.{s}");
         let hidden = self.req(&k("embedding_length"))?;
         let heads = self.req(&k("attention.head_count"))?;
         let kv_heads = self
             .num(&k("attention.head_count_kv"))?
             .map(|x| x as usize)
             .unwrap_or(heads);
+        if hidden % heads != 0 && self.num(&k("attention.key_length"))?.is_none() {
+            return Err(self.err(format!(
+                "GGUF metadata: embedding_length {hidden} is not divisible by attention.head_count {heads} and no attention.key_length is given"
+            )));
+        }
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(self.err(format!(
+                "GGUF metadata: attention.head_count {heads} must be a multiple of attention.head_count_kv {kv_heads}"
+            )));
+        }
         let head_dim = self
             .num(&k("attention.key_length"))?
             .map(|x| x as usize)
@@ -254,19 +293,24 @@ impl Meta<'_> {
                 )))
             }
         };
-        Ok(ModelConfig {
-            architecture: Architecture::Llama,
-            model_type: "llama".into(),
+        let layers = self.req(&k("block_count"))?;
+        let spec = architecture.spec();
+        let mut c = ModelConfig {
+            architecture,
+            model_type: spec.model_types[0].into(),
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: self.req(&k("feed_forward_length"))?,
-            num_hidden_layers: self.req(&k("block_count"))?,
+            num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
             rotary_dim,
-            rope_theta: self.num(&k("rope.freq_base"))?.unwrap_or(10000.0),
+            rope_theta: self
+                .num(&k("rope.freq_base"))?
+                .unwrap_or(spec.defaults.rope_theta),
             rope_scaling,
+            rope_local_theta: None,
             max_position_embeddings: self
                 .num(&k("context_length"))?
                 .map(|x| x as usize)
@@ -274,17 +318,41 @@ impl Meta<'_> {
             norm_eps: self
                 .num(&k("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
-            hidden_act: crate::config::Activation::Silu,
+            hidden_act: crate::config::parse_activation(spec.defaults.hidden_act)
+                .map_err(|m| self.err(m))?,
             tie_word_embeddings: true,
             use_parallel_residual: false,
             attention_bias: false,
+            o_bias: false,
             mlp_bias: false,
+            qk_norm: false,
+            sliding_window: self
+                .num(&k("attention.sliding_window"))?
+                .map(|x| x as usize),
+            sliding_layers: vec![false; layers],
+            query_pre_attn_scalar: None,
+            attn_logit_softcapping: self.num(&k("attn_logit_softcapping"))?,
+            final_logit_softcapping: self.num(&k("final_logit_softcapping"))?,
             bos_token_id: self.id("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: self
                 .id("tokenizer.ggml.eos_token_id")?
                 .into_iter()
                 .collect(),
-        })
+        };
+        if architecture == Architecture::Gemma3 {
+            // As llama.cpp: QK-norm, scores scaled by head_dim, five local layers to one global
+            // (or the file's pattern), local layers' rotary base 10000.
+            c.qk_norm = true;
+            c.query_pre_attn_scalar = Some(head_dim as f64);
+            c.rope_local_theta = Some(10000.0);
+            let pattern = self
+                .num(&k("attention.sliding_window_pattern"))?
+                .map_or(6, |p| (p as usize).max(1));
+            for (i, s) in c.sliding_layers.iter_mut().enumerate() {
+                *s = c.sliding_window.is_some() && (i + 1) % pattern != 0;
+            }
+        }
+        Ok(c)
     }
 
     fn vocab(&self) -> Result<GgufVocab> {

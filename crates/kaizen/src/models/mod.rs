@@ -1,31 +1,36 @@
-//! One file per architecture. Models never name a tuner: methods reach them through named linear
-//! layers, the KV cache and the input embeddings.
+//! One decoder (`decoder.rs`) built from shared parts (`self_attn.rs`, `mlp.rs`, the norms in
+//! `nn/`), and one small file per architecture holding only its [`arch::ArchSpec`]: its config
+//! mapping, its checkpoint names and which parts it uses. Models never name a tuner: methods
+//! reach them through named linear layers, the KV cache and the input embeddings.
 
+pub mod arch;
+pub mod decoder;
+pub mod gemma2;
+pub mod gemma3;
 pub mod gpt_neox;
 pub mod llama;
+pub mod mistral;
+pub mod mlp;
+pub mod phi3;
+pub mod qwen2;
+pub mod qwen3;
+pub mod self_attn;
 
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 
 use crate::checkpoint::Weights;
-use crate::config::{Architecture, ModelConfig};
-use crate::nn::{Embedding, Grads, KvCache, LayerNorm, Linear, RmsNorm};
+use crate::config::ModelConfig;
+use crate::nn::{Embedding, Grads, KvCache, Linear, Norm};
 use crate::Result;
 
-pub use gpt_neox::GptNeoX;
-pub use llama::Llama;
-
-/// The architecture-specific network.
-pub enum Arch {
-    GptNeoX(GptNeoX),
-    Llama(Llama),
-}
+pub use decoder::Decoder;
 
 /// A causal LM plus two doors for learned tokens: `virtual_tokens`, embeddings prepended to the
 /// token embeddings of a fresh sequence (prompt tuning, P-tuning), and `prefix`, per-layer keys
 /// and values placed in the KV cache ahead of the real tokens (prefix tuning).
 pub struct Model {
-    pub arch: Arch,
+    pub decoder: Decoder,
     pub virtual_tokens: Option<VirtualTokens>,
     /// Table (n, layers * 2 * kv_heads * head_dim), each row `[layer][key|value][kv_head][head_dim]`
     /// as PEFT lays out `prompt_embeddings`; real tokens then take positions n, n+1, ...
@@ -37,8 +42,7 @@ pub struct Model {
 /// A module holding weights (what full fine-tuning trains).
 pub enum Part<'a> {
     Linear(&'a mut Linear),
-    LayerNorm(&'a mut LayerNorm),
-    RmsNorm(&'a mut RmsNorm),
+    Norm(&'a mut Norm),
     Embedding(&'a mut Embedding),
 }
 
@@ -51,8 +55,8 @@ impl Part<'_> {
                 out.extend(l.bias.as_mut().map(|b| ("bias", b)));
                 out
             }
-            Part::LayerNorm(n) => vec![("weight", &mut n.weight), ("bias", &mut n.bias)],
-            Part::RmsNorm(n) => vec![("weight", &mut n.weight)],
+            Part::Norm(Norm::Layer(n)) => vec![("weight", &mut n.weight), ("bias", &mut n.bias)],
+            Part::Norm(Norm::Rms(n)) => vec![("weight", &mut n.weight)],
             Part::Embedding(e) => vec![("weight", &mut e.weight)],
         }
     }
@@ -61,8 +65,8 @@ impl Part<'_> {
     pub fn trainable_mut(&mut self) -> &mut Option<String> {
         match self {
             Part::Linear(l) => &mut l.trainable,
-            Part::LayerNorm(n) => &mut n.trainable,
-            Part::RmsNorm(n) => &mut n.trainable,
+            Part::Norm(Norm::Layer(n)) => &mut n.trainable,
+            Part::Norm(Norm::Rms(n)) => &mut n.trainable,
             Part::Embedding(e) => &mut e.trainable,
         }
     }
@@ -192,19 +196,10 @@ pub trait TokenEncoder: std::fmt::Debug + Send + Sync {
 impl Model {
     /// Builds the model from `weights`, taking every tensor it needs; then checks nothing is left.
     pub fn load(config: &ModelConfig, mut weights: Weights) -> Result<Self> {
-        let (arch, ignored) = match config.architecture {
-            Architecture::GptNeoX => (
-                Arch::GptNeoX(GptNeoX::load(config, &mut weights)?),
-                gpt_neox::IGNORED,
-            ),
-            Architecture::Llama => (
-                Arch::Llama(Llama::load(config, &mut weights)?),
-                llama::IGNORED,
-            ),
-        };
-        weights.finish(ignored)?;
+        let decoder = Decoder::load(config, &mut weights)?;
+        weights.finish(config.architecture.spec().ignored)?;
         Ok(Model {
-            arch,
+            decoder,
             virtual_tokens: None,
             prefix: None,
             gradient_checkpointing: false,
@@ -212,10 +207,7 @@ impl Model {
     }
 
     pub fn config(&self) -> &ModelConfig {
-        match &self.arch {
-            Arch::GptNeoX(m) => &m.config,
-            Arch::Llama(m) => &m.config,
-        }
+        &self.decoder.config
     }
 
     pub fn device(&self) -> Device {
@@ -228,19 +220,13 @@ impl Model {
 
     /// ids: (B, T) u32 -> input embeddings (B, T, hidden).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        match &self.arch {
-            Arch::GptNeoX(m) => m.embed(ids),
-            Arch::Llama(m) => m.embed(ids),
-        }
+        self.decoder.embed(ids)
     }
 
     /// Full fine-tuning: the embedding table's gradient from that of the embeddings of ids
     /// (B, T, hidden); nothing while the table is frozen.
     pub fn embed_backward(&self, ids: &Tensor, d_x: &Tensor, grads: &mut Grads) -> Result<()> {
-        match &self.arch {
-            Arch::GptNeoX(m) => m.embed_in.backward(ids, d_x, grads),
-            Arch::Llama(m) => m.embed_tokens.backward(ids, d_x, grads),
-        }
+        self.decoder.embed_backward(ids, d_x, grads)
     }
 
     /// Embeddings (B, T, hidden) -> final normalised hidden states (B, T, hidden); with a cache,
@@ -258,15 +244,18 @@ impl Model {
             }
             (c, _) => c,
         };
-        match &self.arch {
-            Arch::GptNeoX(m) => m.forward_hidden(x, cache),
-            Arch::Llama(m) => m.forward_hidden(x, cache),
-        }
+        self.decoder.forward_hidden(x, cache)
     }
 
     /// Embeddings (B, T, hidden) -> logits (B, T, vocab).
     pub fn forward_embeds(&self, x: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.lm_head().forward(&self.forward_hidden(x, cache)?)
+        self.head_logits(&self.forward_hidden(x, cache)?)
+    }
+
+    /// Final hidden states (..., hidden) -> logits (..., vocab): the LM head, soft-capped where
+    /// the architecture does (Gemma 2).
+    pub fn head_logits(&self, h: &Tensor) -> Result<Tensor> {
+        self.decoder.logits(h)
     }
 
     /// The prefix's key and value per layer, each (1, kv_heads, n, head_dim), from PEFT's flat
@@ -356,7 +345,7 @@ impl Model {
 
     /// ids: (B, T) -> logits (B, T, vocab) of the real tokens.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.lm_head().forward(&self.hidden(ids, cache)?)
+        self.head_logits(&self.hidden(ids, cache)?)
     }
 
     /// Logits of the last position only (what decoding needs), for one sequence of ids.
@@ -364,7 +353,7 @@ impl Model {
         let t = Tensor::from_slice(ids, (1, ids.len()), &self.device())?;
         let h = self.hidden(&t, cache)?; // (1, T, hidden)
         let last = h.squeeze(0)?.narrow(0, ids.len() - 1, 1)?; // (1, hidden)
-        Ok(self.lm_head().forward(&last)?.squeeze(0)?.to_vec1()?)
+        Ok(self.head_logits(&last)?.squeeze(0)?.to_vec1()?)
     }
 
     /// Logits for one sequence of ids, batch 1: (T, vocab).
@@ -375,10 +364,7 @@ impl Model {
 
     /// Every module holding weights, by HF module path, the LM head last.
     pub fn parts_mut(&mut self) -> Vec<(String, Part<'_>)> {
-        match &mut self.arch {
-            Arch::GptNeoX(m) => m.parts_mut(),
-            Arch::Llama(m) => m.parts_mut(),
-        }
+        self.decoder.parts_mut()
     }
 
     /// Every linear layer with its HF module path, e.g. `model.layers.0.self_attn.q_proj`; the
@@ -396,10 +382,7 @@ impl Model {
     /// Whether the LM head is the embedding table (then a checkpoint stores it once, as the
     /// embeddings).
     pub fn tied_head(&self) -> bool {
-        match &self.arch {
-            Arch::GptNeoX(_) => false,
-            Arch::Llama(m) => m.config.tie_word_embeddings,
-        }
+        self.config().tie_word_embeddings
     }
 
     /// Every weight under its HF tensor name, as an HF checkpoint stores it (tied embeddings
@@ -419,17 +402,11 @@ impl Model {
 
     /// HF module path of the output projection (never a LoRA target under "all-linear").
     pub fn lm_head_name(&self) -> &'static str {
-        match &self.arch {
-            Arch::GptNeoX(_) => "embed_out",
-            Arch::Llama(_) => "lm_head",
-        }
+        self.decoder.spec.names.head
     }
 
     pub fn lm_head(&self) -> &Linear {
-        match &self.arch {
-            Arch::GptNeoX(m) => &m.embed_out,
-            Arch::Llama(m) => &m.lm_head,
-        }
+        &self.decoder.lm_head
     }
 
     /// Training forward from embeddings (B, T, hidden) to final normalised hidden states, after
@@ -437,17 +414,10 @@ impl Model {
     pub fn forward_train(&self, x: &Tensor, rng: Option<&mut StdRng>) -> Result<(Tensor, Tape)> {
         let prefix = self.prefix_kv()?;
         let ckpt = self.gradient_checkpointing;
-        let (h, arch) = match &self.arch {
-            Arch::GptNeoX(m) => {
-                let (h, t) = m.forward_train(x, prefix.as_deref(), ckpt, rng)?;
-                (h, ArchTape::GptNeoX(t))
-            }
-            Arch::Llama(m) => {
-                let (h, t) = m.forward_train(x, prefix.as_deref(), ckpt, rng)?;
-                (h, ArchTape::Llama(t))
-            }
-        };
-        Ok((h, Tape { arch, prefix }))
+        let (h, decoder) = self
+            .decoder
+            .forward_train(x, prefix.as_deref(), ckpt, rng)?;
+        Ok((h, Tape { decoder, prefix }))
     }
 
     /// Backward from the gradient of the final hidden states: returns the gradient of the input
@@ -459,15 +429,7 @@ impl Model {
         grads: &mut Grads,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let p = tape.prefix.as_deref();
-        let (dx, d_prefix) = match (&self.arch, &tape.arch) {
-            (Arch::GptNeoX(m), ArchTape::GptNeoX(t)) => m.backward(t, p, d_h, grads)?,
-            (Arch::Llama(m), ArchTape::Llama(t)) => m.backward(t, p, d_h, grads)?,
-            _ => {
-                return Err(crate::Error::Input(
-                    "tape from a different architecture".into(),
-                ))
-            }
-        };
+        let (dx, d_prefix) = self.decoder.backward(&tape.decoder, p, d_h, grads)?;
         let d_table = match p {
             Some(_) => Some(self.prefix_table_grad(&d_prefix)?),
             None => None,
@@ -478,11 +440,6 @@ impl Model {
 
 /// Activations saved by [`Model::forward_train`].
 pub struct Tape {
-    arch: ArchTape,
+    decoder: decoder::Tape,
     prefix: Option<Vec<KvPair>>,
-}
-
-enum ArchTape {
-    GptNeoX(gpt_neox::Tape),
-    Llama(llama::Tape),
 }

@@ -1,18 +1,26 @@
 //! Causal scaled-dot-product attention with grouped-query heads (HF `eager_attention_forward`),
-//! and its backward. Keys may include earlier positions from a KV cache (or a prefix): a query
-//! at row `t` of `T` sees every key `s <= S - T + t`.
+//! and its backward. Keys may include earlier positions from a KV cache (or a prefix): the query
+//! at row `t` of `T` sits at absolute position `p = S - T + t` and sees every key `s <= p`.
+//! Two options of newer architectures, both as HF's eager attention computes them ([`AttnSpec`]):
+//! - a sliding window `w` (Mistral, Qwen2, Phi-3, Gemma 2/3 "sliding_attention" layers): the
+//!   query at `p` sees only keys `p - w < s <= p` (transformers 5.x `sliding_window_overlay`:
+//!   `kv_idx > q_idx - sliding_window`);
+//! - logit soft-capping (Gemma 2's `attn_logit_softcapping`): scores become
+//!   `cap tanh(scale q.k / cap)` before the mask and the softmax.
 //!
 //! Fused and tiled in the style of FlashAttention-2, on the CPU: memory is linear in the sequence
 //! length because no (T, S) score or probability matrix is ever stored whole.
 //! - Head `h` reads kv head `h / (H / KVH)` (HF `repeat_kv`, without the copy).
 //! - Forward, one rayon task per (batch, query head): for each tile of query rows, walk the key
-//!   tiles up to the causal limit (tiles fully masked are skipped) with an online softmax
-//!   (running row max and sum), accumulating `P V`. It keeps the output O and the per-row
-//!   log-sum-exp (B, H, T).
+//!   tiles from the first key the tile's first row sees (0, or the start of its window) up to
+//!   the causal limit of its last row, so fully masked tiles are never computed and a window
+//!   costs ~ T (w + tile) rather than T S; an online softmax (running row max and sum)
+//!   accumulates `P V`. It keeps the output O and the per-row log-sum-exp (B, H, T).
 //! - Backward, one rayon task per (batch, kv head), taking every query head that reads it, so
-//!   the dk/dv it accumulates belong to it alone. Per tile it recomputes `S = scale Q K^T` and
-//!   `P = exp(S - lse)` (masked keys: 0), then `dV += P^T dO`, `dP = dO V^T`,
-//!   `dS = P (dP - D)` with `D = rowsum(dO O)`, `dQ += scale dS K` and `dK += scale dS^T Q`.
+//!   the dk/dv it accumulates belong to it alone. Over the same tiles it recomputes
+//!   `S = scale Q K^T` (soft-capped: `S' = cap tanh(S / cap)`) and `P = exp(S' - lse)` (masked
+//!   keys: 0), then `dV += P^T dO`, `dP = dO V^T`, `dS' = P (dP - D)` with `D = rowsum(dO O)`,
+//!   `dS = dS' (1 - tanh^2)` (1 without a cap), `dQ += scale dS K` and `dK += scale dS^T Q`.
 //!
 //! The tile products are small GEMMs run by the `gemm` crate, single-threaded inside each task;
 //! the exponentials use a polynomial that vectorises. Per task the scratch is a few tiles.
@@ -28,6 +36,30 @@ const ROWS: usize = 64;
 /// Keys per tile.
 const KEYS: usize = 128;
 
+/// What one attention call computes, beyond causality: HF's `scaling`, `sliding_window` and
+/// `attn_logit_softcapping`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnSpec {
+    /// Multiplies `q.k` (usually `1 / sqrt(hd)`).
+    pub scale: f64,
+    /// Sliding window: the query at absolute position `p` sees keys `p - w < s <= p` (at least
+    /// 1; `None`: every earlier key).
+    pub window: Option<usize>,
+    /// Logit soft-cap: scores become `cap tanh(scale q.k / cap)` (finite and positive).
+    pub softcap: Option<f64>,
+}
+
+impl AttnSpec {
+    /// Plain causal attention: no window, no soft-cap.
+    pub fn causal(scale: f64) -> Self {
+        AttnSpec {
+            scale,
+            window: None,
+            softcap: None,
+        }
+    }
+}
+
 /// Saved by the forward for backward.
 pub struct AttnCache {
     /// (B, H, T, hd), contiguous.
@@ -37,14 +69,15 @@ pub struct AttnCache {
     v: Tensor,
     /// The output (B, H, T, hd).
     o: Tensor,
-    /// Log-sum-exp of each query row's scaled, masked scores: (B, H, T).
+    /// Log-sum-exp of each query row's scaled, capped, masked scores: (B, H, T).
     lse: Tensor,
-    scale: f64,
+    spec: AttnSpec,
 }
 
 /// q: (B, H, T, hd), k/v: (B, KVH, S, hd) with H a multiple of KVH -> (B, H, T, hd).
+/// Plain causal attention: [`attention`] without window or soft-cap.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    Ok(causal_attention_t(q, k, v, scale)?.0)
+    attention(q, k, v, &AttnSpec::causal(scale))
 }
 
 /// [`causal_attention`], also returning what [`causal_attention_backward`] needs.
@@ -54,7 +87,23 @@ pub fn causal_attention_t(
     v: &Tensor,
     scale: f64,
 ) -> Result<(Tensor, AttnCache)> {
-    let d = Dims::of(q, k, v, scale)?;
+    attention_t(q, k, v, &AttnSpec::causal(scale))
+}
+
+/// q: (B, H, T, hd), k/v: (B, KVH, S, hd) with H a multiple of KVH -> (B, H, T, hd): causal
+/// attention with the window and soft-cap of `spec`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<Tensor> {
+    Ok(attention_t(q, k, v, spec)?.0)
+}
+
+/// [`attention`], also returning what [`causal_attention_backward`] needs (the spec included).
+pub fn attention_t(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spec: &AttnSpec,
+) -> Result<(Tensor, AttnCache)> {
+    let d = Dims::of(q, k, v, spec)?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let mut o = vec![0f32; d.b * d.h * d.t * d.hd];
     let mut lse = vec![0f32; d.b * d.h * d.t];
@@ -72,7 +121,7 @@ pub fn causal_attention_t(
                 let kv = i / d.rep; // (b H + h) / rep = b KVH + h / rep
                 let (k, v) = (&kd[kv * kn..][..kn], &vd[kv * kn..][..kn]);
                 let q = &qd[i * qn..][..qn];
-                forward_head(&d, q, k, v, o, lse, &mut Scratch::new(d.hd));
+                forward_head(&d, q, k, v, o, lse, &mut Scratch::new(&d));
             });
     }
     let dev = q.device();
@@ -84,7 +133,7 @@ pub fn causal_attention_t(
         v,
         o: o.clone(),
         lse,
-        scale,
+        spec: *spec,
     };
     Ok((o, cache))
 }
@@ -94,7 +143,7 @@ pub fn causal_attention_backward(
     c: &AttnCache,
     d_out: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let d = Dims::of(&c.q, &c.k, &c.v, c.scale)?;
+    let d = Dims::of(&c.q, &c.k, &c.v, &c.spec)?;
     if d_out.dims() != c.q.dims() || d_out.dtype() != DType::F32 {
         return Err(Error::Input(format!(
             "attention backward: d_out is {:?} {:?}, the output was {:?} f32",
@@ -124,7 +173,7 @@ pub fn causal_attention_backward(
             .zip(dv.par_chunks_mut(kn))
             .enumerate()
             .for_each(|(kv, ((dq, dk), dv))| {
-                let mut scratch = Scratch::new(d.hd);
+                let mut scratch = Scratch::new(&d);
                 for (j, dq) in dq.chunks_exact_mut(qn).enumerate() {
                     let i = kv * d.rep + j; // b H + h
                     let head = Head {
@@ -147,7 +196,7 @@ pub fn causal_attention_backward(
     ))
 }
 
-/// Checked sizes of one attention call, and its scale.
+/// Checked sizes of one attention call, and its spec in f32.
 #[derive(Clone, Copy)]
 struct Dims {
     b: usize,
@@ -161,10 +210,30 @@ struct Dims {
     /// Keys before the first query row: `S - T`.
     past: usize,
     scale: f32,
+    /// At least 1.
+    window: Option<usize>,
+    /// Finite and positive.
+    softcap: Option<f32>,
 }
 
 impl Dims {
-    fn of(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Self> {
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<Self> {
+        if spec.window == Some(0) {
+            return Err(Error::Input(
+                "attention: the sliding window must be at least 1 (a query always sees itself); \
+                 got 0"
+                    .into(),
+            ));
+        }
+        let softcap = match spec.softcap {
+            // Checked in f32 too, where it is used: 1e-50 would become 0 and 1e50 infinite.
+            Some(c) if !(c.is_finite() && c > 0.0 && (c as f32).is_finite() && c as f32 > 0.0) => {
+                return Err(Error::Input(format!(
+                    "attention: the logit soft-cap must be finite and positive, got {c}"
+                )));
+            }
+            c => c.map(|c| c as f32),
+        };
         let (b, h, t, hd) = q.dims4()?;
         let (kb, kvh, s, khd) = k.dims4()?;
         let bad = |what: &str| {
@@ -199,7 +268,9 @@ impl Dims {
             s,
             hd,
             past: s - t,
-            scale: scale as f32,
+            scale: spec.scale as f32,
+            window: spec.window,
+            softcap,
         })
     }
 
@@ -208,14 +279,26 @@ impl Dims {
         self.b * self.h * self.t * self.hd == 0
     }
 
-    /// How many keys the last of query rows `i0..i0 + rows` sees.
-    fn keys_seen(&self, i0: usize, rows: usize) -> usize {
-        self.past + i0 + rows
+    /// The first key query row `i` sees: 0, or with a window `w` the first of the `w` keys
+    /// ending at its own position `past + i`. It never decreases with `i`.
+    fn first_key(&self, i: usize) -> usize {
+        self.window
+            .map_or(0, |w| (self.past + i + 1).saturating_sub(w))
     }
 
-    /// How many keys of the tile starting at `j0` with `n` keys query row `i` sees.
-    fn visible(&self, i: usize, j0: usize, n: usize) -> usize {
-        (self.past + i + 1).saturating_sub(j0).min(n)
+    /// The keys query rows `i0..i0 + rows` see together: from the first row's first key to the
+    /// last row's causal limit. Each row sees a contiguous run that overlaps or abuts the next
+    /// row's, so no key tile inside this range is masked for every row.
+    fn keys_seen(&self, i0: usize, rows: usize) -> std::ops::Range<usize> {
+        self.first_key(i0)..self.past + i0 + rows
+    }
+
+    /// The keys query row `i` sees in the tile starting at `j0` with `n` keys, as offsets into
+    /// the tile (possibly empty).
+    fn visible(&self, i: usize, j0: usize, n: usize) -> std::ops::Range<usize> {
+        let end = (self.past + i + 1).saturating_sub(j0).min(n);
+        // first_key <= past + i, so start <= end.
+        self.first_key(i).saturating_sub(j0).min(n)..end
     }
 }
 
@@ -242,16 +325,24 @@ struct Scratch {
     m: Vec<f32>,
     /// Running row sum (forward).
     l: Vec<f32>,
+    /// `1 - tanh^2` of the soft-cap over one tile (backward with a soft-cap, else empty):
+    /// (ROWS, KEYS). Always finite, in [0, 1].
+    dcap: Vec<f32>,
 }
 
 impl Scratch {
-    fn new(hd: usize) -> Self {
+    fn new(d: &Dims) -> Self {
         Scratch {
             p: vec![0.0; ROWS * KEYS],
             ds: vec![0.0; ROWS * KEYS],
-            acc: vec![0.0; ROWS * hd],
+            acc: vec![0.0; ROWS * d.hd],
             m: vec![0.0; ROWS],
             l: vec![0.0; ROWS],
+            dcap: if d.softcap.is_some() {
+                vec![0.0; ROWS * KEYS]
+            } else {
+                Vec::new()
+            },
         }
     }
 }
@@ -275,22 +366,34 @@ fn forward_head(
         acc.fill(0.0);
         let q = &q[i0 * hd..(i0 + br) * hd];
         let seen = d.keys_seen(i0, br);
-        for j0 in (0..seen).step_by(KEYS) {
-            let bc = KEYS.min(seen - j0);
+        for j0 in seen.clone().step_by(KEYS) {
+            let bc = KEYS.min(seen.end - j0);
             let (kt, vt) = (&k[j0 * hd..(j0 + bc) * hd], &v[j0 * hd..(j0 + bc) * hd]);
             let p = &mut sc.p[..br * bc];
-            // S = scale Q K^T, then P = exp(S - running max), 0 where masked.
+            // S = scale Q K^T, capped, then P = exp(S - running max), 0 where masked.
             let (q_, k_t) = (View::rows(q, hd), View::t(kt, hd));
             matmul((br, bc, hd), p, false, d.scale, q_, k_t);
             for (r, row) in p.chunks_exact_mut(bc).enumerate() {
-                let (row, masked) = row.split_at_mut(d.visible(i0 + r, j0, bc));
-                masked.fill(0.0);
+                let vis = d.visible(i0 + r, j0, bc);
+                row[..vis.start].fill(0.0);
+                row[vis.end..].fill(0.0);
+                let row = &mut row[vis];
                 if row.is_empty() {
                     continue;
                 }
+                if let Some(cap) = d.softcap {
+                    soft_cap(row, cap);
+                }
                 let max = row_max(row).max(m[r]);
-                // The first key tile holds key 0, which every row sees: `m[r]` is finite after it.
-                let corr = (m[r] - max).exp();
+                // With a window a row's first visible key may lie in a later tile than the
+                // walk's first: until then `m[r]` is -inf and `l[r]`, its acc row are 0, so the
+                // correction is 0 (spelled out: -inf - -inf would be NaN). Every row sees key
+                // `past + i` itself, inside the walk, so `m[r]` is finite once the walk ends.
+                let corr = if m[r] == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (m[r] - max).exp()
+                };
                 l[r] = l[r] * corr + exp_sub(row, max);
                 m[r] = max;
                 if corr != 1.0 {
@@ -357,28 +460,39 @@ fn backward_head(
             *dr = dot(g, y);
         }
         let seen = d.keys_seen(i0, br);
-        for j0 in (0..seen).step_by(KEYS) {
-            let bc = KEYS.min(seen - j0);
+        for j0 in seen.clone().step_by(KEYS) {
+            let bc = KEYS.min(seen.end - j0);
             let keys = j0 * hd..(j0 + bc) * hd;
             let (kt, vt) = (&x.k[keys.clone()], &x.v[keys.clone()]);
             let (dkt, dvt) = (&mut dk[keys.clone()], &mut dv[keys]);
             let (p, ds) = (&mut sc.p[..br * bc], &mut sc.ds[..br * bc]);
-            // P = exp(scale Q K^T - lse), 0 where masked
+            // P = exp(cap(scale Q K^T) - lse), 0 where masked; with a cap, its derivative too.
             let (q_, k_t) = (View::rows(q, hd), View::t(kt, hd));
             matmul((br, bc, hd), p, false, d.scale, q_, k_t);
             for (r, row) in p.chunks_exact_mut(bc).enumerate() {
-                let (row, masked) = row.split_at_mut(d.visible(i0 + r, j0, bc));
-                masked.fill(0.0);
-                exp_sub(row, lse[r]);
+                let vis = d.visible(i0 + r, j0, bc);
+                row[..vis.start].fill(0.0);
+                row[vis.end..].fill(0.0);
+                if let Some(cap) = d.softcap {
+                    let dcap = &mut sc.dcap[r * bc..(r + 1) * bc];
+                    soft_cap_grad(&mut row[vis.clone()], &mut dcap[vis.clone()], cap);
+                }
+                exp_sub(&mut row[vis], lse[r]);
             }
             // dV += P^T dO
             let (p_t, d_o_) = (View::t(p, bc), View::rows(d_o, hd));
             matmul((bc, hd, br), dvt, true, 1.0, p_t, d_o_);
-            // dP = dO V^T, then dS = scale P (dP - D)
+            // dP = dO V^T, then dS = scale P (dP - D), times 1 - tanh^2 under a cap (masked
+            // keys: P = 0 and the stale derivative there is finite, so dS = 0)
             matmul((br, bc, hd), ds, false, 1.0, d_o_, View::t(vt, hd));
             for ((prow, dsrow), &dr) in p.chunks_exact(bc).zip(ds.chunks_exact_mut(bc)).zip(&*dd) {
                 for (g, &pv) in dsrow.iter_mut().zip(prow) {
                     *g = d.scale * pv * (*g - dr);
+                }
+            }
+            if d.softcap.is_some() {
+                for (g, &c) in ds.iter_mut().zip(&sc.dcap[..br * bc]) {
+                    *g *= c;
                 }
             }
             // dQ += dS K, dK += dS^T Q
@@ -430,6 +544,22 @@ fn row_max(xs: &[f32]) -> f32 {
         }
     }
     acc.iter().fold(tail, |a, &x| a.max(x))
+}
+
+/// Soft-capping over a row of scores, as HF: `x = cap tanh(x / cap)`.
+fn soft_cap(xs: &mut [f32], cap: f32) {
+    for x in xs {
+        *x = (*x / cap).tanh() * cap;
+    }
+}
+
+/// [`soft_cap`], also writing its derivative `1 - tanh^2` into `dcap` (same length).
+fn soft_cap_grad(xs: &mut [f32], dcap: &mut [f32], cap: f32) {
+    for (x, c) in xs.iter_mut().zip(dcap) {
+        let th = (*x / cap).tanh();
+        *x = th * cap;
+        *c = 1.0 - th * th;
+    }
 }
 
 /// `x = exp(x - sub)` over a row; returns the row's new sum.
@@ -532,26 +662,40 @@ mod tests {
     use candle_core::{Device, D};
 
     /// The reference: the previous eager implementation, which stores the whole (T, S)
-    /// probability matrix.
+    /// probability matrix, with HF's soft-cap and sliding-window mask.
     struct NaiveCache {
         qg: Tensor,
         k: Tensor,
         v: Tensor,
         probs: Tensor,
+        /// `1 - tanh^2` of the soft-cap, (B, KVH, rep T, S).
+        dcap: Option<Tensor>,
         scale: f64,
     }
 
-    fn naive_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> (Tensor, NaiveCache) {
+    fn naive_forward(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> (Tensor, NaiveCache) {
         let (b, h, t, hd) = q.dims4().unwrap();
         let (_, kvh, s, _) = k.dims4().unwrap();
         let rep = h / kvh;
         let qg = q.reshape((b, kvh, rep * t, hd)).unwrap();
-        let scores = (qg.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let scores = (qg.matmul(&k.t().unwrap()).unwrap() * spec.scale).unwrap();
+        // HF Gemma 2: attn_weights / softcap, tanh, * softcap; before the mask.
+        let (scores, dcap) = match spec.softcap {
+            Some(cap) => {
+                let th = (scores / cap).unwrap().tanh().unwrap();
+                let dcap = (1.0 - th.sqr().unwrap()).unwrap();
+                ((th * cap).unwrap(), Some(dcap))
+            }
+            None => (scores, None),
+        };
         let scores = scores.reshape((b, kvh, rep, t, s)).unwrap();
         let past = s - t;
         let mask: Vec<f32> = (0..t * s)
             .map(|i| {
-                if i % s <= past + i / s {
+                let (p, key) = (past + i / s, i % s);
+                // transformers 5.x: causal `kv_idx <= q_idx`, sliding `kv_idx > q_idx - window`
+                let in_window = spec.window.is_none_or(|w| key as i64 > p as i64 - w as i64);
+                if key <= p && in_window {
                     0.0
                 } else {
                     f32::NEG_INFINITY
@@ -570,7 +714,8 @@ mod tests {
             k: k.clone(),
             v: v.clone(),
             probs,
-            scale,
+            dcap,
+            scale: spec.scale,
         };
         (out, cache)
     }
@@ -582,6 +727,10 @@ mod tests {
         let dp = dog.matmul(&c.v.t().unwrap()).unwrap();
         let dot = (&dp * &c.probs).unwrap().sum_keepdim(D::Minus1).unwrap();
         let ds = (c.probs.clone() * dp.broadcast_sub(&dot).unwrap()).unwrap();
+        let ds = match &c.dcap {
+            Some(dcap) => (ds * dcap).unwrap(),
+            None => ds,
+        };
         let ds = (ds * c.scale).unwrap();
         let dq = ds.matmul(&c.k).unwrap().reshape((b, h, t, hd)).unwrap();
         let dk = ds.t().unwrap().matmul(&c.qg).unwrap();
@@ -592,25 +741,54 @@ mod tests {
         Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()
     }
 
-    /// max |a - b| / max |b|.
+    /// max |a - b| / max |b|; max |a - b| when b is all zero (a window of 1 makes dq and dk
+    /// exactly 0 in the reference: softmax over one key is constant).
     fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        let scale = b.abs().unwrap().max_all().unwrap();
-        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-30)
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap();
+        if scale == 0.0 {
+            diff
+        } else {
+            diff / scale
+        }
     }
 
     fn check(b: usize, h: usize, kvh: usize, t: usize, s: usize, hd: usize) {
+        let scale = 1.0 / (hd as f64).sqrt();
+        check_spec((b, h, kvh, t, s, hd), &AttnSpec::causal(scale));
+    }
+
+    /// The spec with HF's default scale `1 / sqrt(hd)`.
+    fn spec(hd: usize, window: Option<usize>, softcap: Option<f64>) -> AttnSpec {
+        AttnSpec {
+            scale: 1.0 / (hd as f64).sqrt(),
+            window,
+            softcap,
+        }
+    }
+
+    /// Forward and backward against the eager reference; returns (q, k, v, output).
+    fn check_spec(
+        (b, h, kvh, t, s, hd): (usize, usize, usize, usize, usize, usize),
+        spec: &AttnSpec,
+    ) -> (Tensor, Tensor, Tensor, Tensor) {
         let q = randn((b, h, t, hd));
         let k = randn((b, kvh, s, hd));
         let v = randn((b, kvh, s, hd));
         let d_out = randn((b, h, t, hd));
-        let scale = 1.0 / (hd as f64).sqrt();
-        let (o_ref, c_ref) = naive_forward(&q, &k, &v, scale);
+        let (o_ref, c_ref) = naive_forward(&q, &k, &v, spec);
         let (dq_ref, dk_ref, dv_ref) = naive_backward(&c_ref, &d_out);
-        let (o, c) = causal_attention_t(&q, &k, &v, scale).unwrap();
+        let (o, c) = attention_t(&q, &k, &v, spec).unwrap();
         let (dq, dk, dv) = causal_attention_backward(&c, &d_out).unwrap();
-        let what = format!("B={b} H={h} KVH={kvh} T={t} S={s} hd={hd}");
+        let what = format!("B={b} H={h} KVH={kvh} T={t} S={s} hd={hd} {spec:?}");
         for (name, x, r) in [
             ("out", &o, &o_ref),
             ("dq", &dq, &dq_ref),
@@ -620,8 +798,15 @@ mod tests {
             let e = rel_err(x, r);
             assert!(e < 1e-5, "{what}: {name} relative error {e}");
         }
-        let o2 = causal_attention(&q, &k, &v, scale).unwrap();
-        assert!(rel_err(&o2, &o_ref) < 1e-5, "{what}: causal_attention");
+        let o2 = attention(&q, &k, &v, spec).unwrap();
+        assert!(rel_err(&o2, &o_ref) < 1e-5, "{what}: attention");
+        if spec.window.is_none() && spec.softcap.is_none() {
+            let o3 = causal_attention(&q, &k, &v, spec.scale).unwrap();
+            assert!(rel_err(&o3, &o_ref) < 1e-5, "{what}: causal_attention");
+            let (o4, _) = causal_attention_t(&q, &k, &v, spec.scale).unwrap();
+            assert!(rel_err(&o4, &o_ref) < 1e-5, "{what}: causal_attention_t");
+        }
+        (q, k, v, o)
     }
 
     #[test]
@@ -693,7 +878,8 @@ mod tests {
         let (q, k, v, d_out) = (tr(h), tr(kvh), tr(kvh), tr(h));
         let scale = 0.25;
         let cont = |x: &Tensor| x.contiguous().unwrap();
-        let (o_ref, c_ref) = naive_forward(&cont(&q), &cont(&k), &cont(&v), scale);
+        let spec = AttnSpec::causal(scale);
+        let (o_ref, c_ref) = naive_forward(&cont(&q), &cont(&k), &cont(&v), &spec);
         let (dq_ref, dk_ref, dv_ref) = naive_backward(&c_ref, &cont(&d_out));
         let (o, c) = causal_attention_t(&q, &k, &v, scale).unwrap();
         let (dq, dk, dv) = causal_attention_backward(&c, &d_out).unwrap();
@@ -701,5 +887,150 @@ mod tests {
         assert!(rel_err(&dq, &dq_ref) < 1e-5);
         assert!(rel_err(&dk, &dk_ref) < 1e-5);
         assert!(rel_err(&dv, &dv_ref) < 1e-5);
+    }
+
+    #[test]
+    fn window_smaller_than_t() {
+        check_spec((1, 4, 4, 40, 40, 16), &spec(16, Some(9), None));
+        check_spec((2, 6, 2, 33, 33, 16), &spec(16, Some(5), None));
+        check_spec((1, 2, 1, 64, 64, 8), &spec(8, Some(63), None));
+    }
+
+    #[test]
+    fn window_covering_every_key_is_plain_causal() {
+        // w >= S: every row's window reaches key 0, the same walk as without a window.
+        for w in [40, 41, 1000] {
+            let (q, k, v, o) = check_spec((2, 4, 2, 30, 40, 16), &spec(16, Some(w), None));
+            let plain = causal_attention(&q, &k, &v, 0.25).unwrap();
+            assert!(rel_err(&o, &plain) == 0.0, "window {w}");
+        }
+        check_spec((1, 2, 2, 200, 200, 16), &spec(16, Some(200), None));
+    }
+
+    #[test]
+    fn window_of_one_sees_only_itself() {
+        for (dims, past) in [
+            ((2, 6, 2, 30, 30, 8), 0),
+            ((1, 4, 2, 10, 25, 8), 15),
+            ((1, 2, 1, 150, 150, 16), 0),
+        ] {
+            let (_, _, v, o) = check_spec(dims, &spec(dims.5, Some(1), None));
+            // Each query row's output is its own position's value row.
+            let (b, h, t, hd) = o.dims4().unwrap();
+            let kvh = v.dim(1).unwrap();
+            let own = v.narrow(2, past, t).unwrap();
+            let own = own
+                .unsqueeze(2)
+                .unwrap()
+                .broadcast_as((b, kvh, h / kvh, t, hd))
+                .unwrap()
+                .reshape((b, h, t, hd))
+                .unwrap();
+            assert!(rel_err(&o, &own) < 1e-6, "{dims:?}");
+        }
+    }
+
+    #[test]
+    fn window_with_past_keys() {
+        check_spec((2, 6, 2, 12, 40, 8), &spec(8, Some(7), None));
+        check_spec((1, 4, 4, 64, 200, 64), &spec(64, Some(50), None));
+        // The window reaches back into the cache/prefix for the first rows only.
+        check_spec((1, 4, 2, 70, 90, 32), &spec(32, Some(30), None));
+    }
+
+    #[test]
+    fn window_decode_one_row() {
+        check_spec((2, 6, 2, 1, 300, 64), &spec(64, Some(100), None));
+        check_spec((1, 4, 4, 1, 9, 8), &spec(8, Some(4), None));
+        check_spec((1, 4, 2, 1, 129, 16), &spec(16, Some(128), None));
+    }
+
+    #[test]
+    fn window_gqa_and_mha() {
+        check_spec((1, 4, 2, 50, 50, 16), &spec(16, Some(13), None));
+        check_spec((2, 4, 4, 50, 61, 16), &spec(16, Some(13), None));
+    }
+
+    #[test]
+    fn window_ragged_tiles() {
+        // Windows that start and end key tiles mid-way, row tiles of 64 and key tiles of 128.
+        check_spec((1, 4, 2, 200, 200, 32), &spec(32, Some(70), None));
+        check_spec((1, 2, 1, 200, 260, 64), &spec(64, Some(70), None));
+        check_spec((2, 2, 2, 130, 300, 16), &spec(16, Some(129), None));
+        check_spec((1, 2, 2, 300, 300, 16), &spec(16, Some(127), None));
+        check_spec((1, 4, 2, 257, 257, 8), &spec(8, Some(65), None));
+    }
+
+    #[test]
+    fn window_never_reads_keys_before_it() {
+        // Keys no query row sees are never read: NaN there must leave every result finite and
+        // equal to the reference's (a walk over their tiles would multiply NaN by masked zeros).
+        for (b, h, kvh, t, s, hd, w) in [(1, 4, 2, 100, 400, 16, 50), (2, 2, 1, 1, 300, 8, 100)] {
+            let unseen = s - t + 1 - w;
+            let (q, k, v) = (
+                randn((b, h, t, hd)),
+                randn((b, kvh, s, hd)),
+                randn((b, kvh, s, hd)),
+            );
+            let d_out = randn((b, h, t, hd));
+            let poison = |x: &Tensor| {
+                let nan = Tensor::full(f32::NAN, (b, kvh, unseen, hd), &Device::Cpu).unwrap();
+                let seen = x.narrow(2, unseen, s - unseen).unwrap();
+                Tensor::cat(&[&nan, &seen], 2).unwrap()
+            };
+            let spec = spec(hd, Some(w), None);
+            let (o_ref, c_ref) = naive_forward(&q, &k, &v, &spec);
+            let (dq_ref, dk_ref, dv_ref) = naive_backward(&c_ref, &d_out);
+            let (o, c) = attention_t(&q, &poison(&k), &poison(&v), &spec).unwrap();
+            let (dq, dk, dv) = causal_attention_backward(&c, &d_out).unwrap();
+            for (name, x, r) in [
+                ("out", &o, &o_ref),
+                ("dq", &dq, &dq_ref),
+                ("dk", &dk, &dk_ref),
+                ("dv", &dv, &dv_ref),
+            ] {
+                let e = rel_err(x, r);
+                assert!(e < 1e-5, "T={t} S={s} w={w}: {name} relative error {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn softcap_alone() {
+        // Caps near the scores' size, so tanh bends them; and Gemma 2's 50 on large scores.
+        check_spec((1, 4, 2, 70, 80, 32), &spec(32, None, Some(1.5)));
+        check_spec((2, 4, 4, 33, 33, 16), &spec(16, None, Some(0.5)));
+        let big = AttnSpec {
+            scale: 4.0,
+            window: None,
+            softcap: Some(50.0),
+        };
+        check_spec((1, 2, 1, 130, 135, 16), &big);
+    }
+
+    #[test]
+    fn softcap_and_window() {
+        check_spec((1, 4, 2, 200, 230, 32), &spec(32, Some(70), Some(2.0)));
+        check_spec((2, 6, 2, 1, 300, 64), &spec(64, Some(100), Some(1.0)));
+        check_spec((1, 2, 2, 40, 40, 8), &spec(8, Some(1), Some(1.0)));
+    }
+
+    #[test]
+    fn bad_spec_is_error() {
+        let q = randn((1, 2, 4, 8));
+        let err = attention(&q, &q, &q, &spec(8, Some(0), None)).unwrap_err();
+        assert!(
+            matches!(&err, Error::Input(m) if m.contains("sliding window must be at least 1")),
+            "{err}"
+        );
+        for cap in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e300, 1e-300] {
+            let Err(err) = attention_t(&q, &q, &q, &spec(8, None, Some(cap))) else {
+                panic!("soft-cap {cap} was accepted");
+            };
+            assert!(
+                matches!(&err, Error::Input(m) if m.contains("soft-cap must be finite and positive")),
+                "{cap}: {err}"
+            );
+        }
     }
 }

@@ -30,12 +30,14 @@ const CHUNK_ROWS: usize = 256;
 /// Returns (sum of NLL over scored rows, number of scored rows, dh) where dh is the gradient of
 /// `sum NLL * loss_scale` w.r.t. h. Only scored rows go through the head (prompt tokens are
 /// often most of a batch), in chunks. The head's weight gets a gradient only when it is
-/// `trainable` (full fine-tuning).
+/// `trainable` (full fine-tuning). With `softcap` the logits are `cap * tanh(logits / cap)`
+/// (Gemma 2's final soft-capping) before the softmax.
 pub fn head_loss_backward(
     head: &Linear,
     h: &Tensor,
     targets: &[i64],
     loss_scale: f64,
+    softcap: Option<f64>,
     grads: &mut Grads,
 ) -> Result<(f64, usize, Tensor)> {
     let (n, hidden) = h.dims2()?;
@@ -62,7 +64,7 @@ pub fn head_loss_backward(
             Some(p) => p.forward_vec(&hr)?,
             None => head.forward(&hr)?.flatten_all()?.to_vec1()?,
         }; // (c, V) row-major
-        sum += softmax_xent_in_place(&mut logits, vocab, &labels, loss_scale);
+        sum += softmax_xent_in_place(&mut logits, vocab, &labels, loss_scale, softcap);
         let dlogits = logits; // now (softmax - onehot) * scale
         let dhr = match &packed {
             Some(p) => p.backward_rows(&dlogits, chunk.len())?,
@@ -80,34 +82,55 @@ pub fn head_loss_backward(
 }
 
 /// Fused, row-parallel softmax cross-entropy over row-major (c, V) logits: returns the summed
-/// NLL and leaves `(softmax - onehot) * scale` in place of the logits.
-fn softmax_xent_in_place(logits: &mut [f32], v: usize, labels: &[u32], scale: f64) -> f64 {
+/// NLL and leaves `(softmax - onehot) * scale` in place of the logits (times the soft-cap's
+/// derivative `1 - tanh^2` when the logits are soft-capped).
+fn softmax_xent_in_place(
+    logits: &mut [f32],
+    v: usize,
+    labels: &[u32],
+    scale: f64,
+    softcap: Option<f64>,
+) -> f64 {
     use rayon::prelude::*;
-    const LANES: usize = 16;
     logits
         .par_chunks_mut(v)
         .zip(labels.par_iter())
-        .map(|(row, &y)| {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let shifted_y = (row[y as usize] - max) as f64;
-            // exp in 16 lanes of f32 partial sums (vectorised), added up in f64.
-            let mut lanes = [0f32; LANES];
-            let mut chunks = row.chunks_exact_mut(LANES);
-            for c in &mut chunks {
-                for (x, l) in c.iter_mut().zip(lanes.iter_mut()) {
-                    *x = exp(*x - max);
-                    *l += *x;
-                }
+        .map(|(row, &y)| match softcap {
+            None => xent_row(row, y, scale),
+            Some(cap) => {
+                // z = cap tanh(l / cap) as HF computes it; dl = dz (1 - tanh^2).
+                let cap = cap as f32;
+                let t: Vec<f32> = row.iter().map(|&l| (l / cap).tanh()).collect();
+                row.iter_mut().zip(&t).for_each(|(x, &t)| *x = t * cap);
+                let nll = xent_row(row, y, scale);
+                row.iter_mut().zip(&t).for_each(|(x, &t)| *x *= 1.0 - t * t);
+                nll
             }
-            let mut z: f64 = lanes.iter().map(|&l| l as f64).sum();
-            for x in chunks.into_remainder() {
-                *x = exp(*x - max);
-                z += *x as f64;
-            }
-            let inv = (scale / z) as f32;
-            row.iter_mut().for_each(|x| *x *= inv);
-            row[y as usize] -= scale as f32;
-            z.ln() - shifted_y
         })
         .sum()
+}
+
+/// One row of [`softmax_xent_in_place`]: returns its NLL.
+fn xent_row(row: &mut [f32], y: u32, scale: f64) -> f64 {
+    const LANES: usize = 16;
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let shifted_y = (row[y as usize] - max) as f64;
+    // exp in 16 lanes of f32 partial sums (vectorised), added up in f64.
+    let mut lanes = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (x, l) in c.iter_mut().zip(lanes.iter_mut()) {
+            *x = exp(*x - max);
+            *l += *x;
+        }
+    }
+    let mut z: f64 = lanes.iter().map(|&l| l as f64).sum();
+    for x in chunks.into_remainder() {
+        *x = exp(*x - max);
+        z += *x as f64;
+    }
+    let inv = (scale / z) as f32;
+    row.iter_mut().for_each(|x| *x *= inv);
+    row[y as usize] -= scale as f32;
+    z.ln() - shifted_y
 }

@@ -17,5 +17,5 @@ pub use embedding::Embedding;
 pub use grads::Grads;
 pub use kv_cache::KvCache;
 pub use linear::{Linear, LinearAdapter};
-pub use norm::{LayerNorm, RmsNorm};
+pub use norm::{LayerNorm, Norm, RmsNorm};
 pub use rotary::Rotary;

@@ -1,6 +1,7 @@
 //! LayerNorm (GPT-NeoX; torch.nn.LayerNorm, biased variance) and RMSNorm (Llama; HF LlamaRMSNorm,
-//! `w * x / sqrt(mean(x^2) + eps)`), with hand-derived backward: the input's gradient, and the
-//! weight's (and bias's) only when the norm is `trainable` (full fine-tuning).
+//! `w * x / sqrt(mean(x^2) + eps)`; Gemma's `(1 + w) * ...`, HF Gemma3RMSNorm, all in f32), with
+//! hand-derived backward: the input's gradient, and the weight's (and bias's) only when the norm
+//! is `trainable` (full fine-tuning). [`Norm`] is either, as a decoder part.
 
 use candle_core::{Tensor, D};
 use rayon::prelude::*;
@@ -52,6 +53,8 @@ pub struct RmsNorm {
     /// (hidden,)
     pub weight: Tensor,
     pub eps: f64,
+    /// Gemma: the gain is `1 + weight` (the checkpoint stores the offset from 1).
+    pub plus_one: bool,
     /// Full fine-tuning: the HF module path its gradients are kept under; None = frozen.
     pub trainable: Option<String>,
 }
@@ -63,7 +66,16 @@ impl RmsNorm {
     }
 
     pub fn forward_t(&self, x: &Tensor) -> Result<(Tensor, NormCache)> {
-        fused_forward(x, &self.weight, None, self.eps, false)
+        fused_forward(x, &self.gain()?, None, self.eps, false)
+    }
+
+    /// The multiplier applied to the normalised input.
+    fn gain(&self) -> Result<Tensor> {
+        Ok(if self.plus_one {
+            (&self.weight + 1.0)?
+        } else {
+            self.weight.clone()
+        })
     }
 
     /// dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w
@@ -71,7 +83,35 @@ impl RmsNorm {
         if let Some(path) = &self.trainable {
             weight_grad(path, c, dy, grads)?;
         }
-        fused_backward(c, dy, &self.weight, false)
+        fused_backward(c, dy, &self.gain()?, false)
+    }
+}
+
+/// A normalisation layer of a decoder: LayerNorm or RMSNorm.
+#[derive(Debug, Clone)]
+pub enum Norm {
+    Layer(LayerNorm),
+    Rms(RmsNorm),
+}
+
+impl Norm {
+    /// x: (..., hidden) -> same shape
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_t(x)?.0)
+    }
+
+    pub fn forward_t(&self, x: &Tensor) -> Result<(Tensor, NormCache)> {
+        match self {
+            Norm::Layer(n) => n.forward_t(x),
+            Norm::Rms(n) => n.forward_t(x),
+        }
+    }
+
+    pub fn backward(&self, c: &NormCache, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        match self {
+            Norm::Layer(n) => n.backward(c, dy, grads),
+            Norm::Rms(n) => n.backward(c, dy, grads),
+        }
     }
 }
 

@@ -83,6 +83,7 @@ pub fn micro_batch_backward(
         &h.reshape((b * full, hidden))?,
         &targets,
         loss_scale,
+        model.config().final_logit_softcapping,
         grads,
     )?;
     let (dx, d_prefix) = model.backward(&tape, &dh.reshape((b, full, hidden))?, grads)?; // (B, n + T, hidden)

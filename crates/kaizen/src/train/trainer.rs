@@ -226,7 +226,7 @@ pub fn evaluate(
         let h = h
             .reshape((b.batch_size * (n + b.seq_len), h.dim(2)?))?
             .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
-        let picked = model.lm_head().forward(&h)?; // (rows, V)
+        let picked = model.head_logits(&h)?; // (rows, V)
         let t: Vec<u32> = rows.iter().map(|&i| targets[i as usize] as u32).collect();
         let nll = token_nll(&picked, &t)?;
         sum += nll.iter().map(|&x| x as f64).sum::<f64>();

@@ -26,11 +26,10 @@ use crate::{Error, Model, Result};
 fn targets_of(model: &Model, cfg: &BottleneckConfig) -> TargetModules {
     let (attention, mlp) = model.config().default_bottleneck_modules();
     cfg.target_modules.clone().unwrap_or_else(|| {
-        let names: &[&str] = match cfg.adapter_type {
-            AdapterType::Houlsby => &[attention, mlp],
-            AdapterType::Pfeiffer => &[mlp],
-        };
-        TargetModules::Names(names.iter().map(|s| s.to_string()).collect())
+        TargetModules::Names(match cfg.adapter_type {
+            AdapterType::Houlsby => vec![attention, mlp],
+            AdapterType::Pfeiffer => vec![mlp],
+        })
     })
 }
 

@@ -1,0 +1,81 @@
+//! The feed-forward part of a decoder layer, written once: plain (`down(act(up(x)))`, GPT-NeoX),
+//! gated (`down(act(gate(x)) * up(x))`: SwiGLU, GeGLU) or gated with gate and up fused in one
+//! layer (Phi-3 `gate_up_proj`, gate rows first); and its hand-derived backward.
+
+use candle_core::{Tensor, D};
+use rand::rngs::StdRng;
+
+use crate::config::Activation;
+use crate::nn::linear::LinearCache;
+use crate::nn::{activation, Grads, Linear};
+use crate::Result;
+
+pub enum Proj {
+    Plain { up: Linear },
+    Gated { gate: Linear, up: Linear },
+    Fused { gate_up: Linear },
+}
+
+pub struct Mlp {
+    pub proj: Proj,
+    pub down: Linear,
+    pub act: Activation,
+}
+
+/// Saved by [`Mlp::forward`]: the projections' caches and the activation's inputs (the
+/// activation itself is recomputed in backward).
+pub struct MlpTape {
+    caches: Vec<LinearCache>,
+    /// Plain: the pre-activation (B, T, ffn). Gated: gate and up (B, T, ffn).
+    pre: Vec<Tensor>,
+    down: LinearCache,
+}
+
+impl Mlp {
+    /// x: (B, T, hidden) normalised -> (B, T, hidden), and the tape.
+    pub fn forward(&self, x: &Tensor, mut rng: Option<&mut StdRng>) -> Result<(Tensor, MlpTape)> {
+        let (caches, pre, a) = match &self.proj {
+            Proj::Plain { up } => {
+                let (p, c) = up.forward_t(x, rng.as_deref_mut())?;
+                let a = activation::apply(self.act, &p)?;
+                (vec![c], vec![p], a)
+            }
+            Proj::Gated { gate, up } => {
+                let (g, gc) = gate.forward_t(x, rng.as_deref_mut())?;
+                let (u, uc) = up.forward_t(x, rng.as_deref_mut())?;
+                let a = activation::glu(self.act, &g, &u)?;
+                (vec![gc, uc], vec![g, u], a)
+            }
+            Proj::Fused { gate_up } => {
+                let (gu, c) = gate_up.forward_t(x, rng.as_deref_mut())?;
+                let f = gu.dim(D::Minus1)? / 2;
+                let g = gu.narrow(D::Minus1, 0, f)?.contiguous()?;
+                let u = gu.narrow(D::Minus1, f, f)?.contiguous()?;
+                let a = activation::glu(self.act, &g, &u)?;
+                (vec![c], vec![g, u], a)
+            }
+        };
+        let (y, down) = self.down.forward_t(&a, rng)?;
+        Ok((y, MlpTape { caches, pre, down }))
+    }
+
+    /// dy: (B, T, hidden) -> gradient of the normalised input.
+    pub fn backward(&self, t: &MlpTape, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let d_a = self.down.backward(&t.down, dy, grads)?;
+        match (&self.proj, t.caches.as_slice(), t.pre.as_slice()) {
+            (Proj::Plain { up }, [c], [p]) => {
+                let d_p = activation::backward(self.act, p, &d_a)?;
+                up.backward(c, &d_p, grads)
+            }
+            (Proj::Gated { gate, up }, [gc, uc], [g, u]) => {
+                let (dg, du) = activation::glu_backward(self.act, g, u, &d_a)?;
+                Ok((gate.backward(gc, &dg, grads)? + up.backward(uc, &du, grads)?)?)
+            }
+            (Proj::Fused { gate_up }, [c], [g, u]) => {
+                let (dg, du) = activation::glu_backward(self.act, g, u, &d_a)?;
+                gate_up.backward(c, &Tensor::cat(&[dg, du], D::Minus1)?, grads)
+            }
+            _ => Err(crate::Error::Input("MLP tape from another layout".into())),
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! Phi-3 (HF `modeling_phi3.py`): one `qkv_proj` (all q rows, then k, then v) and one
+//! `gate_up_proj` (gate rows first), optional partial rotary, sliding window on every layer when
+//! `sliding_window` is set. `longrope` scaling (the 128k variants) is refused by the rope parser.
+
+use super::arch::*;
+
+pub const SPEC: ArchSpec = ArchSpec {
+    model_types: &["phi3"],
+    hf_class: "Phi3ForCausalLM",
+    gguf: None,
+    names: LLAMA_NAMES,
+    norm: NormKind::Rms,
+    qkv: QkvLayout::Concat,
+    mlp: MlpKind::GatedFused,
+    sandwich: false,
+    embed_scale: false,
+    defaults: LLAMA_DEFAULTS,
+    refuse: accept,
+    read: all_sliding,
+    write: write_nothing,
+    ignored: &[".rotary_emb.inv_freq"],
+    lora_targets: &["qkv_proj"],
+    ia3_targets: (&["qkv_proj", "down_proj"], &["down_proj"]),
+};

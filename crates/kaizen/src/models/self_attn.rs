@@ -1,0 +1,228 @@
+//! The attention part of a decoder layer, written once for every architecture: q/k/v from split
+//! or fused projections (with or without biases), optional QK-norm over head_dim, partial or full
+//! rotary, grouped-query attention with an optional sliding window and logit soft-cap, the
+//! output projection; and its hand-derived backward.
+
+use candle_core::Tensor;
+use rand::rngs::StdRng;
+
+use super::arch::QkvLayout;
+use super::{split_prefix_grad, with_prefix, KvPair};
+use crate::nn::attention::{attention_t, causal_attention_backward, AttnCache, AttnSpec};
+use crate::nn::linear::LinearCache;
+use crate::nn::norm::NormCache;
+use crate::nn::{Grads, KvCache, Linear, Norm, Rotary};
+use crate::Result;
+
+/// The q, k and v projections as the checkpoint stores them.
+pub enum Qkv {
+    Split {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
+    /// One layer, laid out `Interleaved` (GPT-NeoX) or `Concat` (Phi-3).
+    Fused(Linear, QkvLayout),
+}
+
+pub struct SelfAttn {
+    pub qkv: Qkv,
+    pub o: Linear,
+    /// RMSNorm over head_dim on q and k (Qwen 3, Gemma 3).
+    pub q_norm: Option<Norm>,
+    pub k_norm: Option<Norm>,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rotary: Rotary,
+    pub spec: AttnSpec,
+}
+
+/// Where a layer's keys and values come from besides its own tokens.
+pub enum Past<'a> {
+    /// Decoding: layer `layer` of the KV cache, appended to; `start` is the position of the
+    /// first new token (the cache's length before this step).
+    Cache {
+        cache: &'a mut KvCache,
+        layer: usize,
+        start: usize,
+    },
+    /// Training: the prefix's keys and values ahead of the tokens (prefix tuning), if any; the
+    /// tokens then start at position n.
+    Prefix(Option<&'a KvPair>),
+}
+
+/// What the projections' backward needs.
+enum ProjCache {
+    Split([LinearCache; 3]),
+    Fused(LinearCache),
+}
+
+/// Saved by [`SelfAttn::forward`] for backward.
+pub struct AttnTape {
+    /// Position of the first token: the prefix length in training.
+    start: usize,
+    proj: ProjCache,
+    q_norm: Option<NormCache>,
+    k_norm: Option<NormCache>,
+    attn: AttnCache,
+    o: LinearCache,
+}
+
+impl SelfAttn {
+    /// x: (B, T, hidden) normalised -> (B, T, hidden), and the tape.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        past: Past,
+        mut rng: Option<&mut StdRng>,
+    ) -> Result<(Tensor, AttnTape)> {
+        let (b, t, _) = x.dims3()?;
+        let ([q, k, v], proj) = self.project(x, rng.as_deref_mut())?; // each (B, T, n, hd)
+        let (q, q_norm) = head_norm(self.q_norm.as_ref(), q)?; // (B, H, T, hd)
+        let (k, k_norm) = head_norm(self.k_norm.as_ref(), k)?; // (B, KVH, T, hd)
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let start = match &past {
+            Past::Cache { start, .. } => *start,
+            Past::Prefix(p) => p.map_or(Ok(0), |(pk, _)| pk.dim(2))?,
+        };
+        let q = self.rotary.forward(&q, start)?;
+        let k = self.rotary.forward(&k, start)?;
+        let (k, v) = match past {
+            Past::Cache { cache, layer, .. } => cache.append(layer, k, v)?,
+            Past::Prefix(p) => with_prefix(p, k, v)?,
+        };
+        let (o, attn) = attention_t(&q, &k, &v, &self.spec)?; // (B, H, T, hd)
+        let o = o
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * self.head_dim))?;
+        let (y, o_cache) = self.o.forward_t(&o, rng)?;
+        let tape = AttnTape {
+            start,
+            proj,
+            q_norm,
+            k_norm,
+            attn,
+            o: o_cache,
+        };
+        Ok((y, tape))
+    }
+
+    /// x: (B, T, hidden) -> q (B, T, H, hd), k and v (B, T, KVH, hd).
+    fn project(
+        &self,
+        x: &Tensor,
+        mut rng: Option<&mut StdRng>,
+    ) -> Result<([Tensor; 3], ProjCache)> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
+        match &self.qkv {
+            Qkv::Split { q, k, v } => {
+                let mut heads = |l: &Linear, n: usize| -> Result<(Tensor, LinearCache)> {
+                    let (y, c) = l.forward_t(x, rng.as_deref_mut())?;
+                    Ok((y.reshape((b, t, n, hd))?, c))
+                };
+                let (q, qc) = heads(q, h)?;
+                let (k, kc) = heads(k, kvh)?;
+                let (v, vc) = heads(v, kvh)?;
+                Ok(([q, k, v], ProjCache::Split([qc, kc, vc])))
+            }
+            Qkv::Fused(l, layout) => {
+                let (y, c) = l.forward_t(x, rng)?;
+                let parts = match layout {
+                    QkvLayout::Interleaved => {
+                        let y = y.reshape((b, t, h, 3 * hd))?; // (B, T, H, [q; k; v])
+                        [0, 1, 2].map(|j| y.narrow(3, j * hd, hd))
+                    }
+                    _ => {
+                        // (B, T, [H hd | KVH hd | KVH hd])
+                        let cut = |from: usize, n: usize| {
+                            y.narrow(2, from * hd, n * hd)?.reshape((b, t, n, hd))
+                        };
+                        [cut(0, h), cut(h, kvh), cut(h + kvh, kvh)]
+                    }
+                };
+                let [q, k, v] = parts;
+                Ok(([q?, k?, v?], ProjCache::Fused(c)))
+            }
+        }
+    }
+
+    /// dy: (B, T, hidden) -> the gradient of the normalised input (B, T, hidden), and of the
+    /// prefix's keys and values when there is a prefix.
+    pub fn backward(
+        &self,
+        tape: &AttnTape,
+        dy: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<(Tensor, Option<KvPair>)> {
+        let (b, t, _) = dy.dims3()?;
+        let (h, hd) = (self.heads, self.head_dim);
+        let d_o = self.o.backward(&tape.o, dy, grads)?; // (B, T, H hd)
+        let d_o = d_o.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
+        let (dq, dk, dv) = causal_attention_backward(&tape.attn, &d_o)?;
+        let (dk, dv, d_prefix) = split_prefix_grad(tape.start, dk, dv)?;
+        let dq = self.rotary.backward(&dq, tape.start)?;
+        let dk = self.rotary.backward(&dk, tape.start)?;
+        // Back to (B, T, n, hd), through the QK-norms.
+        let dq = head_norm_backward(self.q_norm.as_ref(), tape.q_norm.as_ref(), &dq, grads)?;
+        let dk = head_norm_backward(self.k_norm.as_ref(), tape.k_norm.as_ref(), &dk, grads)?;
+        let dv = dv.transpose(1, 2)?;
+        let dx = self.project_backward(&tape.proj, [dq, dk, dv], grads)?;
+        Ok((dx, d_prefix))
+    }
+
+    /// Gradients of q, k, v, each (B, T, n, hd) -> gradient of the projections' input.
+    fn project_backward(
+        &self,
+        proj: &ProjCache,
+        [dq, dk, dv]: [Tensor; 3],
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let (b, t, _, _) = dq.dims4()?;
+        let flat = |d: &Tensor| -> Result<Tensor> { Ok(d.reshape((b, t, ()))?) };
+        match (&self.qkv, proj) {
+            (Qkv::Split { q, k, v }, ProjCache::Split([qc, kc, vc])) => {
+                Ok(((q.backward(qc, &flat(&dq)?, grads)?
+                    + k.backward(kc, &flat(&dk)?, grads)?)?
+                    + v.backward(vc, &flat(&dv)?, grads)?)?)
+            }
+            (Qkv::Fused(l, layout), ProjCache::Fused(c)) => {
+                let d = match layout {
+                    QkvLayout::Interleaved => flat(&Tensor::cat(&[dq, dk, dv], 3)?)?,
+                    _ => Tensor::cat(&[flat(&dq)?, flat(&dk)?, flat(&dv)?], 2)?,
+                };
+                l.backward(c, &d, grads)
+            }
+            _ => Err(crate::Error::Input(
+                "attention tape from another projection layout".into(),
+            )),
+        }
+    }
+}
+
+/// x: (B, T, n, hd) -> QK-norm if any, as (B, n, T, hd) contiguous.
+fn head_norm(norm: Option<&Norm>, x: Tensor) -> Result<(Tensor, Option<NormCache>)> {
+    let (x, cache) = match norm {
+        Some(n) => {
+            let (y, c) = n.forward_t(&x)?;
+            (y, Some(c))
+        }
+        None => (x, None),
+    };
+    Ok((x.transpose(1, 2)?.contiguous()?, cache))
+}
+
+/// d: (B, n, T, hd) -> (B, T, n, hd) through the QK-norm if any.
+fn head_norm_backward(
+    norm: Option<&Norm>,
+    cache: Option<&NormCache>,
+    d: &Tensor,
+    grads: &mut Grads,
+) -> Result<Tensor> {
+    let d = d.transpose(1, 2)?;
+    match (norm, cache) {
+        (Some(n), Some(c)) => n.backward(c, &d.contiguous()?, grads),
+        _ => Ok(d),
+    }
+}
