@@ -247,6 +247,7 @@ fn vocab_from_metadata(m: &Value) -> GgufVocab {
         add_bos: m["tokenizer.ggml.add_bos_token"].as_bool(),
         add_eos: m["tokenizer.ggml.add_eos_token"].as_bool(),
         chat_template: m["tokenizer.chat_template"].as_str().map(Into::into),
+        architecture: m["general.architecture"].as_str().map(Into::into),
     }
 }
 

@@ -131,6 +131,11 @@ fn gemma3_qk_norm_sandwich_sliding_window_local_rope() {
 }
 
 #[test]
+fn gemma3_gguf_k_quants_norm_offset() {
+    check("gemma3-gguf", Some("model.gguf"));
+}
+
+#[test]
 fn gemma2_softcapping_sliding_window() {
     check("gemma2", None);
 }
@@ -164,6 +169,7 @@ fn parameter_count_matches_reference() {
         ("llama-mha-linear", None),
         ("llama-gguf", Some("model.gguf")),
         ("gemma3", None),
+        ("gemma3-gguf", Some("model.gguf")),
         ("gemma2", None),
         ("qwen2", None),
         ("qwen3", None),

@@ -56,6 +56,9 @@ pub struct GgufVocab {
     pub add_eos: Option<bool>,
     /// `tokenizer.chat_template`.
     pub chat_template: Option<String>,
+    /// `general.architecture`: transformers converts the tokenizers of the `gemma*` ones with
+    /// its Gemma rules.
+    pub architecture: Option<String>,
 }
 
 const CONTROL: i32 = 3;
@@ -182,12 +185,15 @@ fn sentencepiece_bpe(vocab: &GgufVocab) -> Result<tokenizers::Tokenizer> {
     Ok(tok)
 }
 
-/// Gemma's vocabulary has `<start_of_turn>`, or tokens made of real spaces.
+/// A Gemma file (`general.architecture` gemma*, as transformers decides); without the
+/// architecture, a vocabulary with `<start_of_turn>` or tokens made of real spaces.
 fn is_gemma(vocab: &GgufVocab) -> bool {
-    vocab
-        .tokens
-        .iter()
-        .any(|t| t == "<start_of_turn>" || (t.chars().count() >= 2 && t.chars().all(|c| c == ' ')))
+    match &vocab.architecture {
+        Some(a) => a.starts_with("gemma"),
+        None => vocab.tokens.iter().any(|t| {
+            t == "<start_of_turn>" || (t.chars().count() >= 2 && t.chars().all(|c| c == ' '))
+        }),
+    }
 }
 
 fn index(tokens: &[String]) -> Vocab {

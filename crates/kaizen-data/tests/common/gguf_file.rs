@@ -154,5 +154,9 @@ pub fn vocab(meta: &HashMap<String, Meta>) -> GgufVocab {
         add_bos: get("ggml.add_bos_token").and_then(Meta::as_bool),
         add_eos: get("ggml.add_eos_token").and_then(Meta::as_bool),
         chat_template: get("chat_template").and_then(Meta::as_str).map(Into::into),
+        architecture: meta
+            .get("general.architecture")
+            .and_then(Meta::as_str)
+            .map(Into::into),
     }
 }

@@ -340,14 +340,22 @@ impl Meta<'_> {
                 .collect(),
         };
         if architecture == Architecture::Gemma3 {
-            // As llama.cpp: QK-norm, scores scaled by head_dim, five local layers to one global
-            // (or the file's pattern), local layers' rotary base 10000.
+            // As transformers reads these files: QK-norm, scores scaled by head_dim, the local
+            // layers' rotary base 10000, five local layers to one global unless the file says
+            // otherwise (`sliding_window_pattern`, which llama.cpp honours and transformers
+            // ignores; Gemma 3's own files leave it out).
             c.qk_norm = true;
             c.query_pre_attn_scalar = Some(head_dim as f64);
             c.rope_local_theta = Some(10000.0);
-            let pattern = self
-                .num(&k("attention.sliding_window_pattern"))?
-                .map_or(6, |p| (p as usize).max(1));
+            let pattern = match self.get(&k("attention.sliding_window_pattern")) {
+                None => 6,
+                Some(v) => v.to_u32().ok().filter(|&p| p >= 1).ok_or_else(|| {
+                    self.err(format!(
+                        "GGUF metadata \"{}\" must be a positive integer",
+                        k("attention.sliding_window_pattern")
+                    ))
+                })? as usize,
+            };
             for (i, s) in c.sliding_layers.iter_mut().enumerate() {
                 *s = c.sliding_window.is_some() && (i + 1) % pattern != 0;
             }
@@ -412,6 +420,7 @@ impl Meta<'_> {
             add_bos: self.bool("tokenizer.ggml.add_bos_token"),
             add_eos: self.bool("tokenizer.ggml.add_eos_token"),
             chat_template: self.string("tokenizer.chat_template")?,
+            architecture: self.string("general.architecture")?,
         })
     }
 }

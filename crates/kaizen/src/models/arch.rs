@@ -198,6 +198,14 @@ pub fn qwen_sliding(c: &Fields, cfg: &mut ModelConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// Qwen's `use_sliding_window`, derived from the layers.
+pub fn write_qwen(c: &ModelConfig, m: &mut Map<String, Value>) {
+    m.insert(
+        "use_sliding_window".into(),
+        c.sliding_layers.contains(&true).into(),
+    );
+}
+
 /// Every layer uses the window when one is set (Mistral, Phi-3).
 pub fn all_sliding(_: &Fields, cfg: &mut ModelConfig) -> Result<(), String> {
     cfg.sliding_layers.fill(true);

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::arch::*;
+use super::arch::{ArchSpec, Defaults};
 use super::gemma2::{read_gemma, write_gemma, GEMMA_DEFAULTS};
 use crate::config::{parse_rope_scaling, Fields};
 
@@ -12,15 +12,6 @@ pub const SPEC: ArchSpec = ArchSpec {
     model_types: &["gemma3_text", "gemma3"],
     hf_class: "Gemma3ForCausalLM",
     gguf: Some("gemma3"),
-    names: Names {
-        mlp_norm: "pre_feedforward_layernorm",
-        ..LLAMA_NAMES
-    },
-    norm: NormKind::RmsPlusOne,
-    qkv: QkvLayout::Split,
-    mlp: MlpKind::Gated,
-    sandwich: true,
-    embed_scale: true,
     defaults: Defaults {
         rope_theta: 1_000_000.0,
         ..GEMMA_DEFAULTS
@@ -72,6 +63,5 @@ pub const SPEC: ArchSpec = ArchSpec {
         m.insert("rope_local_base_freq".into(), json!(local));
     },
     ignored: &[".rotary_emb.inv_freq", ".rotary_emb_local.inv_freq"],
-    lora_targets: &["q_proj", "v_proj"],
-    ia3_targets: (&["k_proj", "v_proj", "down_proj"], &["down_proj"]),
+    ..super::gemma2::SPEC
 };

@@ -8,17 +8,11 @@ pub const SPEC: ArchSpec = ArchSpec {
     model_types: &["phi3"],
     hf_class: "Phi3ForCausalLM",
     gguf: None,
-    names: LLAMA_NAMES,
-    norm: NormKind::Rms,
     qkv: QkvLayout::Concat,
     mlp: MlpKind::GatedFused,
-    sandwich: false,
-    embed_scale: false,
-    defaults: LLAMA_DEFAULTS,
-    refuse: accept,
     read: all_sliding,
     write: write_nothing,
-    ignored: &[".rotary_emb.inv_freq"],
     lora_targets: &["qkv_proj"],
     ia3_targets: (&["qkv_proj", "down_proj"], &["down_proj"]),
+    ..super::llama::SPEC
 };
