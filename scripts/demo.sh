@@ -125,7 +125,7 @@ answers() { # label, then model flags: greedy answers to the held-out questions
   echo "-- $label:"
   for q in "${QS[@]}"; do
     $K generate "$@" "${ASK[@]}" --greedy --max-new-tokens 32 --prompt "$q" --json \
-      | tail -1 | python3 -c 'import json,sys; print(f"  {sys.argv[1]} -> {json.loads(sys.stdin.read())[\"text\"].strip()!r}")' "$q"
+      | tail -1 | python3 -c 'import json,sys; print("  " + sys.argv[1], "->", repr(json.loads(sys.stdin.read())["text"].strip()))' "$q"
   done
 }
 echo "held-out questions and the man pages' answers:"

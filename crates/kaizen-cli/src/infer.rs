@@ -254,6 +254,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         "rotary:           {} of {} dims, theta {}, scaling {:?}",
         c.rotary_dim, c.head_dim, c.rope_theta, c.rope_scaling
     );
+    println!("features:         {}", c.features());
     println!("context:          {}", c.max_position_embeddings);
     println!(
         "vocab:            {} (tied embeddings: {})",

@@ -132,6 +132,9 @@ pub struct ModelConfig {
     pub final_logit_softcapping: Option<f64>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Written back as it was read: some config classes default it to an id beyond a small
+    /// vocabulary (Phi-3: 32000).
+    pub pad_token_id: Option<u32>,
 }
 
 impl ModelConfig {
@@ -277,6 +280,7 @@ impl ModelConfig {
             final_logit_softcapping: None,
             bos_token_id: c.usize("bos_token_id")?.map(|v| v as u32),
             eos_token_ids,
+            pad_token_id: c.usize("pad_token_id")?.map(|v| v as u32),
             model_type,
         };
         cfg.o_bias = cfg.attention_bias;
@@ -333,6 +337,49 @@ impl ModelConfig {
                 positive("rope_scaling.factor", factor)
             }
             RopeScaling::None => Ok(()),
+        }
+    }
+
+    /// The optional features in use, for people: e.g. "QK-norm, sliding window 512 on 15 of 18
+    /// layers (rotary theta 10000 there)"; "none" when there are none.
+    pub fn features(&self) -> String {
+        let mut f = Vec::new();
+        if self.attention_bias {
+            f.push(
+                if self.o_bias {
+                    "q/k/v/o bias"
+                } else {
+                    "q/k/v bias"
+                }
+                .to_string(),
+            );
+        }
+        if self.qk_norm {
+            f.push("QK-norm".into());
+        }
+        let sliding = self.sliding_layers.iter().filter(|&&s| s).count();
+        if let (Some(w), true) = (self.sliding_window, sliding > 0) {
+            let mut s = format!(
+                "sliding window {w} on {sliding} of {} layers",
+                self.num_hidden_layers
+            );
+            if let Some(t) = self.rope_local_theta {
+                s.push_str(&format!(" (rotary theta {t} there)"));
+            }
+            f.push(s);
+        }
+        if let Some(q) = self.query_pre_attn_scalar {
+            f.push(format!("query_pre_attn_scalar {q}"));
+        }
+        if let Some(c) = self.attn_logit_softcapping {
+            f.push(format!("attention soft-cap {c}"));
+        }
+        if let Some(c) = self.final_logit_softcapping {
+            f.push(format!("final logit soft-cap {c}"));
+        }
+        match f.is_empty() {
+            true => "none".into(),
+            false => f.join(", "),
         }
     }
 
@@ -411,6 +458,7 @@ impl ModelConfig {
             "attention_bias": self.attention_bias,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
             "rope_parameters": rope,
             "rope_theta": self.rope_theta,
             "sliding_window": self.sliding_window,
@@ -490,6 +538,16 @@ impl ModelConfig {
         let norms = if spec.sandwich { 4 } else { 2 };
         let per_layer = attn + mlp + norms * norm(h);
         v * h + head + self.num_hidden_layers * per_layer + norm(h)
+    }
+}
+
+/// A number as JSON, an integer when it is one (transformers' strict config fields such as
+/// Gemma's `query_pre_attn_scalar` refuse `256.0`).
+pub fn number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 9e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
     }
 }
 

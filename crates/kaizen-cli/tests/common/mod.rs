@@ -15,20 +15,33 @@ use serde_json::Value;
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The HF-directory fixtures and the GGUF one, as (name, path given to `--model`).
-pub const MODELS: [&str; 5] = [
+pub const MODELS: [&str; 12] = [
     "neox-par-bpe",
     "neox-seq-spiece",
     "llama-gqa-tied",
     "llama-mha-linear",
     "llama-gguf",
+    "gemma3",
+    "gemma3-gguf",
+    "gemma2",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "phi3",
 ];
 
 /// Fixtures that have a PEFT LoRA adapter under tests/fixtures/lora.
-pub const ADAPTERS: [&str; 4] = [
+pub const ADAPTERS: [&str; 10] = [
     "neox-par-bpe",
     "neox-seq-spiece",
     "llama-gqa-tied",
     "llama-mha-linear",
+    "gemma3",
+    "gemma2",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "phi3",
 ];
 
 pub fn repo_root() -> PathBuf {

@@ -338,6 +338,7 @@ impl Meta<'_> {
                 .id("tokenizer.ggml.eos_token_id")?
                 .into_iter()
                 .collect(),
+            pad_token_id: self.id("tokenizer.ggml.padding_token_id")?,
         };
         if architecture == Architecture::Gemma3 {
             // As transformers reads these files: QK-norm, scores scaled by head_dim, the local

@@ -71,7 +71,7 @@ pub fn write_gemma(c: &ModelConfig, m: &mut Map<String, Value>) {
     m.insert("hidden_activation".into(), act);
     m.insert(
         "query_pre_attn_scalar".into(),
-        c.query_pre_attn_scalar.into(),
+        c.query_pre_attn_scalar.map(crate::config::number).into(),
     );
     m.insert(
         "attn_logit_softcapping".into(),
