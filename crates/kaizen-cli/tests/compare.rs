@@ -43,12 +43,16 @@ fn data(dir: &Path) -> [PathBuf; 3] {
     ]
 }
 
-/// `compare --model <fixture> --data ... --out <out> --methods <methods> --max-steps 2 extra...`
+/// `compare --model <LLAMA> --data ... --out <out> --methods <methods> --max-steps 2 extra...`
 fn compare(dir: &Path, out: &Path, methods: &str, extra: &[&str]) -> Run {
+    compare_on(LLAMA, dir, out, methods, extra)
+}
+
+fn compare_on(model: &str, dir: &Path, out: &Path, methods: &str, extra: &[&str]) -> Run {
     let [train, val, general] = data(dir);
     let mut args: Vec<OsString> = vec!["compare".into()];
     for (flag, value) in [
-        ("--model", model_path(LLAMA)),
+        ("--model", model_path(model)),
         ("--data", train),
         ("--val-data", val),
         ("--general-data", general),
@@ -169,6 +173,30 @@ fn compare_writes_report_json_charts_and_a_run_per_method() {
         // LoRA and IA3 fold into the weights; prompt tuning adds inputs and cannot.
         let merged = &m["gen_tokens_per_sec_merged"];
         assert_eq!(merged.is_number(), name != "prompt", "{name}: {merged}");
+    }
+}
+
+/// Every method side by side on the newer architectures (Gemma 3's sliding windows and QK-norm;
+/// Phi-3's fused projections, which `--target-modules` must name for the attention methods).
+#[test]
+fn compare_runs_every_method_on_gemma3_and_phi3() {
+    let all = [
+        "full", "lora", "dora", "ia3", "adapter", "prefix", "p-tuning", "prompt",
+    ];
+    for model in ["gemma3", "phi3"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("cmp");
+        compare_on(model, dir.path(), &out, &all.join(","), &[]).ok();
+        let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+        let json = read_json(&out.join("report.json"));
+        let methods = json["methods"].as_array().expect("methods array");
+        assert_eq!(methods.len(), all.len(), "{model}");
+        for (m, name) in methods.iter().zip(all) {
+            assert_eq!(m["method"], name, "{model}");
+            row(&report, name);
+            let after = number(&m["val_loss_after"], &format!("{model} {name}"));
+            assert!(after > 0.0, "{model} {name}");
+        }
     }
 }
 

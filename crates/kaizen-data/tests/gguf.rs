@@ -251,6 +251,21 @@ fn vocab_from_metadata(m: &Value) -> GgufVocab {
     }
 }
 
+/// Builds a Gemma-style GGUF tokenizer and checks its vocabulary size, BOS/EOS and every
+/// reference case against transformers'.
+fn check_gemma(vocab: GgufVocab, reference: &Value, name: &str) -> Tokenizer {
+    let tok = Tokenizer::from_gguf(vocab).unwrap();
+    assert_eq!(tok.kind(), TokenizerKind::GgufSentencePiece);
+    let id = |k: &str| reference[k].as_u64().unwrap();
+    assert_eq!(tok.vocab_size() as u64, id("vocab_size"));
+    assert_eq!(
+        (tok.bos_id(), tok.eos_id()),
+        (Some(id("bos_id") as u32), Some(id("eos_id") as u32))
+    );
+    check_reference(&tok, reference["cases"].as_array().unwrap(), name);
+    tok
+}
+
 /// The real Gemma 3 270M GGUF (not committed: `KAIZEN_GEMMA3_GGUF`, or
 /// `<repo>/cache/gemma-3-270m-q4_k_m.gguf`) against the ids transformers' GGUF loader gives
 /// (tests/fixtures/tokenizers/gemma3-270m.json, from scripts/fixtures/gen_gemma_tokenizer.py).
@@ -272,25 +287,15 @@ fn gemma3_270m_gguf_matches_transformers_when_present() {
     .unwrap();
     let vocab = gguf_file::vocab(&gguf_file::read_metadata(&path));
     let start = std::time::Instant::now();
-    let tok = Tokenizer::from_gguf(vocab).unwrap();
-    eprintln!("Gemma 3 tokenizer built in {:.2?}", start.elapsed());
-    assert_eq!(tok.kind(), TokenizerKind::GgufSentencePiece);
-    assert_eq!(
-        tok.vocab_size() as u64,
-        reference["vocab_size"].as_u64().unwrap()
-    );
-    assert_eq!(
-        (tok.bos_id(), tok.eos_id()),
-        (
-            Some(reference["bos_id"].as_u64().unwrap() as u32),
-            Some(reference["eos_id"].as_u64().unwrap() as u32)
-        )
+    let tok = check_gemma(vocab, &reference, "gemma3-270m");
+    eprintln!(
+        "Gemma 3 tokenizer built and checked in {:.2?}",
+        start.elapsed()
     );
     assert_eq!(
         tok.chat_template().is_some(),
         reference["has_chat_template"].as_bool().unwrap()
     );
-    check_reference(&tok, reference["cases"].as_array().unwrap(), "gemma3-270m");
     // Thousands more texts, when the generator wrote them into the cache (not committed).
     let fuzz = common::repo_root().join("cache/gemma3_fuzz.json");
     if let Ok(text) = std::fs::read_to_string(&fuzz) {
@@ -335,20 +340,7 @@ fn gemma_style_gguf_matches_transformers() {
     let types = vocab.token_types.as_deref().unwrap();
     assert!([3, 4, 6].iter().all(|t| types.contains(t)));
     assert!(vocab.tokens.iter().any(|t| t == "   "));
-    let tok = Tokenizer::from_gguf(vocab).unwrap();
-    assert_eq!(tok.kind(), TokenizerKind::GgufSentencePiece);
-    assert_eq!(
-        tok.vocab_size() as u64,
-        reference["vocab_size"].as_u64().unwrap()
-    );
-    assert_eq!(
-        (tok.bos_id(), tok.eos_id()),
-        (
-            Some(reference["bos_id"].as_u64().unwrap() as u32),
-            Some(reference["eos_id"].as_u64().unwrap() as u32)
-        )
-    );
-    check_reference(&tok, reference["cases"].as_array().unwrap(), "gemma-gguf");
+    let tok = check_gemma(vocab, &reference, "gemma-gguf");
     let mut n = 0;
     for case in reference["chat"].as_array().unwrap() {
         let msgs: Vec<kaizen_data::chat::Message> =

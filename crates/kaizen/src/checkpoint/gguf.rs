@@ -17,7 +17,7 @@ use kaizen_data::{GgufVocab, Tokenizer};
 
 use super::{Checkpoint, Weights};
 use crate::config::{Architecture, ModelConfig, RopeScaling};
-use crate::models::arch::NormKind;
+use crate::models::arch::{MlpKind, NormKind};
 use crate::{Error, Result};
 
 pub fn open(path: &Path) -> Result<Checkpoint> {
@@ -38,7 +38,11 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     let mut config = meta.config()?;
     config.check().map_err(|m| Error::config(path, m))?;
     // No output.weight means the LM head reuses token_embd (SmolLM2 and most small llamas).
-    config.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
+    let has = |name: &str| content.tensor_infos.contains_key(name);
+    config.tie_word_embeddings = !has("output.weight");
+    // Biases are where the file has them (Qwen 2: q/k/v only).
+    config.attention_bias = has("blk.0.attn_q.bias") || has("blk.0.attn_qkv.bias");
+    config.o_bias = has("blk.0.attn_output.bias");
     let tokenizer = Tokenizer::from_gguf(meta.vocab()?)?;
     check_extents(path, &content)?;
     let content = Arc::new(content);
@@ -140,10 +144,14 @@ fn hf_name(g: &str, c: &ModelConfig) -> Option<(String, Fix)> {
         Architecture::Llama => Fix::Unpermute(heads),
         _ => Fix::None,
     };
-    let (module, fix) = match g.strip_suffix(".weight")? {
-        "token_embd" => return Some((format!("{}.weight", n.embed), Fix::None)),
-        "output_norm" => return Some((format!("{}.weight", n.final_norm), norm_fix)),
-        "output" => return Some((format!("{}.weight", n.head), Fix::None)),
+    let (stem, suffix) = g.rsplit_once('.')?;
+    if suffix != "weight" && suffix != "bias" {
+        return None;
+    }
+    let (module, fix) = match stem {
+        "token_embd" => (n.embed.to_string(), Fix::None),
+        "output_norm" => (n.final_norm.to_string(), norm_fix),
+        "output" => (n.head.to_string(), Fix::None),
         other => {
             let (layer, tail) = other.strip_prefix("blk.")?.split_once('.')?;
             let layer: usize = layer.parse().ok()?;
@@ -156,10 +164,15 @@ fn hf_name(g: &str, c: &ModelConfig) -> Option<(String, Fix)> {
                 "attn_q" => (format!("{a}.{}", n.q), permute(c.num_attention_heads)),
                 "attn_k" => (format!("{a}.{}", n.k), permute(c.num_key_value_heads)),
                 "attn_v" => (format!("{a}.{}", n.v), Fix::None),
+                "attn_qkv" => (format!("{a}.{}", n.qkv), Fix::None),
                 "attn_output" => (format!("{a}.{}", n.o), Fix::None),
                 "attn_q_norm" if c.qk_norm => (format!("{a}.{}", n.q_norm), norm_fix),
                 "attn_k_norm" if c.qk_norm => (format!("{a}.{}", n.k_norm), norm_fix),
                 "ffn_gate" => (format!("{m}.{}", n.gate), Fix::None),
+                // Phi-3: llama.cpp keeps the fused gate and up projection as ffn_up.
+                "ffn_up" if spec.mlp == MlpKind::GatedFused => {
+                    (format!("{m}.{}", n.gate_up), Fix::None)
+                }
                 "ffn_up" => (format!("{m}.{}", n.up), Fix::None),
                 "ffn_down" => (format!("{m}.{}", n.down), Fix::None),
                 _ => return None,
@@ -167,7 +180,8 @@ fn hf_name(g: &str, c: &ModelConfig) -> Option<(String, Fix)> {
             (format!("{}.{layer}.{module}", n.layers), fix)
         }
     };
-    Some((format!("{module}.weight"), fix))
+    let fix = if suffix == "bias" { Fix::None } else { fix };
+    Some((format!("{module}.{suffix}"), fix))
 }
 
 struct Meta<'a> {
@@ -340,6 +354,18 @@ impl Meta<'_> {
                 .collect(),
             pad_token_id: self.id("tokenizer.ggml.padding_token_id")?,
         };
+        match architecture {
+            Architecture::Qwen3 => c.qk_norm = true,
+            // As transformers reads these files: its Gemma 2 defaults for the layer pattern
+            // (alternating, the first local) and scores scaled by head_dim.
+            Architecture::Gemma2 => {
+                c.query_pre_attn_scalar = Some(head_dim as f64);
+                for (i, s) in c.sliding_layers.iter_mut().enumerate() {
+                    *s = c.sliding_window.is_some() && (i + 1) % 2 != 0;
+                }
+            }
+            _ => {}
+        }
         if architecture == Architecture::Gemma3 {
             // As transformers reads these files: QK-norm, scores scaled by head_dim, the local
             // layers' rotary base 10000, five local layers to one global unless the file says

@@ -10,7 +10,7 @@ use crate::config::{Fields, ModelConfig};
 pub const SPEC: ArchSpec = ArchSpec {
     model_types: &["gemma2"],
     hf_class: "Gemma2ForCausalLM",
-    gguf: None,
+    gguf: Some("gemma2"),
     names: Names {
         mlp_norm: "pre_feedforward_layernorm",
         ..LLAMA_NAMES

@@ -7,7 +7,7 @@ use super::arch::*;
 pub const SPEC: ArchSpec = ArchSpec {
     model_types: &["phi3"],
     hf_class: "Phi3ForCausalLM",
-    gguf: None,
+    gguf: Some("phi3"),
     qkv: QkvLayout::Concat,
     mlp: MlpKind::GatedFused,
     read: all_sliding,

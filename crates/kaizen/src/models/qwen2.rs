@@ -6,7 +6,7 @@ use super::arch::*;
 pub const SPEC: ArchSpec = ArchSpec {
     model_types: &["qwen2"],
     hf_class: "Qwen2ForCausalLM",
-    gguf: None,
+    gguf: Some("qwen2"),
     defaults: Defaults {
         attention_bias: true,
         ..LLAMA_DEFAULTS

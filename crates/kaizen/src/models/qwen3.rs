@@ -6,7 +6,7 @@ use super::arch::*;
 pub const SPEC: ArchSpec = ArchSpec {
     model_types: &["qwen3"],
     hf_class: "Qwen3ForCausalLM",
-    gguf: None,
+    gguf: Some("qwen3"),
     read: |c, cfg| {
         cfg.qk_norm = true;
         qwen_sliding(c, cfg)
