@@ -8,8 +8,11 @@
 #
 #   bash scripts/compare.sh [extra kaizen compare flags, e.g. --overwrite]
 #   COMPARE_METHODS=lora,prompt COMPARE_STEPS=2 bash scripts/compare.sh     # a quick check
+#   COMPARE_MODEL=gemma3 bash scripts/compare.sh     # on Gemma 3 270M base (the demo's model;
+#                                                    # question and answer as plain text)
 #
-# Environment: KAIZEN_CACHE (default cache), COMPARE_OUT (default $KAIZEN_CACHE/runs/compare),
+# Environment: COMPARE_MODEL (smollm2 or gemma3, default smollm2), KAIZEN_CACHE (default cache),
+# COMPARE_OUT (default $KAIZEN_CACHE/runs/compare),
 # COMPARE_METHODS (default all eight), COMPARE_STEPS (default 20), COMPARE_EVAL_EVERY (default
 # COMPARE_STEPS: the held-out loss before and after only), COMPARE_VAL (default 48: held-out pairs
 # scored; the task's 111 cost about half a minute per evaluation here).
@@ -20,7 +23,11 @@ OUT="${COMPARE_OUT:-$CACHE/runs/compare}"
 METHODS="${COMPARE_METHODS:-full,lora,dora,ia3,adapter,prefix,p-tuning,prompt}"
 STEPS="${COMPARE_STEPS:-20}"
 EVAL_EVERY="${COMPARE_EVAL_EVERY:-$STEPS}"
-GGUF="$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
+case "${COMPARE_MODEL:-smollm2}" in
+  smollm2) GGUF="$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"; TEMPLATE=() ;;
+  gemma3) GGUF="$CACHE/gemma-3-270m-q4_k_m.gguf"; TEMPLATE=(--template plain) ;;
+  *) echo "compare: COMPARE_MODEL must be smollm2 or gemma3" >&2; exit 2 ;;
+esac
 
 bash scripts/fetch_assets.sh "$CACHE"
 cargo build --release --locked -p kaizen-cli
@@ -59,5 +66,5 @@ PY
 
 $K compare --model "$GGUF" --data "$DATA/train.jsonl" --val-data "$VAL" \
     --general-data "$GENERAL" --methods "$METHODS" --max-steps "$STEPS" --eval-every "$EVAL_EVERY" \
-    --out "$OUT" "$@"
+    "${TEMPLATE[@]}" --out "$OUT" "$@"
 echo "report: $OUT/report.md"

@@ -672,6 +672,25 @@ fn tokenize_rejects_gguf_truncated_in_the_tensor_data() {
     assert_tokenize_fails(&file, &[&s(&file)]);
 }
 
+/// A GGUF whose metadata disagrees with its tensors (feed_forward_length 128 -> 96): one error
+/// line naming the file, the tensor and both shapes.
+#[test]
+fn gguf_metadata_disagreeing_with_tensor_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("model.gguf");
+    let mut bytes = std::fs::read(model_path("gemma3-gguf")).unwrap();
+    // A GGUF key is followed by its value type (u32 4 = UINT32) and the value, little-endian.
+    let key = b"gemma3.feed_forward_length";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    assert_eq!(bytes[at..at + 8], [4, 0, 0, 0, 128, 0, 0, 0]);
+    bytes[at + 4] = 96;
+    std::fs::write(&file, bytes).unwrap();
+    assert_load_fails(
+        &file,
+        &[&s(&file), "has shape", "[96, 256]", "the config implies"],
+    );
+}
+
 /// Deterministic noise (xorshift), so no test depends on an RNG crate.
 fn noise(len: usize) -> Vec<u8> {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;

@@ -1,8 +1,9 @@
 //! kaizen: parameter-efficient fine-tuning of causal language models.
 //!
-//! Layout: `nn/` shared layers, `models/` one file per architecture, `tuners/` one folder per
-//! PEFT method, `checkpoint/` the only code that knows file formats, `eval` and `generate` the
-//! inference entry points. Tokenizing, templates and JSONL live in the `kaizen-data` crate.
+//! Layout: `nn/` shared layers, `models/` one decoder and a small spec per architecture,
+//! `tuners/` one folder per PEFT method, `checkpoint/` the only code that knows file formats,
+//! `eval` and `generate` the inference entry points. Tokenizing, templates and JSONL live in
+//! the `kaizen-data` crate.
 
 pub mod checkpoint;
 pub mod config;

@@ -136,6 +136,28 @@ fn gemma3_gguf_k_quants_norm_offset() {
 }
 
 #[test]
+fn qwen2_gguf_biases() {
+    check("qwen2-gguf", Some("model.gguf"));
+}
+
+#[test]
+fn qwen3_gguf_qk_norm_key_length() {
+    check("qwen3-gguf", Some("model.gguf"));
+}
+
+/// The references follow llama.cpp's reading of these files: transformers' GGUF loader ignores
+/// Gemma 2's soft-caps and Phi-3's partial rotary (scripts/fixtures/README.md).
+#[test]
+fn gemma2_gguf_softcaps_as_llama_cpp() {
+    check("gemma2-gguf", Some("model.gguf"));
+}
+
+#[test]
+fn phi3_gguf_fused_partial_rotary_as_llama_cpp() {
+    check("phi3-gguf", Some("model.gguf"));
+}
+
+#[test]
 fn gemma2_softcapping_sliding_window() {
     check("gemma2", None);
 }
@@ -170,6 +192,10 @@ fn parameter_count_matches_reference() {
         ("llama-gguf", Some("model.gguf")),
         ("gemma3", None),
         ("gemma3-gguf", Some("model.gguf")),
+        ("qwen2-gguf", Some("model.gguf")),
+        ("qwen3-gguf", Some("model.gguf")),
+        ("gemma2-gguf", Some("model.gguf")),
+        ("phi3-gguf", Some("model.gguf")),
         ("gemma2", None),
         ("qwen2", None),
         ("qwen3", None),

@@ -15,7 +15,7 @@ use serde_json::Value;
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The HF-directory fixtures and the GGUF one, as (name, path given to `--model`).
-pub const MODELS: [&str; 12] = [
+pub const MODELS: [&str; 16] = [
     "neox-par-bpe",
     "neox-seq-spiece",
     "llama-gqa-tied",
@@ -28,6 +28,10 @@ pub const MODELS: [&str; 12] = [
     "qwen3",
     "mistral",
     "phi3",
+    "qwen2-gguf",
+    "qwen3-gguf",
+    "gemma2-gguf",
+    "phi3-gguf",
 ];
 
 /// Fixtures that have a PEFT LoRA adapter under tests/fixtures/lora.

@@ -356,10 +356,18 @@ impl Meta<'_> {
         };
         match architecture {
             Architecture::Qwen3 => c.qk_norm = true,
-            // As transformers reads these files: its Gemma 2 defaults for the layer pattern
-            // (alternating, the first local) and scores scaled by head_dim.
+            // llama.cpp reads phi3.attention.sliding_window and disables it (its PR 13676).
+            Architecture::Phi3 => c.sliding_window = None,
+            // As llama.cpp reads these files (transformers' GGUF loader ignores the soft-caps
+            // read above): alternating layers, the first local; scores scaled by head_dim, or
+            // by hidden / heads for the 27B model (46 layers), no key holds the scalar.
             Architecture::Gemma2 => {
-                c.query_pre_attn_scalar = Some(head_dim as f64);
+                let scalar = if layers == 46 {
+                    hidden / heads
+                } else {
+                    head_dim
+                };
+                c.query_pre_attn_scalar = Some(scalar as f64);
                 for (i, s) in c.sliding_layers.iter_mut().enumerate() {
                     *s = c.sliding_window.is_some() && (i + 1) % 2 != 0;
                 }
