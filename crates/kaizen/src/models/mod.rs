@@ -298,7 +298,7 @@ impl Model {
                 let (_, h, n, d) = t.dims4()?;
                 Ok(t.broadcast_as((b, h, n, d))?.contiguous()?)
             };
-            cache.append(i, full(&k)?, full(&v)?)?;
+            cache.append(i, full(&k)?, full(&v)?, None)?;
         }
         Ok(cache)
     }

@@ -89,7 +89,7 @@ impl SelfAttn {
         let q = self.rotary.forward(&q, start)?;
         let k = self.rotary.forward(&k, start)?;
         let (k, v) = match past {
-            Past::Cache { cache, layer, .. } => cache.append(layer, k, v)?,
+            Past::Cache { cache, layer, .. } => cache.append(layer, k, v, self.spec.window)?,
             Past::Prefix(p) => with_prefix(p, k, v)?,
         };
         let (o, attn) = attention_t(&q, &k, &v, &self.spec)?; // (B, H, T, hd)
