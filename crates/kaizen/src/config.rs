@@ -383,6 +383,15 @@ impl ModelConfig {
         }
     }
 
+    /// Every `pattern`-th layer global, the others within the sliding window if there is one
+    /// (Gemma 2: 2, Gemma 3: 6).
+    pub fn slide_all_but_every(&mut self, pattern: usize) {
+        let on = self.sliding_window.is_some();
+        for (i, s) in self.sliding_layers.iter_mut().enumerate() {
+            *s = on && (i + 1) % pattern.max(1) != 0;
+        }
+    }
+
     /// The window of layer `i`, if it attends within one.
     pub fn window(&self, i: usize) -> Option<usize> {
         self.sliding_window.filter(|_| self.sliding_layers[i])

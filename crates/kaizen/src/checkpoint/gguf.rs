@@ -368,9 +368,7 @@ impl Meta<'_> {
                     head_dim
                 };
                 c.query_pre_attn_scalar = Some(scalar as f64);
-                for (i, s) in c.sliding_layers.iter_mut().enumerate() {
-                    *s = c.sliding_window.is_some() && (i + 1) % 2 != 0;
-                }
+                c.slide_all_but_every(2);
             }
             _ => {}
         }
@@ -391,9 +389,7 @@ impl Meta<'_> {
                     ))
                 })? as usize,
             };
-            for (i, s) in c.sliding_layers.iter_mut().enumerate() {
-                *s = c.sliding_window.is_some() && (i + 1) % pattern != 0;
-            }
+            c.slide_all_but_every(pattern);
         }
         Ok(c)
     }

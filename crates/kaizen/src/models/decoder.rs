@@ -61,29 +61,6 @@ pub struct Tape {
     final_norm: NormCache,
 }
 
-/// A norm if there is one, else the identity.
-fn maybe_norm(n: Option<&Norm>, x: Tensor) -> Result<(Tensor, Option<NormCache>)> {
-    match n {
-        Some(n) => {
-            let (y, c) = n.forward_t(&x)?;
-            Ok((y, Some(c)))
-        }
-        None => Ok((x, None)),
-    }
-}
-
-fn maybe_norm_backward(
-    n: Option<&Norm>,
-    c: Option<&NormCache>,
-    dy: &Tensor,
-    grads: &mut Grads,
-) -> Result<Tensor> {
-    match (n, c) {
-        (Some(n), Some(c)) => n.backward(c, dy, grads),
-        _ => Ok(dy.clone()),
-    }
-}
-
 impl Block {
     /// x: (B, T, hidden) -> (B, T, hidden), and the tape (dropped in inference).
     fn forward(
@@ -94,7 +71,7 @@ impl Block {
     ) -> Result<(Tensor, BlockTape)> {
         let (n1, attn_norm) = self.attn_norm.forward_t(x)?;
         let (a, attn) = self.attn.forward(&n1, past, rng.as_deref_mut())?;
-        let (a, attn_post) = maybe_norm(self.attn_post_norm.as_ref(), a)?;
+        let (a, attn_post) = Norm::forward_opt(self.attn_post_norm.as_ref(), a)?;
         let (y, mlp_norm, mlp, mlp_post) = if self.parallel {
             let (n2, mlp_norm) = self.mlp_norm.forward_t(x)?;
             let (m, mlp) = self.mlp.forward(&n2, rng)?;
@@ -103,7 +80,7 @@ impl Block {
             let h = (a + x)?;
             let (n2, mlp_norm) = self.mlp_norm.forward_t(&h)?;
             let (m, mlp) = self.mlp.forward(&n2, rng)?;
-            let (m, mlp_post) = maybe_norm(self.mlp_post_norm.as_ref(), m)?;
+            let (m, mlp_post) = Norm::forward_opt(self.mlp_post_norm.as_ref(), m)?;
             ((m + h)?, mlp_norm, mlp, mlp_post)
         };
         let tape = BlockTape {
@@ -124,7 +101,12 @@ impl Block {
         dy: &Tensor,
         grads: &mut Grads,
     ) -> Result<(Tensor, Option<KvPair>)> {
-        let d_m = maybe_norm_backward(self.mlp_post_norm.as_ref(), t.mlp_post.as_ref(), dy, grads)?;
+        let d_m = Norm::backward_opt(
+            self.mlp_post_norm.as_ref(),
+            t.mlp_post.as_ref(),
+            dy.clone(),
+            grads,
+        )?;
         let d_n2 = self.mlp.backward(&t.mlp, &d_m, grads)?;
         let d_mlp_in = self.mlp_norm.backward(&t.mlp_norm, &d_n2, grads)?;
         // Parallel: y = x + attn + m, the MLP reads x. Sequential: h = x + attn, y = h + m.
@@ -134,10 +116,10 @@ impl Block {
             let d_h = (dy + &d_mlp_in)?;
             (d_h.clone(), d_h)
         };
-        let d_a = maybe_norm_backward(
+        let d_a = Norm::backward_opt(
             self.attn_post_norm.as_ref(),
             t.attn_post.as_ref(),
-            &d_a,
+            d_a,
             grads,
         )?;
         let (d_n1, d_prefix) = self.attn.backward(&t.attn, &d_a, grads)?;

@@ -24,9 +24,7 @@ pub const SPEC: ArchSpec = ArchSpec {
     refuse: accept,
     read: |c, cfg| {
         read_gemma(c, cfg, Some(50.0), Some(30.0))?;
-        for (i, s) in cfg.sliding_layers.iter_mut().enumerate() {
-            *s = (i + 1) % 2 != 0;
-        }
+        cfg.slide_all_but_every(2);
         Ok(())
     },
     write: write_gemma,

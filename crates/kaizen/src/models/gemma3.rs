@@ -28,10 +28,7 @@ pub const SPEC: ArchSpec = ArchSpec {
     read: |c, cfg| {
         read_gemma(c, cfg, None, None)?;
         cfg.qk_norm = true;
-        let pattern = c.usize("sliding_window_pattern")?.unwrap_or(6).max(1);
-        for (i, s) in cfg.sliding_layers.iter_mut().enumerate() {
-            *s = (i + 1) % pattern != 0;
-        }
+        cfg.slide_all_but_every(c.usize("sliding_window_pattern")?.unwrap_or(6));
         cfg.rope_local_theta = Some(c.f64("rope_local_base_freq")?.unwrap_or(10000.0));
         // transformers 5 nests rotary settings per layer type.
         if let Some(Value::Object(p)) = c.0.get("rope_parameters") {

@@ -203,13 +203,7 @@ impl SelfAttn {
 
 /// x: (B, T, n, hd) -> QK-norm if any, as (B, n, T, hd) contiguous.
 fn head_norm(norm: Option<&Norm>, x: Tensor) -> Result<(Tensor, Option<NormCache>)> {
-    let (x, cache) = match norm {
-        Some(n) => {
-            let (y, c) = n.forward_t(&x)?;
-            (y, Some(c))
-        }
-        None => (x, None),
-    };
+    let (x, cache) = Norm::forward_opt(norm, x)?;
     Ok((x.transpose(1, 2)?.contiguous()?, cache))
 }
 
@@ -220,9 +214,5 @@ fn head_norm_backward(
     d: &Tensor,
     grads: &mut Grads,
 ) -> Result<Tensor> {
-    let d = d.transpose(1, 2)?;
-    match (norm, cache) {
-        (Some(n), Some(c)) => n.backward(c, &d.contiguous()?, grads),
-        _ => Ok(d),
-    }
+    Norm::backward_opt(norm, cache, d.transpose(1, 2)?, grads)
 }

@@ -113,6 +113,30 @@ impl Norm {
             Norm::Rms(n) => n.backward(c, dy, grads),
         }
     }
+
+    /// An optional norm (Gemma's sandwich norms, QK-norm): the identity when absent.
+    pub fn forward_opt(n: Option<&Norm>, x: Tensor) -> Result<(Tensor, Option<NormCache>)> {
+        match n {
+            Some(n) => {
+                let (y, c) = n.forward_t(&x)?;
+                Ok((y, Some(c)))
+            }
+            None => Ok((x, None)),
+        }
+    }
+
+    /// Backward of [`Norm::forward_opt`].
+    pub fn backward_opt(
+        n: Option<&Norm>,
+        c: Option<&NormCache>,
+        dy: Tensor,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        match (n, c) {
+            (Some(n), Some(c)) => n.backward(c, &dy, grads),
+            _ => Ok(dy),
+        }
+    }
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {
