@@ -424,9 +424,9 @@ fn load_trained(
     dir: &Path,
 ) -> Result<(kaizen::Loaded, Option<kaizen::tuners::AdapterInfo>)> {
     if dir.join("adapter_config.json").is_file() {
-        crate::infer::load(model, Some(dir), kaizen::DType::F32)
+        crate::infer::load(model, Some(dir), kaizen::Precision::default())
     } else {
-        crate::infer::load(dir, None, kaizen::DType::F32)
+        crate::infer::load(dir, None, kaizen::Precision::default())
     }
 }
 

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use kaizen::generate::{generate, GenerateConfig};
 use kaizen::tuners::AdapterInfo;
-use kaizen::DType;
+use kaizen::{DType, Precision, QFormat};
 use kaizen_data::chat::Message;
 use serde_json::json;
 
@@ -50,6 +50,17 @@ pub struct EvalArgs {
     /// products accumulating in f32.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Keep the frozen linear layers quantized in memory (QLoRA's base): q8_0, q4_0, q4_k,
+    /// q5_k, q6_k (llama.cpp's blocks), nf4 or nf4_dq (bitsandbytes NF4, nf4_dq with its
+    /// double-quantized scales). Products then compute in --dtype (default bf16 here). A GGUF
+    /// keeps its quantized tensors in their own types.
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// `int8`: forward products through a llama.cpp-type quantized base (--quantize q8_0,
+    /// q4_0, q4_k, ..., or a quantized GGUF) quantize the activations to 8 bits per block and
+    /// take integer dot products, as llama.cpp does; input gradients still use --dtype.
+    #[arg(long)]
+    pub compute: Option<String>,
 }
 
 #[derive(Args)]
@@ -91,6 +102,17 @@ pub struct GenerateArgs {
     /// products accumulating in f32.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Keep the frozen linear layers quantized in memory (QLoRA's base): q8_0, q4_0, q4_k,
+    /// q5_k, q6_k (llama.cpp's blocks), nf4 or nf4_dq (bitsandbytes NF4, nf4_dq with its
+    /// double-quantized scales). Products then compute in --dtype (default bf16 here). A GGUF
+    /// keeps its quantized tensors in their own types.
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// `int8`: forward products through a llama.cpp-type quantized base (--quantize q8_0,
+    /// q4_0, q4_k, ..., or a quantized GGUF) quantize the activations to 8 bits per block and
+    /// take integer dot products, as llama.cpp does; input gradients still use --dtype.
+    #[arg(long)]
+    pub compute: Option<String>,
 }
 
 #[derive(Args)]
@@ -99,6 +121,20 @@ pub struct InspectArgs {
     pub model: ModelArg,
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Load as train/eval/generate would with this --dtype, to report the resident bytes.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Keep the frozen linear layers quantized in memory (QLoRA's base): q8_0, q4_0, q4_k,
+    /// q5_k, q6_k (llama.cpp's blocks), nf4 or nf4_dq (bitsandbytes NF4, nf4_dq with its
+    /// double-quantized scales). Products then compute in --dtype (default bf16 here). A GGUF
+    /// keeps its quantized tensors in their own types.
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// `int8`: forward products through a llama.cpp-type quantized base (--quantize q8_0,
+    /// q4_0, q4_k, ..., or a quantized GGUF) quantize the activations to 8 bits per block and
+    /// take integer dot products, as llama.cpp does; input gradients still use --dtype.
+    #[arg(long)]
+    pub compute: Option<String>,
 }
 
 /// `--dtype`: how the base weights are stored.
@@ -110,14 +146,55 @@ pub fn parse_dtype(dtype: Option<&str>) -> Result<DType> {
     })
 }
 
-/// Loads the model (base weights stored as `dtype`) and, if given, attaches the adapter
+/// `--dtype`, `--quantize` and `--compute`: how the frozen base is held and multiplied. A
+/// quantized base computes in bf16 unless `--dtype f32` (QLoRA's usual compute dtype; f32
+/// multiplies the dequantized weights exactly).
+pub fn parse_precision(
+    dtype: Option<&str>,
+    quantize: Option<&str>,
+    compute: Option<&str>,
+) -> Result<Precision> {
+    let quantize = quantize.map(QFormat::parse).transpose()?;
+    let default = if quantize.is_some() { "bf16" } else { "f32" };
+    let int8 = match compute {
+        None => false,
+        Some("int8") if quantize.is_some() => true,
+        Some("int8") => {
+            bail!("--compute int8 multiplies a quantized base: add --quantize (e.g. q8_0 or q4_k)")
+        }
+        Some(other) => {
+            bail!("--compute {other}: unknown (available: int8; --dtype sets the float precision)")
+        }
+    };
+    if int8 && matches!(quantize, Some(QFormat::Nf4 { .. })) {
+        bail!("--compute int8 needs a llama.cpp block type (q8_0, q4_0, q4_k, q5_k, q6_k); NF4 computes in --dtype");
+    }
+    Ok(Precision {
+        dtype: parse_dtype(Some(dtype.unwrap_or(default)))?,
+        quantize,
+        int8,
+    })
+}
+
+/// Loads the model (base weights held as `p` says) and, if given, attaches the adapter
 /// unmerged.
 pub fn load(
     model: &Path,
     adapter: Option<&Path>,
-    dtype: DType,
+    p: Precision,
 ) -> Result<(kaizen::Loaded, Option<AdapterInfo>)> {
-    let mut m = kaizen::load_as(model, dtype)?;
+    let mut m = kaizen::load_with(model, p)?;
+    if let Some(q) = p.quantize {
+        if m.format.starts_with("GGUF") && m.format.contains("Q") {
+            eprintln!(
+                "note: {} is already quantized ({}): its quantized tensors keep their own types; \
+                 --quantize {} applies only to its float matrices inside the blocks",
+                model.display(),
+                m.format,
+                q.name().unwrap_or("?")
+            );
+        }
+    }
     let info = match adapter {
         Some(dir) => Some(kaizen::tuners::load_adapter(&mut m.model, dir)?),
         None => None,
@@ -146,7 +223,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let (m, _) = load(
         &a.model.model,
         a.adapter.as_deref(),
-        parse_dtype(a.dtype.as_deref())?,
+        parse_precision(
+            a.dtype.as_deref(),
+            a.quantize.as_deref(),
+            a.compute.as_deref(),
+        )?,
     )?;
     let ctx = m.model.config().max_position_embeddings;
     let max_len = a.max_len.unwrap_or(ctx);
@@ -183,7 +264,11 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let (m, _) = load(
         &a.model.model,
         a.adapter.as_deref(),
-        parse_dtype(a.dtype.as_deref())?,
+        parse_precision(
+            a.dtype.as_deref(),
+            a.quantize.as_deref(),
+            a.compute.as_deref(),
+        )?,
     )?;
     let ids = if a.chat {
         let msg = Message {
@@ -236,7 +321,13 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
 }
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
-    let (m, adapter) = load(&a.model.model, a.adapter.as_deref(), DType::F32)?;
+    let p = parse_precision(
+        a.dtype.as_deref(),
+        a.quantize.as_deref(),
+        a.compute.as_deref(),
+    )?;
+    let (mut m, adapter) = load(&a.model.model, a.adapter.as_deref(), p)?;
+    let resident = resident(&mut m.model);
     let c = m.model.config();
     let t = &m.tokenizer;
     println!("model:            {}", a.model.model.display());
@@ -245,7 +336,11 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         c.architecture.name(),
         c.model_type
     );
-    println!("weights:          {} -> computed in F32", m.format);
+    println!(
+        "weights:          {} -> computed in {:?}",
+        m.format, p.dtype
+    );
+    println!("resident:         {resident}");
     println!(
         "dims:             hidden {}, intermediate {}, layers {}, heads {}, kv heads {}, head_dim {}",
         c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -295,4 +390,29 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Bytes of the base's matrices per storage type, e.g. "Q4_K 1.90 GB (168 matrices), BF16
+/// 0.36 GB (2 matrices)"; a tied head is counted once.
+fn resident(model: &mut kaizen::Model) -> String {
+    let skip = model.tied_head().then(|| model.lm_head_name());
+    let mut by: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    for (path, part) in model.parts_mut() {
+        if let (Some((label, bytes)), false) = (part.weight_storage(), Some(path.as_str()) == skip)
+        {
+            let e = by.entry(label).or_default();
+            e.0 += bytes;
+            e.1 += 1;
+        }
+    }
+    let total: usize = by.values().map(|e| e.0).sum();
+    let parts: Vec<String> = by
+        .iter()
+        .map(|(l, (b, n))| format!("{l} {:.3} GB ({n} matrices)", *b as f64 / 1e9))
+        .collect();
+    format!(
+        "{:.3} GB in matrices: {}",
+        total as f64 / 1e9,
+        parts.join(", ")
+    )
 }

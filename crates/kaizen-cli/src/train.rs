@@ -82,6 +82,17 @@ pub struct TrainArgs {
     /// bf16 matrix products accumulating in f32. Adapters and optimizer state stay f32.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// QLoRA: keep the frozen linear layers quantized in memory: q8_0, q4_0, q4_k, q5_k, q6_k
+    /// (llama.cpp's blocks), nf4 or nf4_dq (bitsandbytes NF4, nf4_dq with double-quantized
+    /// scales). Products compute in --dtype (default bf16 here). A GGUF keeps its quantized
+    /// tensors in their own types. Not with --method full.
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// `int8`: forward products through a llama.cpp-type quantized base (--quantize q8_0,
+    /// q4_0, q4_k, ..., or a quantized GGUF) quantize the activations to 8 bits per block and
+    /// take integer dot products, as llama.cpp does; input gradients still use --dtype.
+    #[arg(long)]
+    pub compute: Option<String>,
     /// Bottleneck adapters: houlsby (after attention and MLP outputs, default) or pfeiffer (after
     /// the MLP output only).
     #[arg(long)]
@@ -202,6 +213,10 @@ struct Run {
     gradient_checkpointing: bool,
     #[serde(default = "f32_name")]
     dtype: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    quantize: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    compute: Option<String>,
 }
 
 fn f32_name() -> String {
@@ -220,7 +235,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, prefix_projection, gradient_checkpointing, dtype, max_memory,
+        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
             adapter_type, reduction_factor, bottleneck_size, non_linearity,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
@@ -301,11 +316,16 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             bail!("{flag} applies to --method {methods}, not {method_name}");
         }
     }
-    let dtype = crate::infer::parse_dtype(a.dtype.as_deref())?;
-    if method_name == "full" && dtype != kaizen::DType::F32 {
-        bail!("--method full trains every weight in f32; drop --dtype (bf16 stores a frozen base)");
+    let precision = crate::infer::parse_precision(
+        a.dtype.as_deref(),
+        a.quantize.as_deref(),
+        a.compute.as_deref(),
+    )?;
+    let dtype = precision.dtype;
+    if method_name == "full" && (dtype != kaizen::DType::F32 || precision.quantize.is_some()) {
+        bail!("--method full trains every weight in f32; drop --dtype and --quantize (they store a frozen base)");
     }
-    let mut loaded = kaizen::load_as(&model_path, dtype)?;
+    let (mut loaded, _) = crate::infer::load(&model_path, None, precision)?;
     let tok = &loaded.tokenizer;
     let ctx = loaded.model.config().max_position_embeddings;
 
@@ -600,6 +620,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         save_every: cfg.save_every,
         gradient_checkpointing: loaded.model.gradient_checkpointing,
         dtype: format!("{dtype:?}").to_lowercase(),
+        quantize: a.quantize.as_ref().map(|q| q.to_ascii_lowercase()),
+        compute: a.compute.clone(),
     };
     let resume_from = prepare_out(
         &out,

@@ -22,6 +22,7 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{Error, Result};
 pub use kaizen_data::Tokenizer;
 pub use models::Model;
+pub use nn::quant::QFormat;
 
 /// A model ready for inference, with its tokenizer.
 pub struct Loaded {
@@ -41,8 +42,44 @@ pub fn load(path: &Path) -> Result<Loaded> {
 /// kernels with f32 accumulation). Norms, biases, adapters and optimizer state stay f32, as
 /// PEFT's autocast; a tied head shares the narrowed table.
 pub fn load_as(path: &Path, dtype: DType) -> Result<Loaded> {
+    load_with(
+        path,
+        Precision {
+            dtype,
+            ..Precision::default()
+        },
+    )
+}
+
+/// How the frozen base is held: `dtype` stores dense matrices and is the compute precision of
+/// products; `quantize` (`--quantize`) keeps the linear layers inside the blocks quantized
+/// (a GGUF's quantized tensors, embeddings and head included, keep their own types).
+#[derive(Debug, Clone, Copy)]
+pub struct Precision {
+    pub dtype: DType,
+    pub quantize: Option<QFormat>,
+    /// `--compute int8`: forward products through llama.cpp-type quantized matrices quantize
+    /// the activations to 8 bits and take integer dot products (as llama.cpp computes); input
+    /// gradients still dequantize to `dtype`.
+    pub int8: bool,
+}
+
+impl Default for Precision {
+    fn default() -> Self {
+        Precision {
+            dtype: DType::F32,
+            quantize: None,
+            int8: false,
+        }
+    }
+}
+
+/// [`load`] with the base held as `p` says, one matrix at a time (never the f32 model whole).
+pub fn load_with(path: &Path, p: Precision) -> Result<Loaded> {
     let mut ck = checkpoint::open(path)?;
-    ck.weights.matrices = dtype;
+    ck.weights.matrices = p.dtype;
+    ck.weights.quantize = p.quantize;
+    ck.weights.int8 = p.int8;
     // Weights::take narrows each 2-D tensor; a tied head shares the narrowed table.
     let model = Model::load(&ck.config, ck.weights)?;
     let (tv, mv) = (ck.tokenizer.vocab_size(), ck.config.vocab_size);

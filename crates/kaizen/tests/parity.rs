@@ -31,9 +31,20 @@ fn ids(v: &Value) -> Vec<u32> {
 /// Loads fixture `name` (from `model` inside it: the directory itself or a file) and checks it
 /// against its reference.json / reference.safetensors.
 fn check(name: &str, model: Option<&str>) {
+    check_as(name, model, None)
+}
+
+/// [`check`] with the model loaded under `--quantize` (a GGUF then keeps its quantized tensors
+/// in their own types, and products dequantize panels of them in f32).
+fn check_as(name: &str, model: Option<&str>, quantize: Option<&str>) {
     let dir = fixture(name);
     let path = model.map_or(dir.clone(), |m| dir.join(m));
-    let m = kaizen::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let p = kaizen::Precision {
+        dtype: kaizen::DType::F32,
+        quantize: quantize.map(|q| kaizen::QFormat::parse(q).unwrap()),
+        int8: false,
+    };
+    let m = kaizen::load_with(&path, p).unwrap_or_else(|e| panic!("{name}: {e}"));
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
@@ -155,6 +166,16 @@ fn gemma2_gguf_softcaps_as_llama_cpp() {
 #[test]
 fn phi3_gguf_fused_partial_rotary_as_llama_cpp() {
     check("phi3-gguf", Some("model.gguf"));
+}
+
+/// GGUF files kept quantized (`--quantize`): the same references, every quantized type of the
+/// fixtures (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) multiplied without an f32 copy. (The
+/// other GGUF fixtures hold F16 matrices in their blocks, which `--quantize` would quantize.)
+#[test]
+fn gguf_kept_quantized() {
+    for name in ["llama-gguf", "gemma3-gguf"] {
+        check_as(name, Some("model.gguf"), Some("q8_0"));
+    }
 }
 
 #[test]

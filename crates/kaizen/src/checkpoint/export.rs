@@ -56,6 +56,19 @@ pub fn write_hf_dir(
     out: &Path,
     overwrite: bool,
 ) -> Result<Exported> {
+    write_hf_dir_as(model, tokenizer, source, out, overwrite, DType::F32)
+}
+
+/// [`write_hf_dir`] with the weights written as `dtype` (f32, bf16 or f16: `kaizen merge
+/// --dtype`); quantized weights are dequantized first.
+pub fn write_hf_dir_as(
+    model: &mut Model,
+    tokenizer: &Tokenizer,
+    source: &Path,
+    out: &Path,
+    overwrite: bool,
+    dtype: DType,
+) -> Result<Exported> {
     check_destination(source, out, overwrite)?;
     if let Some((path, _)) = model
         .linears_mut()
@@ -74,7 +87,7 @@ pub fn write_hf_dir(
     fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     let tmp = sibling(out, "tmp")?;
     fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let written = write_model_files(&tmp, model, tokenizer, source)
+    let written = write_model_files(&tmp, model, tokenizer, source, dtype)
         .and_then(|exported| verify(&tmp, model, tokenizer).map(|()| exported))
         .and_then(|exported| move_into_place(&tmp, out).map(|()| exported));
     if written.is_err() {
@@ -140,15 +153,24 @@ pub fn write_model_files(
     model: &mut Model,
     tokenizer: &Tokenizer,
     source: &Path,
+    dtype: DType,
 ) -> Result<Exported> {
-    let config = serde_json::to_string_pretty(&model.config().to_hf_json())
+    let mut config = model.config().to_hf_json();
+    let torch = match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    };
+    config["dtype"] = torch.into();
+    config["torch_dtype"] = torch.into();
+    let config = serde_json::to_string_pretty(&config)
         .map_err(|e| Error::Input(format!("cannot serialise config.json: {e}")))?;
     write_atomic(&dir.join("config.json"), format!("{config}\n").as_bytes())?;
     let mut tensors = HashMap::new();
     let mut parameters = 0;
-    for (name, t) in model.named_weights() {
+    for (name, t) in model.named_weights()? {
         parameters += t.elem_count();
-        tensors.insert(name, t.to_dtype(DType::F32)?.contiguous()?);
+        tensors.insert(name, t.to_dtype(dtype)?.contiguous()?);
     }
     write_safetensors(&dir.join("model.safetensors"), &tensors)?;
     if source.is_dir() {
@@ -244,7 +266,7 @@ fn verify(dir: &Path, model: &mut Model, tokenizer: &Tokenizer) -> Result<()> {
     if a != b {
         return Err(bug(format!("tokenizer: {a} tokens became {b}")));
     }
-    let names: Vec<(String, Tensor)> = model.named_weights();
+    let names: Vec<(String, Tensor)> = model.named_weights()?;
     if let Some((n, _)) = names.iter().find(|(n, _)| !ck.weights.contains(n)) {
         return Err(bug(format!("model.safetensors lacks \"{n}\"")));
     }

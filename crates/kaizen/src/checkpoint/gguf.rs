@@ -1,6 +1,6 @@
-//! llama.cpp GGUF files (llama and gemma3 architectures): tensors are dequantized to f32 with
-//! candle's quantized module (F32/F16/BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, K-quants) and renamed to
-//! the architecture's HF names. What llama.cpp's `convert_hf_to_gguf.py` changed is undone as
+//! llama.cpp GGUF files: tensors are renamed to the architecture's HF names and either kept in
+//! their own types (`--quantize`: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and the K-quants stay quantized) or
+//! dequantized to f32 with candle's quantized module. What llama.cpp's `convert_hf_to_gguf.py` changed is undone as
 //! transformers' GGUF loader does: llama's Q/K rows are un-permuted back to HF's rotate_half
 //! layout (llama.cpp permutes them for its interleaved rope), Gemma's norm gains, stored as
 //! `1 + w`, become `w` again. The tokenizer and chat template come from the `tokenizer.*`
@@ -12,12 +12,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
 use kaizen_data::{GgufVocab, Tokenizer};
 
 use super::{Checkpoint, Weights};
 use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::models::arch::{MlpKind, NormKind};
+use crate::nn::quant::QMatrix;
+use crate::nn::Matrix;
 use crate::{Error, Result};
 
 pub fn open(path: &Path) -> Result<Checkpoint> {
@@ -59,7 +62,7 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
             continue;
         };
         let (c, g, p) = (content.clone(), gname.clone(), path.to_path_buf());
-        let loader = Box::new(move || load(&c, &p, &g, fix));
+        let loader = Box::new(move |keep| load(&c, &p, &g, fix, keep));
         weights.insert(hf, info.shape.dims().to_vec(), loader);
     }
     let dtypes: Vec<String> = dtypes.into_iter().collect();
@@ -92,7 +95,7 @@ fn check_extents(path: &Path, content: &Content) -> Result<()> {
 }
 
 fn unused() -> super::Loader {
-    Box::new(|| Err(Error::Input("tensor without an HF name".into())))
+    Box::new(|_| Err(Error::Input("tensor without an HF name".into())))
 }
 
 /// What llama.cpp's converter did to a tensor, to undo at load.
@@ -105,7 +108,14 @@ enum Fix {
     MinusOne,
 }
 
-fn load(content: &Content, path: &Path, gname: &str, fix: Fix) -> Result<Tensor> {
+/// One tensor, kept quantized when `keep` (= Some(compute dtype)) and stored quantized.
+fn load(
+    content: &Content,
+    path: &Path,
+    gname: &str,
+    fix: Fix,
+    keep: Option<DType>,
+) -> Result<Matrix> {
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
     let q = content.tensor(&mut f, gname, &Device::Cpu).map_err(|e| {
         Error::checkpoint(
@@ -116,12 +126,37 @@ fn load(content: &Content, path: &Path, gname: &str, fix: Fix) -> Result<Tensor>
             ),
         )
     })?;
-    let w = q.dequantize(&Device::Cpu)?;
-    match fix {
-        Fix::Unpermute(h) => unpermute(&w, h),
-        Fix::MinusOne => Ok((w - 1.0)?),
-        Fix::None => Ok(w),
+    let quantized = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+    if let (Some(compute), true, 2) = (keep, quantized, q.rank()) {
+        let m = QMatrix::from_gguf(q, compute)?;
+        let m = match fix {
+            // Rows are whole blocks: the permutation moves rows' bytes.
+            Fix::Unpermute(h) => {
+                let perm = unpermuted_rows(m.dims().0, h);
+                m.permute_rows(&perm)?
+            }
+            _ => m,
+        };
+        return Ok(Matrix::Quant(Arc::new(m)));
     }
+    let w = q.dequantize(&Device::Cpu)?;
+    Ok(Matrix::Dense(match fix {
+        Fix::Unpermute(h) => unpermute(&w, h)?,
+        Fix::MinusOne => (w - 1.0)?,
+        Fix::None => w,
+    }))
+}
+
+/// Row `i` of the un-permuted matrix is row `perm[i]` of llama.cpp's (see [`unpermute`]).
+fn unpermuted_rows(rows: usize, n_head: usize) -> Vec<usize> {
+    let half = rows / n_head / 2;
+    // HF row (h, a, j) holds llama.cpp row (h, j, a), a in 0..2, j in 0..half.
+    (0..rows)
+        .map(|i| {
+            let (h, a, j) = (i / (2 * half), (i / half) % 2, i % half);
+            h * 2 * half + j * 2 + a
+        })
+        .collect()
 }
 
 /// Inverse of llama.cpp's `permute(w, n_head)`: rows (h, j, a) back to HF's (h, a, j).

@@ -5,12 +5,12 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::Device;
 use kaizen_data::Tokenizer;
 
+use super::safetensors_file::{read, Index};
 use super::{Checkpoint, Weights};
 use crate::config::ModelConfig;
+use crate::nn::Matrix;
 use crate::{Error, Result};
 
 pub fn open(dir: &Path) -> Result<Checkpoint> {
@@ -23,31 +23,17 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
     }
     let config = ModelConfig::from_hf_file(&config_path)?;
     let files = weight_files(dir)?;
-    // SAFETY: the files are mapped read-only and we never write to them while they are mapped.
-    let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
-        Error::checkpoint(
-            files.first().cloned().unwrap_or_default(),
-            format!(
-                "not a readable safetensors file ({}); it may be truncated or corrupt",
-                crate::error::brief(&e)
-            ),
-        )
-    })?;
-    let st = Arc::new(st);
     let mut weights = Weights::new(dir.to_path_buf());
     let mut dtypes = BTreeSet::new();
-    for (name, view) in st.tensors() {
-        dtypes.insert(format!("{:?}", view.dtype()));
-        let (st2, n, path) = (st.clone(), name.clone(), dir.to_path_buf());
-        let loader = Box::new(move || {
-            st2.load(&n, &Device::Cpu).map_err(|e| {
-                Error::checkpoint(
-                    &path,
-                    format!("cannot read tensor \"{n}\": {}", crate::error::brief(&e)),
-                )
-            })
-        });
-        weights.insert(name, view.shape().to_vec(), loader);
+    for file in files {
+        let index = Index::open(&file)?;
+        let file = Arc::new(file);
+        for e in index.entries {
+            dtypes.insert(e.dtype.clone());
+            let (name, shape, file) = (e.name.clone(), e.shape.clone(), file.clone());
+            let loader = Box::new(move |_keep| read(&file, &e).map(Matrix::Dense));
+            weights.insert(name, shape, loader);
+        }
     }
     let tokenizer = Tokenizer::from_dir(dir)?;
     let dtypes: Vec<String> = dtypes.into_iter().collect();

@@ -6,6 +6,7 @@ pub mod adapter;
 pub mod export;
 mod gguf;
 mod hf_dir;
+mod safetensors_file;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,8 @@ use candle_core::{DType, Tensor};
 use kaizen_data::Tokenizer;
 
 use crate::config::ModelConfig;
+use crate::nn::quant::{QFormat, QMatrix};
+use crate::nn::{Linear, Matrix};
 use crate::{Error, Result};
 
 /// Everything read from `--model`.
@@ -40,8 +43,10 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     }
 }
 
-/// Source of one tensor: loads it as f32 on demand, so ignored tensors are never decoded.
-type Loader = Box<dyn Fn() -> Result<Tensor>>;
+/// Source of one tensor, read on demand so ignored tensors are never decoded: `keep` =
+/// Some(compute dtype) asks a quantized GGUF tensor to stay quantized; otherwise it comes dense
+/// (f32, or the file's float dtype).
+type Loader = Box<dyn Fn(Option<DType>) -> Result<Matrix>>;
 
 /// Tensors of a checkpoint keyed by HF name. Loading is strict: a model takes each tensor it
 /// needs with its expected shape, and [`Weights::finish`] fails if anything is left over.
@@ -49,8 +54,14 @@ pub struct Weights {
     path: PathBuf,
     entries: BTreeMap<String, (Vec<usize>, Loader)>,
     /// The dtype 2-D tensors (linear layers, embeddings) are kept in: f32, or bf16 for
-    /// `--dtype bf16`, narrowed one tensor at a time so the f32 model never exists whole.
+    /// `--dtype bf16`, narrowed one tensor at a time so the f32 model never exists whole. It is
+    /// also the compute precision of quantized matrices.
     pub matrices: DType,
+    /// `--quantize`: the linear layers inside the blocks are quantized as they are read, one
+    /// at a time; a GGUF's quantized tensors keep their own types.
+    pub quantize: Option<QFormat>,
+    /// `--compute int8` for the quantized matrices.
+    pub int8: bool,
 }
 
 impl Weights {
@@ -59,6 +70,8 @@ impl Weights {
             path,
             entries: BTreeMap::new(),
             matrices: DType::F32,
+            quantize: None,
+            int8: false,
         }
     }
 
@@ -72,6 +85,41 @@ impl Weights {
 
     /// Removes `name` and returns it as f32 (a 2-D tensor as `matrices`), checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let load = self.entry(name, shape)?;
+        let dtype = if shape.len() == 2 {
+            self.matrices
+        } else {
+            DType::F32
+        };
+        match load(None)? {
+            Matrix::Dense(t) => Ok(t.to_dtype(dtype)?),
+            Matrix::Quant(q) => Ok(q.to_f32()?.to_dtype(dtype)?),
+        }
+    }
+
+    /// A frozen 2-D matrix (out, in). Under `--quantize`, a GGUF's quantized tensor stays as it
+    /// is, and a float one is quantized when it is a linear layer inside the blocks
+    /// (`in_block`: embeddings and the LM head keep the load dtype, as transformers'
+    /// `load_in_4bit`).
+    pub fn take_matrix(&mut self, name: &str, shape: &[usize], in_block: bool) -> Result<Matrix> {
+        let load = self.entry(name, shape)?;
+        let keep = self.quantize.map(|_| self.matrices);
+        let mut q = match (load(keep)?, self.quantize) {
+            (Matrix::Quant(q), _) => q,
+            (Matrix::Dense(t), Some(format)) if in_block => std::sync::Arc::new(
+                QMatrix::quantize(&t, format, self.matrices, name)
+                    .map_err(|e| Error::checkpoint(&self.path, e.to_string()))?,
+            ),
+            (Matrix::Dense(t), _) => return Ok(Matrix::Dense(t.to_dtype(self.matrices)?)),
+        };
+        if let Some(q) = std::sync::Arc::get_mut(&mut q) {
+            q.int8 = self.int8 && q.has_int8();
+        }
+        Ok(Matrix::Quant(q))
+    }
+
+    /// Removes `name`'s loader, checking its shape.
+    fn entry(&mut self, name: &str, shape: &[usize]) -> Result<Loader> {
         let Some((found, load)) = self.entries.remove(name) else {
             let last = name.rsplit('.').next().unwrap_or(name);
             let near: Vec<&str> = self
@@ -92,12 +140,7 @@ impl Weights {
                 format!("tensor \"{name}\" has shape {found:?}, but the config implies {shape:?}"),
             ));
         }
-        let dtype = if shape.len() == 2 {
-            self.matrices
-        } else {
-            DType::F32
-        };
-        Ok(load()?.to_dtype(dtype)?)
+        Ok(load)
     }
 
     /// Like [`Weights::take`] for tensors that may be absent (biases, tied heads).
@@ -109,20 +152,15 @@ impl Weights {
         }
     }
 
-    /// Takes `{name}.weight` (out, in) and, if `bias`, `{name}.bias` (out,) as a frozen linear.
-    pub fn linear(
-        &mut self,
-        name: &str,
-        out: usize,
-        inp: usize,
-        bias: bool,
-    ) -> Result<crate::nn::Linear> {
-        let weight = self.take(&format!("{name}.weight"), &[out, inp])?;
+    /// Takes `{name}.weight` (out, in) and, if `bias`, `{name}.bias` (out,) as a frozen linear
+    /// layer inside the blocks (quantized under `--quantize`).
+    pub fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let weight = self.take_matrix(&format!("{name}.weight"), &[out, inp], true)?;
         let bias = match bias {
             true => Some(self.take(&format!("{name}.bias"), &[out])?),
             false => None,
         };
-        Ok(crate::nn::Linear::new(weight, bias))
+        Ok(Linear::new(weight, bias))
     }
 
     /// Fails unless every tensor was taken or its name ends with one of `ignored_suffixes`.

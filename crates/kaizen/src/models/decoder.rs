@@ -250,13 +250,17 @@ impl Decoder {
         let layers = (0..c.num_hidden_layers)
             .map(|i| l.block(i))
             .collect::<Result<Vec<_>>>()?;
-        let embed = l.w.take(&format!("{}.weight", n.embed), &[v, h])?;
+        let embed =
+            l.w.take_matrix(&format!("{}.weight", n.embed), &[v, h], false)?;
         let lm_head = if c.tie_word_embeddings {
             // Some tied checkpoints still carry a copy of the head; it must equal the embeddings.
             l.w.take_opt(&format!("{}.weight", n.head), &[v, h])?;
             Linear::new(embed.clone(), None)
         } else {
-            l.w.linear(n.head, v, h, false)?
+            Linear::new(
+                l.w.take_matrix(&format!("{}.weight", n.head), &[v, h], false)?,
+                None,
+            )
         };
         let norm = l.norm(n.final_norm, h)?;
         Ok(Decoder {

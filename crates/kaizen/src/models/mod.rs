@@ -47,17 +47,57 @@ pub enum Part<'a> {
 }
 
 impl Part<'_> {
-    /// Its tensors under their HF suffixes ("weight", "bias").
+    /// Its dense tensors under their HF suffixes ("weight", "bias"); a quantized weight is not
+    /// listed (only dense weights train).
     pub fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
         match self {
             Part::Linear(l) => {
-                let mut out = vec![("weight", &mut l.weight)];
+                let mut out: Vec<_> = l
+                    .weight
+                    .dense_mut()
+                    .map(|w| ("weight", w))
+                    .into_iter()
+                    .collect();
                 out.extend(l.bias.as_mut().map(|b| ("bias", b)));
                 out
             }
             Part::Norm(Norm::Layer(n)) => vec![("weight", &mut n.weight), ("bias", &mut n.bias)],
             Part::Norm(Norm::Rms(n)) => vec![("weight", &mut n.weight)],
-            Part::Embedding(e) => vec![("weight", &mut e.weight)],
+            Part::Embedding(e) => e
+                .weight
+                .dense_mut()
+                .map(|w| ("weight", w))
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// Its tensors as a checkpoint stores them, quantized weights dequantized to f32.
+    pub fn tensors(&mut self) -> Result<Vec<(&'static str, Tensor)>> {
+        let weight = match self {
+            Part::Linear(l) => &l.weight,
+            Part::Embedding(e) => &e.weight,
+            Part::Norm(_) => {
+                return Ok(self
+                    .tensors_mut()
+                    .into_iter()
+                    .map(|(s, t)| (s, t.clone()))
+                    .collect())
+            }
+        };
+        let mut out = vec![("weight", weight.to_f32()?)];
+        if let Part::Linear(l) = self {
+            out.extend(l.bias.clone().map(|b| ("bias", b)));
+        }
+        Ok(out)
+    }
+
+    /// The dense weights' storage types and the quantized ones', with their resident bytes.
+    pub fn weight_storage(&self) -> Option<(String, usize)> {
+        match self {
+            Part::Linear(l) => Some((l.weight.label(), l.weight.bytes())),
+            Part::Embedding(e) => Some((e.weight.label(), e.weight.bytes())),
+            Part::Norm(_) => None,
         }
     }
 
@@ -387,17 +427,17 @@ impl Model {
 
     /// Every weight under its HF tensor name, as an HF checkpoint stores it (tied embeddings
     /// once, no `lm_head.weight`); attached adapters are not included.
-    pub fn named_weights(&mut self) -> Vec<(String, Tensor)> {
+    pub fn named_weights(&mut self) -> Result<Vec<(String, Tensor)>> {
         let skip = self.tied_head().then(|| self.lm_head_name());
         let mut out = Vec::new();
         for (path, mut part) in self.parts_mut() {
             if Some(path.as_str()) != skip {
-                for (suffix, t) in part.tensors_mut() {
-                    out.push((format!("{path}.{suffix}"), t.clone()));
+                for (suffix, t) in part.tensors()? {
+                    out.push((format!("{path}.{suffix}"), t));
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// HF module path of the output projection (never a LoRA target under "all-linear").

@@ -3,27 +3,27 @@
 
 use candle_core::Tensor;
 
-use super::Grads;
+use super::{Grads, Matrix};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct Embedding {
     /// (vocab, hidden)
-    pub weight: Tensor,
+    pub weight: Matrix,
     /// Full fine-tuning: the HF module path its gradients are kept under; None = frozen.
     pub trainable: Option<String>,
 }
 
 impl Embedding {
-    pub fn new(weight: Tensor) -> Self {
+    pub fn new(weight: impl Into<Matrix>) -> Self {
         Embedding {
-            weight,
+            weight: weight.into(),
             trainable: None,
         }
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims2().0
     }
 
     /// ids: (B, T) u32 -> (B, T, hidden)
@@ -36,9 +36,8 @@ impl Embedding {
                 self.vocab_size()
             )));
         }
-        let flat = self.weight.index_select(&ids.flatten_all()?, 0)?; // (B*T, hidden)
-        let flat = flat.to_dtype(candle_core::DType::F32)?; // a bf16 table gives f32 rows
-        Ok(flat.reshape((b, t, self.weight.dims()[1]))?)
+        let flat = self.weight.rows(&ids.flatten_all()?)?; // (B*T, hidden) f32
+        Ok(flat.reshape((b, t, self.weight.dims2().1))?)
     }
 
     /// Full fine-tuning: scatters the gradient of the looked-up rows (B, T, hidden) back into the
@@ -47,8 +46,8 @@ impl Embedding {
         let Some(path) = &self.trainable else {
             return Ok(());
         };
-        let h = self.weight.dims()[1];
-        let d = Tensor::zeros(self.weight.dims(), d_x.dtype(), d_x.device())?.index_add(
+        let (v, h) = self.weight.dims2();
+        let d = Tensor::zeros((v, h), d_x.dtype(), d_x.device())?.index_add(
             &ids.flatten_all()?,
             &d_x.reshape(((), h))?,
             0,

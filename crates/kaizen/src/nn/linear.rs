@@ -5,10 +5,10 @@
 
 use std::fmt::Debug;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use rand::rngs::StdRng;
 
-use super::{gemm, Grads};
+use super::{Grads, Matrix};
 use crate::Result;
 
 /// A trainable method wrapped around a frozen linear layer. The adapter runs the whole layer:
@@ -41,8 +41,8 @@ pub trait LinearAdapter: Debug + Send + Sync {
 
 #[derive(Debug)]
 pub struct Linear {
-    /// (out, in)
-    pub weight: Tensor,
+    /// (out, in): dense, or quantized (`--quantize`, a GGUF's own types)
+    pub weight: Matrix,
     /// (out,)
     pub bias: Option<Tensor>,
     pub adapter: Option<Box<dyn LinearAdapter>>,
@@ -60,9 +60,9 @@ pub struct LinearCache {
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub fn new(weight: impl Into<Matrix>, bias: Option<Tensor>) -> Self {
         Linear {
-            weight,
+            weight: weight.into(),
             bias,
             adapter: None,
             trainable: None,
@@ -70,28 +70,23 @@ impl Linear {
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims2().1
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims2().0
     }
 
-    /// The weight in f32 (a copy when it is stored in bf16), for adapters that compute with it.
+    /// The weight in f32 (a copy when it is stored in bf16 or quantized), for adapters that
+    /// compute with it.
     pub fn weight_f32(&self) -> Result<Tensor> {
-        Ok(self.weight.to_dtype(DType::F32)?)
+        self.weight.to_f32()
     }
 
-    /// The frozen layer alone. x: (N, in) -> (N, out). A bf16 weight (`--dtype bf16`) runs
-    /// kaizen's bf16 kernels; an f32 one candle's matmul.
+    /// The frozen layer alone. x: (N, in) -> (N, out), on kaizen's kernels in the weight's
+    /// precision (see [`Matrix::product`]).
     pub fn base_forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match self.weight.dtype() {
-            DType::BF16 => gemm::linear_bf16(x, &self.weight, true)?,
-            _ => match gemm::linear_f32(x, &self.weight, true)? {
-                Some(y) => y,
-                None => x.matmul(&self.weight.t()?)?,
-            },
-        };
+        let y = self.weight.product(x, true)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -100,13 +95,7 @@ impl Linear {
 
     /// Input gradient of the frozen layer alone: dy (N, out) -> dx (N, in). No weight gradient.
     pub fn base_backward(&self, dy: &Tensor) -> Result<Tensor> {
-        match self.weight.dtype() {
-            DType::BF16 => gemm::linear_bf16(dy, &self.weight, false),
-            _ => match gemm::linear_f32(dy, &self.weight, false)? {
-                Some(dx) => Ok(dx),
-                None => Ok(dy.matmul(&self.weight)?),
-            },
-        }
+        self.weight.product(dy, false)
     }
 
     /// x: (..., in) -> (..., out)

@@ -10,12 +10,15 @@ pub mod kv_cache;
 pub mod linear;
 pub mod loss;
 pub mod math;
+pub mod matrix;
 pub mod norm;
+pub mod quant;
 pub mod rotary;
 
 pub use embedding::Embedding;
 pub use grads::Grads;
 pub use kv_cache::KvCache;
 pub use linear::{Linear, LinearAdapter};
+pub use matrix::Matrix;
 pub use norm::{LayerNorm, Norm, RmsNorm};
 pub use rotary::Rotary;

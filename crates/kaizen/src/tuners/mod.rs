@@ -15,7 +15,7 @@ use candle_core::Tensor;
 use serde_json::Value;
 
 use crate::checkpoint::adapter;
-use crate::nn::LinearAdapter;
+use crate::nn::{LinearAdapter, Matrix};
 use crate::{Error, Model, Result};
 
 /// A PEFT method with its resolved configuration: what `adapter_config.json` describes.
@@ -280,7 +280,7 @@ pub struct Merged {
 
 struct MergedLayer {
     path: String,
-    weight: Tensor,
+    weight: Matrix,
     bias: Option<Tensor>,
     adapter: Box<dyn LinearAdapter>,
 }
@@ -324,8 +324,9 @@ pub fn merge(model: &mut Model) -> Result<Merged> {
             .find(|(p, _)| *p == path)
             .expect("path from this model");
         let adapter = lin.adapter.take().expect("checked above");
-        // Folded in f32, kept in the layer's dtype (bf16 under --dtype bf16).
-        let w = w.to_dtype(lin.weight.dtype())?;
+        // Folded in f32, kept in the layer's dtype (bf16 under --dtype bf16); a quantized
+        // weight becomes a dense one in its compute dtype.
+        let w = lin.weight.like(w)?;
         let weight = std::mem::replace(&mut lin.weight, w);
         let bias = std::mem::replace(&mut lin.bias, b);
         layers.push(MergedLayer {

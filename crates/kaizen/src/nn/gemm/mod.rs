@@ -22,11 +22,13 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod pack;
+mod quant;
 mod tensor;
 #[cfg(test)]
 mod tests;
 
 use pack::{pack_f32, pack_pairs, to_bf16};
+pub use quant::linear_quant;
 pub use tensor::{linear_bf16, linear_f32, PackedLinear};
 
 /// Rows of C per micro-kernel call.

@@ -5,7 +5,10 @@ use candle_core::{DType, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::quant::{kernels_for, FromF32};
 use super::{available, available_bf16, gemm, gemm_packed, to_bf16, Mat, PackedB, Weight};
+use crate::nn::quant::QMatrix;
+use crate::nn::Matrix;
 use crate::Result;
 
 /// Rows at or below which [`linear_bf16`] runs the matrix-vector path (decoding) instead of
@@ -82,6 +85,15 @@ pub struct Packed2<W: Weight> {
     bwd: PackedB<W>,
 }
 
+impl<W: FromF32> Packed2<W> {
+    fn from_quant(q: &QMatrix) -> Result<Self> {
+        Ok(Packed2 {
+            fwd: PackedB::from_quant(q, true)?,
+            bwd: PackedB::from_quant(q, false)?,
+        })
+    }
+}
+
 impl<W: Weight + candle_core::WithDType> Packed2<W> {
     fn new(w: &Tensor) -> Result<Self> {
         let (out, inp) = w.dims2()?;
@@ -98,11 +110,18 @@ impl<W: Weight + candle_core::WithDType> Packed2<W> {
 
 impl PackedLinear {
     /// None where the CPU lacks the kernels for `w`'s dtype (callers then use the layer).
-    pub fn new(w: &Tensor) -> Result<Option<Self>> {
-        Ok(match w.dtype() {
-            DType::BF16 if available_bf16() => Some(PackedLinear::Bf16(Packed2::new(w)?)),
-            DType::F32 if available() => Some(PackedLinear::F32(Packed2::new(w)?)),
-            _ => None,
+    pub fn new(w: &Matrix) -> Result<Option<Self>> {
+        Ok(match w {
+            Matrix::Dense(w) => match w.dtype() {
+                DType::BF16 if available_bf16() => Some(PackedLinear::Bf16(Packed2::new(w)?)),
+                DType::F32 if available() => Some(PackedLinear::F32(Packed2::new(w)?)),
+                _ => None,
+            },
+            Matrix::Quant(q) if kernels_for(q.compute) => Some(match q.compute {
+                DType::BF16 => PackedLinear::Bf16(Packed2::from_quant(q)?),
+                _ => PackedLinear::F32(Packed2::from_quant(q)?),
+            }),
+            Matrix::Quant(_) => None,
         })
     }
 
@@ -141,7 +160,10 @@ fn product<W: Weight>(a: Mat<f32>, b: &PackedB<W>) -> Vec<f32> {
 }
 
 /// Runs `f` on a contiguous CPU tensor's elements.
-fn with_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+pub(super) fn with_slice<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         return Err(crate::Error::Input(

@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 
 use crate::checkpoint::export::write_model_files;
 use crate::models::Part;
-use crate::{Error, Model, Result, Tokenizer};
+use crate::nn::Matrix;
+use crate::{DType, Error, Model, Result, Tokenizer};
 
 /// What a full fine-tuning run saves with: the tokenizer and the model's source (tokenizer files
 /// are copied from an HF directory, written from the tokenizer for a GGUF).
@@ -35,7 +36,7 @@ impl FullFineTuning {
     /// Writes the model as an HF directory into `dir` (config.json, model.safetensors, tokenizer).
     pub fn save(&self, model: &mut Model, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        write_model_files(dir, model, &self.tokenizer, &self.source)?;
+        write_model_files(dir, model, &self.tokenizer, &self.source, DType::F32)?;
         Ok(())
     }
 }
@@ -49,6 +50,17 @@ pub fn attach(model: &mut Model) -> Result<usize> {
         return Err(Error::Input(
             "full fine-tuning trains the model itself; load it without an adapter".into(),
         ));
+    }
+    if let Some((path, _)) = model
+        .linears_mut()
+        .into_iter()
+        .find(|(_, l)| matches!(l.weight, Matrix::Quant(_)))
+    {
+        return Err(Error::Input(format!(
+            "full fine-tuning trains every weight, but {path} is quantized (--quantize, or a \
+             quantized GGUF); train an adapter on a quantized base (e.g. --method lora), or load \
+             the model without --quantize"
+        )));
     }
     let (head, tied) = (model.lm_head_name(), model.tied_head());
     let mut parts = model.parts_mut();

@@ -193,8 +193,9 @@ mod tests {
         // PEFT: base(x) + (m/n - 1) * (x' W^T) + (m/n) * scale * B A x', x' = dropout(x).
         let xd = (&x * &mask).unwrap();
         let m = layer.magnitude.as_ref().unwrap();
-        let w =
-            (&base.weight + (layer.lora_b.matmul(&layer.lora_a).unwrap() * 1.5).unwrap()).unwrap();
+        let w = (&base.weight_f32().unwrap()
+            + (layer.lora_b.matmul(&layer.lora_a).unwrap() * 1.5).unwrap())
+        .unwrap();
         let s = (m / w.sqr().unwrap().sum(1).unwrap().sqrt().unwrap())
             .unwrap()
             .unsqueeze(0)
@@ -205,7 +206,7 @@ mod tests {
             .matmul(&layer.lora_b.t().unwrap())
             .unwrap();
         let want = (base.base_forward(&x).unwrap()
-            + xd.matmul(&base.weight.t().unwrap())
+            + xd.matmul(&base.weight_f32().unwrap().t().unwrap())
                 .unwrap()
                 .broadcast_mul(&(&s - 1.0).unwrap())
                 .unwrap()

@@ -1,0 +1,218 @@
+//! Products with a quantized weight (`nn::quant::QMatrix`): each `(KC x NC)` block of B is
+//! dequantized into a scratch (rows in parallel, whole quantization blocks at a time) and packed
+//! from there into the same panels a dense weight packs into, so the micro-kernels, the LM
+//! head's reuse of a packed B and the thread split are those of the dense path. Depth blocks
+//! start on quantization-block boundaries. Few rows (decoding) take a matrix-vector path that
+//! dequantizes one weight row at a time.
+
+use std::cell::RefCell;
+
+use candle_core::{DType, Device, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+use super::pack::{pack_f32, pack_pairs, to_bf16};
+use super::tensor::with_slice;
+use super::{available, available_bf16, gemm_packed, Mat, PackedB, Weight, KC, NC, NR};
+use crate::nn::quant::QMatrix;
+use crate::Result;
+
+/// Rows at or below which the matrix-vector path runs.
+const GEMV_ROWS: usize = 4;
+
+/// A packed element type that can be packed from f32 values.
+pub trait FromF32: Weight {
+    fn pack_from(m: &Mat<f32>, r0: usize, width: usize, kc: usize, dst: &mut [Self::Packed]);
+}
+
+impl FromF32 for f32 {
+    fn pack_from(m: &Mat<f32>, r0: usize, width: usize, kc: usize, dst: &mut [f32]) {
+        pack_f32(m, r0, width, 0, kc, dst)
+    }
+}
+
+impl FromF32 for bf16 {
+    fn pack_from(m: &Mat<f32>, r0: usize, width: usize, kc: usize, dst: &mut [super::Pair]) {
+        pack_pairs(m, r0, width, 0, kc, dst, to_bf16)
+    }
+}
+
+/// Whether kaizen's kernels run products in `compute` precision on this CPU.
+pub(super) fn kernels_for(compute: DType) -> bool {
+    match compute {
+        DType::BF16 => available_bf16(),
+        _ => available(),
+    }
+}
+
+impl<W: FromF32> PackedB<W> {
+    /// B = `qᵀ` (`transposed`: the forward `x Wᵀ`) or `q` (the input gradient `dy W`), packed.
+    pub(super) fn from_quant(q: &QMatrix, transposed: bool) -> Result<Self> {
+        let (rows, cols) = q.dims();
+        let (k, n) = if transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        // Equal depth blocks near KC, each a whole number of quantization blocks.
+        let kc_block = k
+            .div_ceil(k.div_ceil(KC).max(1))
+            .next_multiple_of(q.block_size().max(W::KSTEP));
+        let mut scratch = Vec::new();
+        let mut blocks = Vec::new();
+        for j0 in (0..n).step_by(NC) {
+            let nc = NC.min(n - j0);
+            for p0 in (0..k).step_by(kc_block) {
+                let kc = kc_block.min(k - p0);
+                scratch.resize(nc * kc, 0f32);
+                // Bᵀ's (nc x kc) block, as a view of the dequantized scratch.
+                let bt = if transposed {
+                    // W's rows j0.. (B's columns), its columns p0.. (B's depth).
+                    scratch
+                        .par_chunks_mut(kc)
+                        .enumerate()
+                        .try_for_each(|(i, row)| q.dequantize_into(j0 + i, p0, row))?;
+                    Mat::row_major(&scratch, nc, kc)
+                } else {
+                    scratch
+                        .par_chunks_mut(nc)
+                        .enumerate()
+                        .try_for_each(|(i, row)| q.dequantize_into(p0 + i, j0, row))?;
+                    Mat::row_major(&scratch, kc, nc).t()
+                };
+                let steps = kc.div_ceil(W::KSTEP);
+                let mut data = vec![W::Packed::default(); nc.div_ceil(NR) * steps * NR];
+                data.par_chunks_mut(steps * NR)
+                    .enumerate()
+                    .for_each(|(jp, dst)| W::pack_from(&bt, jp * NR, NR, kc, dst));
+                blocks.push(data);
+            }
+        }
+        Ok(PackedB {
+            k,
+            n,
+            kc_block,
+            blocks,
+        })
+    }
+}
+
+/// `x (N, cols) -> x qᵀ (N, rows)` when `transposed`, else `x (N, rows) -> x q (N, cols)`, in
+/// f32 with products in `q.compute` precision. Without the CPU's kernels: candle's matmul on
+/// the dequantized matrix.
+pub fn linear_quant(x: &Tensor, q: &QMatrix, transposed: bool) -> Result<Tensor> {
+    let (n, kx) = x.dims2()?;
+    let (rows, cols) = q.dims();
+    let (k, out) = if transposed {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    };
+    assert_eq!(
+        kx, k,
+        "linear_quant: x has {kx} columns, the weight wants {k}"
+    );
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    if !kernels_for(q.compute) {
+        let w = q.to_f32()?.to_dtype(q.compute)?;
+        let w = if transposed { w.t()? } else { w };
+        return Ok(x.to_dtype(q.compute)?.matmul(&w)?.to_dtype(DType::F32)?);
+    }
+    let mut c = vec![0f32; n * out];
+    with_slice::<f32, _>(&x, |xs| -> Result<()> {
+        if transposed && q.int8 && q.has_int8() {
+            return int8_forward(xs, n, q, &mut c);
+        }
+        if transposed && n <= GEMV_ROWS {
+            return gemv_quant(xs, n, q, &mut c);
+        }
+        let a = Mat::row_major(xs, n, k);
+        match q.compute {
+            DType::BF16 => gemm_packed(a, &PackedB::<bf16>::from_quant(q, transposed)?, &mut c),
+            _ => gemm_packed(a, &PackedB::<f32>::from_quant(q, transposed)?, &mut c),
+        }
+        Ok(())
+    })??;
+    Ok(Tensor::from_vec(c, (n, out), &Device::Cpu)?)
+}
+
+thread_local! {
+    static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Weight rows per task of [`int8_forward`].
+const INT8_ROWS: usize = 64;
+
+/// `c (n, rows) = x (n, cols) qᵀ` on integer dot products ([`QMatrix::int8_rows`]), the
+/// weight's rows split across rayon's threads.
+fn int8_forward(x: &[f32], n: usize, q: &QMatrix, c: &mut [f32]) -> Result<()> {
+    let rows = q.dims().0;
+    let parts: Vec<(usize, Vec<f32>)> = (0..rows)
+        .step_by(INT8_ROWS)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|r0| {
+            let r1 = (r0 + INT8_ROWS).min(rows);
+            let mut part = vec![0f32; n * (r1 - r0)];
+            q.int8_rows(x, n, r0, r1, &mut part).map(|()| (r0, part))
+        })
+        .collect::<Result<_>>()?;
+    for (r0, part) in parts {
+        let w = part.len() / n.max(1);
+        for i in 0..n {
+            c[i * rows + r0..][..w].copy_from_slice(&part[i * w..(i + 1) * w]);
+        }
+    }
+    Ok(())
+}
+
+/// `c (n, rows) = x (n, cols) qᵀ` for a handful of rows: each weight row is dequantized once
+/// (rounded to bf16 when computing in bf16, as the packed path rounds it) and dotted with every
+/// row of x.
+fn gemv_quant(x: &[f32], n: usize, q: &QMatrix, c: &mut [f32]) -> Result<()> {
+    let (rows, cols) = q.dims();
+    let bf = q.compute == DType::BF16;
+    let xr: Vec<f32> = match bf {
+        true => x.iter().map(|&v| to_bf16(v).to_f32()).collect(),
+        false => x.to_vec(),
+    };
+    let mut ct = vec![0f32; rows * n]; // (rows, n)
+    ct.par_chunks_mut(n).enumerate().try_for_each(|(j, dst)| {
+        ROW.with(|buf| -> Result<()> {
+            let mut w = buf.borrow_mut();
+            w.resize(cols, 0.0);
+            q.dequantize_into(j, 0, &mut w)?;
+            if bf {
+                w.iter_mut().for_each(|v| *v = to_bf16(*v).to_f32());
+            }
+            for (i, o) in dst.iter_mut().enumerate() {
+                *o = dot(&w, &xr[i * cols..(i + 1) * cols]);
+            }
+            Ok(())
+        })
+    })?;
+    for j in 0..rows {
+        for i in 0..n {
+            c[i * rows + j] = ct[j * n + i];
+        }
+    }
+    Ok(())
+}
+
+/// `sum a[i] * b[i]` in 16 partial sums (vectorised by the compiler).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (a16, b16) in ac.zip(bc) {
+        for l in 0..16 {
+            acc[l] += a16[l] * b16[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}

@@ -1,0 +1,331 @@
+//! Quantized frozen matrices (QLoRA's frozen base): llama.cpp's block formats, read from a GGUF
+//! as they are or made from an HF checkpoint one matrix at a time (candle's `QTensor`, which
+//! ports ggml's reference quantizers), and bitsandbytes' NF4 ([`nf4`]). A matrix stays
+//! quantized in memory; products dequantize panels of it into kaizen's GEMM (`gemm/quant.rs`),
+//! and adapters that need the weight itself (DoRA, merging) get a dequantized f32 copy.
+//!
+//! Rows are whole blocks: a row's elements never share a block with the next row's, so any
+//! row range, and any column range that starts and ends on a block boundary, dequantizes alone.
+
+pub mod nf4;
+
+use std::fmt;
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0, GgmlType,
+};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// A storage format for `--quantize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QFormat {
+    /// One of llama.cpp's block formats.
+    Ggml(GgmlDType),
+    /// bitsandbytes NF4, block 64; `double_quant` quantizes the block scales too.
+    Nf4 { double_quant: bool },
+}
+
+impl QFormat {
+    /// The names `--quantize` takes.
+    pub const NAMES: [&'static str; 7] = ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "nf4", "nf4_dq"];
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "q8_0" => QFormat::Ggml(GgmlDType::Q8_0),
+            "q4_0" => QFormat::Ggml(GgmlDType::Q4_0),
+            "q4_k" => QFormat::Ggml(GgmlDType::Q4K),
+            "q5_k" => QFormat::Ggml(GgmlDType::Q5K),
+            "q6_k" => QFormat::Ggml(GgmlDType::Q6K),
+            "nf4" => QFormat::Nf4 {
+                double_quant: false,
+            },
+            "nf4_dq" => QFormat::Nf4 { double_quant: true },
+            _ => {
+                return Err(Error::Input(format!(
+                    "--quantize {s}: unknown type; use one of {}",
+                    Self::NAMES.join(", ")
+                )))
+            }
+        })
+    }
+
+    /// The name `--quantize` takes for it (None for GGUF-only types such as Q4_1).
+    pub fn name(self) -> Option<&'static str> {
+        Self::NAMES
+            .into_iter()
+            .find(|n| Self::parse(n).ok() == Some(self))
+    }
+
+    /// Elements per block: a quantized row's length must be a multiple of it.
+    pub fn block_size(self) -> usize {
+        match self {
+            QFormat::Ggml(t) => t.block_size(),
+            QFormat::Nf4 { .. } => nf4::BLOCK,
+        }
+    }
+}
+
+impl fmt::Display for QFormat {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            QFormat::Ggml(t) => write!(f, "{}", ggml_name(*t)),
+            QFormat::Nf4 {
+                double_quant: false,
+            } => write!(f, "NF4"),
+            QFormat::Nf4 { double_quant: true } => write!(f, "NF4+DQ"),
+        }
+    }
+}
+
+/// llama.cpp's spelling of a GGML type ("Q4_K"), as `inspect` and `gguf-dump` print it.
+fn ggml_name(t: GgmlDType) -> String {
+    let s = format!("{t:?}").to_uppercase();
+    match s.strip_suffix('K') {
+        Some(head) if !head.ends_with('_') => format!("{head}_K"),
+        _ => s,
+    }
+}
+
+enum QData {
+    Ggml(QTensor),
+    Nf4(nf4::Nf4),
+}
+
+/// A quantized (rows, cols) matrix and the precision its products compute in (f32 or bf16).
+pub struct QMatrix {
+    rows: usize,
+    cols: usize,
+    data: QData,
+    pub compute: DType,
+    /// `--compute int8`: forward products `x Wᵀ` quantize x per block to 8 bits and take
+    /// integer dot products, as llama.cpp does (llama.cpp block types only).
+    pub int8: bool,
+}
+
+impl fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "QMatrix[{}x{}; {}]", self.rows, self.cols, self.format())
+    }
+}
+
+impl QMatrix {
+    /// Quantizes a 2-D tensor. `name` is the tensor's, for the error when a row is not whole
+    /// blocks.
+    pub fn quantize(w: &Tensor, format: QFormat, compute: DType, name: &str) -> Result<Self> {
+        let (rows, cols) = w.dims2()?;
+        let bs = format.block_size();
+        if cols % bs != 0 {
+            return Err(Error::Input(format!(
+                "--quantize {format}: tensor \"{name}\" has rows of {cols} values, not a multiple \
+                 of the {bs}-value block; choose a type with smaller blocks (q8_0, q4_0: 32; nf4: 64)"
+            )));
+        }
+        let data = match format {
+            QFormat::Ggml(t) => QData::Ggml(QTensor::quantize(w, t)?),
+            QFormat::Nf4 { double_quant } => {
+                let x = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                QData::Nf4(nf4::Nf4::quantize(&x, double_quant))
+            }
+        };
+        Ok(QMatrix {
+            rows,
+            cols,
+            data,
+            compute,
+            int8: false,
+        })
+    }
+
+    /// Keeps a GGUF tensor (2-D, block-quantized) in its own type.
+    pub fn from_gguf(q: QTensor, compute: DType) -> Result<Self> {
+        let (rows, cols) = q.shape().dims2()?;
+        Ok(QMatrix {
+            rows,
+            cols,
+            data: QData::Ggml(q),
+            compute,
+            int8: false,
+        })
+    }
+
+    /// Whether `--compute int8` applies: a llama.cpp block type (not NF4).
+    pub fn has_int8(&self) -> bool {
+        matches!(self.data, QData::Ggml(_))
+    }
+
+    /// `dst (m, r1 - r0) = x (m, cols) · (rows r0..r1)ᵀ` with each row of x quantized per block
+    /// to 8 bits and integer dot products (candle's ports of ggml's kernels: the activation
+    /// blocks are Q8_0, Q8_1 or Q8_K as the weight type pairs them). Only for [`has_int8`].
+    ///
+    /// [`has_int8`]: QMatrix::has_int8
+    pub fn int8_rows(
+        &self,
+        x: &[f32],
+        m: usize,
+        r0: usize,
+        r1: usize,
+        dst: &mut [f32],
+    ) -> Result<()> {
+        fn run<B: GgmlType>(
+            bytes: &[u8],
+            (m, k, r0, r1): (usize, usize, usize, usize),
+            x: &[f32],
+            dst: &mut [f32],
+        ) -> Result<()> {
+            let per_row = k / B::BLCK_SIZE;
+            let size = std::mem::size_of::<B>();
+            let src = &bytes[r0 * per_row * size..r1 * per_row * size];
+            // SAFETY: as in `ggml_to_float`: whole blocks of B at B's alignment.
+            let blocks = unsafe {
+                std::slice::from_raw_parts(src.as_ptr().cast::<B>(), (r1 - r0) * per_row)
+            };
+            Ok(candle_core::quantized::k_quants::matmul(
+                (m, k, r1 - r0),
+                x,
+                blocks,
+                dst,
+            )?)
+        }
+        let QData::Ggml(q) = &self.data else {
+            return Err(Error::Input(
+                "--compute int8 needs a llama.cpp block type, not NF4".into(),
+            ));
+        };
+        let bytes = q.data()?;
+        let a = (m, self.cols, r0, r1);
+        match q.dtype() {
+            GgmlDType::Q4_0 => run::<BlockQ4_0>(&bytes, a, x, dst),
+            GgmlDType::Q4_1 => run::<BlockQ4_1>(&bytes, a, x, dst),
+            GgmlDType::Q5_0 => run::<BlockQ5_0>(&bytes, a, x, dst),
+            GgmlDType::Q5_1 => run::<BlockQ5_1>(&bytes, a, x, dst),
+            GgmlDType::Q8_0 => run::<BlockQ8_0>(&bytes, a, x, dst),
+            GgmlDType::Q2K => run::<BlockQ2K>(&bytes, a, x, dst),
+            GgmlDType::Q3K => run::<BlockQ3K>(&bytes, a, x, dst),
+            GgmlDType::Q4K => run::<BlockQ4K>(&bytes, a, x, dst),
+            GgmlDType::Q5K => run::<BlockQ5K>(&bytes, a, x, dst),
+            GgmlDType::Q6K => run::<BlockQ6K>(&bytes, a, x, dst),
+            other => Err(Error::Input(format!(
+                "GGML type {other:?} has no int8 product"
+            ))),
+        }
+    }
+
+    /// The matrix whose row `i` is this one's row `perm[i]`.
+    pub fn permute_rows(self, perm: &[usize]) -> Result<Self> {
+        let QData::Ggml(q) = &self.data else {
+            unreachable!("only GGUF tensors are permuted at load");
+        };
+        let bytes = q.data()?;
+        let row = bytes.len() / self.rows.max(1);
+        let mut out = Vec::with_capacity(bytes.len());
+        for &r in perm {
+            out.extend_from_slice(&bytes[r * row..(r + 1) * row]);
+        }
+        let storage = QStorage::from_data(out.into(), &Device::Cpu, q.dtype())?;
+        Ok(QMatrix {
+            data: QData::Ggml(QTensor::new(storage, (self.rows, self.cols))?),
+            ..self
+        })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    pub fn format(&self) -> QFormat {
+        match &self.data {
+            QData::Ggml(q) => QFormat::Ggml(q.dtype()),
+            QData::Nf4(n) => QFormat::Nf4 {
+                double_quant: matches!(n.absmax, nf4::Absmax::Double { .. }),
+            },
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.format().block_size()
+    }
+
+    /// Resident bytes.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            QData::Ggml(q) => q.storage_size_in_bytes(),
+            QData::Nf4(n) => n.bytes(),
+        }
+    }
+
+    /// Row `r`, columns `c0..c0 + out.len()`, dequantized into `out`. `c0` and the end are on
+    /// block boundaries (or the end is the row's end).
+    pub fn dequantize_into(&self, r: usize, c0: usize, out: &mut [f32]) -> Result<()> {
+        let bs = self.block_size();
+        debug_assert!(c0 % bs == 0 && (out.len() % bs == 0 || c0 + out.len() == self.cols));
+        let start = r * self.cols + c0;
+        match &self.data {
+            QData::Nf4(n) => n.dequantize_into(start, out),
+            QData::Ggml(q) => {
+                let bytes = q.data()?;
+                let (b0, nb) = (start / bs, out.len().div_ceil(bs));
+                ggml_to_float(q.dtype(), &bytes, b0, nb, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows `r0..r0 + n` dequantized, row-major.
+    pub fn rows_f32(&self, r0: usize, n: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; n * self.cols];
+        out.par_chunks_mut(self.cols.max(1))
+            .enumerate()
+            .try_for_each(|(i, row)| self.dequantize_into(r0 + i, 0, row))?;
+        Ok(out)
+    }
+
+    /// The whole matrix dequantized to f32 (merging, DoRA's norms, export).
+    pub fn to_f32(&self) -> Result<Tensor> {
+        let v = self.rows_f32(0, self.rows)?;
+        Ok(Tensor::from_vec(v, (self.rows, self.cols), &Device::Cpu)?)
+    }
+}
+
+/// Blocks `b0..b0 + nb` of a GGML tensor's bytes, dequantized into `out` (its first
+/// `out.len()` values).
+fn ggml_to_float(t: GgmlDType, bytes: &[u8], b0: usize, nb: usize, out: &mut [f32]) -> Result<()> {
+    fn run<B: GgmlType>(bytes: &[u8], b0: usize, nb: usize, out: &mut [f32]) {
+        let size = std::mem::size_of::<B>();
+        let src = &bytes[b0 * size..(b0 + nb) * size];
+        assert_eq!(src.as_ptr() as usize % std::mem::align_of::<B>(), 0);
+        // SAFETY: `src` holds `nb` blocks of B (plain old data: integers and f16s) written by
+        // candle's own quantizer or read by its GGUF reader into storage of B, at B's alignment.
+        let blocks = unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<B>(), nb) };
+        if out.len() == nb * B::BLCK_SIZE {
+            B::to_float(blocks, out);
+        } else {
+            let mut full = vec![0f32; nb * B::BLCK_SIZE];
+            B::to_float(blocks, &mut full);
+            let n = out.len();
+            out.copy_from_slice(&full[..n]);
+        }
+    }
+    match t {
+        GgmlDType::Q4_0 => run::<BlockQ4_0>(bytes, b0, nb, out),
+        GgmlDType::Q4_1 => run::<BlockQ4_1>(bytes, b0, nb, out),
+        GgmlDType::Q5_0 => run::<BlockQ5_0>(bytes, b0, nb, out),
+        GgmlDType::Q5_1 => run::<BlockQ5_1>(bytes, b0, nb, out),
+        GgmlDType::Q8_0 => run::<BlockQ8_0>(bytes, b0, nb, out),
+        GgmlDType::Q2K => run::<BlockQ2K>(bytes, b0, nb, out),
+        GgmlDType::Q3K => run::<BlockQ3K>(bytes, b0, nb, out),
+        GgmlDType::Q4K => run::<BlockQ4K>(bytes, b0, nb, out),
+        GgmlDType::Q5K => run::<BlockQ5K>(bytes, b0, nb, out),
+        GgmlDType::Q6K => run::<BlockQ6K>(bytes, b0, nb, out),
+        other => {
+            return Err(Error::Input(format!(
+                "GGML type {other:?} is not supported for a kept-quantized matrix"
+            )))
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! A quantized frozen base (`--quantize`, a GGUF kept in its own types) computes exactly what
+//! the dense path computes on the dequantized weights: logits, greedy decoding (the
+//! matrix-vector path), and LoRA / DoRA gradients. The dense path itself is pinned to
+//! transformers + PEFT by parity.rs and adapter_parity.rs, and the GGUF fixtures kept quantized
+//! are checked against transformers' references there too. Tolerances: 1e-5 relative where both
+//! sides multiply the same values in the same precision (only the summation order differs).
+
+mod common;
+use common::rel_err;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use kaizen::nn::{Grads, Matrix};
+use kaizen::train::{label_count, micro_batch_backward};
+use kaizen::{Precision, QFormat};
+use serde_json::Value;
+
+const TOL: f64 = 1e-5;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn load(model: &str, dtype: DType, quantize: Option<&str>) -> kaizen::Model {
+    let p = Precision {
+        dtype,
+        quantize: quantize.map(|q| QFormat::parse(q).unwrap()),
+        int8: false,
+    };
+    kaizen::load_with(&root().join("tests/fixtures/models").join(model), p)
+        .unwrap_or_else(|e| panic!("{model} {quantize:?}: {e}"))
+        .model
+}
+
+/// The dense twin of a quantized model: every quantized matrix replaced by its dequantized
+/// values, stored in the compute dtype.
+fn dense_twin(q: &mut kaizen::Model, model: &str, dtype: DType) -> kaizen::Model {
+    let mut d = load(model, dtype, None);
+    let weights: Vec<(String, Matrix)> = q
+        .linears_mut()
+        .into_iter()
+        .map(|(p, l)| (p, l.weight.clone()))
+        .collect();
+    let mut quantized = 0;
+    for ((path, lin), (qpath, w)) in d.linears_mut().into_iter().zip(weights) {
+        assert_eq!(path, qpath);
+        if let Matrix::Quant(_) = w {
+            quantized += 1;
+            lin.weight = Matrix::Dense(w.to_f32().unwrap().to_dtype(dtype).unwrap());
+        }
+    }
+    assert!(quantized > 0, "{model}: nothing was quantized");
+    // A quantized table's lookups are exact (f32 rows), not rounded to the compute dtype.
+    d.decoder.embed.weight = Matrix::Dense(q.decoder.embed.weight.to_f32().unwrap());
+    d
+}
+
+fn adapter_fixture(name: &str) -> (PathBuf, Vec<kaizen::train::Batch>) {
+    let dir = root().join("tests/fixtures/lora").join(name);
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    (dir.join("adapter"), common::batches(&reference))
+}
+
+/// Loss and adapter gradients of one step over the fixture's micro-batches.
+fn grads_of(m: &kaizen::Model, batches: &[kaizen::train::Batch]) -> (f64, Grads) {
+    let total: usize = batches.iter().map(|b| label_count(b, 0)).sum();
+    let mut grads = Grads::new();
+    let mut sum = 0.0;
+    for b in batches {
+        sum += micro_batch_backward(m, b, 1.0 / total as f64, None, &mut grads)
+            .unwrap()
+            .loss_sum;
+    }
+    (sum / total as f64, grads)
+}
+
+/// Logits of both models on a prompt, greedy continuations, and (with an adapter fixture)
+/// loss and every adapter gradient.
+fn check(model: &str, quantize: &str, dtype: DType, adapter: Option<&str>) {
+    let what = format!("{model} --quantize {quantize} --dtype {dtype:?}");
+    let mut q = load(model, dtype, Some(quantize));
+    let mut d = dense_twin(&mut q, model, dtype);
+    let ids: Vec<u32> = (1..40).map(|i| (i * 7 % 50) as u32 + 3).collect();
+    let err = rel_err(
+        &q.logits(&ids, None).unwrap(),
+        &d.logits(&ids, None).unwrap(),
+    );
+    assert!(err <= TOL, "{what}: logits: relative error {err:e}");
+    let cfg = kaizen::generate::GenerateConfig {
+        max_new_tokens: 12,
+        greedy: true,
+        ..Default::default()
+    };
+    let tok = kaizen::load(&root().join("tests/fixtures/models").join(model))
+        .unwrap()
+        .tokenizer;
+    let gen = |m: &kaizen::Model| {
+        kaizen::generate::generate(m, &tok, &ids[..9], &cfg, &mut |_| {})
+            .unwrap()
+            .ids
+    };
+    assert_eq!(gen(&q), gen(&d), "{what}: greedy continuation");
+    let Some(adapter) = adapter else { return };
+    let (dir, batches) = adapter_fixture(adapter);
+    kaizen::tuners::load_adapter(&mut q, &dir).unwrap();
+    kaizen::tuners::load_adapter(&mut d, &dir).unwrap();
+    let ((lq, gq), (ld, gd)) = (grads_of(&q, &batches), grads_of(&d, &batches));
+    assert!((lq - ld).abs() / ld <= TOL, "{what}: loss {lq} vs {ld}");
+    assert!(!gd.is_empty() && gq.len() == gd.len());
+    for (k, b) in gd.iter() {
+        let a = gq.get(k).unwrap();
+        let err = rel_err(a, b);
+        assert!(
+            err <= 1e-4,
+            "{what}: gradient of {k}: relative error {err:e}"
+        );
+    }
+}
+
+#[test]
+fn llama_lora_on_q8_0_q4_0_nf4_f32_and_bf16() {
+    for q in ["q8_0", "q4_0", "nf4", "nf4_dq"] {
+        for dtype in [DType::F32, DType::BF16] {
+            check("llama-gqa-tied", q, dtype, Some("llama-gqa-tied"));
+        }
+    }
+}
+
+#[test]
+fn gpt_neox_fused_qkv_lora_and_dora_on_nf4() {
+    check(
+        "neox-seq-spiece",
+        "nf4",
+        DType::F32,
+        Some("neox-seq-spiece"),
+    );
+    check(
+        "llama-gqa-tied",
+        "q8_0",
+        DType::F32,
+        Some("dora-llama-gqa-tied"),
+    );
+}
+
+/// A GGUF's K-quants and 32-blocks kept as they are (Q4_K, Q5_0, Q5_K, Q6_K, Q8_0), the
+/// embeddings and tied head included.
+#[test]
+fn gguf_k_quants_kept() {
+    check("gemma3-gguf/model.gguf", "q8_0", DType::F32, None);
+    check("gemma3-gguf/model.gguf", "q8_0", DType::BF16, None);
+    check("llama-gguf/model.gguf", "q8_0", DType::F32, None);
+}
+
+#[test]
+fn a_row_not_in_whole_blocks_is_one_clear_error() {
+    let p = Precision {
+        dtype: DType::F32,
+        quantize: Some(QFormat::parse("q4_k").unwrap()),
+        int8: false,
+    };
+    let e = kaizen::load_with(&root().join("tests/fixtures/models/llama-gqa-tied"), p)
+        .err()
+        .expect("64-wide rows cannot hold 256-value blocks")
+        .to_string();
+    assert!(
+        e.contains("model.layers.0.") && e.contains("256") && e.contains("q8_0"),
+        "{e}"
+    );
+    let e = QFormat::parse("q3").err().unwrap().to_string();
+    assert!(e.contains("nf4") && e.contains("q4_k"), "{e}");
+}
+
+#[test]
+fn quantize_names_round_trip() {
+    for n in QFormat::NAMES {
+        assert_eq!(QFormat::parse(n).unwrap().name(), Some(n));
+    }
+}
+
+/// Quantized products agree with candle's matmul on the dequantized matrix for shapes with
+/// edges (rows not a multiple of the panels, several depth blocks, few rows = the
+/// matrix-vector path), both orientations.
+#[test]
+fn products_match_dequantized_matmul() {
+    use kaizen::nn::quant::QMatrix;
+    for (rows, cols, n) in [(70, 1024, 3), (33, 768, 17), (3100, 64, 5)] {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i as u32).wrapping_mul(2654435761) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        for f in ["q8_0", "q4_0", "nf4"] {
+            let f = QFormat::parse(f).unwrap();
+            if cols % f.block_size() != 0 {
+                continue;
+            }
+            let q = QMatrix::quantize(&w, f, DType::F32, "w").unwrap();
+            let dq = q.to_f32().unwrap();
+            let m = Matrix::Quant(std::sync::Arc::new(q));
+            let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu).unwrap();
+            let err = rel_err(
+                &m.product(&x, true).unwrap(),
+                &x.matmul(&dq.t().unwrap()).unwrap(),
+            );
+            assert!(err <= TOL, "{f} {rows}x{cols} x{n} forward: {err:e}");
+            let dy = Tensor::randn(0f32, 1.0, (n, rows), &Device::Cpu).unwrap();
+            let err = rel_err(&m.product(&dy, false).unwrap(), &dy.matmul(&dq).unwrap());
+            assert!(err <= TOL, "{f} {rows}x{cols} x{n} backward: {err:e}");
+        }
+    }
+}
