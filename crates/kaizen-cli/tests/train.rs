@@ -2229,3 +2229,108 @@ fn bf16_base_trains_an_f32_adapter() {
     );
     assert!(!tmp.path().join("full").exists() && !tmp.path().join("f16").exists());
 }
+
+/// `--quantize`: LoRA learns on an NF4 and a Q8_0 base (products in bf16 by default), run.json
+/// records the type, the adapter stays f32 and evaluates on the quantized base close to the
+/// dense one, `inspect` reports the resident bytes, and `merge --quantize` writes bf16 weights
+/// and reports the loss difference. Bad combinations fail before anything is written.
+#[test]
+fn quantized_base_trains_evaluates_and_merges() {
+    assert_learns(LLAMA, &repetitive_text_rows(16), &["--quantize", "nf4"]);
+    // 64-wide rows are not whole 256-value blocks: Q4_K falls back to Q5_0, as llama.cpp does.
+    let info = kaizen([
+        "inspect",
+        "--model",
+        &s(&model_path(LLAMA)),
+        "--quantize",
+        "q4_k",
+    ])
+    .ok();
+    assert!(info.contains("Q5_0") && !info.contains("Q4_K"), "{info}");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(8));
+    let out = tmp.path().join("run");
+    let q = ["--quantize", "q8_0"];
+    train_ok(
+        LLAMA,
+        &data,
+        &out,
+        &[&q[..], &["--max-steps", "2"]].concat(),
+    );
+    assert_eq!(read_json(&out.join("run.json"))["quantize"], "q8_0");
+    let tensors = read_safetensors(&out.join("adapter_model.safetensors"));
+    assert!(!tensors.is_empty() && tensors.values().all(|t| t.dtype == "F32"));
+    let loss = |extra: &[&str]| {
+        let mut args: Vec<String> = ["eval", "--model", &s(&model_path(LLAMA)), "--adapter"]
+            .map(String::from)
+            .to_vec();
+        args.extend([s(&out), "--data".into(), s(&data), "--json".into()]);
+        args.extend(extra.iter().map(|x| x.to_string()));
+        f64_of(&last_json(&kaizen(args).ok())["loss"])
+    };
+    let (dense, quant) = (loss(&[]), loss(&q));
+    assert!(
+        (dense - quant).abs() / dense < 2e-2,
+        "dense {dense} vs q8_0 {quant}"
+    );
+
+    let info = kaizen([
+        "inspect",
+        "--model",
+        &s(&model_path(LLAMA)),
+        "--quantize",
+        "nf4",
+    ])
+    .ok();
+    assert!(info.contains("NF4") && info.contains("resident"), "{info}");
+
+    let merged = tmp.path().join("merged");
+    let stdout = kaizen([
+        "merge",
+        "--model",
+        &s(&model_path(LLAMA)),
+        "--adapter",
+        &s(&out),
+        "--out",
+        &s(&merged),
+        "--quantize",
+        "q8_0",
+        "--dtype",
+        "bf16",
+        "--data",
+        &s(&data),
+    ])
+    .ok();
+    assert!(
+        stdout.contains("in bf16") && stdout.contains("difference"),
+        "{stdout}"
+    );
+    assert_eq!(
+        read_json(&merged.join("config.json"))["torch_dtype"],
+        "bfloat16"
+    );
+    let tensors = read_safetensors(&merged.join("model.safetensors"));
+    assert!(tensors.values().all(|t| t.dtype == "BF16"));
+
+    for (extra, needles) in [
+        (
+            &["--quantize", "nf4"][..],
+            &["nf4", "64", "model.layers.0."][..],
+        ),
+        (&["--quantize", "q3"], &["--quantize q3", "nf4"]),
+        (&["--compute", "int8"], &["--compute int8", "--quantize"]),
+        (
+            &["--quantize", "nf4", "--compute", "int8"],
+            &["NF4", "q8_0"],
+        ),
+        (
+            &["--method", "full", "--quantize", "q8_0"],
+            &["--method full", "--quantize"],
+        ),
+    ] {
+        let dir = tmp.path().join("bad");
+        let err = train(LLAMA, &data, &dir, extra).fails();
+        assert!(needles.iter().all(|n| err.contains(n)), "{extra:?}: {err}");
+        assert!(!dir.exists(), "{extra:?} left {}", dir.display());
+    }
+}

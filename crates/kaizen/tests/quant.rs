@@ -158,17 +158,30 @@ fn gguf_k_quants_kept() {
 fn a_row_not_in_whole_blocks_is_one_clear_error() {
     let p = Precision {
         dtype: DType::F32,
-        quantize: Some(QFormat::parse("q4_k").unwrap()),
+        quantize: Some(QFormat::parse("nf4").unwrap()),
         int8: false,
     };
-    let e = kaizen::load_with(&root().join("tests/fixtures/models/llama-gqa-tied"), p)
+    let e = kaizen::load_with(&root().join("tests/fixtures/models/gemma3"), p)
         .err()
-        .expect("64-wide rows cannot hold 256-value blocks")
+        .expect("96-wide rows cannot hold 64-value blocks")
         .to_string();
     assert!(
-        e.contains("model.layers.0.") && e.contains("256") && e.contains("q8_0"),
+        e.contains("model.layers.0.mlp.down_proj") && e.contains("64") && e.contains("q8_0"),
         "{e}"
     );
+    // K-quants fall back as llama.cpp's quantizer does; what is left without a type is None.
+    let q4k = QFormat::parse("q4_k").unwrap();
+    assert_eq!(q4k.for_row(512), Some(q4k));
+    assert_eq!(q4k.for_row(640).and_then(|f| f.name()), None); // Q5_0: not a --quantize name
+    assert_eq!(q4k.for_row(640).map(|f| f.to_string()), Some("Q5_0".into()));
+    assert_eq!(
+        QFormat::parse("q6_k")
+            .unwrap()
+            .for_row(96)
+            .map(|f| f.to_string()),
+        Some("Q8_0".into())
+    );
+    assert_eq!(q4k.for_row(100), None);
     let e = QFormat::parse("q3").err().unwrap().to_string();
     assert!(e.contains("nf4") && e.contains("q4_k"), "{e}");
 }
@@ -186,12 +199,12 @@ fn quantize_names_round_trip() {
 #[test]
 fn products_match_dequantized_matmul() {
     use kaizen::nn::quant::QMatrix;
-    for (rows, cols, n) in [(70, 1024, 3), (33, 768, 17), (3100, 64, 5)] {
+    for (rows, cols, n) in [(70, 1024, 3), (33, 768, 17), (3100, 64, 5), (40, 2816, 30)] {
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i as u32).wrapping_mul(2654435761) % 2001) as f32 / 1000.0 - 1.0)
             .collect();
         let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-        for f in ["q8_0", "q4_0", "nf4"] {
+        for f in ["q8_0", "q4_0", "q4_k", "q6_k", "nf4"] {
             let f = QFormat::parse(f).unwrap();
             if cols % f.block_size() != 0 {
                 continue;

@@ -54,10 +54,10 @@ impl<W: FromF32> PackedB<W> {
         } else {
             (rows, cols)
         };
-        // Equal depth blocks near KC, each a whole number of quantization blocks.
-        let kc_block = k
-            .div_ceil(k.div_ceil(KC).max(1))
-            .next_multiple_of(q.block_size().max(W::KSTEP));
+        // Equal depth blocks of at most KC, each a whole number of quantization blocks.
+        let unit = q.block_size().max(W::KSTEP);
+        let most = (KC / unit).max(1) * unit;
+        let kc_block = k.div_ceil(k.div_ceil(most).max(1)).next_multiple_of(unit);
         let mut scratch = Vec::new();
         let mut blocks = Vec::new();
         for j0 in (0..n).step_by(NC) {
@@ -121,7 +121,7 @@ pub fn linear_quant(x: &Tensor, q: &QMatrix, transposed: bool) -> Result<Tensor>
     let mut c = vec![0f32; n * out];
     with_slice::<f32, _>(&x, |xs| -> Result<()> {
         if transposed && q.int8 && q.has_int8() {
-            return int8_forward(xs, n, q, &mut c);
+            return q.int8_product(xs, n, &mut c);
         }
         if transposed && n <= GEMV_ROWS {
             return gemv_quant(xs, n, q, &mut c);
@@ -138,32 +138,6 @@ pub fn linear_quant(x: &Tensor, q: &QMatrix, transposed: bool) -> Result<Tensor>
 
 thread_local! {
     static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Weight rows per task of [`int8_forward`].
-const INT8_ROWS: usize = 64;
-
-/// `c (n, rows) = x (n, cols) qᵀ` on integer dot products ([`QMatrix::int8_rows`]), the
-/// weight's rows split across rayon's threads.
-fn int8_forward(x: &[f32], n: usize, q: &QMatrix, c: &mut [f32]) -> Result<()> {
-    let rows = q.dims().0;
-    let parts: Vec<(usize, Vec<f32>)> = (0..rows)
-        .step_by(INT8_ROWS)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|r0| {
-            let r1 = (r0 + INT8_ROWS).min(rows);
-            let mut part = vec![0f32; n * (r1 - r0)];
-            q.int8_rows(x, n, r0, r1, &mut part).map(|()| (r0, part))
-        })
-        .collect::<Result<_>>()?;
-    for (r0, part) in parts {
-        let w = part.len() / n.max(1);
-        for i in 0..n {
-            c[i * rows + r0..][..w].copy_from_slice(&part[i * w..(i + 1) * w]);
-        }
-    }
-    Ok(())
 }
 
 /// `c (n, rows) = x (n, cols) qᵀ` for a handful of rows: each weight row is dequantized once

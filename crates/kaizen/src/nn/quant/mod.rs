@@ -61,6 +61,21 @@ impl QFormat {
             .find(|n| Self::parse(n).ok() == Some(self))
     }
 
+    /// The type a row of `cols` values is stored in: this one when the row is whole blocks,
+    /// else llama.cpp's fallback for K-quants (`llama-quant.cpp`: Q4_K -> Q5_0, Q5_K -> Q5_1,
+    /// Q6_K -> Q8_0, blocks of 32), else None.
+    pub fn for_row(self, cols: usize) -> Option<QFormat> {
+        let wider = match self {
+            QFormat::Ggml(GgmlDType::Q4K) => QFormat::Ggml(GgmlDType::Q5_0),
+            QFormat::Ggml(GgmlDType::Q5K) => QFormat::Ggml(GgmlDType::Q5_1),
+            QFormat::Ggml(GgmlDType::Q6K) => QFormat::Ggml(GgmlDType::Q8_0),
+            _ => self,
+        };
+        [self, wider]
+            .into_iter()
+            .find(|f| cols % f.block_size() == 0)
+    }
+
     /// Elements per block: a quantized row's length must be a multiple of it.
     pub fn block_size(self) -> usize {
         match self {
@@ -114,17 +129,19 @@ impl fmt::Debug for QMatrix {
 }
 
 impl QMatrix {
-    /// Quantizes a 2-D tensor. `name` is the tensor's, for the error when a row is not whole
-    /// blocks.
+    /// Quantizes a 2-D tensor (in a K-quant's fallback type when its rows are not whole
+    /// 256-value blocks, see [`QFormat::for_row`]). `name` is the tensor's, for the error when
+    /// no type fits.
     pub fn quantize(w: &Tensor, format: QFormat, compute: DType, name: &str) -> Result<Self> {
         let (rows, cols) = w.dims2()?;
-        let bs = format.block_size();
-        if cols % bs != 0 {
+        let Some(format) = format.for_row(cols) else {
             return Err(Error::Input(format!(
-                "--quantize {format}: tensor \"{name}\" has rows of {cols} values, not a multiple \
-                 of the {bs}-value block; choose a type with smaller blocks (q8_0, q4_0: 32; nf4: 64)"
+                "--quantize {}: tensor \"{name}\" has rows of {cols} values, not a multiple \
+                 of the {}-value block; choose a type with smaller blocks (q8_0, q4_0: 32; nf4: 64)",
+                format.name().unwrap_or("?"),
+                format.block_size()
             )));
-        }
+        };
         let data = match format {
             QFormat::Ggml(t) => QData::Ggml(QTensor::quantize(w, t)?),
             QFormat::Nf4 { double_quant } => {
@@ -158,38 +175,37 @@ impl QMatrix {
         matches!(self.data, QData::Ggml(_))
     }
 
-    /// `dst (m, r1 - r0) = x (m, cols) · (rows r0..r1)ᵀ` with each row of x quantized per block
-    /// to 8 bits and integer dot products (candle's ports of ggml's kernels: the activation
-    /// blocks are Q8_0, Q8_1 or Q8_K as the weight type pairs them). Only for [`has_int8`].
-    ///
-    /// [`has_int8`]: QMatrix::has_int8
-    pub fn int8_rows(
-        &self,
-        x: &[f32],
-        m: usize,
-        r0: usize,
-        r1: usize,
-        dst: &mut [f32],
-    ) -> Result<()> {
+    /// `c (m, rows) = x (m, cols) · selfᵀ` with each row of x quantized once per block to 8
+    /// bits and integer dot products per weight row (candle's ports of ggml's `vec_dot`: the
+    /// activation blocks are Q8_0, Q8_1 or Q8_K as the weight type pairs them), weight rows split
+    /// across rayon's threads. Only for [`has_int8`](QMatrix::has_int8).
+    pub fn int8_product(&self, x: &[f32], m: usize, c: &mut [f32]) -> Result<()> {
         fn run<B: GgmlType>(
             bytes: &[u8],
-            (m, k, r0, r1): (usize, usize, usize, usize),
+            (m, k, n): (usize, usize, usize),
             x: &[f32],
-            dst: &mut [f32],
-        ) -> Result<()> {
-            let per_row = k / B::BLCK_SIZE;
-            let size = std::mem::size_of::<B>();
-            let src = &bytes[r0 * per_row * size..r1 * per_row * size];
-            // SAFETY: as in `ggml_to_float`: whole blocks of B at B's alignment.
-            let blocks = unsafe {
-                std::slice::from_raw_parts(src.as_ptr().cast::<B>(), (r1 - r0) * per_row)
-            };
-            Ok(candle_core::quantized::k_quants::matmul(
-                (m, k, r1 - r0),
-                x,
-                blocks,
-                dst,
-            )?)
+            c: &mut [f32],
+        ) {
+            let kb = k / B::BLCK_SIZE;
+            assert_eq!(bytes.len(), n * kb * std::mem::size_of::<B>());
+            // SAFETY: as in `ggml_to_float`: n * kb whole blocks of B at B's alignment.
+            let w = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<B>(), n * kb) };
+            let mut xq = vec![B::VecDotType::zeros(); m * kb];
+            for (row, q) in x.chunks(k).zip(xq.chunks_mut(kb)) {
+                B::VecDotType::from_float(row, q);
+            }
+            let mut ct = vec![0f32; n * m]; // (n, m): each task owns whole weight rows
+            ct.par_chunks_mut(m).enumerate().for_each(|(j, out)| {
+                let wj = &w[j * kb..(j + 1) * kb];
+                for (o, xi) in out.iter_mut().zip(xq.chunks(kb)) {
+                    *o = B::vec_dot(k, wj, xi);
+                }
+            });
+            for j in 0..n {
+                for i in 0..m {
+                    c[i * n + j] = ct[j * m + i];
+                }
+            }
         }
         let QData::Ggml(q) = &self.data else {
             return Err(Error::Input(
@@ -197,22 +213,25 @@ impl QMatrix {
             ));
         };
         let bytes = q.data()?;
-        let a = (m, self.cols, r0, r1);
+        let a = (m, self.cols, self.rows);
         match q.dtype() {
-            GgmlDType::Q4_0 => run::<BlockQ4_0>(&bytes, a, x, dst),
-            GgmlDType::Q4_1 => run::<BlockQ4_1>(&bytes, a, x, dst),
-            GgmlDType::Q5_0 => run::<BlockQ5_0>(&bytes, a, x, dst),
-            GgmlDType::Q5_1 => run::<BlockQ5_1>(&bytes, a, x, dst),
-            GgmlDType::Q8_0 => run::<BlockQ8_0>(&bytes, a, x, dst),
-            GgmlDType::Q2K => run::<BlockQ2K>(&bytes, a, x, dst),
-            GgmlDType::Q3K => run::<BlockQ3K>(&bytes, a, x, dst),
-            GgmlDType::Q4K => run::<BlockQ4K>(&bytes, a, x, dst),
-            GgmlDType::Q5K => run::<BlockQ5K>(&bytes, a, x, dst),
-            GgmlDType::Q6K => run::<BlockQ6K>(&bytes, a, x, dst),
-            other => Err(Error::Input(format!(
-                "GGML type {other:?} has no int8 product"
-            ))),
+            GgmlDType::Q4_0 => run::<BlockQ4_0>(&bytes, a, x, c),
+            GgmlDType::Q4_1 => run::<BlockQ4_1>(&bytes, a, x, c),
+            GgmlDType::Q5_0 => run::<BlockQ5_0>(&bytes, a, x, c),
+            GgmlDType::Q5_1 => run::<BlockQ5_1>(&bytes, a, x, c),
+            GgmlDType::Q8_0 => run::<BlockQ8_0>(&bytes, a, x, c),
+            GgmlDType::Q2K => run::<BlockQ2K>(&bytes, a, x, c),
+            GgmlDType::Q3K => run::<BlockQ3K>(&bytes, a, x, c),
+            GgmlDType::Q4K => run::<BlockQ4K>(&bytes, a, x, c),
+            GgmlDType::Q5K => run::<BlockQ5K>(&bytes, a, x, c),
+            GgmlDType::Q6K => run::<BlockQ6K>(&bytes, a, x, c),
+            other => {
+                return Err(Error::Input(format!(
+                    "GGML type {other:?} has no int8 product"
+                )))
+            }
         }
+        Ok(())
     }
 
     /// The matrix whose row `i` is this one's row `perm[i]`.
