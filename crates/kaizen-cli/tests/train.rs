@@ -2312,24 +2312,33 @@ fn quantized_base_trains_evaluates_and_merges() {
     let tensors = read_safetensors(&merged.join("model.safetensors"));
     assert!(tensors.values().all(|t| t.dtype == "BF16"));
 
-    for (extra, needles) in [
+    // Gemma 3's fixture has 96-wide MLP rows: not whole 64-value NF4 blocks.
+    let cases: [(&str, &[&str], &[&str]); 5] = [
         (
-            &["--quantize", "nf4"][..],
-            &["nf4", "64", "model.layers.0."][..],
+            "gemma3",
+            &["--quantize", "nf4"],
+            &["nf4", "64", "mlp.down_proj"],
         ),
-        (&["--quantize", "q3"], &["--quantize q3", "nf4"]),
-        (&["--compute", "int8"], &["--compute int8", "--quantize"]),
+        (LLAMA, &["--quantize", "q3"], &["--quantize q3", "nf4"]),
         (
+            LLAMA,
+            &["--compute", "int8"],
+            &["--compute int8", "--quantize"],
+        ),
+        (
+            LLAMA,
             &["--quantize", "nf4", "--compute", "int8"],
             &["NF4", "q8_0"],
         ),
         (
+            LLAMA,
             &["--method", "full", "--quantize", "q8_0"],
             &["--method full", "--quantize"],
         ),
-    ] {
+    ];
+    for (model, extra, needles) in cases {
         let dir = tmp.path().join("bad");
-        let err = train(LLAMA, &data, &dir, extra).fails();
+        let err = train(model, &data, &dir, extra).fails();
         assert!(needles.iter().all(|n| err.contains(n)), "{extra:?}: {err}");
         assert!(!dir.exists(), "{extra:?} left {}", dir.display());
     }
