@@ -394,7 +394,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
 
 /// Bytes of the base's matrices per storage type, e.g. "Q4_K 1.90 GB (168 matrices), BF16
 /// 0.36 GB (2 matrices)"; a tied head is counted once.
-fn resident(model: &mut kaizen::Model) -> String {
+pub fn resident(model: &mut kaizen::Model) -> String {
     let skip = model.tied_head().then(|| model.lm_head_name());
     let mut by: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     for (path, part) in model.parts_mut() {

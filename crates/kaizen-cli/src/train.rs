@@ -645,6 +645,9 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         total_steps,
         100.0 * trainable as f64 / all as f64
     );
+    if precision.quantize.is_some() || precision.dtype != kaizen::DType::F32 {
+        eprintln!("base held as {}", crate::infer::resident(&mut loaded.model));
+    }
     let bar = progress_bar(total_steps as u64);
     let mut on = |e: Event| match e {
         Event::Step(s) => {
