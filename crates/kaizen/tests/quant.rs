@@ -248,3 +248,26 @@ fn int8_products_stay_close() {
     let nf4 = QMatrix::quantize(&w, QFormat::parse("nf4").unwrap(), DType::F32, "w").unwrap();
     assert!(!nf4.has_int8());
 }
+
+/// Quantizing rows in parallel chunks gives the bytes ggml's reference quantizer gives for the
+/// whole matrix (candle's `QTensor::quantize`), for several chunks and a partial last one.
+#[test]
+fn parallel_quantization_equals_whole_matrix() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use kaizen::nn::quant::QMatrix;
+    let w = Tensor::randn(0f32, 1.0, (200, 512), &Device::Cpu).unwrap();
+    for (name, t) in [
+        ("q8_0", GgmlDType::Q8_0),
+        ("q4_k", GgmlDType::Q4K),
+        ("q6_k", GgmlDType::Q6K),
+    ] {
+        let ours = QMatrix::quantize(&w, QFormat::parse(name).unwrap(), DType::F32, "w").unwrap();
+        let whole = QTensor::quantize(&w, t)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        let diff = (ours.to_f32().unwrap() - whole).unwrap().abs().unwrap();
+        let max = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(max, 0.0, "{name}");
+    }
+}

@@ -143,7 +143,7 @@ impl QMatrix {
             )));
         };
         let data = match format {
-            QFormat::Ggml(t) => QData::Ggml(QTensor::quantize(w, t)?),
+            QFormat::Ggml(t) => QData::Ggml(quantize_rows(w, t)?),
             QFormat::Nf4 { double_quant } => {
                 let x = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 QData::Nf4(nf4::Nf4::quantize(&x, double_quant))
@@ -308,6 +308,31 @@ impl QMatrix {
         let v = self.rows_f32(0, self.rows)?;
         Ok(Tensor::from_vec(v, (self.rows, self.cols), &Device::Cpu)?)
     }
+}
+
+/// Rows at a time in [`quantize_rows`].
+const QUANTIZE_ROWS: usize = 64;
+
+/// `QTensor::quantize` (ggml's reference quantizers) over chunks of rows on rayon's threads:
+/// rows are whole blocks, so the chunks' bytes concatenate to the whole matrix's.
+fn quantize_rows(w: &Tensor, t: GgmlDType) -> Result<QTensor> {
+    let (rows, cols) = w.dims2()?;
+    let w = w.to_dtype(DType::F32)?;
+    let parts: Vec<Vec<u8>> = (0..rows)
+        .step_by(QUANTIZE_ROWS)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|r0| -> Result<Vec<u8>> {
+            // A fresh tensor: candle's quantizer reads its input's storage from the start,
+            // whatever the view's offset.
+            let n = QUANTIZE_ROWS.min(rows - r0);
+            let values = w.narrow(0, r0, n)?.flatten_all()?.to_vec1::<f32>()?;
+            let chunk = Tensor::from_vec(values, (n, cols), &Device::Cpu)?;
+            Ok(QTensor::quantize(&chunk, t)?.data()?.into_owned())
+        })
+        .collect::<Result<_>>()?;
+    let storage = QStorage::from_data(parts.concat().into(), &Device::Cpu, t)?;
+    Ok(QTensor::new(storage, (rows, cols))?)
 }
 
 /// Blocks `b0..b0 + nb` of a GGML tensor's bytes, dequantized into `out` (its first
