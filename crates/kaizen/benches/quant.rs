@@ -31,6 +31,12 @@ fn median_secs(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    // As the CLI does (kaizen-cli/src/main.rs): freed buffers are reused, not returned to the OS.
+    // SAFETY: mallopt only sets allocator parameters; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
     let (k, n) = (2816, 8448);
     let w = (Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap() * 0.02).unwrap();
     let mut kinds: Vec<(String, Matrix)> = vec![(
@@ -61,7 +67,12 @@ fn main() {
     }
     println!("\n| weight | fwd m=512 | bwd m=512 | fwd m=128 | bwd m=128 | fwd m=1 |");
     println!("|---|---|---|---|---|---|");
+    // `cargo bench --bench quant -- NAME` keeps the rows whose name contains NAME.
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     for (name, m) in &kinds {
+        if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+            continue;
+        }
         let mut cells = Vec::new();
         for rows in [512, 128] {
             let x = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu).unwrap();

@@ -58,33 +58,26 @@ impl<W: FromF32> PackedB<W> {
         let unit = q.block_size().max(W::KSTEP);
         let most = (KC / unit).max(1) * unit;
         let kc_block = k.div_ceil(k.div_ceil(most).max(1)).next_multiple_of(unit);
-        let mut scratch = Vec::new();
+        // Panels per task: whole quantization blocks of B's columns when they run along W's
+        // rows (the input gradient), one panel when they are W's rows (the forward).
+        let group = match transposed {
+            true => 1,
+            false => q.block_size().max(NR).next_multiple_of(NR) / NR,
+        };
         let mut blocks = Vec::new();
         for j0 in (0..n).step_by(NC) {
             let nc = NC.min(n - j0);
             for p0 in (0..k).step_by(kc_block) {
                 let kc = kc_block.min(k - p0);
-                scratch.resize(nc * kc, 0f32);
-                // Bᵀ's (nc x kc) block, as a view of the dequantized scratch.
-                let bt = if transposed {
-                    // W's rows j0.. (B's columns), its columns p0.. (B's depth).
-                    scratch
-                        .par_chunks_mut(kc)
-                        .enumerate()
-                        .try_for_each(|(i, row)| q.dequantize_into(j0 + i, p0, row))?;
-                    Mat::row_major(&scratch, nc, kc)
-                } else {
-                    scratch
-                        .par_chunks_mut(nc)
-                        .enumerate()
-                        .try_for_each(|(i, row)| q.dequantize_into(p0 + i, j0, row))?;
-                    Mat::row_major(&scratch, kc, nc).t()
-                };
                 let steps = kc.div_ceil(W::KSTEP);
                 let mut data = vec![W::Packed::default(); nc.div_ceil(NR) * steps * NR];
-                data.par_chunks_mut(steps * NR)
+                data.par_chunks_mut(group * steps * NR)
                     .enumerate()
-                    .for_each(|(jp, dst)| W::pack_from(&bt, jp * NR, NR, kc, dst));
+                    .try_for_each(|(g, dst)| {
+                        let c0 = j0 + g * group * NR;
+                        let width = (group * NR).min(j0 + nc - c0);
+                        pack_group::<W>(q, transposed, (c0, width), (p0, kc), dst)
+                    })?;
                 blocks.push(data);
             }
         }
@@ -95,6 +88,42 @@ impl<W: FromF32> PackedB<W> {
             blocks,
         })
     }
+}
+
+thread_local! {
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Packs B's columns `c0..c0 + width` (one or a few panels) for depth `p0..p0 + kc` into
+/// `dst`, through a dequantized scratch small enough to stay in cache: W's rows `c0..` when
+/// `transposed`, else W's rows `p0..` restricted to columns `c0..` (whole quantization blocks).
+fn pack_group<W: FromF32>(
+    q: &QMatrix,
+    transposed: bool,
+    (c0, width): (usize, usize),
+    (p0, kc): (usize, usize),
+    dst: &mut [W::Packed],
+) -> Result<()> {
+    PANEL.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        buf.resize(width * kc, 0.0);
+        let bt = if transposed {
+            for (i, row) in buf.chunks_mut(kc).enumerate() {
+                q.dequantize_into(c0 + i, p0, row)?;
+            }
+            Mat::row_major(&buf, width, kc)
+        } else {
+            for (i, row) in buf.chunks_mut(width).enumerate() {
+                q.dequantize_into(p0 + i, c0, row)?;
+            }
+            Mat::row_major(&buf, kc, width).t()
+        };
+        let panel = kc.div_ceil(W::KSTEP) * NR;
+        for (jp, d) in dst.chunks_mut(panel).enumerate() {
+            W::pack_from(&bt, jp * NR, NR, kc, d);
+        }
+        Ok(())
+    })
 }
 
 /// `x (N, cols) -> x qᵀ (N, rows)` when `transposed`, else `x (N, rows) -> x q (N, cols)`, in
