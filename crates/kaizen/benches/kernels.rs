@@ -64,8 +64,9 @@ fn main() {
     let threads = rayon::current_num_threads();
     let have_f32 = gemm::available();
     let have_bf16 = gemm::available_bf16();
+    let amx = gemm::available_amx();
     println!(
-        "kaizen kernel benchmarks, {threads} threads, AVX-512F {have_f32}, AVX512-BF16 {have_bf16}"
+        "kaizen kernel benchmarks, {threads} threads, AVX-512F {have_f32}, AVX512-BF16 {have_bf16}, AMX {amx}"
     );
 
     // Ceilings: a 2048^3 product.

@@ -328,7 +328,12 @@ fn named_weights_cover_the_parameter_count() {
     let names = ["neox-seq-spiece", "llama-gqa-tied", "llama-mha-linear"];
     for name in names.into_iter().chain(NEWER) {
         let mut m: Model = kaizen::load(&model_path(name)).unwrap().model;
-        let n: usize = m.named_weights().unwrap().iter().map(|(_, t)| t.elem_count()).sum();
+        let n: usize = m
+            .named_weights()
+            .unwrap()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum();
         assert_eq!(n, m.config().num_parameters(), "{name}");
     }
 }

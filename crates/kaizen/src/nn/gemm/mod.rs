@@ -11,14 +11,18 @@
 //!
 //! Operands are strided views ([`Mat`]), so `x Wᵀ`, `dy W` and `dyᵀ x` need no transposed copy.
 //! [`available`] says whether the CPU has the units; callers fall back to candle otherwise.
-//! Files: `pack.rs` (panels), `avx512.rs` (micro-kernels), `tensor.rs` (the layers' entry
-//! points: `linear_bf16`, `linear_f32`, the packed LM head, decoding's matrix-vector path).
+//! Where the CPU has Intel AMX ([`available_amx`]), bf16 products run on its tiles instead.
+//! Files: `pack.rs` (panels), `avx512.rs` (micro-kernels), `amx.rs` (the AMX path),
+//! `tensor.rs` (the layers' entry points: `linear_bf16`, `linear_f32`, the packed LM head,
+//! decoding's matrix-vector path).
 
 use std::cell::RefCell;
 
 use half::bf16;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod pack;
@@ -106,6 +110,25 @@ pub fn available_bf16() -> bool {
     {
         false
     }
+}
+
+/// Whether bf16 products run on Intel AMX tiles (`amx.rs`) rather than the AVX512-BF16 kernel:
+/// the CPU has AMX-BF16 and the OS grants this process the tile state.
+pub fn available_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The depth of B's packed blocks: k in equal blocks of at most KC, each a multiple of 32
+/// (16 bf16 pairs, one AMX tile's depth; KC is one too).
+fn kc_block(k: usize) -> usize {
+    k.div_ceil(k.div_ceil(KC).max(1)).next_multiple_of(32)
 }
 
 /// The element types B may have: how a panel of B (and of A) is packed for the kernel.
@@ -236,8 +259,7 @@ pub struct PackedB<W: Weight> {
 impl<W: Weight> PackedB<W> {
     pub fn new(b: Mat<W>) -> Self {
         let (k, n) = (b.rows, b.cols);
-        // k in equal even blocks of at most KC.
-        let kc_block = k.div_ceil(k.div_ceil(KC).max(1)).next_multiple_of(2).max(2);
+        let kc_block = kc_block(k);
         let bt = b.t();
         let mut blocks = Vec::new();
         for j0 in (0..n).step_by(NC) {
@@ -264,6 +286,10 @@ impl<W: Weight> PackedB<W> {
 /// `C (m, n) = A (m, k) B (k, n)`, C row-major and overwritten. The caller checks [`available`]
 /// (f32) or [`available_bf16`] (bf16) first.
 pub fn gemm<W: Weight>(a: Mat<f32>, b: Mat<W>, c: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if amx::gemm_unpacked(&a, &b, c) {
+        return;
+    }
     gemm_packed(a, &PackedB::new(b), c)
 }
 
@@ -288,6 +314,18 @@ pub fn gemm_packed<W: Weight>(a: Mat<f32>, b: &PackedB<W>, c: &mut [f32]) {
         c[..m * n].fill(0.0);
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if W::KSTEP == 2 && available_amx() {
+        if let Some(b) = (b as &dyn std::any::Any).downcast_ref::<PackedB<bf16>>() {
+            return amx::gemm(&a, b, c);
+        }
+    }
+    gemm_simd(a, b, c)
+}
+
+/// [`gemm_packed`] on the AVX-512 register kernels (m, n, k > 0, features checked).
+fn gemm_simd<W: Weight>(a: Mat<f32>, b: &PackedB<W>, c: &mut [f32]) {
+    let (m, k, n) = (a.rows, a.cols, b.n);
     let threads = rayon::current_num_threads().max(1);
     // Row blocks: a multiple of MR, enough of them to keep every thread busy.
     let row_panels = m.div_ceil(MR);

@@ -62,7 +62,7 @@ impl<W: FromF32> PackedB<W> {
         // rows (the input gradient), one panel when they are W's rows (the forward).
         let group = match transposed {
             true => 1,
-            false => q.block_size().max(NR).next_multiple_of(NR) / NR,
+            false => q.block_size().max(NR).div_ceil(NR),
         };
         let mut blocks = Vec::new();
         for j0 in (0..n).step_by(NC) {

@@ -113,3 +113,126 @@ fn bf16_matches_rounded_naive() {
         check(&c, &want, 1e-5);
     }
 }
+
+/// `sum_p |a_ip| |b_pj|` per element: the scale of f32 summation-order error.
+fn abs_product(a: &Mat<f32>, b: &Mat<f32>) -> Vec<f64> {
+    let abs = |m: &Mat<f32>| m.data.iter().map(|v| v.abs()).collect::<Vec<_>>();
+    let (aa, ba) = (abs(a), abs(b));
+    let v = |m: &Mat<f32>, d| Mat { data: d, ..*m };
+    naive(&v(a, &aa), &v(b, &ba))
+        .iter()
+        .map(|&x| x as f64)
+        .collect()
+}
+
+/// AMX against the AVX512-BF16 kernel and an f64 product of the same bf16-rounded inputs, on
+/// shapes with edges everywhere: m, n, k off the 16/32 grid, odd k (a zero-padded last pair),
+/// depth blocks whose steps are not whole tiles, several depth blocks and column blocks, and
+/// strided A. Both kernels round A to bf16 the same way and accumulate in f32, so they differ
+/// by summation order only: 1e-5 of `sum |a||b|` (about 1e2 f32 epsilons) bounds that.
+#[test]
+fn amx_matches_avx512_and_naive() {
+    if !available_amx() {
+        eprintln!("skipped: no AMX-BF16 (or the OS did not grant the tile state)");
+        return;
+    }
+    let round = |v: &[f32]| v.iter().map(|&x| to_bf16(x).to_f32()).collect::<Vec<_>>();
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (2, 7, 3),
+        (3, 33, 5),
+        (4, 64, 40),
+        (15, 129, 33),
+        (33, 95, 70),
+        (70, 301, 100),
+        (31, 1281, 47),
+        (64, 1300, 64),
+        (5, 40, 3100),
+        (200, 2816, 1000),
+    ] {
+        let (x, w) = (data(m * k, 7), data(n * k, 8));
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let (xr, wr) = (round(&x), round(&w));
+        for (a_t, b_t) in [(false, true), (false, false), (true, true), (true, false)] {
+            let a = if a_t {
+                Mat::row_major(&x, k, m).t()
+            } else {
+                Mat::row_major(&x, m, k)
+            };
+            let ar = Mat { data: &xr, ..a };
+            let (b, br) = if b_t {
+                (Mat::row_major(&wb, n, k).t(), Mat::row_major(&wr, n, k).t())
+            } else {
+                (Mat::row_major(&wb, k, n), Mat::row_major(&wr, k, n))
+            };
+            let packed = PackedB::new(b);
+            let (mut amx, mut simd) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+            amx::gemm(&a, &packed, &mut amx);
+            gemm_simd(a, &packed, &mut simd);
+            // B a row-major W or its transpose: W not packed beforehand.
+            let mut unpacked = vec![f32::NAN; m * n];
+            assert!(amx::gemm_unpacked(&a, &b, &mut unpacked));
+            let (want, scale) = (naive(&ar, &br), abs_product(&ar, &br));
+            for i in 0..m * n {
+                let tol = 1e-5 * scale[i] + 1e-30;
+                let (g, s, w) = (amx[i] as f64, simd[i] as f64, want[i] as f64);
+                let at = format!("({m}, {k}, {n}) a_t={a_t} b_t={b_t} element {i}");
+                assert!((g - w).abs() <= tol, "{at}: amx {g} vs naive {w}");
+                assert!((g - s).abs() <= tol, "{at}: amx {g} vs avx512 {s}");
+                let u = unpacked[i] as f64;
+                assert!((u - s).abs() <= tol, "{at}: W unpacked {u} vs avx512 {s}");
+            }
+        }
+    }
+}
+
+/// A row-major W whose rows are longer than used (a view of a wider matrix), as `Wᵀ` (the
+/// forward, W in place) and as `W` (the input gradient, W's panels packed per task), with x
+/// longer than one pass of rows: `gemm`'s dispatch against the AVX-512 kernel.
+#[test]
+fn amx_unpacked_strided_w() {
+    if !available_amx() {
+        eprintln!("skipped: no AMX-BF16 (or the OS did not grant the tile state)");
+        return;
+    }
+    let (m, k, n, ld) = (600, 77, 45, 90);
+    let x = data(m * k, 9);
+    let wb: Vec<bf16> = data(90 * ld, 10)
+        .iter()
+        .map(|&v| bf16::from_f32(v))
+        .collect();
+    let a = Mat::row_major(&x, m, k);
+    let (rows, cols, data) = (k, n, &wb[..]);
+    for b in [
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: 1,
+            cs: ld,
+        },
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: ld,
+            cs: 1,
+        },
+    ] {
+        let (mut got, mut want) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+        gemm(a, b, &mut got);
+        gemm_simd(a, &PackedB::new(b), &mut want);
+        check(&got, &want, 1e-5);
+    }
+}
+
+/// Depth blocks: equal, at most KC, whole tiles (32).
+#[test]
+fn kc_block_is_tiles_within_kc() {
+    assert_eq!(kc_block(2816), 576);
+    assert_eq!(kc_block(11264), 640);
+    assert_eq!(kc_block(640), 640);
+    assert_eq!(kc_block(641), 352);
+    assert_eq!(kc_block(7), 32);
+    assert_eq!(KC % 32, 0);
+}

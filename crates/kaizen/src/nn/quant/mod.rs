@@ -73,7 +73,7 @@ impl QFormat {
         };
         [self, wider]
             .into_iter()
-            .find(|f| cols % f.block_size() == 0)
+            .find(|f| cols.is_multiple_of(f.block_size()))
     }
 
     /// Elements per block: a quantized row's length must be a multiple of it.
@@ -281,7 +281,9 @@ impl QMatrix {
     /// block boundaries (or the end is the row's end).
     pub fn dequantize_into(&self, r: usize, c0: usize, out: &mut [f32]) -> Result<()> {
         let bs = self.block_size();
-        debug_assert!(c0 % bs == 0 && (out.len() % bs == 0 || c0 + out.len() == self.cols));
+        debug_assert!(
+            c0.is_multiple_of(bs) && (out.len().is_multiple_of(bs) || c0 + out.len() == self.cols)
+        );
         let start = r * self.cols + c0;
         match &self.data {
             QData::Nf4(n) => n.dequantize_into(start, out),

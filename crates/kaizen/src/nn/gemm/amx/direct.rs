@@ -1,0 +1,255 @@
+//! AMX products with a row-major bf16 W (the linear layers' frozen weight) that do not pack all
+//! of W into memory before multiplying, which at a few hundred tokens costs as much as the
+//! product itself (W is read, written packed, and read again).
+//!
+//! - [`gemm_wt`], the forward `x Wᵀ`: computed as `Cᵀ = W xᵀ`. A row of W holds consecutive
+//!   pairs of k, which is what an A tile row is, so W's tiles load in place with W's row length
+//!   as the stride; x (small) is packed as B panels, and each task's block of Cᵀ stays in a
+//!   scratch until it is written to C transposed.
+//! - [`gemm_w`], the input gradient `dy W`: B tiles need rows 2q and 2q+1 of W interleaved, so
+//!   each task packs the 32-column panel it is about to use into a buffer that stays in cache,
+//!   prefetching the next one's rows of W meanwhile; dy is packed once for all tasks.
+
+use std::arch::x86_64::*;
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::{avx512, grow, kernel, pack_a, run, to_bf16, Src, Tiles, KT, MA, SCRATCH, TK};
+use crate::nn::gemm::{Mat, Out, Pair, NR};
+
+/// Depth of [`gemm_wt`]'s blocks (k up to this in one): Cᵀ is revisited once per block.
+const KC_WT: usize = 3072;
+/// Most tokens per pass of [`gemm_wt`], so that x's depth block stays near L2's size.
+const M_WT: usize = 512;
+/// Most W rows per task of [`gemm_wt`]: a task's Cᵀ (`rows x 512` f32) stays in L2.
+const SLAB: usize = 128;
+/// Depth of [`gemm_w`]'s blocks: a packed 32-column panel of W is `kc * 64` bytes.
+const KC_W: usize = 1024;
+/// Most 32-column panels per task of [`gemm_w`].
+const GROUP: usize = 4;
+
+/// `C = A B` where `B = Wᵀ` for a row-major bf16 W (`b.rs == 1`: B's column j is W's row j,
+/// `b.cs` apart). The caller checked [`super::available`] and that m, n, k > 0.
+pub(in crate::nn::gemm) fn gemm_wt(a: &Mat<f32>, b: &Mat<bf16>, c: &mut [f32]) {
+    let (m, n) = (a.rows, b.cols);
+    for i0 in (0..m).step_by(M_WT) {
+        let rows = M_WT.min(m - i0);
+        let data = &a.data[i0 * a.rs..];
+        let a = Mat { data, rows, ..*a };
+        gemm_wt_rows(&a, b, &mut c[i0 * n..(i0 + rows) * n]);
+    }
+}
+
+fn gemm_wt_rows(a: &Mat<f32>, b: &Mat<bf16>, c: &mut [f32]) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let mp = m.next_multiple_of(MA);
+    let steps = k.div_ceil(KT) * TK;
+    // x as B panels of 32 tokens over all of k, zero-padded: pair q of token t at q * 32 + t.
+    let mut xp = vec![Pair::default(); mp * steps];
+    xp.par_chunks_mut(steps * NR)
+        .enumerate()
+        .for_each(|(tp, dst)| pack_x(a, tp * NR, dst));
+    let threads = rayon::current_num_threads().max(1);
+    let slab = n.div_ceil(threads * 4).next_multiple_of(MA).min(SLAB);
+    let kc = k.div_ceil(k.div_ceil(KC_WT)).next_multiple_of(KT);
+    let out = Out(c.as_mut_ptr());
+    (0..n.div_ceil(slab)).into_par_iter().for_each(|sl| {
+        let (out, j0, width) = (out, sl * slab, slab.min(n - sl * slab));
+        SCRATCH.with_borrow_mut(|ct| {
+            grow(ct, width.next_multiple_of(MA) * mp);
+            // SAFETY: u32 and f32 have the same size and alignment; any bits are an f32.
+            let ct = unsafe { std::slice::from_raw_parts_mut(ct.as_mut_ptr().cast(), ct.len()) };
+            slab_wt(b, &xp, (j0, width), (kc, mp), ct);
+            // Cᵀ -> C, 16 tokens at a time so that 16 rows of C are written together.
+            for t0 in (0..m).step_by(16) {
+                for r in 0..width {
+                    for (t, &v) in ct[r * mp + t0..][..16.min(m - t0)].iter().enumerate() {
+                        // SAFETY: row t0 + t < m and column j0 + r < n of C, a column of this
+                        // task's slab, which no other task writes.
+                        unsafe { *out.0.add((t0 + t) * n + j0 + r) = v };
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// Cᵀ rows `j0..j0+width` (W's rows) x all `mp` tokens into `ct` (row stride `mp`).
+fn slab_wt(
+    b: &Mat<bf16>,
+    xp: &[Pair],
+    (j0, width): (usize, usize),
+    (kc, mp): (usize, usize),
+    ct: &mut [f32],
+) {
+    let (k, ldw) = (b.rows, b.cs);
+    let steps = k.div_ceil(KT) * TK;
+    let mut tail = [bf16::ZERO; MA * KT];
+    let mut edge = Vec::new();
+    // SAFETY: the caller checked `available`.
+    let _tiles = unsafe { Tiles::load() };
+    for p0 in (0..k).step_by(kc) {
+        let kcb = kc.min(k - p0);
+        let (chunks, full) = (kcb.div_ceil(KT), kcb / KT);
+        for s in (0..width).step_by(MA) {
+            let (r0, nr) = (j0 + s, MA.min(width - s));
+            let row = |r: usize| &b.data[(r0 + r) * ldw + p0..][..kcb];
+            let w_src = if nr == MA {
+                // W's rows in place; a last partial chunk from a zero-padded copy.
+                for r in (0..MA).filter(|_| full < chunks) {
+                    let dst = &mut tail[r * KT..][..KT];
+                    dst.fill(bf16::ZERO);
+                    dst[..kcb - full * KT].copy_from_slice(&row(r)[full * KT..]);
+                }
+                let ptr = b.data[r0 * ldw + p0..].as_ptr().cast();
+                Src::rows(ptr, ldw * 2, full, tail.as_ptr().cast())
+            } else {
+                // Fewer than 32 rows left: a zero-padded copy of them.
+                edge.clear();
+                edge.resize(MA * chunks * KT, bf16::ZERO);
+                for r in 0..nr {
+                    edge[r * chunks * KT..][..kcb].copy_from_slice(row(r));
+                }
+                let ptr = edge.as_ptr().cast();
+                Src::rows(ptr, chunks * 64, chunks, ptr)
+            };
+            for tp in 0..mp / NR {
+                let xb = xp[tp * steps * NR + p0 / 2 * NR..].as_ptr();
+                let x_src = Src::panel(xb, chunks, xb);
+                // SAFETY: tiles configured; W's rows r0..r0+32 hold `full` whole chunks from p0
+                // (the tail or edge copy the rest), x's panel `chunks` chunks from p0 (it is
+                // zero-padded to whole chunks); the 32 x 32 block of `ct` is inside it.
+                unsafe {
+                    let dst = ct.as_mut_ptr().add(s * mp + tp * NR);
+                    kernel(w_src, x_src, chunks, dst, mp, p0 > 0);
+                }
+            }
+        }
+    }
+}
+
+/// Tokens `t0..t0+32` (zero past the end) of x over all of k, as a B panel of pairs.
+fn pack_x(a: &Mat<f32>, t0: usize, dst: &mut [Pair]) {
+    let k = a.cols;
+    let mut pairs = vec![0u32; k.div_ceil(2)];
+    for t in 0..NR.min(a.rows - t0) {
+        if a.cs == 1 {
+            // SAFETY: AMX implies AVX512-BF16 (`available` checks it); the sizes match.
+            unsafe { avx512::to_bf16_pairs(&a.data[(t0 + t) * a.rs..][..k], &mut pairs) };
+        } else {
+            for (q, d) in pairs.iter_mut().enumerate() {
+                let hi = if 2 * q + 1 < k {
+                    a.at(t0 + t, 2 * q + 1)
+                } else {
+                    0.0
+                };
+                *d = to_bf16(a.at(t0 + t, 2 * q)).to_bits() as u32
+                    | (to_bf16(hi).to_bits() as u32) << 16;
+            }
+        }
+        for (q, &v) in pairs.iter().enumerate() {
+            dst[q * NR + t] = Pair([bf16::from_bits(v as u16), bf16::from_bits((v >> 16) as u16)]);
+        }
+    }
+}
+
+/// `C = A W` for a row-major bf16 W (`b.cs == 1`, rows `b.rs` apart). The caller checked
+/// [`super::available`] and that m, n, k > 0.
+pub(in crate::nn::gemm) fn gemm_w(a: &Mat<f32>, b: &Mat<bf16>, c: &mut [f32]) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let (row_panels, col_panels) = (m.div_ceil(MA), n.div_ceil(NR));
+    let per_panel = k.div_ceil(KT) * MA * TK;
+    let mut ap = vec![0u32; row_panels * per_panel];
+    ap.par_chunks_mut(per_panel)
+        .enumerate()
+        .for_each(|(ip, dst)| pack_a(a, ip * MA, 0, k, dst));
+    let threads = rayon::current_num_threads().max(1);
+    let group = col_panels.div_ceil(threads * 4).clamp(1, GROUP);
+    let kc = k.div_ceil(k.div_ceil(KC_W)).next_multiple_of(KT);
+    let out = Out(c.as_mut_ptr());
+    (0..col_panels.div_ceil(group))
+        .into_par_iter()
+        .for_each(|g| {
+            let (out, panels) = (out, g * group..((g + 1) * group).min(col_panels));
+            let mut panel = vec![Pair::default(); kc / 2 * NR];
+            // SAFETY: the caller checked `available`.
+            let _tiles = unsafe { Tiles::load() };
+            // Work items (depth block, column panel) in order; while one runs, the rows of W that
+            // the next one packs are prefetched, a share before each kernel call.
+            let items = k.div_ceil(kc) * panels.len();
+            let item = |i: usize| (i / panels.len() * kc, panels.start + i % panels.len());
+            for i in 0..items {
+                let (p0, jp) = item(i);
+                let (kcb, (q0, jq)) = (kc.min(k - p0), item(i + 1));
+                let chunks = kcb.div_ceil(KT);
+                // SAFETY: AMX implies AVX512-BF16, which implies AVX512BW; the panel fits.
+                unsafe { pack_w(b, jp * NR, p0, kcb, &mut panel[..chunks * TK * NR]) };
+                let b_src = Src::panel(panel.as_ptr(), chunks, panel.as_ptr());
+                let ahead = if i + 1 < items { kc.min(k - q0) } else { 0 };
+                for ip in 0..row_panels {
+                    for p in q0 + ahead * ip / row_panels..q0 + ahead * (ip + 1) / row_panels {
+                        let at = b.data[p * b.rs + jq * NR..].as_ptr();
+                        // SAFETY: a prefetch has no effect on memory; both ends of the row's
+                        // segment exist.
+                        unsafe {
+                            _mm_prefetch::<_MM_HINT_T0>(at.cast());
+                            _mm_prefetch::<_MM_HINT_T0>(at.add(NR.min(n - jq * NR) - 1).cast());
+                        }
+                    }
+                    let ap = ap[ip * per_panel + p0 / KT * MA * TK..].as_ptr();
+                    // SAFETY: tiles configured; A's panel holds `chunks` chunks from p0, the panel
+                    // of W as many; no other task writes columns `panels` of C.
+                    unsafe {
+                        let ops = (Src::packed_a(ap, chunks), b_src, chunks);
+                        run(ops, out, (ip * MA, jp * NR), (m, n), p0 > 0)
+                    };
+                }
+            }
+        });
+}
+
+/// Interleaving indices for `vpermt2w`: lane 2i takes the first operand's 16-bit lane
+/// `base + i`, lane 2i + 1 the second operand's.
+const fn interleave(base: i16) -> [i16; 32] {
+    let mut v = [0; 32];
+    let mut i = 0;
+    while i < 16 {
+        v[2 * i] = base + i as i16;
+        v[2 * i + 1] = 32 + base + i as i16;
+        i += 1;
+    }
+    v
+}
+
+/// Rows `p0..p0+kc` x columns `col0..col0+32` (zero past the edges) of a row-major bf16 W
+/// (`b.cs == 1`) as a B panel: step q holds the pairs (W[p0+2q][j], W[p0+2q+1][j]), and the
+/// steps after the last up to `dst`'s end are zero.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_w(b: &Mat<bf16>, col0: usize, p0: usize, kc: usize, dst: &mut [Pair]) {
+    let mask = (u64::MAX >> (64 - NR.min(b.cols - col0))) as u32;
+    const LO: [i16; 32] = interleave(0);
+    const HI: [i16; 32] = interleave(16);
+    let (lo_idx, hi_idx) = (
+        _mm512_loadu_si512(LO.as_ptr().cast()),
+        _mm512_loadu_si512(HI.as_ptr().cast()),
+    );
+    // Masked loads read only the columns that exist.
+    let row = |p: usize| {
+        let at = b.data[p * b.rs + col0..].as_ptr();
+        _mm512_maskz_loadu_epi16(mask, at.cast())
+    };
+    let steps = kc.div_ceil(2);
+    for q in 0..steps {
+        let lo = row(p0 + 2 * q);
+        let hi = if 2 * q + 1 < kc {
+            row(p0 + 2 * q + 1)
+        } else {
+            _mm512_setzero_si512()
+        };
+        let d = dst[q * NR..(q + 1) * NR].as_mut_ptr().cast::<__m512i>();
+        _mm512_storeu_si512(d, _mm512_permutex2var_epi16(lo, lo_idx, hi));
+        _mm512_storeu_si512(d.add(1), _mm512_permutex2var_epi16(lo, hi_idx, hi));
+    }
+    dst[steps * NR..].fill(Pair::default());
+}
