@@ -159,6 +159,10 @@ def cmd_train(a):
            "--lora-alpha", "16", "--lora-dropout", "0", "--target-modules", "q_proj,v_proj",
            "--lr", str(a.lr), "--lr-schedule", "constant", "--max-grad-norm", "1.0",
            "--max-steps", str(a.steps), "--no-shuffle", "--dtype", a.dtype]
+    if a.quantize:
+        cmd += ["--quantize", a.quantize]
+    if a.compute:
+        cmd += ["--compute", a.compute]
     if a.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
     t = time.perf_counter()
@@ -189,7 +193,8 @@ def cmd_train(a):
     s_step = statistics.median(secs[a.warmup:])
     lora_only, why, n_tensors, n_params = check_lora_only(a.out, trainable, run)
     print(json.dumps({
-        "impl": "kaizen", "dtype": a.dtype, "variant": "gc" if a.gradient_checkpointing else "plain",
+        "impl": "kaizen", "dtype": a.dtype, "quantize": a.quantize, "compute": a.compute,
+        "variant": "gc" if a.gradient_checkpointing else "plain",
         "s_step": s_step, "tokens_per_sec": positions / s_step, "peak_rss_mb": child_peak_rss_mb(),
         "losses": [r["loss"] for r in logs], "grad_norms": [r["grad_norm"] for r in logs],
         "step_seconds": secs, "wall_seconds": wall, "trainable_params": trainable,
@@ -220,7 +225,8 @@ def cmd_generate(a):
         times.append(r["seconds"])
         best = r if best is None or r["seconds"] < best["seconds"] else best
     print(json.dumps({
-        "impl": "kaizen", "dtype": a.dtype, "variant": a.variant, "new_tokens": len(best["ids"]),
+        "impl": "kaizen", "dtype": a.dtype, "quantize": a.quantize, "compute": a.compute,
+        "variant": a.variant, "new_tokens": len(best["ids"]),
         "seconds": best["seconds"], "tokens_per_sec": best["tokens_per_sec"],
         "peak_rss_mb": child_peak_rss_mb(), "ids": best["ids"], "prompt_tokens": best.get("prompt_tokens"),
         "run_seconds": times,
@@ -237,7 +243,7 @@ def main():
     j.add_argument("words", type=int)
 
     t = sub.add_parser("train")
-    t.add_argument("--gguf", required=True)
+    t.add_argument("--gguf", required=True, help="the model: a GGUF file or an HF directory")
     t.add_argument("--data", required=True)
     t.add_argument("--out", required=True)
     t.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
@@ -246,6 +252,8 @@ def main():
     t.add_argument("--batch-size", type=int, required=True)
     t.add_argument("--max-len", type=int, required=True)
     t.add_argument("--lr", default="1e-4")
+    t.add_argument("--quantize", help="kaizen train --quantize TYPE (the frozen base held quantized)")
+    t.add_argument("--compute", help="kaizen train --compute (int8)")
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--threads", type=int, default=2)
 

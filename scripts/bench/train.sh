@@ -28,6 +28,13 @@
 # useful FLOPs of a step (train_torch.py flops_per_step: 4*N*T + 6*P_lora*T + 12*B*L*S^2*d,
 # about 608 GFLOP here, the same count for both dtypes) / s_step; peak RSS is the whole
 # process's, load included.
+# Quantized rows (QROWS, default "q8_0+int8 q4_k nf4"; QROWS= skips them): kaizen on a quantized
+# frozen base, after the four rows above. The GGUF is first converted once to an HF directory of
+# f32 weights (`kaizen merge --model GGUF --out DIR`, no adapter: a GGUF given to --quantize keeps
+# its own Q4_1 types), then each row is `kaizen train --model DIR --quantize TYPE --dtype bf16`
+# (products in bf16 through dequantized panels), "+int8" adding `--compute int8` (activations
+# quantized per 32-value block, integer dot products). Their ratios are against PyTorch bf16 and
+# kaizen bf16; their first-step loss against kaizen bf16's (what quantizing the base costs).
 # Scratch files live in a temporary directory under the cache, removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -43,6 +50,7 @@ GGUF="$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT="$CACHE/botchan.txt"
 CEILING_F32="${CEILING_F32:-}"
 CEILING_BF16="${CEILING_BF16:-}"
+QROWS="${QROWS-q8_0+int8 q4_k nf4}"
 
 die() { echo "bench/train: error: $*" >&2; exit 1; }
 [[ "$STEPS" =~ ^[0-9]+$ && "$STEPS" -gt "$WARMUP" ]] || die "STEPS must be an integer above $WARMUP (got '$STEPS')"
@@ -68,9 +76,9 @@ DATA="$TMP/botchan.jsonl"
 python3 scripts/bench/kaizen_run.py jsonl "$TEXT" "$DATA" "$WORDS_PER_LINE" || die "building $DATA failed"
 
 run_kaizen() {
-    python3 scripts/bench/kaizen_run.py train --gguf "$GGUF" --data "$DATA" --out "$TMP/kaizen-$1" \
+    python3 scripts/bench/kaizen_run.py train --gguf "${MODEL:-$GGUF}" --data "$DATA" --out "$TMP/kaizen-$1" \
         --dtype "$1" --threads "$THREADS" --steps "$STEPS" --warmup "$WARMUP" --batch-size "$BATCH" \
-        --max-len "$SEQ" --lr 1e-4 | tail -n 1
+        --max-len "$SEQ" --lr 1e-4 "${@:2}" | tail -n 1
 }
 
 run_torch() {
@@ -82,9 +90,19 @@ T=$(run_torch f32) || die "train_torch.py --dtype f32 failed"
 K=$(run_kaizen f32) || die "kaizen train --dtype f32 failed"
 TB=$(run_torch bf16) || die "train_torch.py --dtype bf16 failed"
 KB=$(run_kaizen bf16) || die "kaizen train --dtype bf16 failed"
-python3 - "$K" "$T" "$KB" "$TB" "$THREADS" "$STEPS" "$WARMUP" "$CEILING_F32" "$CEILING_BF16" <<'PY'
+Q=()
+if [[ -n "$QROWS" ]]; then
+    target/release/kaizen merge --model "$GGUF" --out "$TMP/f32-base" >&2 || die "kaizen merge (convert) of $GGUF failed"
+    for q in $QROWS; do
+        args=(--quantize "${q%+*}")
+        [[ "$q" == *+int8 ]] && args+=(--compute int8)
+        Q+=("$(MODEL="$TMP/f32-base" run_kaizen bf16 "${args[@]}")") || die "kaizen train ${args[*]} failed"
+    done
+fi
+python3 - "$K" "$T" "$KB" "$TB" "$THREADS" "$STEPS" "$WARMUP" "$CEILING_F32" "$CEILING_BF16" "${Q[@]}" <<'PY'
 import json, sys
 k, t, kb, tb = (json.loads(a) for a in sys.argv[1:5])
+quant = [json.loads(a) for a in sys.argv[10:]]
 threads, steps, warmup = sys.argv[5:8]
 ceiling = {"f32": float(sys.argv[8]) if sys.argv[8] else None,
            "bf16": float(sys.argv[9]) if sys.argv[9] else None}
@@ -138,7 +156,20 @@ for a, b, tol in ((k, t, 1e-3), (kb, tb, 1e-2)):
     else:
         print(f"{a['dtype']} first-step loss agrees: kaizen {a['losses'][0]:.6f}, pytorch {b['losses'][0]:.6f} "
               f"({rels[0]:.1e} relative, tolerance {tol:.0e})")
-for r in (k, kb):
+if quant:
+    print("\nkaizen on a quantized frozen base (the GGUF converted to f32, then quantized while loading), bf16 products:")
+    print("| base | compute | s/step | tokens/s | peak RSS MB | tokens/s vs PyTorch bf16 | tokens/s vs kaizen bf16 "
+          "| peak RSS vs kaizen bf16 | step-1 loss | vs kaizen bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in quant:
+        rel = (r["losses"][0] - kb["losses"][0]) / kb["losses"][0]
+        print(f"| {r['quantize']} | {r['compute'] or 'bf16'} | {r['s_step']:.2f} | {r['tokens_per_sec']:.1f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['tokens_per_sec'] / tb['tokens_per_sec']:.2f}x | "
+              f"{r['tokens_per_sec'] / kb['tokens_per_sec']:.2f}x | {r['peak_rss_mb'] / kb['peak_rss_mb']:.2f}x | "
+              f"{r['losses'][0]:.4f} | {rel:+.2%} |")
+    for r in quant:
+        print(f"{'kaizen ' + r['quantize'] + ('+' + r['compute'] if r['compute'] else ''):>17} loss: {fmt(r['losses'])}")
+for r in [k, kb] + quant:
     if not r["lora_only"]:
         print(f"WARNING: kaizen {r['dtype']}: not only LoRA tensors train: {r['lora_only_why']}")
 PY
