@@ -7,6 +7,7 @@
 //! Rows are whole blocks: a row's elements never share a block with the next row's, so any
 //! row range, and any column range that starts and ends on a block boundary, dequantizes alone.
 
+mod dot;
 pub mod nf4;
 
 use std::fmt;
@@ -176,15 +177,18 @@ impl QMatrix {
     }
 
     /// `c (m, rows) = x (m, cols) · selfᵀ` with each row of x quantized once per block to 8
-    /// bits and integer dot products per weight row (candle's ports of ggml's `vec_dot`: the
-    /// activation blocks are Q8_0, Q8_1 or Q8_K as the weight type pairs them), weight rows split
+    /// bits and integer dot products per weight row (candle's ports of ggml's `vec_dot`, and
+    /// [`dot`]'s where candle's is scalar: the activation blocks are Q8_0, Q8_1 or Q8_K as the
+    /// weight type pairs them), weight rows split
     /// across rayon's threads. Only for [`has_int8`](QMatrix::has_int8).
     pub fn int8_product(&self, x: &[f32], m: usize, c: &mut [f32]) -> Result<()> {
+        type Dot<B> = fn(usize, &[B], &[<B as GgmlType>::VecDotType]) -> f32;
         fn run<B: GgmlType>(
             bytes: &[u8],
             (m, k, n): (usize, usize, usize),
             x: &[f32],
             c: &mut [f32],
+            dot: Dot<B>,
         ) {
             let kb = k / B::BLCK_SIZE;
             assert_eq!(bytes.len(), n * kb * std::mem::size_of::<B>());
@@ -198,7 +202,7 @@ impl QMatrix {
             ct.par_chunks_mut(m).enumerate().for_each(|(j, out)| {
                 let wj = &w[j * kb..(j + 1) * kb];
                 for (o, xi) in out.iter_mut().zip(xq.chunks(kb)) {
-                    *o = B::vec_dot(k, wj, xi);
+                    *o = dot(k, wj, xi);
                 }
             });
             for j in 0..n {
@@ -215,16 +219,16 @@ impl QMatrix {
         let bytes = q.data()?;
         let a = (m, self.cols, self.rows);
         match q.dtype() {
-            GgmlDType::Q4_0 => run::<BlockQ4_0>(&bytes, a, x, c),
-            GgmlDType::Q4_1 => run::<BlockQ4_1>(&bytes, a, x, c),
-            GgmlDType::Q5_0 => run::<BlockQ5_0>(&bytes, a, x, c),
-            GgmlDType::Q5_1 => run::<BlockQ5_1>(&bytes, a, x, c),
-            GgmlDType::Q8_0 => run::<BlockQ8_0>(&bytes, a, x, c),
-            GgmlDType::Q2K => run::<BlockQ2K>(&bytes, a, x, c),
-            GgmlDType::Q3K => run::<BlockQ3K>(&bytes, a, x, c),
-            GgmlDType::Q4K => run::<BlockQ4K>(&bytes, a, x, c),
-            GgmlDType::Q5K => run::<BlockQ5K>(&bytes, a, x, c),
-            GgmlDType::Q6K => run::<BlockQ6K>(&bytes, a, x, c),
+            GgmlDType::Q4_0 => run::<BlockQ4_0>(&bytes, a, x, c, BlockQ4_0::vec_dot),
+            GgmlDType::Q4_1 => run::<BlockQ4_1>(&bytes, a, x, c, dot::q4_1_q8_1),
+            GgmlDType::Q5_0 => run::<BlockQ5_0>(&bytes, a, x, c, BlockQ5_0::vec_dot),
+            GgmlDType::Q5_1 => run::<BlockQ5_1>(&bytes, a, x, c, BlockQ5_1::vec_dot),
+            GgmlDType::Q8_0 => run::<BlockQ8_0>(&bytes, a, x, c, BlockQ8_0::vec_dot),
+            GgmlDType::Q2K => run::<BlockQ2K>(&bytes, a, x, c, BlockQ2K::vec_dot),
+            GgmlDType::Q3K => run::<BlockQ3K>(&bytes, a, x, c, BlockQ3K::vec_dot),
+            GgmlDType::Q4K => run::<BlockQ4K>(&bytes, a, x, c, BlockQ4K::vec_dot),
+            GgmlDType::Q5K => run::<BlockQ5K>(&bytes, a, x, c, BlockQ5K::vec_dot),
+            GgmlDType::Q6K => run::<BlockQ6K>(&bytes, a, x, c, BlockQ6K::vec_dot),
             other => {
                 return Err(Error::Input(format!(
                     "GGML type {other:?} has no int8 product"
