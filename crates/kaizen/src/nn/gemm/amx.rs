@@ -28,9 +28,8 @@ use std::ops::Range;
 use std::sync::OnceLock;
 
 use half::bf16;
-use rayon::prelude::*;
 
-use super::{avx512, to_bf16, Mat, Out, PackedB, Pair, Weight, NC, NR};
+use super::{avx512, for_each_task, to_bf16, Mat, Out, PackedB, Pair, Weight, NR};
 
 mod direct;
 
@@ -292,30 +291,10 @@ pub(super) fn gemm_unpacked<W: Weight>(a: &Mat<f32>, b: &Mat<W>, c: &mut [f32]) 
 /// [`super::gemm_packed`] for bf16 B on AMX; the caller checked [`available`], the dimensions
 /// and that m, n, k > 0.
 pub(super) fn gemm(a: &Mat<f32>, b: &PackedB<bf16>, c: &mut [f32]) {
-    let (m, k, n) = (a.rows, b.k, b.n);
-    let threads = rayon::current_num_threads().max(1);
-    let row_panels = m.div_ceil(MA);
-    let mc_panels = row_panels.div_ceil(threads * 2).clamp(1, 8);
-    let row_blocks = row_panels.div_ceil(mc_panels);
-    let out = Out(c.as_mut_ptr());
-    let mut blocks = b.blocks.iter();
-    for j0 in (0..n).step_by(NC) {
-        let col_panels = NC.min(n - j0).div_ceil(NR);
-        let col_groups = (threads * 2).div_ceil(row_blocks).min(col_panels).max(1);
-        let group_panels = col_panels.div_ceil(col_groups);
-        for p0 in (0..k).step_by(b.kc_block) {
-            let kc = b.kc_block.min(k - p0);
-            let packed_b = blocks.next().expect("one packed block per (j0, p0)");
-            (0..row_blocks * col_groups)
-                .into_par_iter()
-                .for_each(|task| {
-                    let (rb, cg) = (task / col_groups, task % col_groups);
-                    let panels = (rb * mc_panels)..((rb + 1) * mc_panels).min(row_panels);
-                    let cols = (cg * group_panels)..((cg + 1) * group_panels).min(col_panels);
-                    block(a, packed_b, panels, cols, (p0, kc), (j0, n), out);
-                });
-        }
-    }
+    let (n, out) = (b.n, Out(c.as_mut_ptr()));
+    for_each_task(a.rows, b, MA, 8, |packed_b, panels, cols, (p0, kc), j0| {
+        block(a, packed_b, panels, cols, (p0, kc), (j0, n), out)
+    });
 }
 
 thread_local! {

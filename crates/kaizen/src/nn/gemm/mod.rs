@@ -17,6 +17,7 @@
 //! decoding's matrix-vector path).
 
 use std::cell::RefCell;
+use std::ops::Range;
 
 use half::bf16;
 use rayon::prelude::*;
@@ -325,31 +326,44 @@ pub fn gemm_packed<W: Weight>(a: Mat<f32>, b: &PackedB<W>, c: &mut [f32]) {
 
 /// [`gemm_packed`] on the AVX-512 register kernels (m, n, k > 0, features checked).
 fn gemm_simd<W: Weight>(a: Mat<f32>, b: &PackedB<W>, c: &mut [f32]) {
-    let (m, k, n) = (a.rows, a.cols, b.n);
+    let (m, n, out) = (a.rows, b.n, Out(c.as_mut_ptr()));
+    for_each_task(m, b, MR, 16, |packed_b, panels, cols, (p0, kc), j0| {
+        let steps = kc.div_ceil(W::KSTEP);
+        block::<W>(&a, packed_b, panels, cols, (p0, kc, steps), (j0, n), out);
+    });
+}
+
+/// The split of a product over B's packed blocks that both kernels' drivers use: for each
+/// (column block, depth block) in order, rayon tasks of at most `max_mc` panels of `mr` rows of
+/// A and, where there are few row blocks (a short batch, the LM head's chunks), a group of the
+/// block's column panels: `task(packed block, row panels, column panels, (p0, kc), j0)`.
+fn for_each_task<W: Weight>(
+    m: usize,
+    b: &PackedB<W>,
+    mr: usize,
+    max_mc: usize,
+    task: impl Fn(&[W::Packed], Range<usize>, Range<usize>, (usize, usize), usize) + Sync,
+) {
+    let (k, n) = (b.k, b.n);
     let threads = rayon::current_num_threads().max(1);
-    // Row blocks: a multiple of MR, enough of them to keep every thread busy.
-    let row_panels = m.div_ceil(MR);
-    let mc_panels = row_panels.div_ceil(threads * 2).clamp(1, 16);
+    // Row blocks: enough of them to keep every thread busy.
+    let row_panels = m.div_ceil(mr);
+    let mc_panels = row_panels.div_ceil(threads * 2).clamp(1, max_mc);
     let row_blocks = row_panels.div_ceil(mc_panels);
-    let out = Out(c.as_mut_ptr());
     let mut blocks = b.blocks.iter();
     for j0 in (0..n).step_by(NC) {
         let col_panels = NC.min(n - j0).div_ceil(NR);
-        // Few row blocks (a short batch, the LM head's chunks): split the columns too.
         let col_groups = (threads * 2).div_ceil(row_blocks).min(col_panels).max(1);
         let group_panels = col_panels.div_ceil(col_groups);
         for p0 in (0..k).step_by(b.kc_block) {
             let kc = b.kc_block.min(k - p0);
-            let steps = kc.div_ceil(W::KSTEP);
             let packed_b = blocks.next().expect("one packed block per (j0, p0)");
-            (0..row_blocks * col_groups)
-                .into_par_iter()
-                .for_each(|task| {
-                    let (rb, cg) = (task / col_groups, task % col_groups);
-                    let panels = (rb * mc_panels)..((rb + 1) * mc_panels).min(row_panels);
-                    let cols = (cg * group_panels)..((cg + 1) * group_panels).min(col_panels);
-                    block::<W>(&a, packed_b, panels, cols, (p0, kc, steps), (j0, n), out);
-                });
+            (0..row_blocks * col_groups).into_par_iter().for_each(|t| {
+                let (rb, cg) = (t / col_groups, t % col_groups);
+                let panels = (rb * mc_panels)..((rb + 1) * mc_panels).min(row_panels);
+                let cols = (cg * group_panels)..((cg + 1) * group_panels).min(col_panels);
+                task(packed_b, panels, cols, (p0, kc), j0);
+            });
         }
     }
 }
@@ -359,8 +373,8 @@ fn gemm_simd<W: Weight>(a: Mat<f32>, b: &PackedB<W>, c: &mut [f32]) {
 fn block<W: Weight>(
     a: &Mat<f32>,
     packed_b: &[W::Packed],
-    panels: std::ops::Range<usize>,
-    cols: std::ops::Range<usize>,
+    panels: Range<usize>,
+    cols: Range<usize>,
     (p0, kc, steps): (usize, usize, usize),
     (j0, n): (usize, usize),
     out: Out,
