@@ -28,7 +28,8 @@ pub fn score_ids(model: &Model, ids: &[u32]) -> Result<(f64, usize)> {
 }
 
 /// Tokenizes each text with the tokenizer's default special tokens, truncates to `max_len`
-/// tokens, and returns the token-weighted mean NLL.
+/// tokens (a long text is tokenized only as far as they reach), and returns the token-weighted
+/// mean NLL.
 pub fn eval_texts(
     model: &Model,
     tok: &Tokenizer,
@@ -37,7 +38,7 @@ pub fn eval_texts(
 ) -> Result<EvalResult> {
     let (mut sum, mut count) = (0.0, 0);
     for text in texts {
-        let mut ids = tok.encode(text, true)?;
+        let mut ids = kaizen_data::long_text::encode_prefix(tok, text, true, max_len)?;
         ids.truncate(max_len);
         let (s, n) = score_ids(model, &ids)?;
         sum += s;
