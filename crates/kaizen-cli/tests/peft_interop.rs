@@ -188,7 +188,10 @@ fn has_virtual_tokens(adapter: &std::path::Path) -> bool {
         &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
     )
     .unwrap();
-    matches!(cfg["peft_type"].as_str(), Some("PROMPT_TUNING" | "P_TUNING"))
+    matches!(
+        cfg["peft_type"].as_str(),
+        Some("PROMPT_TUNING" | "P_TUNING")
+    )
 }
 
 /// An eval record that left each text's first token unscored (`loss` over `tokens`), with the
@@ -200,8 +203,8 @@ fn with_first_tokens(
     tok: &kaizen_data::Tokenizer,
     first_nll: impl Fn(u32) -> f64,
 ) -> (f64, u64) {
-    let texts = kaizen_data::jsonl::read_texts(&root().join("tests/fixtures/lora/eval.jsonl"))
-        .unwrap();
+    let texts =
+        kaizen_data::jsonl::read_texts(&root().join("tests/fixtures/lora/eval.jsonl")).unwrap();
     let (mut sum, mut count) = (loss * tokens as f64, tokens);
     for text in &texts {
         let ids = tok.encode(text, true).unwrap();

@@ -824,7 +824,6 @@ fn resume_without_checkpoints_is_an_error() {
     assert_mentions(&err, &["--resume", &s(&empty)]);
 }
 
-
 /// Issue 14: two runs on one --out both "succeeded" and cut metrics.jsonl short. While a run
 /// holds the directory (here the test holds its lock, through the library function `kaizen
 /// train` uses), a second run, fresh or --resume, is refused with one line naming the directory

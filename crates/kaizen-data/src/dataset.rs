@@ -142,8 +142,7 @@ pub fn load_dataset(path: &Path, tok: &Tokenizer, opts: &DataOptions) -> Result<
             format!(
                 "no usable examples: all {} were dropped for having no token to learn within {} \
                  tokens (a response must fit after its prompt); raise the maximum length",
-                rows,
-                opts.max_len
+                rows, opts.max_len
             ),
         ));
     }

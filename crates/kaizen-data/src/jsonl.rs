@@ -30,7 +30,10 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
 /// Calls `f` with each non-blank line parsed as a JSON object, in file order, reading the file
 /// as a stream. Errors name `file:line`: a line that is not UTF-8, longer than
 /// [`MAX_LINE_BYTES`], not JSON, or not an object.
-pub fn for_each_row(path: &Path, mut f: impl FnMut(usize, Map<String, Value>) -> Result<()>) -> Result<()> {
+pub fn for_each_row(
+    path: &Path,
+    mut f: impl FnMut(usize, Map<String, Value>) -> Result<()>,
+) -> Result<()> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut reader = BufReader::new(file);
     let mut buf = Vec::new();
@@ -119,12 +122,10 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
                     kind_of(&other)
                 )))
             }
-            None => {
-                return Err(bad(format!(
-                    "no \"text\" field (keys found: {}); rename the field holding the text to \"text\"",
-                    keys_of(&map)
-                )))
-            }
+            None => return Err(bad(format!(
+                "no \"text\" field (keys found: {}); rename the field holding the text to \"text\"",
+                keys_of(&map)
+            ))),
         }
         Ok(())
     })?;

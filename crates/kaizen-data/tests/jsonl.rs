@@ -113,10 +113,21 @@ fn lines_over_the_limit_are_refused_with_their_number() {
     let dir = tempfile::tempdir().unwrap();
     let line = |len: usize| format!("{{\"text\": \"{}\"}}", "x".repeat(len - 12));
     assert_eq!(line(MAX_LINE_BYTES).len(), MAX_LINE_BYTES);
-    let ok = file(&dir, "ok.jsonl", &format!("{{\"text\": \"a\"}}\r\n{}", line(MAX_LINE_BYTES)));
+    let ok = file(
+        &dir,
+        "ok.jsonl",
+        &format!("{{\"text\": \"a\"}}\r\n{}", line(MAX_LINE_BYTES)),
+    );
     let texts = read_texts(&ok).unwrap();
-    assert_eq!((texts[0].as_str(), texts[1].len()), ("a", MAX_LINE_BYTES - 12));
-    let long = file(&dir, "long.jsonl", &format!("{{\"text\": \"a\"}}\n{}\n", line(MAX_LINE_BYTES + 1)));
+    assert_eq!(
+        (texts[0].as_str(), texts[1].len()),
+        ("a", MAX_LINE_BYTES - 12)
+    );
+    let long = file(
+        &dir,
+        "long.jsonl",
+        &format!("{{\"text\": \"a\"}}\n{}\n", line(MAX_LINE_BYTES + 1)),
+    );
     let err = read_texts(&long).unwrap_err().to_string();
     assert!(
         err.contains("long.jsonl:2: the line is longer than 8 MiB"),

@@ -199,7 +199,6 @@ fn check_prompt_logits(fixture: &str, model: &str) {
     );
 }
 
-
 /// `kaizen eval` with virtual tokens scores every token of a text, the first one predicted from
 /// the last virtual position, as PEFT's loss with `labels = input_ids` does. The reference is
 /// that loss computed from PEFT's recorded logits of micro-batch 0 (virtual positions included),
@@ -213,7 +212,9 @@ fn check_prompt_eval(fixture: &str, model: &str) {
         .iter()
         .map(|v| v.as_u64().unwrap() as usize)
         .collect();
-    let logits = f.tensors["logits.0"].to_dtype(candle_core::DType::F64).unwrap();
+    let logits = f.tensors["logits.0"]
+        .to_dtype(candle_core::DType::F64)
+        .unwrap();
     let n = f.model.num_virtual_tokens();
     let (mut want_sum, mut want_count, mut sum, mut count) = (0.0, 0, 0.0, 0);
     for (r, &len) in lengths.iter().enumerate() {

@@ -76,7 +76,9 @@ pub(super) fn install(env: &mut Environment<'_>, budget: &Arc<Budget>) {
         write!(w, "{value}").map_err(|_| over_budget())
     });
     let b = budget.clone();
-    env.add_function(CONCAT, move |a: Value, c: Value| built(&b, |s| write!(s, "{a}{c}")));
+    env.add_function(CONCAT, move |a: Value, c: Value| {
+        built(&b, |s| write!(s, "{a}{c}"))
+    });
     let b = budget.clone();
     env.add_function(ADD, move |a: Value, c: Value| add(&b, a, c));
     let b = budget.clone();
@@ -119,7 +121,11 @@ fn guarded<'s>(old: &Instructions<'s>) -> Instructions<'s> {
     let mut next = 0u32;
     for i in 0..len {
         at.push(next);
-        next += if matches!(old.get(i), Some(Instruction::EmitRaw(_))) { 2 } else { 1 };
+        next += if matches!(old.get(i), Some(Instruction::EmitRaw(_))) {
+            2
+        } else {
+            1
+        };
     }
     at.push(next);
     let to = |t: &u32| at.get(*t as usize).copied().unwrap_or(next);
@@ -157,7 +163,10 @@ fn guarded<'s>(old: &Instructions<'s>) -> Instructions<'s> {
 
 /// A string built within the budget: `write` formats into it, and stops (an error) as soon as
 /// the budget would be exceeded, before the bytes are stored.
-fn built(budget: &Budget, write: impl FnOnce(&mut Charged<'_, StringSink<'_>>) -> fmt::Result) -> Result<Value, Error> {
+fn built(
+    budget: &Budget,
+    write: impl FnOnce(&mut Charged<'_, StringSink<'_>>) -> fmt::Result,
+) -> Result<Value, Error> {
     let mut s = String::new();
     let mut w = Charged {
         budget,
@@ -183,7 +192,11 @@ fn add(budget: &Budget, a: Value, b: Value) -> Result<Value, Error> {
 
 fn mul(budget: &Budget, a: Value, b: Value) -> Result<Value, Error> {
     let times = |v: &Value| v.as_usize().unwrap_or(0);
-    if let Some((s, n)) = a.as_str().map(|s| (s, times(&b))).or_else(|| b.as_str().map(|s| (s, times(&a)))) {
+    if let Some((s, n)) = a
+        .as_str()
+        .map(|s| (s, times(&b)))
+        .or_else(|| b.as_str().map(|s| (s, times(&a))))
+    {
         budget.charge(s.len().saturating_mul(n))?;
     } else if is_sequence(&a) {
         check_items(items(&a).saturating_mul(times(&b)))?;
@@ -210,10 +223,8 @@ fn is_sequence(v: &Value) -> bool {
 
 /// Length of a sequence, counting an unsized iterable up to just past [`MAX_ITEMS`].
 fn items(v: &Value) -> usize {
-    v.len().unwrap_or_else(|| {
-        v.try_iter()
-            .map_or(0, |it| it.take(MAX_ITEMS + 1).count())
-    })
+    v.len()
+        .unwrap_or_else(|| v.try_iter().map_or(0, |it| it.take(MAX_ITEMS + 1).count()))
 }
 
 fn check_items(n: usize) -> Result<(), Error> {

@@ -84,14 +84,17 @@ pub fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Resu
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    replace_with(path, |tmp| std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e)))
+    replace_with(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e))
+    })
 }
 
 /// Writes `path` through `write` into `NAME.tmp` beside it, then renames that over `path`. On
 /// any failure (a full disk, say) the temporary file is removed and `path` is left as it was.
 fn replace_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = tmp_path(path);
-    let done = write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    let done =
+        write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if done.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -145,7 +148,10 @@ mod tests {
         write_atomic(&path, b"old").unwrap();
         let err = replace_with(&path, |t| {
             std::fs::write(t, b"half").unwrap();
-            Err(Error::io(t, std::io::Error::other("No space left on device")))
+            Err(Error::io(
+                t,
+                std::io::Error::other("No space left on device"),
+            ))
         });
         assert!(err.is_err());
         assert_eq!(names(tmp.path()), ["trainer_state.json"]);

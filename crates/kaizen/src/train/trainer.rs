@@ -337,26 +337,26 @@ fn save_checkpoint(
     let dir = out.join(format!("checkpoint-{step}"));
     write_dir_atomic(&dir, |tmp| {
         method.save(model, tmp)?;
-    let mut state = HashMap::new();
-    for (k, (m, v)) in opt.state() {
-        state.insert(
-            format!("exp_avg.{k}"),
-            Tensor::from_slice(m, m.len(), &Device::Cpu)?,
-        );
-        state.insert(
-            format!("exp_avg_sq.{k}"),
-            Tensor::from_slice(v, v.len(), &Device::Cpu)?,
-        );
-    }
-    if !state.is_empty() {
-        write_safetensors(&tmp.join("optimizer.safetensors"), &state)?;
-    }
-    write_atomic(
-        &tmp.join("trainer_state.json"),
-        json!({"global_step": step, "optimizer_step": opt.step})
-            .to_string()
-            .as_bytes(),
-    )?;
+        let mut state = HashMap::new();
+        for (k, (m, v)) in opt.state() {
+            state.insert(
+                format!("exp_avg.{k}"),
+                Tensor::from_slice(m, m.len(), &Device::Cpu)?,
+            );
+            state.insert(
+                format!("exp_avg_sq.{k}"),
+                Tensor::from_slice(v, v.len(), &Device::Cpu)?,
+            );
+        }
+        if !state.is_empty() {
+            write_safetensors(&tmp.join("optimizer.safetensors"), &state)?;
+        }
+        write_atomic(
+            &tmp.join("trainer_state.json"),
+            json!({"global_step": step, "optimizer_step": opt.step})
+                .to_string()
+                .as_bytes(),
+        )?;
         Ok(())
     })?;
     Ok(dir)
