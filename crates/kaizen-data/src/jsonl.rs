@@ -122,10 +122,12 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
                     kind_of(&other)
                 )))
             }
-            None => return Err(bad(format!(
+            None => {
+                return Err(bad(format!(
                 "no \"text\" field (keys found: {}); rename the field holding the text to \"text\"",
                 keys_of(&map)
-            ))),
+            )))
+            }
         }
         Ok(())
     })?;

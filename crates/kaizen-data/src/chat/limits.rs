@@ -98,7 +98,10 @@ pub(super) fn render<'e>(
         lstrip_blocks: true,
         trim_blocks: true,
     };
-    let ast = parse(source, name, SyntaxConfig::default(), ws)?;
+    // A unit struct unless minijinja's `custom_syntax` feature is on somewhere in the build.
+    #[allow(clippy::default_constructed_unit_structs)]
+    let syntax = SyntaxConfig::default();
+    let ast = parse(source, name, syntax, ws)?;
     let mut codegen = CodeGenerator::new(name, source);
     codegen.compile_stmt(&ast);
     let (instructions, blocks) = codegen.finish();
@@ -153,7 +156,7 @@ fn guarded<'s>(old: &Instructions<'s>) -> Instructions<'s> {
             Instruction::JumpIfTrueOrPop(t) => push(Instruction::JumpIfTrueOrPop(to(t))),
             Instruction::Iterate(t) => push(Instruction::Iterate(to(t))),
             Instruction::BuildMacro(name, t, flags) => {
-                push(Instruction::BuildMacro(*name, to(t), *flags))
+                push(Instruction::BuildMacro(name, to(t), *flags))
             }
             other => push(other.clone()),
         }
