@@ -25,9 +25,12 @@ pub struct TokenizeArgs {
     /// Text to tokenize.
     #[arg(long, conflicts_with = "data", required_unless_present = "data")]
     pub text: Option<String>,
-    /// JSONL file whose lines carry a "text" field.
+    /// JSONL file whose lines carry a "text" field (each line at most 8 MiB).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Print at most this many ids per text (a long text is then tokenized only that far).
+    #[arg(long)]
+    pub max_len: Option<usize>,
 }
 
 #[derive(Args)]
@@ -210,9 +213,19 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
         (None, Some(path)) => kaizen_data::jsonl::read_texts(path)?,
         (None, None) => bail!("give --text or --data"),
     };
+    if a.max_len == Some(0) {
+        bail!("--max-len must be at least 1");
+    }
     let mut out = std::io::stdout().lock();
     for t in &texts {
-        let ids = ck.tokenizer.encode(t, true)?;
+        let ids = match a.max_len {
+            Some(n) => {
+                let mut ids = kaizen_data::long_text::encode_prefix(&ck.tokenizer, t, true, n)?;
+                ids.truncate(n);
+                ids
+            }
+            None => ck.tokenizer.encode(t, true)?,
+        };
         writeln!(out, "{}", serde_json::to_string(&ids)?)?;
     }
     Ok(())

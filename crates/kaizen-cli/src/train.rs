@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kaizen::train::optim::OptimizerKind;
+use kaizen::train::out_dir::{self, OutDirLock};
 use kaizen::train::schedule::Schedule;
 use kaizen::train::trainer::{self, Event, TrainConfig, TrainData};
 use kaizen::tuners::bottleneck::{self, config::parse_non_linearity, BottleneckConfig};
@@ -623,7 +624,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         quantize: a.quantize.as_ref().map(|q| q.to_ascii_lowercase()),
         compute: a.compute.clone(),
     };
-    let resume_from = prepare_out(
+    let (_lock, resume_from) = prepare_out(
         &out,
         &run,
         a.resume.unwrap_or(false),
@@ -695,10 +696,24 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Checks OUT against what is being started; returns the checkpoint to resume from, if any.
-fn prepare_out(out: &Path, run: &Run, resume: bool, overwrite: bool) -> Result<Option<PathBuf>> {
+/// Locks OUT for this run (a second run on it is refused; leftovers of a killed run are removed)
+/// and checks it against what is being started; returns the lock, to hold until the run ends,
+/// and the checkpoint to resume from, if any.
+fn prepare_out(
+    out: &Path,
+    run: &Run,
+    resume: bool,
+    overwrite: bool,
+) -> Result<(OutDirLock, Option<PathBuf>)> {
     let run_json = out.join("run.json");
     let text = serde_json::to_string_pretty(run)?;
+    if resume && !out.is_dir() {
+        bail!(
+            "--resume: {} is not the directory of an earlier run",
+            out.display()
+        );
+    }
+    let lock = out_dir::lock(out)?;
     if resume {
         let old = std::fs::read_to_string(&run_json)
             .with_context(|| format!("--resume: {} has no run.json", out.display()))?;
@@ -714,9 +729,12 @@ fn prepare_out(out: &Path, run: &Run, resume: bool, overwrite: bool) -> Result<O
             )
         })?;
         eprintln!("resuming from {}", ckpt.display());
-        return Ok(Some(ckpt));
+        return Ok((lock, Some(ckpt)));
     }
-    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
+    let holds_files = std::fs::read_dir(out)?
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name() != out_dir::LOCK_FILE);
+    if holds_files {
         if !overwrite {
             bail!("{} already holds files (a previous run?); pass --resume to continue it or --overwrite to replace it", out.display());
         }
@@ -731,7 +749,7 @@ fn prepare_out(out: &Path, run: &Run, resume: bool, overwrite: bool) -> Result<O
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     kaizen::checkpoint::adapter::write_atomic(&run_json, text.as_bytes())?;
-    Ok(None)
+    Ok((lock, None))
 }
 
 fn progress_bar(total: u64) -> ProgressBar {

@@ -42,13 +42,27 @@ fn kaizen_adapters_score_as_in_python_peft() {
         );
         let stdout = String::from_utf8(out.stdout).unwrap();
         let ours: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-        let peft = r["peft"]["loss"].as_f64().unwrap();
+        let (mut peft, mut tokens) = (
+            r["peft"]["loss"].as_f64().unwrap(),
+            r["peft"]["tokens"].as_u64().unwrap(),
+        );
+        let adapter_dir = dir.join(name);
+        if has_virtual_tokens(&adapter_dir) {
+            // The record left each text's first token unscored; add it, as PEFT's loss with
+            // labels = input_ids scores it (from the last virtual position). Its NLL comes from
+            // kaizen here (that position's logits are pinned to PEFT by adapter_parity.rs).
+            let mut m = kaizen::load(&root().join("tests/fixtures/models").join(model)).unwrap();
+            kaizen::tuners::load_adapter(&mut m.model, &adapter_dir).unwrap();
+            (peft, tokens) = with_first_tokens(peft, tokens, &m.tokenizer, |id| {
+                kaizen::eval::score_ids(&m.model, &[id]).unwrap().0
+            });
+        }
         let loss = ours["loss"].as_f64().unwrap();
         assert!(
             (loss - peft).abs() / peft <= 1e-4,
             "{name}: kaizen {loss} vs PEFT {peft}"
         );
-        assert_eq!(ours["tokens"], r["peft"]["tokens"], "{name}: token count");
+        assert_eq!(ours["tokens"].as_u64(), Some(tokens), "{name}: token count");
         // The adapter really changed the model (not an identity adapter).
         let base = r["base_loss"].as_f64();
         if let Some(base) = base {
@@ -92,7 +106,29 @@ fn check_eval_and_greedy(dir: &str, model: &str) {
         "tests/fixtures/lora/eval.jsonl",
         "--json",
     ]);
-    let want = reference["eval"]["loss"].as_f64().unwrap();
+    let mut want = reference["eval"]["loss"].as_f64().unwrap();
+    if let Some(n) = reference["virtual_positions"].as_u64().filter(|&n| n > 0) {
+        // The reference scored each text after its first token; PEFT's loss with labels =
+        // input_ids also scores that token, from the last virtual position, whose logits the
+        // reference records (micro-batch 0, any row: nothing real comes before it).
+        let tensors = kaizen::checkpoint::adapter::load_tensors(
+            &root().join(dir).join("reference.safetensors"),
+        )
+        .unwrap();
+        let row: Vec<f64> = tensors["logits.0"]
+            .get(0)
+            .and_then(|t| t.get(n as usize - 1))
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+        let tok = kaizen_data::Tokenizer::from_dir(&root().join(&model_dir)).unwrap();
+        let tokens = reference["eval"]["tokens"].as_u64().unwrap();
+        (want, _) = with_first_tokens(want, tokens, &tok, |id| lse - row[id as usize]);
+    }
     let loss = ours["loss"].as_f64().unwrap();
     assert!(
         (loss - want).abs() / want <= 1e-4,
@@ -144,4 +180,36 @@ fn peft_dora_adapters_eval_and_generate_as_in_peft() {
     for m in ["neox-seq-spiece", "llama-gqa-tied"] {
         check_eval_and_greedy(&format!("tests/fixtures/lora/dora-{m}"), m);
     }
+}
+
+/// A prompt-learning adapter (prompt tuning, P-tuning): virtual tokens through the embeddings.
+fn has_virtual_tokens(adapter: &std::path::Path) -> bool {
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    matches!(
+        cfg["peft_type"].as_str(),
+        Some("PROMPT_TUNING" | "P_TUNING")
+    )
+}
+
+/// An eval record that left each text's first token unscored (`loss` over `tokens`), with the
+/// first token of each text of tests/fixtures/lora/eval.jsonl added: `first_nll(id)` is its NLL
+/// when predicted from the last virtual token.
+fn with_first_tokens(
+    loss: f64,
+    tokens: u64,
+    tok: &kaizen_data::Tokenizer,
+    first_nll: impl Fn(u32) -> f64,
+) -> (f64, u64) {
+    let texts =
+        kaizen_data::jsonl::read_texts(&root().join("tests/fixtures/lora/eval.jsonl")).unwrap();
+    let (mut sum, mut count) = (loss * tokens as f64, tokens);
+    for text in &texts {
+        let ids = tok.encode(text, true).unwrap();
+        sum += first_nll(ids[0]);
+        count += 1;
+    }
+    (sum / count as f64, count)
 }

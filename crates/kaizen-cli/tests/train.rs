@@ -824,6 +824,68 @@ fn resume_without_checkpoints_is_an_error() {
     assert_mentions(&err, &["--resume", &s(&empty)]);
 }
 
+/// Issue 14: two runs on one --out both "succeeded" and cut metrics.jsonl short. While a run
+/// holds the directory (here the test holds its lock, through the library function `kaizen
+/// train` uses), a second run, fresh or --resume, is refused with one line naming the directory
+/// and touches nothing. Once the lock is released, a run proceeds and first removes what a
+/// killed run left: a half-written checkpoint, temporary files, a chart being drawn.
+#[test]
+fn a_second_run_on_the_same_out_is_refused_while_the_first_holds_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &completion_rows(10));
+    let out = tmp.path().join("run");
+    train_ok(LLAMA, &data, &out, &RESUME_OPTS);
+    let metrics_before = std::fs::read(out.join("metrics.jsonl")).unwrap();
+    let lock = kaizen::train::out_dir::lock(&out).unwrap();
+    let mut resume = RESUME_OPTS.to_vec();
+    resume.push("--resume");
+    let overwrite = [&RESUME_OPTS[..], &["--overwrite"]].concat();
+    for args in [&resume, &overwrite] {
+        let err = train(LLAMA, &data, &out, args).fails();
+        assert_mentions(&err, &[&s(&out), "another kaizen run"]);
+    }
+    assert_eq!(
+        std::fs::read(out.join("metrics.jsonl")).unwrap(),
+        metrics_before,
+        "a refused run must not touch the run in --out"
+    );
+    // As if the holder had been killed mid-save: its leftovers stay until the next run.
+    std::fs::create_dir(out.join(".checkpoint-6.tmp")).unwrap();
+    for f in [
+        ".checkpoint-6.tmp/adapter_model.safetensors",
+        ".loss.png.4242.tmp.png",
+        "metrics.jsonl.tmp",
+        "checkpoint-3/trainer_state.json.tmp",
+    ] {
+        std::fs::write(out.join(f), b"partial").unwrap();
+    }
+    drop(lock);
+    train_ok(LLAMA, &data, &out, &resume);
+    for f in [
+        ".checkpoint-6.tmp",
+        ".loss.png.4242.tmp.png",
+        "metrics.jsonl.tmp",
+        "checkpoint-3/trainer_state.json.tmp",
+    ] {
+        assert!(!out.join(f).exists(), "{f} left behind");
+    }
+    assert!(out.join("checkpoint-3/trainer_state.json").is_file());
+}
+
+/// Issue 14: `--out FILE` said "Not a directory (os error 20)" without the path.
+#[test]
+fn out_that_is_a_file_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &completion_rows(4));
+    let file = tmp.path().join("run.txt");
+    std::fs::write(&file, b"keep me").unwrap();
+    for out in [file.clone(), file.join("run")] {
+        let err = train(LLAMA, &data, &out, &["--max-steps", "1"]).fails();
+        assert_mentions(&err, &[&s(&out), "--out"]);
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+}
+
 // ---------------------------------------------------------------------------------------------
 // (5) --config run.toml
 

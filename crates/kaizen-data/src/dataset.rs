@@ -24,7 +24,8 @@ use serde_json::{Map, Value};
 
 use crate::chat::Message;
 use crate::error::{Error, Result};
-use crate::jsonl::{keys_of, kind_of, read_jsonl};
+use crate::jsonl::{for_each_row, keys_of, kind_of};
+use crate::long_text::encode_prefix;
 use crate::template::{render_instruction, render_messages, RowResult, Segment, Template};
 use crate::tokenizer::Tokenizer;
 
@@ -88,33 +89,36 @@ pub fn load_dataset(path: &Path, tok: &Tokenizer, opts: &DataOptions) -> Result<
         // Rendering anything gives the tokenizer's own "no chat template" error and hint.
         tok.apply_chat_template(&[], false)?;
     }
-    let rows = read_jsonl(path)?;
-    if rows.is_empty() {
-        return Err(Error::bad_file(
-            path,
-            "no data: the file is empty or blank; expected one JSON object per line",
-        ));
-    }
-    let encoder = Encoder::new(tok)?;
+    let encoder = Encoder::new(tok, opts.max_len)?;
     let mut truncated = Tally::default();
     let mut dropped = Tally::default();
-    let mut examples = Vec::with_capacity(rows.len());
-    for (line, map) in &rows {
-        let mut ex = example_of(map, template, &encoder).map_err(|what| Error::BadLine {
+    let mut examples = Vec::new();
+    let mut rows = 0usize;
+    // Streamed: each row becomes an example (or a warning) before the next is read.
+    for_each_row(path, |line, map| {
+        rows += 1;
+        let mut ex = example_of(&map, template, &encoder).map_err(|what| Error::BadLine {
             path: path.to_path_buf(),
-            line: *line,
+            line,
             what,
         })?;
         if ex.len() > opts.max_len {
-            truncated.add(*line, ex.len());
+            truncated.add(line, ex.len());
             ex.input_ids.truncate(opts.max_len);
             ex.labels.truncate(opts.max_len);
         }
         if ex.num_labels() == 0 {
-            dropped.add(*line, ex.len());
+            dropped.add(line, ex.len());
         } else {
             examples.push(ex);
         }
+        Ok(())
+    })?;
+    if rows == 0 {
+        return Err(Error::bad_file(
+            path,
+            "no data: the file is empty or blank; expected one JSON object per line",
+        ));
     }
     let file = path.display();
     let mut warnings = Vec::new();
@@ -138,8 +142,7 @@ pub fn load_dataset(path: &Path, tok: &Tokenizer, opts: &DataOptions) -> Result<
             format!(
                 "no usable examples: all {} were dropped for having no token to learn within {} \
                  tokens (a response must fit after its prompt); raise the maximum length",
-                rows.len(),
-                opts.max_len
+                rows, opts.max_len
             ),
         ));
     }
@@ -243,10 +246,12 @@ struct Encoder<'a> {
     /// What the default encoding puts in front of a text (BOS or nothing).
     prefix: Vec<u32>,
     eos: Option<u32>,
+    /// Tokens kept of an example: a long text is tokenized only as far as they reach.
+    max_len: usize,
 }
 
 impl<'a> Encoder<'a> {
-    fn new(tok: &'a Tokenizer) -> Result<Self> {
+    fn new(tok: &'a Tokenizer, max_len: usize) -> Result<Self> {
         // The post-processor adds the same tokens around any text; find them around a probe.
         let bare = tok.encode("a", false)?;
         let with = tok.encode("a", true)?;
@@ -256,11 +261,13 @@ impl<'a> Encoder<'a> {
             tok,
             prefix,
             eos: tok.eos_id(),
+            max_len,
         })
     }
 
     fn text(&self, text: &str) -> RowResult<Example> {
-        let mut ids = self.tok.encode(text, true).map_err(|e| e.to_string())?;
+        let mut ids =
+            encode_prefix(self.tok, text, true, self.max_len).map_err(|e| e.to_string())?;
         if let Some(eos) = self.eos.filter(|&e| ids.last() != Some(&e)) {
             ids.push(eos);
         }
@@ -277,9 +284,7 @@ impl<'a> Encoder<'a> {
             ex.push(&self.prefix, false);
         }
         for seg in segs {
-            let mut ids = self
-                .tok
-                .encode(&seg.text, false)
+            let mut ids = encode_prefix(self.tok, &seg.text, false, self.max_len)
                 .map_err(|e| e.to_string())?;
             if let Some(eos) = self.eos.filter(|_| seg.label) {
                 let has_eos = if chat {

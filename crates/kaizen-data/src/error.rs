@@ -41,8 +41,12 @@ pub enum Error {
     #[error("{source_name}: no chat template. {hint}")]
     NoChatTemplate { source_name: String, hint: String },
 
-    #[error("chat template: {0}")]
-    Template(String),
+    /// A chat template that fails to render; `source_name` names where it came from.
+    #[error("chat template{}: {what}", .source_name.as_deref().map(|s| format!(" of {s}")).unwrap_or_default())]
+    Template {
+        source_name: Option<String>,
+        what: String,
+    },
 
     /// A setting with a value it cannot take (a template name, a split fraction, a length).
     #[error("{option}: {what}")]
@@ -71,6 +75,24 @@ impl Error {
         }
     }
 
+    pub(crate) fn template(what: impl Into<String>) -> Self {
+        Error::Template {
+            source_name: None,
+            what: what.into(),
+        }
+    }
+
+    /// A template error naming where the template came from (a model directory, a GGUF file).
+    pub fn in_template_of(self, source: &str) -> Self {
+        match self {
+            Error::Template { what, .. } => Error::Template {
+                source_name: Some(source.to_string()),
+                what,
+            },
+            other => other,
+        }
+    }
+
     pub(crate) fn bad_tokenizer(source_name: &str, what: impl Into<String>) -> Self {
         Error::BadTokenizer {
             source_name: source_name.to_string(),
@@ -89,6 +111,6 @@ impl From<minijinja::Error> for Error {
             msg.push_str(&format!(": {s}"));
             source = s.source();
         }
-        Error::Template(msg)
+        Error::template(msg)
     }
 }

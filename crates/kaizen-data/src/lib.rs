@@ -4,7 +4,8 @@
 //!   (pure Rust, id-for-id with the C++ library) and GGUF tokenizer metadata; [`TextStream`] for
 //!   streaming detokenisation.
 //! - [`chat`]: HF chat templates rendered with minijinja.
-//! - [`jsonl`]: JSONL reading with `file:line` errors.
+//! - [`jsonl`]: JSONL reading with `file:line` errors, streamed, lines capped in size;
+//!   [`long_text`]: tokenizing only the part of a long text that `max_len` tokens can use.
 //! - [`dataset`]: training examples (ids + labels) from JSONL rows of four shapes, rendered with
 //!   a [`template`]; [`batch`]: validation split, epoch orders, padding and packing.
 
@@ -13,6 +14,7 @@ pub mod chat;
 pub mod dataset;
 pub mod error;
 pub mod jsonl;
+pub mod long_text;
 pub mod template;
 pub mod tokenizer;
 

@@ -95,3 +95,95 @@ fn template_syntax_error_is_reported() {
         .to_string();
     assert!(err.starts_with("chat template:"), "{err}");
 }
+
+fn untrusted(name: &str) -> String {
+    std::fs::read_to_string(
+        common::repo_root()
+            .join("tests/fixtures/untrusted")
+            .join(name),
+    )
+    .unwrap()
+}
+
+fn render_err(template: &str, msgs: &[Message]) -> String {
+    render_chat_template(template, msgs, true, None, None)
+        .unwrap_err()
+        .to_string()
+}
+
+/// Issue 14: nested `range(100000)` loops hung `generate --chat`; they now stop at the step limit
+/// with one line naming it.
+#[test]
+fn nested_loops_stop_at_the_step_limit() {
+    let err = render_err(&untrusted("chat_template_nested_range.jinja"), &[]);
+    let want = format!("exceeded {} steps", kaizen_data::chat::MAX_STEPS);
+    assert!(
+        err.starts_with("chat template: ") && err.contains(&want),
+        "{err}"
+    );
+    assert!(!err.contains('\n'), "one line: {err}");
+}
+
+/// Issue 14: a string doubled 40 times took GBs; every way of building it (`~`, `+`, `*`, a
+/// plain variable, a macro's output) stops at the byte budget before the string exists.
+#[test]
+fn doubling_a_string_stops_at_the_byte_budget() {
+    let want = format!("exceeded {} bytes", kaizen_data::chat::MAX_BYTES);
+    let err = render_err(&untrusted("chat_template_doubling.jinja"), &[]);
+    assert!(err.contains(&want), "{err}");
+    let plain = format!(
+        "{{% set s = 'ab' %}}{}{{{{ s }}}}",
+        "{% set s = s ~ s %}".repeat(40)
+    );
+    for template in [
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s * 2 %}{% endfor %}",
+        plain.as_str(),
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set x %}{{ ns.s }}{{ ns.s }}{% endset %}{% set ns.s = x %}{% endfor %}",
+    ] {
+        let err = render_err(template, &[]);
+        assert!(err.contains(&want), "{template}: {err}");
+    }
+    // Output alone: a message written 100,000 times is over the budget too.
+    let big = [Message::new("user", "x".repeat(1024))];
+    let err = render_err(
+        "{% for i in range(100000) %}{{ messages[0].content }}{% endfor %}",
+        &big,
+    );
+    assert!(err.contains(&want), "{err}");
+}
+
+/// Sequences doubled by `+` are lazy, but `list` would materialise 2^40 items.
+#[test]
+fn doubling_a_list_stops_at_the_item_limit() {
+    let err = render_err(
+        "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|list|length }}",
+        &[],
+    );
+    assert!(err.contains("exceeds the limit of"), "{err}");
+}
+
+/// The operators keep their meaning under the limits (numbers, strings, lists, macros, jumps).
+#[test]
+fn limited_operators_keep_their_meaning() {
+    let template =
+        "{% macro m(x) %}<{{ x ~ 1 }}>{% endmacro %}{{ 1 + 2 }} {{ 2 * 3 }} {{ 'a' + 'b' }} \
+                    {{ 'ab' * 2 }} {{ ([1] + [2, 3])|length }} {{ ([0] * 3)|list }} {{ 1.5 + 1 }}\
+                    {% for x in [1, 2] if x > 1 %}{{ m(x) }}{% else %}none{% endfor %}\
+                    {% if false or messages %}t{% endif %}";
+    let got =
+        render_chat_template(template, &[Message::new("user", "u")], false, None, None).unwrap();
+    assert_eq!(got, "3 6 ab abab 3 [0, 0, 0] 2.5<21>t");
+}
+
+/// A tokenizer's template error names where the template came from.
+#[test]
+fn template_errors_name_the_tokenizer() {
+    let mut tok = bpe();
+    tok.set_chat_template(Some(untrusted("chat_template_nested_range.jinja")));
+    let err = tok.apply_chat_template(&[], true).unwrap_err().to_string();
+    assert!(
+        err.starts_with("chat template of ") && err.contains("steps"),
+        "{err}"
+    );
+}

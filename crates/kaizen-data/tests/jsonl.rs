@@ -87,3 +87,50 @@ fn missing_file_names_the_path() {
         .to_string();
     assert!(err.contains("/nonexistent/x.jsonl"), "{err}");
 }
+
+/// Issue 14: invalid UTF-8 was reported without a line number.
+#[test]
+fn invalid_utf8_names_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("latin1.jsonl");
+    std::fs::write(&path, b"{\"text\": \"a\"}\n{\"text\": \"caf\xe9\"}\n").unwrap();
+    for err in [
+        read_jsonl(&path).unwrap_err().to_string(),
+        read_texts(&path).unwrap_err().to_string(),
+    ] {
+        assert!(
+            err.contains("latin1.jsonl:2: not valid UTF-8 (byte 14 of the line)"),
+            "{err}"
+        );
+    }
+}
+
+/// Issue 14: a line over the limit is refused with its number before it is parsed; a line of
+/// exactly the limit is read. CRLF line ends are accepted.
+#[test]
+fn lines_over_the_limit_are_refused_with_their_number() {
+    use kaizen_data::jsonl::MAX_LINE_BYTES;
+    let dir = tempfile::tempdir().unwrap();
+    let line = |len: usize| format!("{{\"text\": \"{}\"}}", "x".repeat(len - 12));
+    assert_eq!(line(MAX_LINE_BYTES).len(), MAX_LINE_BYTES);
+    let ok = file(
+        &dir,
+        "ok.jsonl",
+        &format!("{{\"text\": \"a\"}}\r\n{}", line(MAX_LINE_BYTES)),
+    );
+    let texts = read_texts(&ok).unwrap();
+    assert_eq!(
+        (texts[0].as_str(), texts[1].len()),
+        ("a", MAX_LINE_BYTES - 12)
+    );
+    let long = file(
+        &dir,
+        "long.jsonl",
+        &format!("{{\"text\": \"a\"}}\n{}\n", line(MAX_LINE_BYTES + 1)),
+    );
+    let err = read_texts(&long).unwrap_err().to_string();
+    assert!(
+        err.contains("long.jsonl:2: the line is longer than 8 MiB"),
+        "{err}"
+    );
+}

@@ -199,12 +199,53 @@ fn check_prompt_logits(fixture: &str, model: &str) {
     );
 }
 
+/// `kaizen eval` with virtual tokens scores every token of a text, the first one predicted from
+/// the last virtual position, as PEFT's loss with `labels = input_ids` does. The reference is
+/// that loss computed from PEFT's recorded logits of micro-batch 0 (virtual positions included),
+/// over each row's unpadded tokens.
+fn check_prompt_eval(fixture: &str, model: &str) {
+    let f = load(fixture, model);
+    let b = &f.batches[0];
+    let lengths: Vec<usize> = f.reference["micro_batches"][0]["lengths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let logits = f.tensors["logits.0"]
+        .to_dtype(candle_core::DType::F64)
+        .unwrap();
+    let n = f.model.num_virtual_tokens();
+    let (mut want_sum, mut want_count, mut sum, mut count) = (0.0, 0, 0.0, 0);
+    for (r, &len) in lengths.iter().enumerate() {
+        let ids = &b.input_ids[r * b.seq_len..r * b.seq_len + len];
+        let rows: Vec<Vec<f64>> = logits.get(r).unwrap().to_vec2().unwrap(); // (n + T, V)
+        for (t, &id) in ids.iter().enumerate() {
+            let row = &rows[n - 1 + t];
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+            want_sum += lse - row[id as usize];
+            want_count += 1;
+        }
+        let (s, c) = kaizen::eval::score_ids(&f.model, ids).unwrap();
+        sum += s;
+        count += c;
+    }
+    assert_eq!(count, want_count, "{fixture}: every token is scored");
+    let (loss, want) = (sum / count as f64, want_sum / want_count as f64);
+    assert!(
+        (loss - want).abs() / want <= TOL,
+        "{fixture}: eval loss {loss} vs PEFT's {want}"
+    );
+}
+
 macro_rules! prompt_suite {
     ($($test:ident => ($fixture:literal, $model:literal)),* $(,)?) => {$(
         mod $test {
             use super::*;
             #[test] fn gradients() { check_grads($fixture, $model) }
             #[test] fn logits() { check_prompt_logits($fixture, $model) }
+            #[test] fn eval_scores_the_first_token() { check_prompt_eval($fixture, $model) }
             #[test] fn adamw_steps() { check_optimizer($fixture, $model, OptimizerKind::adamw(), 1e-2, "") }
         }
     )*};
@@ -291,6 +332,7 @@ macro_rules! p_tuning_suite {
             use super::*;
             #[test] fn gradients_and_adamw_steps() { check_p_tuning($fixture, $model) }
             #[test] fn logits_from_the_saved_output() { check_prompt_logits($fixture, $model) }
+            #[test] fn eval_scores_the_first_token() { check_prompt_eval($fixture, $model) }
         }
     )*};
 }

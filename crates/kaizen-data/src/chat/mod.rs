@@ -8,14 +8,23 @@
 //! from minijinja-contrib's pycompat. `{% generation %}` blocks (HF's assistant-mask marker) are
 //! rendered as plain blocks.
 //! Deviation: `strftime_now` formats the current time in UTC, not local time.
+//!
+//! Templates come with models from anyone, so rendering runs within limits (`chat/limits.rs`):
+//! [`MAX_STEPS`] instructions and [`MAX_BYTES`] of output and built strings; past them it is
+//! a one-line error, never a hang or a process that fills memory.
 
+mod limits;
 mod python;
+
+use std::sync::Arc;
 
 use minijinja::value::Value;
 use minijinja::{Environment, ErrorKind};
+
+pub use limits::{MAX_BYTES, MAX_ITEMS, MAX_STEPS};
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// One chat turn, as HF's `{"role": ..., "content": ...}` dicts.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -33,7 +42,7 @@ impl Message {
     }
 }
 
-/// Renders an HF chat template.
+/// Renders an HF chat template, within [`MAX_STEPS`] and [`MAX_BYTES`].
 pub fn render_chat_template(
     template: &str,
     messages: &[Message],
@@ -41,20 +50,34 @@ pub fn render_chat_template(
     bos_token: Option<&str>,
     eos_token: Option<&str>,
 ) -> Result<String> {
-    let env = environment();
+    let budget = Arc::new(limits::Budget::default());
+    let env = environment(&budget);
     let source = without_generation_tags(template);
-    let tmpl = env.template_from_named_str("chat_template", &source)?;
     let ctx = minijinja::context! {
         messages => Value::from_serialize(messages),
         add_generation_prompt => add_generation_prompt,
         bos_token => bos_token,
         eos_token => eos_token,
     };
-    Ok(tmpl.render(ctx)?)
+    limits::render(&env, "chat_template", &source, ctx).map_err(|e| {
+        if e.kind() == ErrorKind::OutOfFuel {
+            Error::template(format!(
+                "rendering exceeded {MAX_STEPS} steps; the template loops too long (nested loops?)"
+            ))
+        } else if budget.exceeded() {
+            Error::template(format!(
+                "rendering exceeded {MAX_BYTES} bytes of output and built strings; the template \
+                 grows a string too far (a string doubled in a loop?)"
+            ))
+        } else {
+            Error::from(e)
+        }
+    })
 }
 
-fn environment() -> Environment<'static> {
+fn environment(budget: &Arc<limits::Budget>) -> Environment<'static> {
     let mut env = Environment::new();
+    limits::install(&mut env, budget);
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_keep_trailing_newline(false);

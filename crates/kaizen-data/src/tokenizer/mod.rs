@@ -347,6 +347,7 @@ impl Tokenizer {
             self.bos_token(),
             self.eos_token(),
         )
+        .map_err(|e| e.in_template_of(&self.source))
     }
 
     /// A post-processor that adds bos and/or eos around each sequence, as transformers'

@@ -75,22 +75,125 @@ pub fn write(dir: &Path, config: &Value, tensors: &[(String, Tensor)]) -> Result
 
 /// Safetensors with `{"format": "pt"}` metadata, as transformers and PEFT expect.
 pub fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let tmp = tmp_path(path);
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     let data: Vec<(&String, &Tensor)> = tensors.iter().collect();
-    safetensors::serialize_to_file(data, Some(meta), &tmp)
-        .map_err(|e| Error::checkpoint(&tmp, e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    replace_with(path, |tmp| {
+        safetensors::serialize_to_file(data, Some(meta), tmp)
+            .map_err(|e| Error::checkpoint(tmp, e.to_string()))
+    })
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace_with(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e))
+    })
+}
+
+/// Writes `path` through `write` into `NAME.tmp` beside it, then renames that over `path`. On
+/// any failure (a full disk, say) the temporary file is removed and `path` is left as it was.
+fn replace_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let done =
+        write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
+}
+
+/// Writes the directory `dir` through `write` into `.NAME.tmp` beside it, then renames that to
+/// `dir` (replacing an older `dir`). On any failure the temporary directory is removed, so a
+/// failed save leaves no `.tmp` and every earlier directory intact.
+pub fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.with_file_name(format!(".{name}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let done = write(&tmp).and_then(|()| {
+        if dir.is_dir() {
+            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+    });
+    if done.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    done
 }
 
 fn tmp_path(path: &Path) -> std::path::PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");
     path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A write that fails half-way (what a full disk does) leaves no `.tmp` and the previous
+    /// file as it was; so does a rename that fails.
+    #[test]
+    fn failed_file_writes_leave_no_tmp() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("trainer_state.json");
+        write_atomic(&path, b"old").unwrap();
+        let err = replace_with(&path, |t| {
+            std::fs::write(t, b"half").unwrap();
+            Err(Error::io(
+                t,
+                std::io::Error::other("No space left on device"),
+            ))
+        });
+        assert!(err.is_err());
+        assert_eq!(names(tmp.path()), ["trainer_state.json"]);
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        // The rename fails: the target is a non-empty directory.
+        let target = tmp.path().join("busy");
+        std::fs::create_dir_all(target.join("inside")).unwrap();
+        let t = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        assert!(write_atomic(&target, b"x").is_err());
+        assert!(write_safetensors(&target, &[("t".to_string(), t)].into()).is_err());
+        assert_eq!(names(tmp.path()), ["busy", "trainer_state.json"]);
+    }
+
+    /// A checkpoint directory whose save fails leaves no `.checkpoint-N.tmp` and earlier
+    /// checkpoints intact, whether the writing or the final rename fails.
+    #[test]
+    fn failed_directory_writes_leave_no_tmp() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path();
+        write_dir_atomic(&out.join("checkpoint-2"), |t| {
+            std::fs::create_dir_all(t).unwrap();
+            write_atomic(&t.join("trainer_state.json"), b"2")
+        })
+        .unwrap();
+        let err = write_dir_atomic(&out.join("checkpoint-4"), |t| {
+            std::fs::create_dir_all(t).unwrap();
+            write_atomic(&t.join("trainer_state.json"), b"4")?;
+            write_atomic(&out.join("no-such-dir/optimizer.safetensors"), b"4")
+        });
+        assert!(err.is_err());
+        assert_eq!(names(out), ["checkpoint-2"]);
+        // The rename fails: checkpoint-6 exists as a file.
+        std::fs::write(out.join("checkpoint-6"), b"file").unwrap();
+        let err = write_dir_atomic(&out.join("checkpoint-6"), |t| {
+            std::fs::create_dir_all(t).unwrap();
+            write_atomic(&t.join("trainer_state.json"), b"6")
+        });
+        assert!(err.is_err());
+        assert_eq!(names(out), ["checkpoint-2", "checkpoint-6"]);
+        assert_eq!(
+            std::fs::read(out.join("checkpoint-2/trainer_state.json")).unwrap(),
+            b"2"
+        );
+    }
 }

@@ -206,8 +206,14 @@ fn copy_tokenizer_files(source: &Path, dir: &Path) -> Result<()> {
         }
         let to = dir.join(name);
         let tmp = dir.join(format!(".{name}.tmp"));
-        fs::copy(&from, &tmp).map_err(|e| Error::io(&from, e))?;
-        fs::rename(&tmp, &to).map_err(|e| Error::io(&to, e))?;
+        let done = fs::copy(&from, &tmp)
+            .map_err(|e| Error::io(&from, e))
+            .and_then(|_| fs::rename(&tmp, &to).map_err(|e| Error::io(&to, e)));
+        if done.is_err() {
+            // A full disk must not leave a partial copy behind.
+            let _ = fs::remove_file(&tmp);
+        }
+        done?;
         copied += 1;
     }
     if copied == 0 {

@@ -2,6 +2,7 @@
 //! backward; frozen weights never get a gradient), optimizers, schedules and the training loop.
 
 pub mod optim;
+pub mod out_dir;
 pub mod schedule;
 pub mod trainer;
 

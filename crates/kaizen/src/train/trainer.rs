@@ -23,7 +23,7 @@ use super::schedule::Schedule;
 use super::{
     label_count, micro_batch_backward, set_params, targets_after_virtual, trainable_params, Batch,
 };
-use crate::checkpoint::adapter::{write_atomic, write_safetensors};
+use crate::checkpoint::adapter::{write_atomic, write_dir_atomic, write_safetensors};
 use crate::nn::loss::{token_nll, IGNORE_INDEX};
 use crate::nn::Grads;
 use crate::tuners::Method;
@@ -325,7 +325,8 @@ impl MetricsLog {
     }
 }
 
-/// Writes `out/checkpoint-{step}` via a temporary directory and a rename.
+/// Writes `out/checkpoint-{step}` via `.checkpoint-{step}.tmp` and a rename; a failed write
+/// (a full disk) removes the temporary directory and leaves earlier checkpoints intact.
 fn save_checkpoint(
     model: &mut Model,
     method: &Method,
@@ -334,31 +335,30 @@ fn save_checkpoint(
     step: usize,
 ) -> Result<PathBuf> {
     let dir = out.join(format!("checkpoint-{step}"));
-    let tmp = out.join(format!(".checkpoint-{step}.tmp"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    method.save(model, &tmp)?;
-    let mut state = HashMap::new();
-    for (k, (m, v)) in opt.state() {
-        state.insert(
-            format!("exp_avg.{k}"),
-            Tensor::from_slice(m, m.len(), &Device::Cpu)?,
-        );
-        state.insert(
-            format!("exp_avg_sq.{k}"),
-            Tensor::from_slice(v, v.len(), &Device::Cpu)?,
-        );
-    }
-    if !state.is_empty() {
-        write_safetensors(&tmp.join("optimizer.safetensors"), &state)?;
-    }
-    write_atomic(
-        &tmp.join("trainer_state.json"),
-        json!({"global_step": step, "optimizer_step": opt.step})
-            .to_string()
-            .as_bytes(),
-    )?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    write_dir_atomic(&dir, |tmp| {
+        method.save(model, tmp)?;
+        let mut state = HashMap::new();
+        for (k, (m, v)) in opt.state() {
+            state.insert(
+                format!("exp_avg.{k}"),
+                Tensor::from_slice(m, m.len(), &Device::Cpu)?,
+            );
+            state.insert(
+                format!("exp_avg_sq.{k}"),
+                Tensor::from_slice(v, v.len(), &Device::Cpu)?,
+            );
+        }
+        if !state.is_empty() {
+            write_safetensors(&tmp.join("optimizer.safetensors"), &state)?;
+        }
+        write_atomic(
+            &tmp.join("trainer_state.json"),
+            json!({"global_step": step, "optimizer_step": opt.step})
+                .to_string()
+                .as_bytes(),
+        )?;
+        Ok(())
+    })?;
     Ok(dir)
 }
 
