@@ -5,6 +5,7 @@
 //!   streaming detokenisation.
 //! - [`chat`]: HF chat templates rendered with minijinja.
 //! - [`jsonl`]: JSONL reading with `file:line` errors.
+//! - [`guard`]: escaping file content quoted in errors; panics of parsing dependencies caught.
 //! - [`dataset`]: training examples (ids + labels) from JSONL rows of four shapes, rendered with
 //!   a [`template`]; [`batch`]: validation split, epoch orders, padding and packing.
 
@@ -12,6 +13,7 @@ pub mod batch;
 pub mod chat;
 pub mod dataset;
 pub mod error;
+pub mod guard;
 pub mod jsonl;
 pub mod template;
 pub mod tokenizer;
@@ -19,5 +21,6 @@ pub mod tokenizer;
 pub use batch::{collate, pack, split_validation, Batch, Batches};
 pub use dataset::{load_dataset, DataOptions, Dataset, Example, IGNORE_INDEX};
 pub use error::{Error, Result};
+pub use guard::{catch_panic, quote};
 pub use template::Template;
 pub use tokenizer::{GgufVocab, TextStream, Tokenizer, TokenizerKind};
