@@ -52,6 +52,9 @@ fn main() -> ExitCode {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     keep_freed_memory();
+    // A panic inside a file-parsing dependency that kaizen catches and reports as an error
+    // prints nothing of its own.
+    kaizen_data::guard::install_panic_hook();
     let cli = Cli::parse();
     // The command itself runs on a rayon worker, so a small parallel pass (a decoding step's
     // norms, rotary, attention) starts on this thread instead of being handed to a sleeping

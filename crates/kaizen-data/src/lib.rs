@@ -6,6 +6,7 @@
 //! - [`chat`]: HF chat templates rendered with minijinja.
 //! - [`jsonl`]: JSONL reading with `file:line` errors, streamed, lines capped in size;
 //!   [`long_text`]: tokenizing only the part of a long text that `max_len` tokens can use.
+//! - [`guard`]: escaping file content quoted in errors; panics of parsing dependencies caught.
 //! - [`dataset`]: training examples (ids + labels) from JSONL rows of four shapes, rendered with
 //!   a [`template`]; [`batch`]: validation split, epoch orders, padding and packing.
 
@@ -13,6 +14,7 @@ pub mod batch;
 pub mod chat;
 pub mod dataset;
 pub mod error;
+pub mod guard;
 pub mod jsonl;
 pub mod long_text;
 pub mod template;
@@ -21,5 +23,6 @@ pub mod tokenizer;
 pub use batch::{collate, pack, split_validation, Batch, Batches};
 pub use dataset::{load_dataset, DataOptions, Dataset, Example, IGNORE_INDEX};
 pub use error::{Error, Result};
+pub use guard::{catch_panic, quote};
 pub use template::Template;
 pub use tokenizer::{GgufVocab, TextStream, Tokenizer, TokenizerKind};

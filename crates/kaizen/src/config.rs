@@ -5,6 +5,8 @@
 
 use std::path::Path;
 
+use kaizen_data::guard::one_line;
+use kaizen_data::quote;
 use serde_json::{json, Map, Value};
 
 use crate::models::arch::{self, ArchSpec};
@@ -165,26 +167,26 @@ impl ModelConfig {
         })?;
         let architecture = Architecture::from_model_type(&model_type).ok_or_else(|| {
             format!(
-                "model_type \"{model_type}\" is not supported; kaizen supports {}",
+                "model_type {} is not supported; kaizen supports {}",
+                quote(&model_type),
                 Architecture::supported()
             )
         })?;
         let spec = architecture.spec();
         (spec.refuse)(&c)?;
-        let hidden_size = c.req_usize("hidden_size")?;
-        let num_attention_heads = c.req_usize("num_attention_heads")?;
+        let hidden_size = c.req_size("hidden_size", limits::HIDDEN)?;
+        let num_attention_heads = c.req_size("num_attention_heads", limits::HEADS)?;
         if hidden_size % num_attention_heads != 0 && c.usize("head_dim")?.is_none() {
             return Err(format!(
                 "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads} and no head_dim is given"
             ));
         }
-        let head_dim = match c.usize("head_dim")? {
-            Some(0) => return Err("field \"head_dim\" must be positive, found 0".into()),
+        let head_dim = match c.size("head_dim", limits::HEAD_DIM)? {
             Some(d) => d,
             None => hidden_size / num_attention_heads,
         };
         let num_key_value_heads = c
-            .usize("num_key_value_heads")?
+            .size("num_key_value_heads", limits::HEADS)?
             .unwrap_or(num_attention_heads);
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(format!(
@@ -245,12 +247,12 @@ impl ModelConfig {
                 .collect(),
             _ => vec![],
         };
-        let num_hidden_layers = c.req_usize("num_hidden_layers")?;
+        let num_hidden_layers = c.req_size("num_hidden_layers", limits::LAYERS)?;
         let mut cfg = ModelConfig {
             architecture,
-            vocab_size: c.req_usize("vocab_size")?,
+            vocab_size: c.req_size("vocab_size", limits::VOCAB)?,
             hidden_size,
-            intermediate_size: c.req_usize("intermediate_size")?,
+            intermediate_size: c.req_size("intermediate_size", limits::INTERMEDIATE)?,
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
@@ -259,7 +261,9 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             rope_local_theta: None,
-            max_position_embeddings: c.usize("max_position_embeddings")?.unwrap_or(2048),
+            max_position_embeddings: c
+                .size("max_position_embeddings", limits::CONTEXT)?
+                .unwrap_or(2048),
             norm_eps: first_f64(&[c.f64("rms_norm_eps")?, c.f64("layer_norm_eps")?])
                 .unwrap_or(1e-5),
             hidden_act: parse_activation(&act)?,
@@ -295,7 +299,8 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Rejects values no model can run with; the message names the field.
+    /// Rejects values no model can run with; the message names the field (HF names: a GGUF's
+    /// own keys are checked as they are read, in `checkpoint/gguf.rs`).
     pub fn check(&self) -> std::result::Result<(), String> {
         let positive = |name: &str, v: f64| {
             if v.is_finite() && v > 0.0 {
@@ -304,14 +309,43 @@ impl ModelConfig {
                 Err(format!("\"{name}\" must be a positive number, found {v}"))
             }
         };
-        positive(
-            "max_position_embeddings",
-            self.max_position_embeddings as f64,
+        for (key, v, max) in [
+            ("vocab_size", self.vocab_size, limits::VOCAB),
+            ("hidden_size", self.hidden_size, limits::HIDDEN),
+            (
+                "intermediate_size",
+                self.intermediate_size,
+                limits::INTERMEDIATE,
+            ),
+            ("num_hidden_layers", self.num_hidden_layers, limits::LAYERS),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                limits::HEADS,
+            ),
+            (
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                limits::HEADS,
+            ),
+            ("head_dim", self.head_dim, limits::HEAD_DIM),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                limits::CONTEXT,
+            ),
+        ] {
+            bounded(key, v as u64, max)?;
+        }
+        check_rotary(
+            "rotary dims (head_dim x partial_rotary_factor)",
+            self.rotary_dim,
+            self.head_dim,
         )?;
-        positive("rope_theta", self.rope_theta)?;
-        positive("layer_norm_eps / rms_norm_eps", self.norm_eps)?;
+        check_theta("rope_theta", self.rope_theta)?;
+        check_eps("layer_norm_eps / rms_norm_eps", self.norm_eps)?;
         if let Some(t) = self.rope_local_theta {
-            positive("rope_local_base_freq", t)?;
+            check_theta("rope_local_base_freq", t)?;
         }
         for (name, v) in [
             ("query_pre_attn_scalar", self.query_pre_attn_scalar),
@@ -333,8 +367,20 @@ impl ModelConfig {
             ));
         }
         match self.rope_scaling {
-            RopeScaling::Linear { factor } | RopeScaling::Llama3 { factor, .. } => {
-                positive("rope_scaling.factor", factor)
+            RopeScaling::Linear { factor } => positive("rope_scaling.factor", factor),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                positive("rope_scaling.factor", factor)?;
+                positive("rope_scaling.low_freq_factor", low_freq_factor)?;
+                positive("rope_scaling.high_freq_factor", high_freq_factor)?;
+                positive(
+                    "rope_scaling.original_max_position_embeddings",
+                    original_max_position_embeddings,
+                )
             }
             RopeScaling::None => Ok(()),
         }
@@ -550,6 +596,72 @@ impl ModelConfig {
     }
 }
 
+/// Bounds on the sizes that drive allocations, generous for every released model (the largest
+/// known is noted) and small enough that a damaged or hostile file cannot make kaizen allocate
+/// terabytes, or loop for hours, before a single tensor is checked. Sizes are also checked
+/// against the tensors present before any layer is built (`checkpoint::check_sizes`).
+pub mod limits {
+    /// Decoder layers (Llama 3.1 405B: 126).
+    pub const LAYERS: usize = 1024;
+    /// Attention heads, query or key/value (Llama 3.1 405B: 128).
+    pub const HEADS: usize = 1024;
+    /// Width of one head (Gemma 2: 256).
+    pub const HEAD_DIM: usize = 1024;
+    /// Hidden size (Llama 3.1 405B: 16384).
+    pub const HIDDEN: usize = 1 << 17;
+    /// MLP width (Llama 3.1 405B: 53248).
+    pub const INTERMEDIATE: usize = 1 << 20;
+    /// Vocabulary (Gemma 3: 262144).
+    pub const VOCAB: usize = 1 << 22;
+    /// Context length (Llama 4 Scout: 10M).
+    pub const CONTEXT: usize = 1 << 24;
+    /// Largest rotary base (long-context models use up to about 1e8).
+    pub const ROPE_THETA: f64 = 1e12;
+}
+
+/// `v` for a size `key` that must lie in `1..=max`; the message names the key and the range.
+pub(crate) fn bounded(key: &str, v: u64, max: usize) -> std::result::Result<usize, String> {
+    match (1..=max as u64).contains(&v) {
+        true => Ok(v as usize),
+        false => Err(format!("\"{key}\" is {v}; it must be between 1 and {max}")),
+    }
+}
+
+/// A norm epsilon: finite, above 0 and below 1 (real ones are 1e-5 to 1e-12).
+pub(crate) fn check_eps(key: &str, v: f64) -> std::result::Result<(), String> {
+    match v > 0.0 && v < 1.0 {
+        true => Ok(()),
+        false => Err(format!(
+            "\"{key}\" is {v}; it must be a number above 0 and below 1 (typically 1e-5 or 1e-6)"
+        )),
+    }
+}
+
+/// A rotary base: between 1 and [`limits::ROPE_THETA`] (real ones are 1e4 to 1e8).
+pub(crate) fn check_theta(key: &str, v: f64) -> std::result::Result<(), String> {
+    match (1.0..=limits::ROPE_THETA).contains(&v) {
+        true => Ok(()),
+        false => Err(format!(
+            "\"{key}\" is {v}; it must be between 1 and {:e} (typically 10000 to 1e6)",
+            limits::ROPE_THETA
+        )),
+    }
+}
+
+/// The number of rotated dims of each head: even, at least 2 and at most `head_dim`.
+pub(crate) fn check_rotary(
+    key: &str,
+    rotary: usize,
+    head_dim: usize,
+) -> std::result::Result<(), String> {
+    match (2..=head_dim).contains(&rotary) && rotary.is_multiple_of(2) {
+        true => Ok(()),
+        false => Err(format!(
+            "\"{key}\" is {rotary}; it must be an even number between 2 and head_dim ({head_dim})"
+        )),
+    }
+}
+
 /// A number as JSON, an integer when it is one (transformers' strict config fields such as
 /// Gemma's `query_pre_attn_scalar` refuse `256.0`).
 pub fn number(x: f64) -> Value {
@@ -576,7 +688,8 @@ fn parse_layer_types(v: &Value, layers: usize) -> std::result::Result<Vec<bool>,
             Some("sliding_attention") => Ok(true),
             Some("full_attention") => Ok(false),
             _ => Err(format!(
-                "\"layer_types\" holds {t}; expected \"sliding_attention\" or \"full_attention\""
+                "\"layer_types\" holds {}; expected \"sliding_attention\" or \"full_attention\"",
+                shown(t)
             )),
         })
         .collect()
@@ -589,7 +702,7 @@ pub(crate) fn parse_rope_scaling(s: &Fields) -> std::result::Result<RopeScaling,
     };
     let factor = |s: &Fields| {
         s.f64("factor")?
-            .ok_or_else(|| format!("rope type \"{kind}\" needs \"factor\""))
+            .ok_or_else(|| format!("rope type {} needs \"factor\"", quote(&kind)))
     };
     Ok(match kind.as_str() {
         "default" => RopeScaling::None,
@@ -608,7 +721,8 @@ pub(crate) fn parse_rope_scaling(s: &Fields) -> std::result::Result<RopeScaling,
         },
         other => {
             return Err(format!(
-                "rope type \"{other}\" is not supported (supported: default, linear, llama3)"
+                "rope type {} is not supported (supported: default, linear, llama3)",
+                quote(other)
             ))
         }
     })
@@ -622,7 +736,8 @@ pub(crate) fn parse_activation(name: &str) -> std::result::Result<Activation, St
         "silu" | "swish" => Activation::Silu,
         other => {
             return Err(format!(
-                "hidden_act \"{other}\" is not supported (gelu, gelu_new, relu, silu)"
+                "hidden_act {} is not supported (gelu, gelu_new, relu, silu)",
+                quote(other)
             ))
         }
     })
@@ -654,7 +769,10 @@ impl Fields<'_> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(format!("field \"{key}\" must be a string, found {v}")),
+            Some(v) => Err(format!(
+                "field \"{key}\" must be a string, found {}",
+                shown(v)
+            )),
         }
     }
     pub fn f64(&self, key: &str) -> std::result::Result<Option<f64>, String> {
@@ -663,7 +781,7 @@ impl Fields<'_> {
             Some(v) => v
                 .as_f64()
                 .map(Some)
-                .ok_or_else(|| format!("field \"{key}\" must be a number, found {v}")),
+                .ok_or_else(|| format!("field \"{key}\" must be a number, found {}", shown(v))),
         }
     }
     pub fn usize(&self, key: &str) -> std::result::Result<Option<usize>, String> {
@@ -681,11 +799,31 @@ impl Fields<'_> {
             None => Err(format!("missing field \"{key}\"")),
         }
     }
+    /// An optional size that must lie in `1..=max` (see [`limits`]).
+    pub fn size(&self, key: &str, max: usize) -> std::result::Result<Option<usize>, String> {
+        self.usize(key)?
+            .map(|v| bounded(key, v as u64, max))
+            .transpose()
+    }
+    /// A required size that must lie in `1..=max` (see [`limits`]).
+    pub fn req_size(&self, key: &str, max: usize) -> std::result::Result<usize, String> {
+        self.size(key, max)?
+            .ok_or_else(|| format!("missing field \"{key}\""))
+    }
     pub fn bool(&self, key: &str) -> std::result::Result<Option<bool>, String> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(format!("field \"{key}\" must be true or false, found {v}")),
+            Some(v) => Err(format!(
+                "field \"{key}\" must be true or false, found {}",
+                shown(v)
+            )),
         }
     }
+}
+
+/// A JSON value from a file, for an error message: serde_json escapes its control characters;
+/// a long one is cut (see [`one_line`]).
+pub fn shown(v: &Value) -> String {
+    one_line(&v.to_string())
 }

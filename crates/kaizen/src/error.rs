@@ -49,8 +49,8 @@ impl Error {
     }
 }
 
-/// A candle error's message without the backtrace candle appends when RUST_BACKTRACE is set.
+/// A candle error's message without the backtrace candle appends when RUST_BACKTRACE is set,
+/// escaped and cut (it may quote the file, e.g. a tensor name).
 pub fn brief(e: &candle_core::Error) -> String {
-    let text = e.to_string();
-    text.lines().next().unwrap_or_default().trim().to_string()
+    kaizen_data::guard::one_line(&e.to_string())
 }

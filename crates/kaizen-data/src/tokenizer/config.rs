@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 use super::Tokenizer;
 use crate::error::{Error, Result};
+use crate::guard::quote;
 
 /// A token added by `added_tokens_decoder`.
 #[derive(Clone, Debug, PartialEq)]
@@ -134,7 +135,7 @@ impl Tokenizer {
             if let Some(t) = token.as_deref().filter(|t| self.token_to_id(t).is_none()) {
                 return Err(Error::bad_file(
                     path,
-                    format!("{name} {t:?} is not in the tokenizer's vocabulary"),
+                    format!("{name} {} is not in the tokenizer's vocabulary", quote(t)),
                 ));
             }
         }
@@ -171,8 +172,9 @@ impl Tokenizer {
             return Err(Error::bad_file(
                 path,
                 format!(
-                    "added_tokens_decoder says {content:?} is id {}, but the tokenizer gives it \
+                    "added_tokens_decoder says {} is id {}, but the tokenizer gives it \
                      id {}; the tokenizer files do not belong together",
+                    quote(content),
                     added.id,
                     got.map_or("none".to_string(), |g| g.to_string())
                 ),
@@ -233,13 +235,19 @@ fn added_tokens(path: &Path, config: &Map<String, Value>) -> Result<Vec<ConfigAd
     };
     let mut out = Vec::with_capacity(map.len());
     for (id, entry) in map {
-        let bad =
-            |what: &str| Error::bad_file(path, format!("added_tokens_decoder[{id:?}]: {what}"));
+        let bad = |what: &str| {
+            Error::bad_file(path, format!("added_tokens_decoder[{}]: {what}", quote(id)))
+        };
         let id: u32 = id.parse().map_err(|_| bad("the key must be a token id"))?;
         let content = entry
             .get("content")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("no string \"content\""))?;
+        super::validate::check_added_token(
+            &path.display().to_string(),
+            &format!("added_tokens_decoder[{id}]"),
+            content,
+        )?;
         let get = |k: &str, default: bool| entry.get(k).and_then(Value::as_bool).unwrap_or(default);
         let special = get("special", false);
         let mut token = tokenizers::AddedToken::from(content, special);

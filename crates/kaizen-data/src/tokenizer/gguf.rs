@@ -29,6 +29,7 @@ use tokenizers::{AddedToken, Model, PreTokenizerWrapper, SplitDelimiterBehavior}
 
 use super::merges::generate_merges;
 use super::spiece;
+use super::validate::check_added_token;
 use crate::error::{Error, Result};
 
 /// Tokenizer metadata read from a GGUF file (filled by the caller from its GGUF reader).
@@ -81,13 +82,14 @@ pub(crate) fn build(vocab: &GgufVocab) -> Result<(tokenizers::Tokenizer, bool)> 
             return Err(Error::bad_tokenizer(
                 NAME,
                 format!(
-                    "tokenizer.ggml.model is {other:?}; supported: \"gpt2\" (byte-level BPE) and \
-                     \"llama\" (SentencePiece-style BPE)"
+                    "tokenizer.ggml.model is {}; supported: \"gpt2\" (byte-level BPE) and \
+                     \"llama\" (SentencePiece-style BPE)",
+                    crate::guard::quote(other)
                 ),
             ))
         }
     };
-    add_special_tokens(&mut tok, vocab, byte_level);
+    add_special_tokens(&mut tok, vocab, byte_level)?;
     Ok((tok, byte_level))
 }
 
@@ -211,7 +213,10 @@ fn parse_merges(merges: &[String]) -> Result<Vec<(String, String)>> {
                 .ok_or_else(|| {
                     Error::bad_tokenizer(
                         NAME,
-                        format!("tokenizer.ggml.merges[{i}] is {m:?}; expected \"left right\""),
+                        format!(
+                            "tokenizer.ggml.merges[{i}] is {}; expected \"left right\"",
+                            crate::guard::quote(m)
+                        ),
                     )
                 })
         })
@@ -265,7 +270,11 @@ fn byte_level_pre_tokenizer(pre: Option<&str>) -> Result<PreTokenizerWrapper> {
 }
 
 /// Control tokens special, user-defined ones plain, named special tokens special; all whole.
-fn add_special_tokens(tok: &mut tokenizers::Tokenizer, vocab: &GgufVocab, byte_level: bool) {
+fn add_special_tokens(
+    tok: &mut tokenizers::Tokenizer,
+    vocab: &GgufVocab,
+    byte_level: bool,
+) -> Result<()> {
     let spelled: HashSet<char> = byte_alphabet().into_iter().collect();
     let types = vocab.token_types.as_deref().unwrap_or(&[]);
     let typed = |want: i32| {
@@ -276,6 +285,9 @@ fn add_special_tokens(tok: &mut tokenizers::Tokenizer, vocab: &GgufVocab, byte_l
             .filter(move |(_, &ty)| ty == want)
             .map(|(t, _)| t)
     };
+    for t in typed(CONTROL).chain(typed(USER_DEFINED)) {
+        check_added_token(NAME, "control/user-defined token", t)?;
+    }
     // A control token outside the byte alphabet of a byte-level vocabulary is a llama.cpp
     // mislabel; adding it would grow the vocabulary, so it is skipped (as transformers does).
     let control: Vec<AddedToken> = typed(CONTROL)
@@ -299,6 +311,7 @@ fn add_special_tokens(tok: &mut tokenizers::Tokenizer, vocab: &GgufVocab, byte_l
         .map(|t| AddedToken::from(t.clone(), true).normalized(false))
         .collect();
     tok.add_special_tokens(&named);
+    Ok(())
 }
 
 /// GPT-2's `bytes_to_unicode`: byte -> the char that spells it in a byte-level vocabulary.

@@ -22,11 +22,22 @@ pub(crate) fn generate_merges(tokens: &[String], scores: &[f32]) -> Vec<(String,
         id.insert(t, i);
     }
     let mut merges: Vec<(&str, &str, f32)> = Vec::new();
+    // Both halves of a split are shorter tokens of the vocabulary, so only cuts that leave each
+    // half no longer than the longest shorter token are tried: a single very long token (a
+    // damaged or hostile file) costs nothing, where trying every cut took time in the square of
+    // its length.
+    let mut lengths: Vec<usize> = order.iter().map(|t| t.len()).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
     for token in order {
         let token_score = score[token];
+        let below = lengths.partition_point(|&l| l < token.len());
+        let longest_half = below.checked_sub(1).map_or(0, |i| lengths[i]);
+        let cuts = token.len().saturating_sub(longest_half)..=longest_half;
         let mut local: Vec<(&str, &str, f32)> = token
             .char_indices()
             .skip(1)
+            .filter(|(at, _)| cuts.contains(at))
             .map(|(at, _)| token.split_at(at))
             .filter(|(l, r)| id.contains_key(l) && id.contains_key(r))
             .map(|(l, r)| (l, r, token_score))

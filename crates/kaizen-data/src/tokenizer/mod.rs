@@ -13,6 +13,7 @@ mod gguf;
 mod merges;
 mod spiece;
 mod stream;
+mod validate;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -26,6 +27,7 @@ pub use stream::TextStream;
 
 use crate::chat::{render_chat_template, Message};
 use crate::error::{Error, Result};
+use crate::guard;
 use config::TokenizerConfig;
 use spiece::SpNormalizer;
 
@@ -130,15 +132,36 @@ impl Tokenizer {
     }
 
     /// A bare HF `tokenizer.json`, with no tokenizer_config.json (so no bos/eos names or template).
+    /// What `tokenizers` would panic on is checked first (`validate.rs`); anything else that
+    /// panics inside it is an error naming the file.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| {
-            Error::bad_file(
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let source = path.display().to_string();
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(path, format!("not valid JSON ({e})")))?;
+        let added_ids = validate::check_tokenizer_json(&source, &json)?;
+        let inner = guard::catch_panic(path, "loading it as an HF tokenizer.json", || {
+            text.parse::<tokenizers::Tokenizer>().map_err(|e| {
+                Error::bad_file(
+                    path,
+                    format!(
+                        "cannot load as an HF tokenizer.json: {} (is it from a newer \
+                         `tokenizers`?)",
+                        guard::one_line(&e.to_string())
+                    ),
+                )
+            })
+        })?;
+        let vocab_size = inner.get_vocab_size(true);
+        if let Some(id) = added_ids.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(Error::bad_file(
                 path,
                 format!(
-                    "cannot load as an HF tokenizer.json: {e} (is it from a newer `tokenizers`?)"
+                    "post_processor adds token id {id}, outside the vocabulary of {vocab_size} \
+                     tokens"
                 ),
-            )
-        })?;
+            ));
+        }
         let model = match inner.get_model() {
             ModelWrapper::BPE(_) => "BPE",
             ModelWrapper::Unigram(_) => "unigram",
@@ -146,7 +169,7 @@ impl Tokenizer {
             ModelWrapper::WordLevel(_) => "WordLevel",
         };
         Ok(Tokenizer {
-            vocab_size: inner.get_vocab_size(true),
+            vocab_size,
             inner,
             kind: TokenizerKind::HfJson,
             description: format!("{} ({model})", file_name(path)),
@@ -166,7 +189,9 @@ impl Tokenizer {
             Error::bad_file(path, format!("not a SentencePiece model (protobuf: {e})"))
         })?;
         let source = path.display().to_string();
-        let sp = spiece::build(&model, &source)?;
+        let sp = guard::catch_panic(path, "building its tokenizer", || {
+            spiece::build(&model, &source)
+        })?;
         Ok(Tokenizer {
             vocab_size: sp.inner.get_vocab_size(true),
             inner: sp.inner,
@@ -204,7 +229,10 @@ impl Tokenizer {
         let eos_token = token_at("eos_token_id", vocab.eos_id)?;
         token_at("unknown_token_id", vocab.unk_id)?;
         token_at("padding_token_id", vocab.pad_id)?;
-        let (inner, byte_level) = gguf::build(&vocab)?;
+        let (inner, byte_level) =
+            guard::catch_panic(Path::new(gguf::NAME), "building its tokenizer", || {
+                gguf::build(&vocab)
+            })?;
         let (kind, description) = if byte_level {
             let pre = vocab.pre.as_deref().unwrap_or("default");
             (
@@ -242,10 +270,11 @@ impl Tokenizer {
             Some(n) => Cow::Owned(n.normalize(text)),
             None => Cow::Borrowed(text),
         };
-        let encoding = self
-            .inner
-            .encode_fast(input.as_ref(), add_special_tokens)
-            .map_err(|e| self.tokenize_error("encode", e))?;
+        // A tokenizer file the checks at load did not catch must not crash the program here.
+        let encoding =
+            guard::catch_panic_with(|| self.inner.encode_fast(input.as_ref(), add_special_tokens))
+                .map_err(|msg| self.crashed("encode", &msg))?
+                .map_err(|e| self.tokenize_error("encode", e))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -262,8 +291,8 @@ impl Tokenizer {
                 ),
             });
         }
-        self.inner
-            .decode(ids, skip_special_tokens)
+        guard::catch_panic_with(|| self.inner.decode(ids, skip_special_tokens))
+            .map_err(|msg| self.crashed("decode", &msg))?
             .map_err(|e| self.tokenize_error("decode", e))
     }
 
@@ -364,7 +393,7 @@ impl Tokenizer {
             let id = self.token_to_id(t).ok_or_else(|| {
                 Error::bad_tokenizer(
                     &self.source,
-                    format!("special token {t:?} is not in the vocabulary"),
+                    format!("special token {} is not in the vocabulary", guard::quote(t)),
                 )
             })?;
             special.insert(
@@ -392,11 +421,23 @@ impl Tokenizer {
         Ok(())
     }
 
+    /// A panic caught inside `tokenizers` while doing `op`.
+    fn crashed(&self, op: &'static str, msg: &str) -> Error {
+        Error::Tokenize {
+            source_name: self.source.clone(),
+            op,
+            message: format!(
+                "the tokenizers library crashed ({}); the tokenizer file is malformed",
+                guard::quote(msg)
+            ),
+        }
+    }
+
     fn tokenize_error(&self, op: &'static str, e: tokenizers::Error) -> Error {
         Error::Tokenize {
             source_name: self.source.clone(),
             op,
-            message: e.to_string(),
+            message: guard::one_line(&e.to_string()),
         }
     }
 }

@@ -25,6 +25,7 @@ use tokenizers::normalizers::Replace;
 use tokenizers::{AddedToken, DecoderWrapper, ModelWrapper};
 
 use super::merges::generate_merges;
+use super::validate::check_added_token;
 use crate::error::{Error, Result};
 
 const SPACE_SYMBOL: &str = "\u{2581}";
@@ -64,7 +65,8 @@ pub(crate) fn build(model: &SentencePieceModel, name: &str) -> Result<Spiece> {
     let (model_wrapper, model_type) = build_model(model, trainer, name)?;
     let mut inner = tokenizers::Tokenizer::new(model_wrapper);
     inner.with_decoder(Some(decoder(norm.add_dummy_prefix(), name)?));
-    inner.add_tokens(&added_tokens(model));
+    let added = added_tokens(model, name)?;
+    inner.add_tokens(&added);
     Ok(Spiece {
         inner,
         normalizer: SpNormalizer::new(model, name)?,
@@ -119,16 +121,20 @@ fn build_model(
 }
 
 /// Control pieces are special added tokens, user-defined pieces plain ones (matched whole).
-fn added_tokens(model: &SentencePieceModel) -> Vec<AddedToken> {
-    model
-        .pieces()
-        .iter()
-        .filter_map(|p| match p.r#type() {
-            Type::Control => Some(AddedToken::from(p.piece(), true).normalized(false)),
-            Type::UserDefined => Some(AddedToken::from(p.piece(), false).normalized(false)),
-            _ => None,
-        })
-        .collect()
+/// Each is at most `MAX_ADDED_TOKEN_BYTES` long: `tokenizers` builds its matcher for added
+/// tokens in time that grows with the square of the longest one.
+fn added_tokens(model: &SentencePieceModel, name: &str) -> Result<Vec<AddedToken>> {
+    let mut out = Vec::new();
+    for p in model.pieces() {
+        let (special, what) = match p.r#type() {
+            Type::Control => (true, "control piece"),
+            Type::UserDefined => (false, "user-defined piece"),
+            _ => continue,
+        };
+        check_added_token(name, what, p.piece())?;
+        out.push(AddedToken::from(p.piece(), special).normalized(false));
+    }
+    Ok(out)
 }
 
 /// sentencepiece's decoder: "▁" back to spaces, `<0xNN>` pieces back to bytes, and one leading

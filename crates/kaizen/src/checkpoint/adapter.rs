@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use kaizen_data::quote;
 use serde_json::{Map, Value};
 
 use crate::{Error, Result};
@@ -13,15 +14,40 @@ use crate::{Error, Result};
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
-/// Reads an adapter directory: its config object and its tensors (as f32).
-/// Every tensor of a safetensors file, by name; an unreadable file is an error naming it.
+/// Every tensor of a safetensors file, by name, in its dtype; an unreadable file, or a tensor that is
+/// not floating point (an integer tensor converted would run the model on garbage), is an error
+/// naming the file.
 pub fn load_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| Error::checkpoint(path, crate::error::brief(&e)))?
-        .into_iter()
-        .collect())
+    let raw = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+        Error::checkpoint(
+            path,
+            format!(
+                "not a readable safetensors file ({})",
+                crate::error::brief(&e)
+            ),
+        )
+    })?;
+    let mut tensors = BTreeMap::new();
+    for (k, t) in raw {
+        if !matches!(
+            t.dtype(),
+            DType::F32 | DType::F16 | DType::BF16 | DType::F64
+        ) {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "tensor {} has dtype {:?}; adapter weights must be floating point (F32, F16, BF16 or F64)",
+                    quote(&k),
+                    t.dtype()
+                ),
+            ));
+        }
+        tensors.insert(k, t);
+    }
+    Ok(tensors)
 }
 
+/// Reads an adapter directory: its config object and its tensors (as f32).
 pub fn read(dir: &Path) -> Result<(Map<String, Value>, BTreeMap<String, Tensor>)> {
     let cfg_path = dir.join(CONFIG_FILE);
     if !cfg_path.is_file() {
@@ -43,18 +69,9 @@ pub fn read(dir: &Path) -> Result<(Map<String, Value>, BTreeMap<String, Tensor>)
             dir.display()
         )));
     }
-    let raw = candle_core::safetensors::load(&w_path, &Device::Cpu).map_err(|e| {
-        Error::checkpoint(
-            &w_path,
-            format!(
-                "not a readable safetensors file ({})",
-                crate::error::brief(&e)
-            ),
-        )
-    })?;
-    let mut tensors = BTreeMap::new();
-    for (k, t) in raw {
-        tensors.insert(k, t.to_dtype(DType::F32)?);
+    let mut tensors = load_tensors(&w_path)?;
+    for t in tensors.values_mut() {
+        *t = t.to_dtype(DType::F32)?;
     }
     Ok((config, tensors))
 }

@@ -14,10 +14,12 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use kaizen_data::{GgufVocab, Tokenizer};
+use kaizen_data::{quote, GgufVocab, Tokenizer};
 
-use super::{Checkpoint, Weights};
-use crate::config::{Architecture, ModelConfig, RopeScaling};
+use super::{check_sizes, guarded, Checkpoint, SizeKeys, Weights};
+use crate::config::{
+    bounded, check_eps, check_rotary, check_theta, limits, Architecture, ModelConfig, RopeScaling,
+};
 use crate::models::arch::{MlpKind, NormKind};
 use crate::nn::quant::QMatrix;
 use crate::nn::Matrix;
@@ -25,14 +27,16 @@ use crate::{Error, Result};
 
 pub fn open(path: &Path) -> Result<Checkpoint> {
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let content = Content::read(&mut file).map_err(|e| {
-        Error::checkpoint(
-            path,
-            format!(
-                "not a readable GGUF file ({}); --model takes an HF directory or a .gguf file",
-                crate::error::brief(&e)
-            ),
-        )
+    let content = guarded(path, "reading its GGUF header", || {
+        Content::read(&mut file).map_err(|e| {
+            Error::checkpoint(
+                path,
+                format!(
+                    "not a readable GGUF file ({}); --model takes an HF directory or a .gguf file",
+                    crate::error::brief(&e)
+                ),
+            )
+        })
     })?;
     let meta = Meta {
         path,
@@ -46,7 +50,8 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     // Biases are where the file has them (Qwen 2: q/k/v only).
     config.attention_bias = has("blk.0.attn_q.bias") || has("blk.0.attn_qkv.bias");
     config.o_bias = has("blk.0.attn_output.bias");
-    let tokenizer = Tokenizer::from_gguf(meta.vocab()?)?;
+    let tokenizer =
+        Tokenizer::from_gguf(meta.vocab()?).map_err(|e| Error::config(path, e.to_string()))?;
     check_extents(path, &content)?;
     let content = Arc::new(content);
     let mut weights = Weights::new(path.to_path_buf());
@@ -62,9 +67,18 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
             continue;
         };
         let (c, g, p) = (content.clone(), gname.clone(), path.to_path_buf());
-        let loader = Box::new(move |keep| load(&c, &p, &g, fix, keep));
+        let loader =
+            Box::new(move |keep| guarded(&p, "reading a tensor", || load(&c, &p, &g, fix, keep)));
         weights.insert(hf, info.shape.dims().to_vec(), loader);
     }
+    let arch = config.architecture.spec().gguf.unwrap_or("llama");
+    let key = |s: &str| format!("{arch}.{s}");
+    let keys = SizeKeys {
+        layers: &key("block_count"),
+        vocab: &key("vocab_size"),
+        hidden: &key("embedding_length"),
+    };
+    check_sizes(&config, &weights, &keys, path)?;
     let dtypes: Vec<String> = dtypes.into_iter().collect();
     Ok(Checkpoint {
         config,
@@ -75,20 +89,44 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
 }
 
 /// Every tensor's bytes must lie inside the file: a truncated download fails at open, not at
-/// first use.
+/// first use. Sizes are computed with checked arithmetic (dims come from the file).
 fn check_extents(path: &Path, content: &Content) -> Result<()> {
     let len = std::fs::metadata(path)
         .map_err(|e| Error::io(path, e))?
         .len();
     for (name, info) in &content.tensor_infos {
         let t = info.ggml_dtype;
-        let bytes = (info.shape.elem_count() / t.block_size() * t.type_size()) as u64;
-        let end = content.tensor_data_offset + info.offset + bytes;
-        if end > len {
-            return Err(Error::checkpoint(
-                path,
-                format!("tensor \"{name}\" ends at byte {end} but the file has {len} bytes; the file is truncated (download it again)"),
-            ));
+        let elems = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+        let bytes = elems
+            .filter(|e| e % t.block_size() as u64 == 0)
+            .and_then(|e| (e / t.block_size() as u64).checked_mul(t.type_size() as u64));
+        let end = bytes.and_then(|b| {
+            (content.tensor_data_offset)
+                .checked_add(info.offset)?
+                .checked_add(b)
+        });
+        match end {
+            Some(end) if end <= len => {}
+            Some(end) => {
+                return Err(Error::checkpoint(
+                    path,
+                    format!("tensor {} ends at byte {end} but the file has {len} bytes; the file is truncated (download it again)", quote(name)),
+                ))
+            }
+            None => {
+                return Err(Error::checkpoint(
+                    path,
+                    format!(
+                        "tensor {} has an impossible shape {:?} for {t:?}; the file is damaged",
+                        quote(name),
+                        info.shape.dims()
+                    ),
+                ))
+            }
         }
     }
     Ok(())
@@ -121,7 +159,8 @@ fn load(
         Error::checkpoint(
             path,
             format!(
-                "cannot read tensor \"{gname}\": {} (file truncated?)",
+                "cannot read tensor {}: {} (file truncated?)",
+                quote(gname),
                 crate::error::brief(&e)
             ),
         )
@@ -259,14 +298,37 @@ impl Meta<'_> {
         };
         Ok(Some(x))
     }
-    fn req(&self, key: &str) -> Result<usize> {
+    /// A whole, non-negative number (a count or size), if present.
+    fn count(&self, key: &str) -> Result<Option<u64>> {
         match self.num(key)? {
-            Some(x) if x >= 1.0 => Ok(x as usize),
+            None => Ok(None),
+            Some(x) if x >= 0.0 && x.fract() == 0.0 && x < u64::MAX as f64 => Ok(Some(x as u64)),
             Some(x) => Err(self.err(format!(
-                "GGUF metadata \"{key}\" must be positive, found {x}"
+                "GGUF metadata \"{key}\" is {x}; it must be a whole number"
             ))),
-            None => Err(self.err(format!("GGUF metadata \"{key}\" is missing"))),
         }
+    }
+    /// A size in `1..=max` (see [`limits`]), if present.
+    fn size(&self, key: &str, max: usize) -> Result<Option<usize>> {
+        self.count(key)?
+            .map(|v| bounded(key, v, max).map_err(|m| self.err(format!("GGUF metadata {m}"))))
+            .transpose()
+    }
+    fn req(&self, key: &str, max: usize) -> Result<usize> {
+        self.size(key, max)?
+            .ok_or_else(|| self.err(format!("GGUF metadata \"{key}\" is missing")))
+    }
+    /// A float checked by `check` (which names the key and the range), if present.
+    fn real(
+        &self,
+        key: &str,
+        check: fn(&str, f64) -> std::result::Result<(), String>,
+    ) -> Result<Option<f64>> {
+        let x = self.num(key)?;
+        if let Some(x) = x {
+            check(key, x).map_err(|m| self.err(format!("GGUF metadata {m}")))?;
+        }
+        Ok(x)
     }
     fn bool(&self, key: &str) -> Option<bool> {
         self.get(key).and_then(|v| v.to_bool().ok())
@@ -295,37 +357,41 @@ impl Meta<'_> {
                 .filter_map(|a| a.spec().gguf)
                 .collect();
             return Err(self.err(format!(
-                "GGUF architecture \"{name}\" is not supported; kaizen reads GGUF files of: {} (other architectures load from an HF directory)",
+                "GGUF architecture {} is not supported; kaizen reads GGUF files of: {} (other architectures load from an HF directory)",
+                quote(&name),
                 known.join(", ")
             )));
         };
         let k = |s: &str| format!("{name}.{s}");
-        let hidden = self.req(&k("embedding_length"))?;
-        let heads = self.req(&k("attention.head_count"))?;
+        let hidden = self.req(&k("embedding_length"), limits::HIDDEN)?;
+        let heads = self.req(&k("attention.head_count"), limits::HEADS)?;
         let kv_heads = self
-            .num(&k("attention.head_count_kv"))?
-            .map(|x| x as usize)
+            .size(&k("attention.head_count_kv"), limits::HEADS)?
             .unwrap_or(heads);
-        if hidden % heads != 0 && self.num(&k("attention.key_length"))?.is_none() {
+        let key_length = self.size(&k("attention.key_length"), limits::HEAD_DIM)?;
+        if hidden % heads != 0 && key_length.is_none() {
             return Err(self.err(format!(
                 "GGUF metadata: embedding_length {hidden} is not divisible by attention.head_count {heads} and no attention.key_length is given"
             )));
         }
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if heads % kv_heads != 0 {
             return Err(self.err(format!(
                 "GGUF metadata: attention.head_count {heads} must be a multiple of attention.head_count_kv {kv_heads}"
             )));
         }
-        let head_dim = self
-            .num(&k("attention.key_length"))?
-            .map(|x| x as usize)
-            .unwrap_or(hidden / heads);
-        let rotary_dim = self
-            .num(&k("rope.dimension_count"))?
-            .map(|x| x as usize)
-            .unwrap_or(head_dim);
-        let vocab = match self.num(&k("vocab_size"))? {
-            Some(v) => v as usize,
+        let head_dim = key_length.unwrap_or(hidden / heads);
+        let rotary_key = k("rope.dimension_count");
+        let rotary_dim = match self.count(&rotary_key)? {
+            Some(r) => {
+                let r = r.min(u32::MAX as u64) as usize;
+                check_rotary(&rotary_key, r, head_dim)
+                    .map_err(|m| self.err(format!("GGUF metadata {m}")))?;
+                r
+            }
+            None => head_dim,
+        };
+        let vocab = match self.size(&k("vocab_size"), limits::VOCAB)? {
+            Some(v) => v,
             None => self
                 .array("tokenizer.ggml.tokens")?
                 .map(|t| t.len())
@@ -338,34 +404,34 @@ impl Meta<'_> {
             },
             Some(other) => {
                 return Err(self.err(format!(
-                    "GGUF rope scaling \"{other}\" is not supported (none, linear)"
+                    "GGUF rope scaling {} is not supported (none, linear)",
+                    quote(other)
                 )))
             }
         };
-        let layers = self.req(&k("block_count"))?;
+        let layers = self.req(&k("block_count"), limits::LAYERS)?;
         let spec = architecture.spec();
         let mut c = ModelConfig {
             architecture,
             model_type: spec.model_types[0].into(),
             vocab_size: vocab,
             hidden_size: hidden,
-            intermediate_size: self.req(&k("feed_forward_length"))?,
+            intermediate_size: self.req(&k("feed_forward_length"), limits::INTERMEDIATE)?,
             num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
             rotary_dim,
             rope_theta: self
-                .num(&k("rope.freq_base"))?
+                .real(&k("rope.freq_base"), check_theta)?
                 .unwrap_or(spec.defaults.rope_theta),
             rope_scaling,
             rope_local_theta: None,
             max_position_embeddings: self
-                .num(&k("context_length"))?
-                .map(|x| x as usize)
+                .size(&k("context_length"), limits::CONTEXT)?
                 .unwrap_or(2048),
             norm_eps: self
-                .num(&k("attention.layer_norm_rms_epsilon"))?
+                .real(&k("attention.layer_norm_rms_epsilon"), check_eps)?
                 .unwrap_or(1e-5),
             hidden_act: crate::config::parse_activation(spec.defaults.hidden_act)
                 .map_err(|m| self.err(m))?,

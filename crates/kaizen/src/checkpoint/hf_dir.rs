@@ -8,7 +8,7 @@ use std::sync::Arc;
 use kaizen_data::Tokenizer;
 
 use super::safetensors_file::{read, Index};
-use super::{Checkpoint, Weights};
+use super::{check_sizes, Checkpoint, SizeKeys, Weights};
 use crate::config::ModelConfig;
 use crate::nn::Matrix;
 use crate::{Error, Result};
@@ -35,6 +35,12 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
             weights.insert(name, shape, loader);
         }
     }
+    let keys = SizeKeys {
+        layers: "num_hidden_layers",
+        vocab: "vocab_size",
+        hidden: "hidden_size",
+    };
+    check_sizes(&config, &weights, &keys, &config_path)?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     let dtypes: Vec<String> = dtypes.into_iter().collect();
     Ok(Checkpoint {

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
-use kaizen_data::Tokenizer;
+use kaizen_data::{quote, Tokenizer};
 
 use crate::config::ModelConfig;
 use crate::nn::quant::{QFormat, QMatrix};
@@ -40,6 +40,75 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
              model.safetensors) or a .gguf file",
             path.display()
         )))
+    }
+}
+
+/// Runs a dependency's reading of `path` so that a panic inside it (a case the checks before it
+/// missed) becomes an error naming the file instead of a crash.
+fn guarded<T>(path: &Path, doing: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    kaizen_data::guard::catch_panic_with(f).map_err(|msg| {
+        Error::checkpoint(
+            path,
+            format!(
+                "a library crashed while {doing} ({}); the file is damaged",
+                quote(&msg)
+            ),
+        )
+    })?
+}
+
+/// The config keys that size the model, as its file names them (for error messages).
+struct SizeKeys<'a> {
+    layers: &'a str,
+    vocab: &'a str,
+    hidden: &'a str,
+}
+
+/// Checks the sizes that drive allocations against the tensors present, before any layer is
+/// built: the layer count against the layers the weights hold, vocab and hidden sizes against
+/// the embedding table. The message names `file` (the one holding the keys).
+fn check_sizes(
+    config: &ModelConfig,
+    weights: &Weights,
+    keys: &SizeKeys,
+    file: &Path,
+) -> Result<()> {
+    let n = &config.architecture.spec().names;
+    let bad = |msg: String| Err(Error::config(file, msg));
+    let prefix = format!("{}.", n.layers);
+    let held = weights
+        .entries
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix(&prefix)?
+                .split('.')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |i| i.saturating_add(1));
+    let layers = config.num_hidden_layers as u64;
+    if layers > held {
+        return bad(format!(
+            "\"{}\" is {layers} but the weights hold {held} layers (no tensor named {prefix}{held}.*); the config does not match its weights",
+            keys.layers
+        ));
+    }
+    if layers < held {
+        return bad(format!(
+            "\"{}\" is {layers} but the weights hold {held} layers ({prefix}{layers}.* and on would be left over); the config does not match its weights",
+            keys.layers
+        ));
+    }
+    let embed = format!("{}.weight", n.embed);
+    let want = [config.vocab_size, config.hidden_size];
+    match weights.entries.get(&embed) {
+        Some((shape, _)) if shape[..] != want[..] => bad(format!(
+            "\"{}\" {} and \"{}\" {} imply an embedding table of {want:?}, but tensor \"{embed}\" has shape {shape:?}",
+            keys.vocab, config.vocab_size, keys.hidden, config.hidden_size
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -122,16 +191,16 @@ impl Weights {
     fn entry(&mut self, name: &str, shape: &[usize]) -> Result<Loader> {
         let Some((found, load)) = self.entries.remove(name) else {
             let last = name.rsplit('.').next().unwrap_or(name);
-            let near: Vec<&str> = self
+            let near: Vec<String> = self
                 .entries
                 .keys()
                 .filter(|k| k.ends_with(last))
                 .take(4)
-                .map(String::as_str)
+                .map(|k| quote(k))
                 .collect();
             return Err(Error::checkpoint(
                 &self.path,
-                format!("missing tensor \"{name}\" (some tensors present: {near:?}); is this checkpoint for the architecture its config names?"),
+                format!("missing tensor \"{name}\" (some tensors present: [{}]); is this checkpoint for the architecture its config names?", near.join(", ")),
             ));
         };
         if found != shape {
@@ -173,13 +242,14 @@ impl Weights {
         if left.is_empty() {
             return Ok(());
         }
-        let shown: Vec<&&String> = left.iter().take(8).collect();
+        let shown: Vec<String> = left.iter().take(8).map(|k| quote(k)).collect();
         Err(Error::checkpoint(
             &self.path,
             format!(
-                "{} tensor(s) were not used by the model, e.g. {shown:?}; the checkpoint does not \
+                "{} tensor(s) were not used by the model, e.g. [{}]; the checkpoint does not \
                  match its config (wrong num_hidden_layers or model_type?)",
-                left.len()
+                left.len(),
+                shown.join(", ")
             ),
         ))
     }

@@ -15,10 +15,16 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use kaizen_data::guard::one_line;
+use kaizen_data::quote;
+
 use crate::{Error, Result};
 
 /// Headers larger than this are refused (real ones are a few hundred KB).
 const MAX_HEADER: u64 = 100 << 20;
+
+/// Dimensions a tensor may have (weights have 1 or 2).
+const MAX_RANK: usize = 8;
 
 /// One tensor's place in its file.
 pub struct Entry {
@@ -35,16 +41,14 @@ pub struct Index {
     pub entries: Vec<Entry>,
 }
 
+/// The float dtypes a weight may have; integer tensors (masks, position ids) are never weights,
+/// and converting one would run the model on garbage.
 fn dtype_of(s: &str) -> Option<DType> {
     Some(match s {
-        "BOOL" => DType::U8,
         "F32" => DType::F32,
         "F16" => DType::F16,
         "BF16" => DType::BF16,
         "F64" => DType::F64,
-        "U8" => DType::U8,
-        "U32" => DType::U32,
-        "I64" => DType::I64,
         _ => return None,
     })
 }
@@ -69,39 +73,43 @@ impl Index {
         let mut header = vec![0u8; n as usize];
         f.read_exact_at(&mut header, 8)
             .map_err(|e| bad(e.to_string()))?;
-        let json: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| bad(format!("header: {}", one_line(&e.to_string()))))?;
         let data = 8 + n;
         let mut entries = Vec::new();
         for (name, v) in json {
             if name == "__metadata__" {
                 continue;
             }
-            let field = |k: &str| {
-                v.get(k)
-                    .ok_or_else(|| bad(format!("\"{name}\" has no {k}")))
-            };
+            let q = quote(&name);
+            let field = |k: &str| v.get(k).ok_or_else(|| bad(format!("{q} has no {k}")));
             let dtype = field("dtype")?
                 .as_str()
-                .ok_or_else(|| bad(format!("\"{name}\": dtype is not a string")))?
+                .ok_or_else(|| bad(format!("{q}: dtype is not a string")))?
                 .to_string();
             let size = dtype_size(&dtype)
-                .ok_or_else(|| bad(format!("\"{name}\": unknown dtype {dtype}")))?;
+                .ok_or_else(|| bad(format!("{q}: unknown dtype {}", quote(&dtype))))?;
             let nums = |k: &str| -> Result<Vec<u64>> {
                 field(k)?
                     .as_array()
                     .and_then(|a| a.iter().map(|x| x.as_u64()).collect())
-                    .ok_or_else(|| bad(format!("\"{name}\": {k} is not a list of integers")))
+                    .ok_or_else(|| bad(format!("{q}: {k} is not a list of integers")))
             };
             let shape: Vec<usize> = nums("shape")?.into_iter().map(|d| d as usize).collect();
+            if shape.len() > MAX_RANK {
+                return Err(bad(format!(
+                    "{q}: {} dimensions (at most {MAX_RANK})",
+                    shape.len()
+                )));
+            }
             let (begin, end) = match nums("data_offsets")?[..] {
-                [b, e] if b <= e && data + e <= len => (data + b, data + e),
-                _ => return Err(bad(format!("\"{name}\": data_offsets outside the file"))),
+                [b, e] if b <= e && e <= len.saturating_sub(data) => (data + b, data + e),
+                _ => return Err(bad(format!("{q}: data_offsets outside the file"))),
             };
             let elems = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
             if elems.and_then(|e| e.checked_mul(size)) != Some(end - begin) {
                 return Err(bad(format!(
-                    "\"{name}\": {} bytes for shape {shape:?} of {dtype}",
+                    "{q}: {} bytes for shape {shape:?} of {dtype}",
                     end - begin
                 )));
             }
@@ -134,15 +142,19 @@ pub fn read(path: &Path, e: &Entry) -> Result<Tensor> {
         Error::checkpoint(
             path,
             format!(
-                "tensor \"{}\" has dtype {}, which kaizen cannot load",
-                e.name, e.dtype
+                "tensor {} has dtype {}; model weights must be floating point (F32, F16, BF16 or F64)",
+                quote(&e.name),
+                quote(&e.dtype)
             ),
         )
     })?;
     let f = File::open(path).map_err(|err| Error::io(path, err))?;
     let mut bytes = vec![0u8; (e.end - e.begin) as usize];
     f.read_exact_at(&mut bytes, e.begin).map_err(|err| {
-        Error::checkpoint(path, format!("cannot read tensor \"{}\": {err}", e.name))
+        Error::checkpoint(
+            path,
+            format!("cannot read tensor {}: {err}", quote(&e.name)),
+        )
     })?;
     Ok(Tensor::from_raw_buffer(
         &bytes,

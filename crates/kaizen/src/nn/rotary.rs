@@ -73,6 +73,13 @@ impl Rotary {
     fn rotate(&self, x: &Tensor, start: usize, sign: f32) -> Result<Tensor> {
         let (b, h, t, hd) = x.dims4()?;
         let half = self.rotary_dim / 2;
+        if 2 * half > hd {
+            // Configs are checked at load (`ModelConfig::check`); this guards other callers.
+            return Err(crate::Error::Input(format!(
+                "rotary dims {} exceed the head width {hd}",
+                self.rotary_dim
+            )));
+        }
         let (cos, sin) = self.tables(start, t);
         let sin: Vec<f32> = sin.iter().map(|s| s * sign).collect();
         let mut out: Vec<f32> = x.flatten_all()?.to_vec1()?; // (B, H, T, hd), contiguous

@@ -45,7 +45,8 @@ pub(crate) fn modules(
                 .collect::<Result<_, _>>()?,
         ))),
         Some(v) => Err(format!(
-            "\"{key}\" must be a list, a string or null, found {v}"
+            "\"{key}\" must be a list, a string or null, found {}",
+            crate::config::shown(v)
         )),
     }
 }
@@ -59,16 +60,14 @@ impl Ia3Config {
                 ));
             }
         }
-        if map.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
+        let c = crate::config::Fields(map);
+        if c.bool("fan_in_fan_out")? == Some(true) {
             return Err("\"fan_in_fan_out\": true is not supported for these architectures".into());
         }
         Ok(Ia3Config {
             target_modules: modules(map, "target_modules")?,
             feedforward_modules: modules(map, "feedforward_modules")?,
-            init_ia3_weights: map
-                .get("init_ia3_weights")
-                .and_then(Value::as_bool)
-                .unwrap_or(true),
+            init_ia3_weights: c.bool("init_ia3_weights")?.unwrap_or(true),
             base_model_name_or_path: map
                 .get("base_model_name_or_path")
                 .and_then(Value::as_str)

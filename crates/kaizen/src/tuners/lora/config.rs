@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use kaizen_data::quote;
 use serde_json::{json, Map, Value};
 
+use crate::config::{bounded, shown, Fields};
 use crate::{Error, Result};
 
 /// Which modules get LoRA (PEFT `target_modules`).
@@ -83,7 +85,13 @@ impl LoraConfig {
         if self.r == 0 {
             return bad("LoRA rank r must be at least 1".into());
         }
-        if self.lora_alpha.is_nan() || self.lora_alpha <= 0.0 {
+        if self.r > MAX_RANK {
+            return bad(format!(
+                "LoRA rank r is {}; it must be at most {MAX_RANK}",
+                self.r
+            ));
+        }
+        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
             return bad(format!("lora_alpha must be > 0, found {}", self.lora_alpha));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
@@ -97,12 +105,26 @@ impl LoraConfig {
                 return bad("target_modules is empty".into());
             }
         }
+        if let Some(TargetModules::Regex(r)) = &self.target_modules {
+            compile("target_modules", r, &format!("^(?:{r})$"))?;
+        }
         for (k, &r) in &self.rank_pattern {
-            if r == 0 {
+            if r == 0 || r > MAX_RANK {
                 return bad(format!(
-                    "rank_pattern[\"{k}\"] is 0; ranks must be at least 1"
+                    "rank_pattern[{}] is {r}; ranks must be between 1 and {MAX_RANK}",
+                    quote(k)
                 ));
             }
+            compile("rank_pattern key", k, &pattern_regex(k))?;
+        }
+        for (k, &a) in &self.alpha_pattern {
+            if !(a.is_finite() && a > 0.0) {
+                return bad(format!(
+                    "alpha_pattern[{}] is {a}; it must be a number above 0",
+                    quote(k)
+                ));
+            }
+            compile("alpha_pattern key", k, &pattern_regex(k))?;
         }
         Ok(())
     }
@@ -126,13 +148,15 @@ impl LoraConfig {
     }
 
     /// Reads PEFT's adapter_config.json fields. Unsupported features set to non-default values
-    /// are errors (rather than silently computing something else).
+    /// are errors (rather than silently computing something else), and so is a field of the
+    /// wrong type (`"use_dora": "x"` is not false).
     pub fn from_json(map: &Map<String, Value>) -> std::result::Result<Self, String> {
+        let c = Fields(map);
         for (key, what) in [
             ("lora_bias", "LoRA bias"),
             ("fan_in_fan_out", "fan_in_fan_out"),
         ] {
-            if map.get(key).and_then(Value::as_bool) == Some(true) {
+            if c.bool(key)? == Some(true) {
                 return Err(format!("\"{key}\": {what} adapters are not supported yet"));
             }
         }
@@ -152,18 +176,15 @@ impl LoraConfig {
                 ));
             }
         }
-        if let Some(b) = map.get("bias").and_then(Value::as_str) {
+        if let Some(b) = c.str("bias")? {
             if b != "none" {
                 return Err(format!(
-                    "\"bias\": \"{b}\" is not supported (only \"none\")"
+                    "\"bias\": {} is not supported (only \"none\")",
+                    quote(&b)
                 ));
             }
         }
-        let num = |k: &str| map.get(k).and_then(Value::as_f64);
-        let r = map
-            .get("r")
-            .and_then(Value::as_u64)
-            .ok_or("missing or invalid \"r\"")? as usize;
+        let r = c.req_size("r", MAX_RANK)?;
         let target_modules = match map.get("target_modules") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s == "all-linear" => Some(TargetModules::AllLinear),
@@ -179,7 +200,8 @@ impl LoraConfig {
             )),
             Some(v) => {
                 return Err(format!(
-                    "\"target_modules\" must be a list, a string or null, found {v}"
+                    "\"target_modules\" must be a list, a string or null, found {}",
+                    shown(v)
                 ))
             }
         };
@@ -189,68 +211,70 @@ impl LoraConfig {
             Some(Value::String(s)) if s == "gaussian" => LoraInit::Gaussian,
             Some(v) => {
                 return Err(format!(
-                    "\"init_lora_weights\" {v} is not supported (true, false, \"gaussian\")"
+                    "\"init_lora_weights\" {} is not supported (true, false, \"gaussian\")",
+                    shown(v)
                 ))
             }
         };
         let layers_to_transform = match map.get("layers_to_transform") {
             None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => {
-                Some(vec![n.as_u64().ok_or("bad layers_to_transform")? as usize])
-            }
+            Some(v @ Value::Number(_)) => Some(vec![layer_index(v)?]),
             Some(Value::Array(a)) => Some(
                 a.iter()
-                    .map(|v| {
-                        v.as_u64()
-                            .map(|x| x as usize)
-                            .ok_or("layers_to_transform holds a non-integer")
-                    })
+                    .map(layer_index)
                     .collect::<std::result::Result<_, _>>()?,
             ),
             Some(v) => {
                 return Err(format!(
-                    "\"layers_to_transform\" must be a list of layer indices, found {v}"
+                    "\"layers_to_transform\" must be a list of layer indices, found {}",
+                    shown(v)
                 ))
             }
         };
-        let pattern = |k: &str| -> std::result::Result<Vec<(String, f64)>, String> {
+        let pattern = |k: &str| -> std::result::Result<Vec<(String, &Value)>, String> {
             match map.get(k) {
                 None | Some(Value::Null) => Ok(vec![]),
-                Some(Value::Object(o)) => o
-                    .iter()
-                    .map(|(n, v)| {
-                        v.as_f64()
-                            .map(|x| (n.clone(), x))
-                            .ok_or_else(|| format!("\"{k}\"[\"{n}\"] is not a number"))
-                    })
-                    .collect(),
-                Some(v) => Err(format!("\"{k}\" must be an object, found {v}")),
+                Some(Value::Object(o)) => Ok(o.iter().map(|(n, v)| (n.clone(), v)).collect()),
+                Some(v) => Err(format!("\"{k}\" must be an object, found {}", shown(v))),
             }
         };
+        let rank_pattern = pattern("rank_pattern")?
+            .into_iter()
+            .map(|(n, v)| {
+                let r = v.as_u64().ok_or_else(|| {
+                    format!(
+                        "\"rank_pattern\"[{}] must be a whole number, found {}",
+                        quote(&n),
+                        shown(v)
+                    )
+                })?;
+                let r = bounded(&format!("rank_pattern[{}]", quote(&n)), r, MAX_RANK)?;
+                Ok((n, r))
+            })
+            .collect::<std::result::Result<_, String>>()?;
+        let alpha_pattern = pattern("alpha_pattern")?
+            .into_iter()
+            .map(|(n, v)| match v.as_f64() {
+                Some(a) => Ok((n, a)),
+                None => Err(format!(
+                    "\"alpha_pattern\"[{}] must be a number, found {}",
+                    quote(&n),
+                    shown(v)
+                )),
+            })
+            .collect::<std::result::Result<_, String>>()?;
         let cfg = LoraConfig {
             r,
-            lora_alpha: num("lora_alpha").unwrap_or(8.0),
-            lora_dropout: num("lora_dropout").unwrap_or(0.0),
+            lora_alpha: c.f64("lora_alpha")?.unwrap_or(8.0),
+            lora_dropout: c.f64("lora_dropout")?.unwrap_or(0.0),
             target_modules,
-            use_rslora: map
-                .get("use_rslora")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            use_dora: map
-                .get("use_dora")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            use_rslora: c.bool("use_rslora")?.unwrap_or(false),
+            use_dora: c.bool("use_dora")?.unwrap_or(false),
             init_lora_weights: init,
             layers_to_transform,
-            rank_pattern: pattern("rank_pattern")?
-                .into_iter()
-                .map(|(k, v)| (k, v as usize))
-                .collect(),
-            alpha_pattern: pattern("alpha_pattern")?.into_iter().collect(),
-            base_model_name_or_path: map
-                .get("base_model_name_or_path")
-                .and_then(Value::as_str)
-                .map(String::from),
+            rank_pattern,
+            alpha_pattern,
+            base_model_name_or_path: c.str("base_model_name_or_path")?,
         };
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
@@ -296,4 +320,51 @@ impl LoraConfig {
             "use_rslora": self.use_rslora,
         })
     }
+}
+
+/// Largest LoRA rank accepted from a file (real ones are 4 to 256): a rank sizes the A and B
+/// matrices allocated for every targeted layer.
+pub const MAX_RANK: usize = 1 << 16;
+
+/// One entry of `layers_to_transform`.
+fn layer_index(v: &Value) -> std::result::Result<usize, String> {
+    match v.as_u64() {
+        Some(i) => Ok(i as usize),
+        None => Err(format!(
+            "\"layers_to_transform\" holds {}; each entry must be a non-negative layer index \
+             (0 is the first layer)",
+            shown(v)
+        )),
+    }
+}
+
+/// A regex from adapter_config.json or a flag, compiled as `full` (the pattern wrapped as PEFT
+/// matches it); an invalid one is a one-line error naming `what` and the pattern.
+pub(crate) fn compile(what: &str, pattern: &str, full: &str) -> Result<regex::Regex> {
+    regex::Regex::new(full).map_err(|e| {
+        let why = match &e {
+            // The syntax message draws the pattern and a caret over several lines; its last
+            // line says what is wrong.
+            regex::Error::Syntax(s) => s
+                .lines()
+                .rev()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or("syntax error")
+                .trim_start_matches("error: ")
+                .to_string(),
+            other => other.to_string(),
+        };
+        Error::Input(format!(
+            "{what} {} is not a valid regex: {}",
+            quote(pattern),
+            kaizen_data::guard::one_line(&why)
+        ))
+    })
+}
+
+/// PEFT's `get_pattern_key` regex for a `rank_pattern` / `alpha_pattern` key: the key must match
+/// the module path or a dotted suffix of it.
+pub(crate) fn pattern_regex(key: &str) -> String {
+    format!(r"^(?:.*\.)?(?:{key})$")
 }

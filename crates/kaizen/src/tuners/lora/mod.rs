@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use regex::Regex;
 
 pub use config::{LoraConfig, LoraInit, TargetModules};
 pub use layer::LoraLayer;
@@ -29,10 +28,9 @@ pub fn resolve_targets(model: &mut Model, cfg: &LoraConfig) -> Result<Vec<String
         TargetModules::Names(default_targets.iter().map(|s| s.to_string()).collect())
     });
     let regex = match &targets {
-        TargetModules::Regex(r) => Some(
-            Regex::new(&format!("^(?:{r})$"))
-                .map_err(|e| Error::Input(format!("target_modules regex \"{r}\": {e}")))?,
-        ),
+        TargetModules::Regex(r) => {
+            Some(config::compile("target_modules", r, &format!("^(?:{r})$"))?)
+        }
         _ => None,
     };
     let paths: Vec<String> = model.linears_mut().into_iter().map(|(p, _)| p).collect();
@@ -74,9 +72,9 @@ pub fn matches(targets: &TargetModules, path: &str, head: &str) -> Result<bool> 
         TargetModules::Names(n) => n
             .iter()
             .any(|t| path == t || path.ends_with(&format!(".{t}"))),
-        TargetModules::Regex(r) => Regex::new(&format!("^(?:{r})$"))
-            .map_err(|e| Error::Input(format!("target_modules regex \"{r}\": {e}")))?
-            .is_match(path),
+        TargetModules::Regex(r) => {
+            config::compile("target_modules", r, &format!("^(?:{r})$"))?.is_match(path)
+        }
     })
 }
 
@@ -89,8 +87,7 @@ fn layer_index(path: &str) -> Option<usize> {
 /// PEFT's `get_pattern_key`: the first pattern `k` with `^(.*\.)?(k)$` matching the path.
 fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Result<Option<T>> {
     for (k, v) in patterns {
-        let re = Regex::new(&format!(r"^(?:.*\.)?(?:{k})$"))
-            .map_err(|e| Error::Input(format!("pattern \"{k}\": {e}")))?;
+        let re = config::compile("pattern key", k, &config::pattern_regex(k))?;
         if re.is_match(path) {
             return Ok(Some(*v));
         }
@@ -154,8 +151,9 @@ pub(crate) fn all_used(weights: Option<BTreeMap<String, Tensor>>) -> Result<()> 
     if let Some(w) = weights {
         if let Some(k) = w.keys().next() {
             return Err(Error::Input(format!(
-                "the adapter holds {} tensor(s) that fit no targeted layer, e.g. \"{k}\"; was it trained for another model?",
-                w.len()
+                "the adapter holds {} tensor(s) that fit no targeted layer, e.g. {}; was it trained for another model?",
+                w.len(),
+                kaizen_data::quote(k)
             )));
         }
     }

@@ -42,16 +42,12 @@ pub struct PrefixTuningConfig {
 impl PrefixTuningConfig {
     pub fn from_json(map: &Map<String, Value>) -> std::result::Result<Self, String> {
         let n = super::prompt::num_virtual_tokens(map)?;
+        let c = crate::config::Fields(map);
         Ok(PrefixTuningConfig {
             num_virtual_tokens: n,
-            prefix_projection: map
-                .get("prefix_projection")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            encoder_hidden_size: map
-                .get("encoder_hidden_size")
-                .and_then(Value::as_u64)
-                .map(|v| v as usize),
+            prefix_projection: c.bool("prefix_projection")?.unwrap_or(false),
+            encoder_hidden_size: c
+                .size("encoder_hidden_size", crate::config::limits::INTERMEDIATE)?,
             base_model_name_or_path: map
                 .get("base_model_name_or_path")
                 .and_then(Value::as_str)

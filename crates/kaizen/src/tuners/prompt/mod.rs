@@ -49,18 +49,11 @@ pub fn check_num_virtual_tokens(n: usize, model: &Model) -> Result<()> {
 /// `num_virtual_tokens` of a prompt-learning config (PEFT's `PromptLearningConfig`), which for a
 /// causal LM has one transformer submodule.
 pub fn num_virtual_tokens(map: &Map<String, Value>) -> std::result::Result<usize, String> {
-    if map
-        .get("num_transformer_submodules")
-        .and_then(Value::as_u64)
-        .unwrap_or(1)
-        != 1
-    {
+    let c = crate::config::Fields(map);
+    if c.usize("num_transformer_submodules")?.unwrap_or(1) != 1 {
         return Err("\"num_transformer_submodules\" must be 1 for causal LMs".into());
     }
-    map.get("num_virtual_tokens")
-        .and_then(Value::as_u64)
-        .map(|n| n as usize)
-        .ok_or_else(|| "missing \"num_virtual_tokens\"".into())
+    c.req_size("num_virtual_tokens", crate::config::limits::CONTEXT)
 }
 
 impl PromptTuningConfig {

@@ -79,23 +79,22 @@ impl EncoderConfig {
     /// From adapter_config.json, with PEFT's defaults (MLP, 2 layers, dropout 0; a missing
     /// encoder_hidden_size, None in PEFT, is taken as token_dim).
     pub fn from_json(map: &Map<String, Value>) -> std::result::Result<Self, String> {
-        let uint = |k: &str| map.get(k).and_then(Value::as_u64).map(|v| v as usize);
-        let token_dim = uint("token_dim").ok_or("missing \"token_dim\"")?;
+        let c = crate::config::Fields(map);
+        let uint = |k: &str| c.size(k, crate::config::limits::INTERMEDIATE);
+        let token_dim = uint("token_dim")?.ok_or("missing \"token_dim\"")?;
         let cfg = EncoderConfig {
             encoder_reparameterization_type: map
                 .get("encoder_reparameterization_type")
                 .and_then(Value::as_str)
                 .unwrap_or("MLP")
                 .parse()?,
-            num_virtual_tokens: uint("num_virtual_tokens")
-                .ok_or("missing \"num_virtual_tokens\"")?,
+            num_virtual_tokens: super::num_virtual_tokens(map)?,
             token_dim,
-            encoder_hidden_size: uint("encoder_hidden_size").unwrap_or(token_dim),
-            encoder_num_layers: uint("encoder_num_layers").unwrap_or(2),
-            encoder_dropout: map
-                .get("encoder_dropout")
-                .and_then(Value::as_f64)
-                .unwrap_or(0.0),
+            encoder_hidden_size: uint("encoder_hidden_size")?.unwrap_or(token_dim),
+            encoder_num_layers: c
+                .size("encoder_num_layers", crate::config::limits::LAYERS)?
+                .unwrap_or(2),
+            encoder_dropout: c.f64("encoder_dropout")?.unwrap_or(0.0),
             base_model_name_or_path: map
                 .get("base_model_name_or_path")
                 .and_then(Value::as_str)
