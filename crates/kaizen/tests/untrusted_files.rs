@@ -230,6 +230,38 @@ fn config_json_sizes_are_bounded_before_anything_is_allocated() {
     }
 }
 
+/// A sharded checkpoint's index names its shards; one that is a path (outside the model
+/// directory, or below it) is refused before anything is read.
+#[test]
+fn weight_map_entries_must_be_files_in_the_model_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = config_with(tmp.path(), "model_type", "llama".into());
+    std::fs::rename(
+        dir.join("model.safetensors"),
+        tmp.path().join("outside.safetensors"),
+    )
+    .unwrap();
+    let index = dir.join("model.safetensors.index.json");
+    for shard in [
+        "../outside.safetensors",
+        "/etc/passwd",
+        "sub/model.safetensors",
+        "..",
+    ] {
+        let json = serde_json::json!({"weight_map": {"model.embed_tokens.weight": shard}});
+        std::fs::write(&index, json.to_string()).unwrap();
+        let err = load_err(&dir);
+        assert_clean(
+            &err,
+            &[
+                &index.display().to_string(),
+                "not the name of a file in the model directory",
+            ],
+        );
+        assert!(err.contains(&format!("{shard:?}")), "{err}");
+    }
+}
+
 #[test]
 fn config_json_layer_count_must_match_the_weights() {
     let tmp = tempfile::tempdir().unwrap();

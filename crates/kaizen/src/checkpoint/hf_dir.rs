@@ -52,6 +52,12 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
 }
 
 /// `model.safetensors`, or the shards that `model.safetensors.index.json` lists.
+/// Whether `f` names a file directly in a directory: one plain component, no `..`, no root.
+fn is_file_name(f: &str) -> bool {
+    let mut parts = Path::new(f).components();
+    matches!(parts.next(), Some(std::path::Component::Normal(_))) && parts.next().is_none()
+}
+
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
@@ -73,8 +79,18 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .ok_or_else(|| Error::checkpoint(&index, "no \"weight_map\" object"))?;
     let mut shards = BTreeSet::new();
     for (k, v) in map {
-        let f = v.as_str().ok_or_else(|| {
-            Error::checkpoint(&index, format!("weight_map[\"{k}\"] is not a file name"))
+        // A shard is a file in this directory: a path (`../x`, `/etc/x`, `a/b`) would read
+        // files the model directory does not hold.
+        let shown = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+        let f = v.as_str().filter(|f| is_file_name(f)).ok_or_else(|| {
+            Error::checkpoint(
+                &index,
+                format!(
+                    "weight_map[{}] is {}, not the name of a file in the model directory",
+                    kaizen_data::quote(k),
+                    kaizen_data::quote(&shown)
+                ),
+            )
         })?;
         shards.insert(f.to_string());
     }
@@ -87,7 +103,10 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             } else {
                 Err(Error::checkpoint(
                     &index,
-                    format!("lists shard \"{f}\", which does not exist"),
+                    format!(
+                        "lists shard {}, which does not exist",
+                        kaizen_data::quote(&f)
+                    ),
                 ))
             }
         })
