@@ -92,7 +92,9 @@ fn softmax_xent_in_place(
     softcap: Option<f64>,
 ) -> f64 {
     use rayon::prelude::*;
-    logits
+    // Rows in parallel, their NLLs added in row order: rayon's own `sum` adds in an order that
+    // depends on how the work was split, so the logged loss could differ in its last bit.
+    let row_nll: Vec<f64> = logits
         .par_chunks_mut(v)
         .zip(labels.par_iter())
         .map(|(row, &y)| match softcap {
@@ -107,7 +109,8 @@ fn softmax_xent_in_place(
                 nll
             }
         })
-        .sum()
+        .collect();
+    row_nll.iter().sum()
 }
 
 /// One row of [`softmax_xent_in_place`]: returns its NLL.
