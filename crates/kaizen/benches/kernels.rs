@@ -11,7 +11,7 @@
 //! backward; the fused LM head + cross-entropy (forward and the hidden states' gradient).
 //! Each time is the median of 7 runs after one warm-up.
 
-use std::time::Instant;
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 use kaizen::nn::attention::{causal_attention_backward, causal_attention_t};
@@ -20,17 +20,8 @@ use kaizen::nn::{loss, Grads, Linear};
 
 const TOKENS: usize = 1024;
 
-fn median_secs(mut f: impl FnMut()) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..7)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[3]
+fn median_secs(f: impl FnMut()) -> f64 {
+    common::median_secs(7, f)
 }
 
 fn randn(shape: &[usize]) -> Tensor {

@@ -10,6 +10,8 @@
 //! forward (decoding), in GFLOP/s (2 m k n / s); `int8` is `--compute int8` (forward only).
 //! Each time is the median of 5 runs after one warm-up.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,17 +19,8 @@ use candle_core::{DType, Device, Tensor};
 use kaizen::nn::quant::{QFormat, QMatrix};
 use kaizen::nn::Matrix;
 
-fn median_secs(mut f: impl FnMut()) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..5)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[2]
+fn median_secs(f: impl FnMut()) -> f64 {
+    common::median_secs(5, f)
 }
 
 fn main() {
