@@ -186,7 +186,17 @@ pub fn load(
     adapter: Option<&Path>,
     p: Precision,
 ) -> Result<(kaizen::Loaded, Option<AdapterInfo>)> {
-    let mut m = kaizen::load_with(model, p)?;
+    load_in(model, adapter, p, kaizen::memory::available())
+}
+
+/// [`load`] refusing, before any weight is read, weights that alone exceed `budget` bytes.
+pub fn load_in(
+    model: &Path,
+    adapter: Option<&Path>,
+    p: Precision,
+    budget: Option<u64>,
+) -> Result<(kaizen::Loaded, Option<AdapterInfo>)> {
+    let mut m = kaizen::load_within(model, p, budget)?;
     if let Some(q) = p.quantize {
         if m.format.starts_with("GGUF") && m.format.contains("Q") {
             eprintln!(

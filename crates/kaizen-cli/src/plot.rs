@@ -303,7 +303,21 @@ fn draw(path: &Path, labels: Option<Labels>, series: &[Curve]) -> Result<()> {
         root.draw_text("no data points yet", &style, (w as i32 / 2, h as i32 / 2))
             .map_err(plot_err)?;
     }
-    root.present().map_err(plot_err)
+    root.present().map_err(present_err)
+}
+
+type BitmapError = <BitMapBackend<'static> as DrawingBackend>::ErrorType;
+
+/// Writing the file: the I/O error's own sentence (plotters' bitmap errors print as Debug, e.g.
+/// `ImageError(IoError(Custom { .. }))` on a full disk).
+fn present_err(e: DrawingAreaErrorKind<BitmapError>) -> anyhow::Error {
+    use plotters_backend::DrawingErrorKind::DrawingError;
+    use DrawingAreaErrorKind::BackendError;
+    match e {
+        BackendError(DrawingError(BitmapError::IOError(io))) => anyhow!(io),
+        BackendError(DrawingError(BitmapError::ImageError(e))) => anyhow!("{e}"),
+        e => plot_err(e),
+    }
 }
 
 /// plotters' errors borrow the backend's error type; keep only the message.
@@ -407,7 +421,7 @@ fn draw_bars(
         let chart = builder.build_cartesian_2d(x, y).map_err(plot_err)?;
         bars.fill(chart, 0.0)?;
     }
-    root.present().map_err(plot_err)
+    root.present().map_err(present_err)
 }
 
 /// What [`draw_bars`] draws, for either y axis.
@@ -503,6 +517,22 @@ mod tests {
 {"step": 30, "loss": null, "lr": 0.0002, "elapsed": 36.0}
 {"step": 40, "loss": 1.71, "lr": 0.0002, "elapsed": 48.0, "eval_loss": 1.95}
 "#;
+
+    /// A failed write (here a full disk) reads as the OS's sentence, not plotters' Debug chain.
+    #[test]
+    fn a_write_error_is_one_plain_sentence() {
+        use plotters_backend::DrawingErrorKind::DrawingError;
+        let full = || std::io::Error::from_raw_os_error(28);
+        let io = DrawingAreaErrorKind::BackendError(DrawingError(BitmapError::IOError(full())));
+        let image = DrawingAreaErrorKind::BackendError(DrawingError(BitmapError::ImageError(
+            full().into(),
+        )));
+        for e in [io, image] {
+            let msg = format!("{:#}", present_err(e));
+            assert!(msg.starts_with("No space left on device"), "{msg}");
+            assert!(!msg.contains("Custom") && !msg.contains("Error("), "{msg}");
+        }
+    }
 
     /// Width and height from a PNG's signature and IHDR chunk; panics if it is not a PNG.
     fn png_size(path: &Path) -> (u32, u32) {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use kaizen::memory::{self, RunShape};
 use kaizen::train::optim::OptimizerKind;
 use kaizen::train::out_dir::{self, OutDirLock};
 use kaizen::train::schedule::Schedule;
@@ -71,8 +72,8 @@ pub struct TrainArgs {
     /// Prefix tuning: produce the prefix with PEFT's Embedding -> Linear -> Tanh -> Linear.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub prefix_projection: Option<bool>,
-    /// Full fine-tuning: refuse when the estimated memory exceeds this many GiB (default: the
-    /// memory available now).
+    /// Refuse a run whose estimated peak memory exceeds this many GiB (default: the memory
+    /// available now). The estimate is printed at the start of every run.
     #[arg(long)]
     pub max_memory: Option<f64>,
     /// Keep only each layer's input during the forward and recompute its activations in
@@ -262,7 +263,6 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     }
     let flags_of = [
         ("--r", a.r.is_some(), "lora"),
-        ("--max-memory", a.max_memory.is_some(), "full"),
         ("--lora-alpha", a.lora_alpha.is_some(), "lora"),
         ("--lora-dropout", a.lora_dropout.is_some(), "lora"),
         ("--use-rslora", a.use_rslora.is_some(), "lora"),
@@ -326,7 +326,15 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     if method_name == "full" && (dtype != kaizen::DType::F32 || precision.quantize.is_some()) {
         bail!("--method full trains every weight in f32; drop --dtype and --quantize (they store a frozen base)");
     }
-    let (mut loaded, _) = crate::infer::load(&model_path, None, precision)?;
+    // The memory guard: --max-memory, else what the machine has free now.
+    let budget = match a.max_memory {
+        Some(gib) if gib.is_nan() || gib <= 0.0 => {
+            bail!("--max-memory must be > 0 GiB, found {gib}")
+        }
+        Some(gib) => Some((gib * (1u64 << 30) as f64) as u64),
+        None => kaizen::memory::available(),
+    };
+    let (mut loaded, _) = crate::infer::load_in(&model_path, None, precision, budget)?;
     let tok = &loaded.tokenizer;
     let ctx = loaded.model.config().max_position_embeddings;
 
@@ -347,27 +355,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         template: Some(template),
         max_len,
     };
-    let ds = load_dataset(&data_path, tok, &opts)?;
-    ds.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
-    let val_split = a.val_split.unwrap_or(0.0);
-    let seed = a.seed.unwrap_or(42);
-    let (mut train_set, val_set) = match &a.val_data {
-        Some(v) => {
-            let vd = load_dataset(v, tok, &opts)?;
-            vd.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
-            (ds.examples, vd.examples)
-        }
-        None => split_validation(ds.examples, val_split, seed)?,
-    };
-    // Right padding under causal attention never reaches a real token, and padded labels are
-    // -100, so the pad id only has to be a valid id.
-    let pad_id = tok.eos_id().unwrap_or(0);
-    let packed = a.pack.unwrap_or(false);
-    if packed {
-        train_set = pack(&train_set, max_len, pad_id);
-    }
-
     // Method.
+    let seed = a.seed.unwrap_or(42);
     let method = match &a.init_adapter {
         Some(dir) => {
             if a.r.is_some()
@@ -452,21 +441,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             }
         }
         None if method_name == "full" => {
-            let params = full::attach(&mut loaded.model)?;
-            let batch_size = a.batch_size.unwrap_or(8);
-            let need = full::memory_estimate(&loaded.model, params, batch_size, max_len);
-            let have = match a.max_memory {
-                Some(gib) => Some((gib * (1u64 << 30) as f64) as u64),
-                None => full::available_memory(),
-            };
-            if let Some(have) = have.filter(|&h| need > h) {
-                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-                bail!(
-                    "full fine-tuning of this model needs about {:.1} GiB ({params} weights x 4 for weights, gradients and AdamW's moments, plus activations for --batch-size {batch_size} x --max-len {max_len}), but {:.1} GiB is available; use a PEFT method (--method lora), or lower --batch-size / --max-len, or add --gradient-checkpointing",
-                    gib(need),
-                    gib(have)
-                );
-            }
+            full::attach(&mut loaded.model)?;
             Method::Full(Box::new(full::FullFineTuning {
                 source: model_path.clone(),
                 tokenizer: loaded.tokenizer.clone(),
@@ -553,24 +528,51 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     };
 
     loaded.model.gradient_checkpointing = a.gradient_checkpointing.unwrap_or(false);
-
-    // Optimisation.
     let optimizer = match a.optimizer.as_deref().unwrap_or("adamw") {
         "adamw" => OptimizerKind::adamw(),
         "sgd" => OptimizerKind::Sgd,
         other => bail!("--optimizer {other}: unknown (adamw, sgd)"),
     };
+    let batch_size = a.batch_size.unwrap_or(8);
+    let grad_accum = a.grad_accum.unwrap_or(1);
+    if batch_size == 0 || grad_accum == 0 {
+        bail!("--batch-size and --grad-accum must be at least 1");
+    }
+    let shape = RunShape {
+        batch_size,
+        seq_len: max_len,
+        gradient_checkpointing: loaded.model.gradient_checkpointing,
+        adam: matches!(optimizer, OptimizerKind::AdamW { .. }),
+    };
+    check_memory(&mut loaded.model, &shape, budget)?;
+
+    // Data.
+    let ds = load_dataset(&data_path, &loaded.tokenizer, &opts)?;
+    ds.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+    let val_split = a.val_split.unwrap_or(0.0);
+    let (mut train_set, val_set) = match &a.val_data {
+        Some(v) => {
+            let vd = load_dataset(v, &loaded.tokenizer, &opts)?;
+            vd.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+            (ds.examples, vd.examples)
+        }
+        None => split_validation(ds.examples, val_split, seed)?,
+    };
+    // Right padding under causal attention never reaches a real token, and padded labels are
+    // -100, so the pad id only has to be a valid id.
+    let pad_id = tok.eos_id().unwrap_or(0);
+    let packed = a.pack.unwrap_or(false);
+    if packed {
+        train_set = pack(&train_set, max_len, pad_id);
+    }
+
+    // Optimisation.
     let schedule: Schedule = a
         .lr_schedule
         .as_deref()
         .unwrap_or("linear")
         .parse()
         .map_err(anyhow::Error::msg)?;
-    let batch_size = a.batch_size.unwrap_or(8);
-    let grad_accum = a.grad_accum.unwrap_or(1);
-    if batch_size == 0 || grad_accum == 0 {
-        bail!("--batch-size and --grad-accum must be at least 1");
-    }
     let epochs = a.epochs.unwrap_or(1);
     let total_steps = match a.max_steps {
         Some(0) => bail!("--max-steps must be at least 1"),
@@ -694,6 +696,77 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// The memory guard: refuses a run whose estimated peak exceeds `budget`, with the estimate
+/// and the flags that would bring it under; prints the estimate otherwise.
+fn check_memory(model: &mut kaizen::Model, shape: &RunShape, budget: Option<u64>) -> Result<()> {
+    let need = memory::estimate(model, shape);
+    let Some(have) = budget.filter(|&h| need.total() > h) else {
+        let of = budget.map_or(String::new(), |h| {
+            format!(" of {} available", memory::gib(h))
+        });
+        eprintln!("memory: {need}{of}");
+        return Ok(());
+    };
+    // Each change alone, with what the run would then need; the first batch size that fits.
+    let mut ways: Vec<(String, u64)> = Vec::new();
+    let mut try_shape = |flag: String, s: RunShape, ways: &mut Vec<(String, u64)>| {
+        let total = memory::estimate(model, &s).total();
+        (total <= have).then(|| ways.push((flag, total))).is_some()
+    };
+    if !shape.gradient_checkpointing {
+        let s = RunShape {
+            gradient_checkpointing: true,
+            ..*shape
+        };
+        try_shape("--gradient-checkpointing".into(), s, &mut ways);
+    }
+    for b in (1..shape.batch_size).rev() {
+        let s = RunShape {
+            batch_size: b,
+            ..*shape
+        };
+        let flag = format!("--batch-size {b} (and --grad-accum to keep the effective batch)");
+        if try_shape(flag, s, &mut ways) {
+            break;
+        }
+    }
+    for len in [2048, 1024, 512, 256, 128]
+        .into_iter()
+        .filter(|&l| l < shape.seq_len)
+    {
+        let s = RunShape {
+            seq_len: len,
+            ..*shape
+        };
+        if try_shape(format!("--max-len {len}"), s, &mut ways) {
+            break;
+        }
+    }
+    for (flag, saved) in memory::smaller_bases(model) {
+        let total = need.total() - saved;
+        if total <= have {
+            ways.push((flag.into(), total));
+        }
+    }
+    let mut ways: Vec<String> = ways
+        .iter()
+        .map(|(flag, total)| format!("{flag} (about {})", memory::gib(*total)))
+        .collect();
+    if model.lm_head().trainable.is_some() {
+        ways.push(
+            "a PEFT method such as --method lora (no gradients or moments for the base)".into(),
+        );
+    }
+    bail!(
+        "this run needs {need}, but {} is available (--max-memory sets the limit); {}",
+        memory::gib(have),
+        match ways.is_empty() {
+            true => "no single change brings it under: combine --gradient-checkpointing, a smaller --batch-size and --max-len, and a smaller base (--dtype bf16, --quantize nf4), or use a smaller model".into(),
+            false => format!("it would fit with {}", ways.join(", or ")),
+        }
+    )
 }
 
 /// Locks OUT for this run (a second run on it is refused; leftovers of a killed run are removed)

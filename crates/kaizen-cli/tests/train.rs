@@ -2216,19 +2216,96 @@ fn full_fine_tuning_writes_a_model_directory_and_resumes() {
     }
 }
 
+/// The estimate a run prints ("memory: about X MiB (...)"), in MiB.
+fn estimate_mib(stderr: &str) -> f64 {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("memory: about "))
+        .unwrap_or_else(|| panic!("no memory line in {stderr}"));
+    let (n, unit) = line.split_once(' ').unwrap();
+    let n: f64 = n.parse().unwrap();
+    match &unit[..3] {
+        "MiB" => n,
+        "GiB" => n * 1024.0,
+        other => panic!("unit {other} in {line}"),
+    }
+}
+
+/// The memory guard: every run prints its estimate; one over --max-memory is refused before any
+/// data is read or --out is made, with the estimate and a change that would fit, which then
+/// runs; weights that alone exceed it are refused before they are read.
 #[test]
-fn full_fine_tuning_that_would_not_fit_is_refused_with_the_estimate() {
+fn runs_that_would_not_fit_are_refused_with_the_estimate_and_a_way_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &instruction_rows(4));
+    let shape = ["--max-steps", "1", "--batch-size", "8", "--max-len", "512"];
+    let gc = [&shape[..], &["--gradient-checkpointing"]].concat();
+    let stderr = |out: &str, args: &[&str]| {
+        let run = train(LLAMA, &data, &tmp.path().join(out), args);
+        let stderr = run.stderr.clone();
+        run.ok();
+        stderr
+    };
+    let (plain, less) = (
+        estimate_mib(&stderr("a", &shape)),
+        estimate_mib(&stderr("b", &gc)),
+    );
+    assert!(
+        less < plain,
+        "gradient checkpointing: {less} MiB vs {plain} MiB"
+    );
+    let budget = format!("{}", (plain + less) / 2.0 / 1024.0);
+    let refused = tmp.path().join("c");
+    let err = train(
+        LLAMA,
+        &data,
+        &refused,
+        &[&shape[..], &["--max-memory", &budget]].concat(),
+    )
+    .fails();
+    assert_mentions(
+        &err,
+        &[
+            "this run needs about",
+            "--gradient-checkpointing",
+            "available",
+        ],
+    );
+    assert!(!refused.exists(), "a refused run made --out");
+    train_ok(
+        LLAMA,
+        &data,
+        &refused,
+        &[&gc[..], &["--max-memory", &budget]].concat(),
+    );
+
+    for method in [
+        "lora", "ia3", "prompt", "p-tuning", "prefix", "adapter", "full",
+    ] {
+        assert_train_fails(
+            LLAMA,
+            None,
+            &["--method", method, "--max-memory", "0.002"],
+            &["this run needs about", "2.0 MiB is available"],
+        );
+    }
     assert_train_fails(
         LLAMA,
         None,
-        &["--method", "full", "--max-memory", "0.0001"],
-        &["GiB", "--method lora", "--batch-size"],
+        &["--method", "full", "--max-memory", "0.002"],
+        &["--method lora"],
     );
     assert_train_fails(
         LLAMA,
         None,
-        &["--method", "lora", "--max-memory", "4"],
-        &["--max-memory", "full"],
+        &["--max-memory", "0.0002"],
+        &["weights alone", "--dtype bf16", "--quantize nf4"],
+    );
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--max-memory", "0"],
+        &["--max-memory", "> 0"],
     );
 }
 

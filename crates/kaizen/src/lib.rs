@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod memory;
 pub mod models;
 pub mod nn;
 pub mod train;
@@ -76,10 +77,20 @@ impl Default for Precision {
 
 /// [`load`] with the base held as `p` says, one matrix at a time (never the f32 model whole).
 pub fn load_with(path: &Path, p: Precision) -> Result<Loaded> {
+    load_within(path, p, None)
+}
+
+/// [`load_with`], refusing before any weight is read when the weights alone would need more
+/// than `budget` bytes (the memory guard; None: no limit), with what `--dtype bf16` and
+/// `--quantize nf4` would need instead.
+pub fn load_within(path: &Path, p: Precision, budget: Option<u64>) -> Result<Loaded> {
     let mut ck = checkpoint::open(path)?;
     ck.weights.matrices = p.dtype;
     ck.weights.quantize = p.quantize;
     ck.weights.int8 = p.int8;
+    if let Some(have) = budget {
+        check_weights_fit(path, &mut ck, have)?;
+    }
     // Weights::take narrows each 2-D tensor; a tied head shares the narrowed table.
     let model = Model::load(&ck.config, ck.weights)?;
     let (tv, mv) = (ck.tokenizer.vocab_size(), ck.config.vocab_size);
@@ -94,4 +105,45 @@ pub fn load_with(path: &Path, p: Precision) -> Result<Loaded> {
         tokenizer: ck.tokenizer,
         format: ck.format,
     })
+}
+
+fn check_weights_fit(path: &Path, ck: &mut checkpoint::Checkpoint, have: u64) -> Result<()> {
+    let layers = ck.config.architecture.spec().names.layers;
+    let w = &mut ck.weights;
+    let need = w.resident_estimate(layers);
+    if need <= have {
+        return Ok(());
+    }
+    let (dtype, quantize) = (w.matrices, w.quantize);
+    let mut smaller = Vec::new();
+    if dtype == DType::F32 {
+        w.matrices = DType::BF16;
+        smaller.push(format!(
+            "--dtype bf16 (about {})",
+            memory::gib(w.resident_estimate(layers))
+        ));
+    }
+    if quantize.is_none() {
+        (w.matrices, w.quantize) = (
+            DType::BF16,
+            Some(QFormat::Nf4 {
+                double_quant: false,
+            }),
+        );
+        smaller.push(format!(
+            "--quantize nf4 (about {})",
+            memory::gib(w.resident_estimate(layers))
+        ));
+    }
+    let held = quantize.map_or(format!("{dtype:?}").to_uppercase(), |q| format!("{q}"));
+    Err(Error::Input(format!(
+        "{}: the weights alone need about {} held as {held}, but {} is available{}",
+        path.display(),
+        memory::gib(need),
+        memory::gib(have),
+        match smaller.is_empty() {
+            true => "; use a machine with more memory".to_string(),
+            false => format!("; hold them in less: {}", smaller.join(", ")),
+        }
+    )))
 }

@@ -62,6 +62,7 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
             weights.insert(
                 format!("gguf:{gname}"),
                 info.shape.dims().to_vec(),
+                None,
                 unused(),
             );
             continue;
@@ -69,7 +70,11 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
         let (c, g, p) = (content.clone(), gname.clone(), path.to_path_buf());
         let loader =
             Box::new(move |keep| guarded(&p, "reading a tensor", || load(&c, &p, &g, fix, keep)));
-        weights.insert(hf, info.shape.dims().to_vec(), loader);
+        let quantized = match info.ggml_dtype {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
+            t => Some((info.shape.elem_count() / t.block_size() * t.type_size()) as u64),
+        };
+        weights.insert(hf, info.shape.dims().to_vec(), quantized, loader);
     }
     let arch = config.architecture.spec().gguf.unwrap_or("llama");
     let key = |s: &str| format!("{arch}.{s}");

@@ -32,7 +32,7 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
             dtypes.insert(e.dtype.clone());
             let (name, shape, file) = (e.name.clone(), e.shape.clone(), file.clone());
             let loader = Box::new(move |_keep| read(&file, &e).map(Matrix::Dense));
-            weights.insert(name, shape, loader);
+            weights.insert(name, shape, None, loader);
         }
     }
     let keys = SizeKeys {

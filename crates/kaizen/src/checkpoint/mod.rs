@@ -104,7 +104,7 @@ fn check_sizes(
     let embed = format!("{}.weight", n.embed);
     let want = [config.vocab_size, config.hidden_size];
     match weights.entries.get(&embed) {
-        Some((shape, _)) if shape[..] != want[..] => bad(format!(
+        Some(Entry { shape, .. }) if shape[..] != want[..] => bad(format!(
             "\"{}\" {} and \"{}\" {} imply an embedding table of {want:?}, but tensor \"{embed}\" has shape {shape:?}",
             keys.vocab, config.vocab_size, keys.hidden, config.hidden_size
         )),
@@ -117,11 +117,18 @@ fn check_sizes(
 /// (f32, or the file's float dtype).
 type Loader = Box<dyn Fn(Option<DType>) -> Result<Matrix>>;
 
+struct Entry {
+    shape: Vec<usize>,
+    /// Resident bytes when the file's own quantized type is kept (a GGUF's quantized tensor).
+    quantized_bytes: Option<u64>,
+    load: Loader,
+}
+
 /// Tensors of a checkpoint keyed by HF name. Loading is strict: a model takes each tensor it
 /// needs with its expected shape, and [`Weights::finish`] fails if anything is left over.
 pub struct Weights {
     path: PathBuf,
-    entries: BTreeMap<String, (Vec<usize>, Loader)>,
+    entries: BTreeMap<String, Entry>,
     /// The dtype 2-D tensors (linear layers, embeddings) are kept in: f32, or bf16 for
     /// `--dtype bf16`, narrowed one tensor at a time so the f32 model never exists whole. It is
     /// also the compute precision of quantized matrices.
@@ -144,8 +151,43 @@ impl Weights {
         }
     }
 
-    fn insert(&mut self, name: String, shape: Vec<usize>, loader: Loader) {
-        self.entries.insert(name, (shape, loader));
+    fn insert(
+        &mut self,
+        name: String,
+        shape: Vec<usize>,
+        quantized_bytes: Option<u64>,
+        load: Loader,
+    ) {
+        let entry = Entry {
+            shape,
+            quantized_bytes,
+            load,
+        };
+        self.entries.insert(name, entry);
+    }
+
+    /// The bytes the weights will hold once loaded as [`Weights::take`] and
+    /// [`Weights::take_matrix`] store them (`layers`: the blocks' name prefix, whose matrices
+    /// `--quantize` quantizes), for the memory guard before anything is read.
+    pub fn resident_estimate(&self, layers: &str) -> u64 {
+        let dense = self.matrices.size_in_bytes() as u64;
+        let prefix = format!("{layers}.");
+        self.entries
+            .iter()
+            .filter(|(name, _)| !name.starts_with("gguf:"))
+            .map(|(name, e)| {
+                let n: u64 = e.shape.iter().map(|&d| d as u64).product();
+                let [rows, cols] = e.shape[..] else {
+                    return 4 * n;
+                };
+                let quantized = match (self.quantize, e.quantized_bytes) {
+                    (Some(_), Some(b)) => Some(b),
+                    (Some(f), None) if name.starts_with(&prefix) => f.matrix_bytes(rows, cols),
+                    _ => None,
+                };
+                quantized.unwrap_or(dense * n)
+            })
+            .sum()
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -189,7 +231,10 @@ impl Weights {
 
     /// Removes `name`'s loader, checking its shape.
     fn entry(&mut self, name: &str, shape: &[usize]) -> Result<Loader> {
-        let Some((found, load)) = self.entries.remove(name) else {
+        let Some(Entry {
+            shape: found, load, ..
+        }) = self.entries.remove(name)
+        else {
             let last = name.rsplit('.').next().unwrap_or(name);
             let near: Vec<String> = self
                 .entries

@@ -37,6 +37,9 @@ pub trait LinearAdapter: Debug + Send + Sync {
     fn set_param(&mut self, key: &str, value: Tensor) -> Result<bool>;
     /// The base weight and bias with this adapter folded in; None if it cannot be merged.
     fn merged(&self, base: &Linear) -> Result<Option<(Tensor, Option<Tensor>)>>;
+    /// f32 values [`LinearAdapter::forward`] saves per input row in training (besides x), for
+    /// the memory guard.
+    fn saved_per_row(&self, base: &Linear) -> usize;
 }
 
 #[derive(Debug)]

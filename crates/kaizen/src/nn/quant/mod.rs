@@ -77,6 +77,22 @@ impl QFormat {
             .find(|f| cols.is_multiple_of(f.block_size()))
     }
 
+    /// Resident bytes of a `rows x cols` matrix stored in this format (its row fallback
+    /// included); None when a row is not whole blocks of any (the matrix then stays dense).
+    pub fn matrix_bytes(self, rows: usize, cols: usize) -> Option<u64> {
+        let f = self.for_row(cols)?;
+        let blocks = (rows * cols / f.block_size()) as u64;
+        Some(match f {
+            QFormat::Ggml(t) => blocks * t.type_size() as u64,
+            // 32 bytes of codes per block, and an f32 scale, or with double quantization a byte
+            // per block and an f32 per 256 blocks.
+            QFormat::Nf4 {
+                double_quant: false,
+            } => blocks * 36,
+            QFormat::Nf4 { double_quant: true } => blocks * 33 + blocks.div_ceil(256) * 4 + 4,
+        })
+    }
+
     /// Elements per block: a quantized row's length must be a multiple of it.
     pub fn block_size(self) -> usize {
         match self {

@@ -109,6 +109,11 @@ impl LinearAdapter for BottleneckLayer {
         Ok(true)
     }
 
+    /// The layer's output, which the adapter reads.
+    fn saved_per_row(&self, base: &Linear) -> usize {
+        base.out_features()
+    }
+
     /// An adapter is a function of the layer's output, not a change of its weights: refused,
     /// with the reason (merge's generic message would not say what to do instead).
     fn merged(&self, _base: &Linear) -> Result<Option<(Tensor, Option<Tensor>)>> {

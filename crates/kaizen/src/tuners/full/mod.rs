@@ -2,7 +2,7 @@
 //! (embeddings, norms, every linear layer, the LM head; a tied head is the embedding table, one
 //! tensor), with gradients and optimizer state for all, and the result is an HF model directory.
 //! The layers compute their weight gradients themselves once marked `trainable`; this module
-//! marks them, estimates the memory a run needs, and saves.
+//! marks them and saves (`memory.rs` estimates the memory a run needs).
 
 use std::path::{Path, PathBuf};
 
@@ -84,29 +84,4 @@ pub fn attach(model: &mut Model) -> Result<usize> {
         *part.trainable_mut() = Some(key);
     }
     Ok(count)
-}
-
-/// Estimated peak bytes of a full fine-tuning step: weights, gradients and AdamW's two moments
-/// (4 x f32 per weight), the activations each layer keeps for backward, and the LM head's chunk.
-pub fn memory_estimate(model: &Model, params: usize, batch_size: usize, seq_len: usize) -> u64 {
-    let c = model.config();
-    let (h, f, heads) = (
-        c.hidden_size as u64,
-        c.intermediate_size as u64,
-        c.num_attention_heads as u64,
-    );
-    let tokens = (batch_size * seq_len) as u64;
-    // Per token and layer: norm outputs and linear inputs (~6 h), MLP activations (~4 f), and
-    // one attention-probability row per head.
-    let per_layer = tokens * (6 * h + 4 * f + heads * seq_len as u64);
-    let activations = per_layer * c.num_hidden_layers as u64 + 2 * 256 * c.vocab_size as u64;
-    4 * (4 * params as u64 + activations)
-}
-
-/// Memory available to a new run (Linux `MemAvailable`), if known.
-pub fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }

@@ -68,6 +68,15 @@ impl LinearAdapter for Ia3Layer {
         Ok(true)
     }
 
+    /// Output scaling saves the unscaled output; input scaling nothing.
+    fn saved_per_row(&self, base: &Linear) -> usize {
+        if self.feedforward {
+            0
+        } else {
+            base.out_features()
+        }
+    }
+
     /// PEFT's merge: input scaling multiplies W's columns; output scaling multiplies W's rows
     /// and the bias.
     fn merged(&self, base: &Linear) -> Result<Option<(Tensor, Option<Tensor>)>> {

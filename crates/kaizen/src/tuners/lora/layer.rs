@@ -159,6 +159,15 @@ impl LinearAdapter for LoraLayer {
         Ok(true)
     }
 
+    /// The dropout mask, when there is dropout.
+    fn saved_per_row(&self, base: &Linear) -> usize {
+        if self.dropout > 0.0 {
+            base.in_features()
+        } else {
+            0
+        }
+    }
+
     fn merged(&self, base: &Linear) -> Result<Option<(Tensor, Option<Tensor>)>> {
         if let Some(mag) = &self.magnitude {
             let w = dora::merged_weight(self, mag, base)?;
