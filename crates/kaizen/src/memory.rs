@@ -167,6 +167,7 @@ pub fn estimate(model: &mut Model, shape: &RunShape) -> Estimate {
     // Stored bytes; values that train (full fine-tuning); the largest matrix in its compute
     // dtype (packed for a product) and the frozen head (packed once per batch).
     let (mut weights, mut full_values, mut packed, mut frozen_head) = (0u64, 0u64, 0u64, 0u64);
+    let mut largest_trained = 0u64;
     for (path, mut part) in model.parts_mut() {
         if Some(&path) == skip.as_ref() {
             continue;
@@ -192,7 +193,10 @@ pub fn estimate(model: &mut Model, shape: &RunShape) -> Estimate {
             _ => 0,
         };
         weights += stored.map_or(4 * dense, |s| s + 4 * bias);
-        full_values += if trains { dense } else { 0 };
+        if trains {
+            full_values += dense;
+            largest_trained = largest_trained.max(dense);
+        }
         if let Some(b) = compute_bytes {
             match path == head_name && !trains {
                 true => frozen_head = b,
@@ -229,9 +233,13 @@ pub fn estimate(model: &mut Model, shape: &RunShape) -> Estimate {
     let workspace = 4 * (tokens * (2 * h + 3 * f) + layer + tokens * 4 * h + 2 * 256 * v)
         + frozen_head
         + packed;
-    // The allocator's slack: peak RSS of real runs came to up to 11% above the count
-    // (scripts/bench/memory_guard.py).
-    let workspace = workspace + (activations + workspace) / 10;
+    // Full fine-tuning: a weight's gradient as computed, the sum it is added into (a tied
+    // table's two), and AdamW's temporaries, for the largest weight (the embeddings).
+    let workspace = workspace + 3 * 4 * largest_trained;
+    // The allocator's slack: glibc keeps freed chunks in per-thread arenas (the CLI never trims
+    // them), so the peak RSS of real runs lies 0-15% above the live bytes counted here
+    // (scripts/bench/memory_guard.py; BENCHMARKS.md).
+    let workspace = workspace + (activations + workspace) * 3 / 20;
     Estimate {
         weights,
         trainable,
