@@ -5,6 +5,10 @@
 pub mod adapter;
 pub mod export;
 mod gguf;
+pub mod gguf_export;
+pub mod gguf_lora;
+mod gguf_vocab;
+mod gguf_write;
 mod hf_dir;
 mod safetensors_file;
 
