@@ -46,6 +46,12 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     config.check().map_err(|m| Error::config(path, m))?;
     // No output.weight means the LM head reuses token_embd (SmolLM2 and most small llamas).
     let has = |name: &str| content.tensor_infos.contains_key(name);
+    if has("rope_freqs.weight") {
+        return Err(Error::checkpoint(
+            path,
+            "it carries rope_freqs.weight (per-frequency rope factors, e.g. Llama 3 rope scaling), which kaizen does not read from GGUF yet; load the model's HF directory instead",
+        ));
+    }
     config.tie_word_embeddings = !has("output.weight");
     // Biases are where the file has them (Qwen 2: q/k/v only).
     config.attention_bias = has("blk.0.attn_q.bias") || has("blk.0.attn_qkv.bias");
