@@ -468,6 +468,9 @@ pub(crate) fn encode(name: &str, t: &Tensor, dtype: GgmlDType) -> Result<RawTens
             .iter()
             .flat_map(|x| x.to_bits().to_le_bytes())
             .collect(),
+        // ggml's current reference K-quantizers (candle's differ, see gguf_kquants).
+        GgmlDType::Q4K => super::gguf_kquants::quantize_q4_k(&flat(DType::F32)?.to_vec1::<f32>()?),
+        GgmlDType::Q6K => super::gguf_kquants::quantize_q6_k(&flat(DType::F32)?.to_vec1::<f32>()?),
         q => QTensor::quantize(t, q)?.data()?.into_owned(),
     };
     Ok(RawTensor {

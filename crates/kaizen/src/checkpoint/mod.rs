@@ -7,6 +7,7 @@ pub mod export;
 mod gguf;
 pub mod gguf_export;
 pub mod gguf_lora;
+mod gguf_kquants;
 mod gguf_vocab;
 mod gguf_write;
 mod hf_dir;
