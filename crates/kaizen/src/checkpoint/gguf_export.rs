@@ -409,11 +409,9 @@ impl TypePlan {
         if self.ty != GgufType::Q4KM {
             return base;
         }
+        // attn_qkv counts as attn_v (`category_is_attn_v` is tested before its own branch).
         if name.contains("attn_v.weight") || name.contains("attn_qkv.weight") {
             // Counted in file order, which is layer order here.
-            if name.contains("attn_qkv.weight") {
-                return GgmlDType::Q5K;
-            }
             if let Some(i) = layer {
                 if more_bits(i, self.n_attn_v) {
                     return GgmlDType::Q6K;

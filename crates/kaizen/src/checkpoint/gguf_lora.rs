@@ -59,6 +59,11 @@ pub fn write_lora(c: &ModelConfig, adapter: &Path, out: &Path, ty: GgufType) -> 
             "alpha_pattern: llama.cpp's LoRA GGUF has one alpha for all layers; export the merged model instead".into(),
         );
     }
+    if lora.use_rslora && !lora.rank_pattern.is_empty() {
+        return refuse(
+            "use_rslora with rank_pattern: llama.cpp scales every layer by one alpha over its own rank, which cannot give alpha / sqrt(r) for several ranks; export the merged model instead".into(),
+        );
+    }
     let alpha = if lora.use_rslora {
         lora.lora_alpha * (lora.r as f64).sqrt()
     } else {
@@ -110,19 +115,12 @@ pub fn write_lora(c: &ModelConfig, adapter: &Path, out: &Path, ty: GgufType) -> 
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "adapter".into());
-    let file_type = match dtype {
-        GgmlDType::F16 => 1,
-        GgmlDType::BF16 => 32,
-        GgmlDType::Q8_0 => 7,
-        _ => 0,
-    };
     let meta = vec![
         ("general.architecture".to_string(), Value::String(arch.into())),
         ("general.type".into(), Value::String("adapter".into())),
         ("adapter.type".into(), Value::String("lora".into())),
         ("general.name".into(), Value::String(name)),
         ("adapter.lora.alpha".into(), Value::F32(alpha as f32)),
-        ("general.file_type".into(), Value::U32(file_type)),
         ("general.quantization_version".into(), Value::U32(2)),
     ];
     write_gguf(out, &meta, &raw)?;
