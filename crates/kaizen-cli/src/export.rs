@@ -66,7 +66,10 @@ fn check_out(a: &ExportArgs) -> Result<()> {
         _ => false,
     };
     if same(&a.model.model) {
-        bail!("--out {} is the model being read; write somewhere else", out.display());
+        bail!(
+            "--out {} is the model being read; write somewhere else",
+            out.display()
+        );
     }
     Ok(())
 }
@@ -76,7 +79,10 @@ pub fn export(a: ExportArgs) -> Result<()> {
     check_out(&a)?;
     let src = &a.model.model;
     if a.lora_only {
-        let adapter = a.adapter.as_deref().context("--lora-only needs --adapter")?;
+        let adapter = a
+            .adapter
+            .as_deref()
+            .context("--lora-only needs --adapter")?;
         let base = kaizen::checkpoint::open(src)
             .with_context(|| format!("cannot read model {}", src.display()))?;
         let done = gguf_lora::write_lora(&base.config, adapter, &a.out, ty)
@@ -98,9 +104,17 @@ pub fn export(a: ExportArgs) -> Result<()> {
     let mut merged = String::new();
     if let (Some(dir), Some(info)) = (&a.adapter, &info) {
         let n = kaizen::tuners::merge(&mut m.model).with_context(|| {
-            format!("cannot merge adapter {} ({})", dir.display(), info.peft_type)
+            format!(
+                "cannot merge adapter {} ({})",
+                dir.display(),
+                info.peft_type
+            )
         })?;
-        merged = format!(" with {} merged into {} layers", info.method.label(), n.len());
+        merged = format!(
+            " with {} merged into {} layers",
+            info.method.label(),
+            n.len()
+        );
     }
     let done = gguf_export::write_model(&mut m.model, src, &a.out, ty)
         .with_context(|| format!("cannot write {}", a.out.display()))?;

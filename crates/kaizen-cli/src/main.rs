@@ -2,8 +2,8 @@
 //! the `kaizen` and `kaizen-data` library crates.
 
 mod compare;
-mod infer;
 mod export;
+mod infer;
 mod merge;
 mod plot;
 mod train;

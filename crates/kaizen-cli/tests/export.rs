@@ -26,7 +26,14 @@ fn listing(dir: &Path) -> Vec<String> {
 }
 
 fn greedy(model: &str, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec!["generate", "--model", model, "--prompt", "hello world", "--greedy"];
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "hello world",
+        "--greedy",
+    ];
     args.extend_from_slice(&["--max-new-tokens", "8", "--min-new-tokens", "8", "--json"]);
     args.extend_from_slice(extra);
     last_json(&kaizen(args).ok())["ids"].clone()
@@ -38,7 +45,16 @@ fn f32_export_reads_back_to_the_same_greedy_ids() {
     // (llama-mha-linear: kaizen does not read a GGUF's Llama 3 `rope_freqs` back yet.)
     let src = s(&model_path("llama-mha-linear"));
     let out = dir.path().join("m.gguf");
-    let stdout = kaizen(["export", "--model", &src, "--out", &s(&out), "--type", "f32"]).ok();
+    let stdout = kaizen([
+        "export",
+        "--model",
+        &src,
+        "--out",
+        &s(&out),
+        "--type",
+        "f32",
+    ])
+    .ok();
     assert_mentions(&stdout, &["llama", "F32"]);
     assert_eq!(greedy(&s(&out), &[]), greedy(&src, &[]));
 }
@@ -50,11 +66,22 @@ fn merged_adapter_export_matches_unmerged_generation() {
     let adapter = s(&adapter_path("qwen2"));
     let out = dir.path().join("merged.gguf");
     let stdout = kaizen([
-        "export", "--model", &src, "--adapter", &adapter, "--out", &s(&out), "--type", "f32",
+        "export",
+        "--model",
+        &src,
+        "--adapter",
+        &adapter,
+        "--out",
+        &s(&out),
+        "--type",
+        "f32",
     ])
     .ok();
     assert_mentions(&stdout, &["qwen2", "merged into"]);
-    assert_eq!(greedy(&s(&out), &[]), greedy(&src, &["--adapter", &adapter]));
+    assert_eq!(
+        greedy(&s(&out), &[]),
+        greedy(&src, &["--adapter", &adapter])
+    );
 }
 
 #[test]
@@ -64,7 +91,14 @@ fn lora_only_writes_an_adapter_gguf() {
     let adapter = s(&adapter_path("llama-gqa-tied"));
     let out = dir.path().join("lora.gguf");
     let stdout = kaizen([
-        "export", "--model", &src, "--adapter", &adapter, "--lora-only", "--out", &s(&out),
+        "export",
+        "--model",
+        &src,
+        "--adapter",
+        &adapter,
+        "--lora-only",
+        "--out",
+        &s(&out),
     ])
     .ok();
     assert_mentions(&stdout, &["LoRA GGUF", "llama"]);
@@ -78,10 +112,34 @@ fn bad_input_fails_with_one_line_and_writes_nothing() {
     let llama = s(&model_path("llama-gqa-tied"));
     let err = kaizen(["export", "--model", &llama, "--out", &out, "--type", "q3_k"]).fails();
     assert_mentions(&err, &["--type", "q3_k", "q4_k_m"]);
-    let err = kaizen(["export", "--model", &s(&model_path("neox-par-bpe")), "--out", &out]).fails();
-    assert_mentions(&err, &["gpt_neox", "cannot be exported to GGUF", "convert_hf_to_gguf.py"]);
+    let err = kaizen([
+        "export",
+        "--model",
+        &s(&model_path("neox-par-bpe")),
+        "--out",
+        &out,
+    ])
+    .fails();
+    assert_mentions(
+        &err,
+        &[
+            "gpt_neox",
+            "cannot be exported to GGUF",
+            "convert_hf_to_gguf.py",
+        ],
+    );
     let dora = s(&adapter_path("dora-llama-gqa-tied"));
-    let err = kaizen(["export", "--model", &llama, "--adapter", &dora, "--lora-only", "--out", &out]).fails();
+    let err = kaizen([
+        "export",
+        "--model",
+        &llama,
+        "--adapter",
+        &dora,
+        "--lora-only",
+        "--out",
+        &out,
+    ])
+    .fails();
     assert_mentions(&err, &["use_dora", "merged model"]);
     let missing = s(&dir.path().join("no/such/dir/x.gguf"));
     let err = kaizen(["export", "--model", &llama, "--out", &missing]).fails();
@@ -98,7 +156,11 @@ fn bad_input_fails_with_one_line_and_writes_nothing() {
     std::fs::write(&tok_path, tok.to_string()).unwrap();
     let err = kaizen(["export", "--model", &s(&copy), "--out", &out]).fails();
     assert_mentions(&err, &["tokenizer.json", "pre_tokenizer"]);
-    assert_eq!(listing(dir.path()), ["odd"], "a failed export left files behind");
+    assert_eq!(
+        listing(dir.path()),
+        ["odd"],
+        "a failed export left files behind"
+    );
 }
 
 #[test]
@@ -110,7 +172,17 @@ fn an_existing_file_is_replaced_only_with_overwrite() {
     let err = kaizen(["export", "--model", &src, "--out", &s(&out)]).fails();
     assert_mentions(&err, &["exists", "--overwrite"]);
     assert_eq!(std::fs::read(&out).unwrap(), b"keep");
-    kaizen(["export", "--model", &src, "--out", &s(&out), "--overwrite", "--type", "q8_0"]).ok();
+    kaizen([
+        "export",
+        "--model",
+        &src,
+        "--out",
+        &s(&out),
+        "--overwrite",
+        "--type",
+        "q8_0",
+    ])
+    .ok();
     assert!(file_len(&out) > 4);
     assert_eq!(listing(dir.path()), ["m.gguf"]);
 }

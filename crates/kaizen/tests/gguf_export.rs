@@ -141,9 +141,10 @@ fn summarise(path: &Path) -> (BTreeMap<String, Json>, BTreeMap<String, Json>) {
 }
 
 fn reference(name: &str) -> (BTreeMap<String, Json>, BTreeMap<String, Json>) {
-    let path = root().join("tests/fixtures/gguf_export").join(format!("{name}.json"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let path = root()
+        .join("tests/fixtures/gguf_export")
+        .join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let j: Json = serde_json::from_str(&text).unwrap();
     let by = |field: &str, key: &str| -> BTreeMap<String, Json> {
         j[field]
@@ -188,7 +189,10 @@ fn differences_with(
             (Some(a), Some(b)) => {
                 for field in ["type", "shape"] {
                     if a[field] != b[field] {
-                        diffs.push(format!("tensor {n} {field}: kaizen {}, llama.cpp {}", a[field], b[field]));
+                        diffs.push(format!(
+                            "tensor {n} {field}: kaizen {}, llama.cpp {}",
+                            a[field], b[field]
+                        ));
                     }
                 }
                 if bytes && a["type"] == b["type"] && a["fnv"] != b["fnv"] {
@@ -217,7 +221,11 @@ fn check_model(fixture: &str, types: &[(&str, bool)]) {
             all.push(format!("{fixture} {ty}: {d}"));
         }
     }
-    assert!(all.is_empty(), "kaizen's GGUF differs from llama.cpp's:\n{}", all.join("\n"));
+    assert!(
+        all.is_empty(),
+        "kaizen's GGUF differs from llama.cpp's:\n{}",
+        all.join("\n")
+    );
 }
 
 const TYPES: &[(&str, bool)] = &[
@@ -273,13 +281,28 @@ fn gemma3_matches_llama_cpp() {
 fn lora_matches_convert_lora_to_gguf() {
     let mut all = Vec::new();
     let dir = tempfile::tempdir().unwrap();
-    for fixture in ["llama-gqa-tied", "llama-mha-linear", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"] {
-        let reference = root().join("tests/fixtures/gguf_export").join(format!("{fixture}.lora.json"));
+    for fixture in [
+        "llama-gqa-tied",
+        "llama-mha-linear",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "phi3",
+        "gemma2",
+        "gemma3",
+    ] {
+        let reference = root()
+            .join("tests/fixtures/gguf_export")
+            .join(format!("{fixture}.lora.json"));
         if !reference.is_file() {
             continue;
         }
-        let base = kaizen::checkpoint::open(&root().join("tests/fixtures/models").join(fixture)).unwrap();
-        let adapter = root().join("tests/fixtures/lora").join(fixture).join("adapter");
+        let base =
+            kaizen::checkpoint::open(&root().join("tests/fixtures/models").join(fixture)).unwrap();
+        let adapter = root()
+            .join("tests/fixtures/lora")
+            .join(fixture)
+            .join("adapter");
         let out = dir.path().join(format!("{fixture}.lora.gguf"));
         write_lora(&base.config, &adapter, &out, GgufType::F32).unwrap();
         let cfg: Json = serde_json::from_str(
@@ -288,7 +311,10 @@ fn lora_matches_convert_lora_to_gguf() {
         .unwrap();
         let rslora = |m: &mut BTreeMap<String, Json>| {
             if cfg["use_rslora"].as_bool() == Some(true) {
-                let (alpha, r) = (cfg["lora_alpha"].as_f64().unwrap(), cfg["r"].as_f64().unwrap());
+                let (alpha, r) = (
+                    cfg["lora_alpha"].as_f64().unwrap(),
+                    cfg["r"].as_f64().unwrap(),
+                );
                 let v = (alpha * r.sqrt()) as f32 as f64;
                 m.insert(
                     "adapter.lora.alpha".into(),
@@ -300,5 +326,9 @@ fn lora_matches_convert_lora_to_gguf() {
             all.push(format!("{fixture} lora: {d}"));
         }
     }
-    assert!(all.is_empty(), "kaizen's LoRA GGUF differs from llama.cpp's:\n{}", all.join("\n"));
+    assert!(
+        all.is_empty(),
+        "kaizen's LoRA GGUF differs from llama.cpp's:\n{}",
+        all.join("\n")
+    );
 }

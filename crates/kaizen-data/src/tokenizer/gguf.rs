@@ -266,10 +266,14 @@ pub fn llama_cpp_pre_name(pre: &serde_json::Value) -> Option<&'static str> {
         }
         [s, b] if ty(s).as_deref() == Some("Split") && byte_level(b, false) => {
             let regex = s.get("pattern")?.get("Regex")?.as_str()?;
-            [("llama-bpe", LLAMA3_SPLIT), ("qwen2", QWEN2_SPLIT), ("gpt-4o", GPT4O_SPLIT)]
-                .into_iter()
-                .find(|(_, r)| *r == regex)
-                .map(|(name, _)| name)
+            [
+                ("llama-bpe", LLAMA3_SPLIT),
+                ("qwen2", QWEN2_SPLIT),
+                ("gpt-4o", GPT4O_SPLIT),
+            ]
+            .into_iter()
+            .find(|(_, r)| *r == regex)
+            .map(|(name, _)| name)
         }
         _ => None,
     }

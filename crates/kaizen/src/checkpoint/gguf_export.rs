@@ -136,10 +136,19 @@ pub(crate) fn export_names(c: &ModelConfig) -> std::collections::HashMap<String,
 /// Writes `model` (adapters merged, `&mut` only to read its weights) as the GGUF file `out`
 /// in `ty`; `source` is the path it was loaded from (its tokenizer files, or the GGUF whose
 /// `tokenizer.*` keys are copied). `out` is written to a temporary name and renamed.
-pub fn write_model(model: &mut Model, source: &Path, out: &Path, ty: GgufType) -> Result<GgufExported> {
+pub fn write_model(
+    model: &mut Model,
+    source: &Path,
+    out: &Path,
+    ty: GgufType,
+) -> Result<GgufExported> {
     let c = model.config().clone();
     let arch = llama_cpp_arch(&c)?;
-    if let Some((path, _)) = model.linears_mut().into_iter().find(|(_, l)| l.adapter.is_some()) {
+    if let Some((path, _)) = model
+        .linears_mut()
+        .into_iter()
+        .find(|(_, l)| l.adapter.is_some())
+    {
         return Err(Error::Input(format!(
             "{path} still carries an unmerged adapter; merge it before exporting"
         )));
@@ -221,12 +230,21 @@ fn arch_metadata(arch: &str, c: &ModelConfig) -> Vec<(String, Value)> {
     let mut put = |key: &str, v: Value| m.push((k(key), v));
     // Whether config.json spells out head_dim (the converter writes key/value_length then):
     // transformers writes it for these classes; for the others only a non-default one counts.
-    let explicit_head_dim = matches!(c.architecture, Architecture::Llama | Architecture::Mistral | Architecture::Qwen3 | Architecture::Gemma2 | Architecture::Gemma3)
-        || c.head_dim * c.num_attention_heads != c.hidden_size;
+    let explicit_head_dim = matches!(
+        c.architecture,
+        Architecture::Llama
+            | Architecture::Mistral
+            | Architecture::Qwen3
+            | Architecture::Gemma2
+            | Architecture::Gemma3
+    ) || c.head_dim * c.num_attention_heads != c.hidden_size;
     match arch {
         "phi3" => {
             put("context_length", u(c.max_position_embeddings));
-            put("rope.scaling.original_context_length", u(c.max_position_embeddings));
+            put(
+                "rope.scaling.original_context_length",
+                u(c.max_position_embeddings),
+            );
             put("embedding_length", u(c.hidden_size));
             put("feed_forward_length", u(c.intermediate_size));
             put("block_count", u(c.num_hidden_layers));
@@ -336,7 +354,8 @@ fn rope_freqs(c: &ModelConfig) -> Result<Option<(String, Tensor)>> {
             } else if wavelen > low_wavelen {
                 factor as f32
             } else {
-                let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smooth =
+                    (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                 (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
             }
         })
@@ -397,7 +416,9 @@ impl TypePlan {
             .strip_prefix("blk.")
             .and_then(|r| r.split('.').next())
             .and_then(|i| i.parse::<usize>().ok());
-        let more_bits = |i: usize, n: usize| i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64) % 3 == 2;
+        let more_bits = |i: usize, n: usize| {
+            i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64) % 3 == 2
+        };
         let output = name == "output.weight" || (self.tied && name == "token_embd.weight");
         if output {
             return if cols % 256 != 0 {
@@ -486,9 +507,13 @@ pub(crate) fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
         let mut out = Vec::new();
         let mut rest = s;
         while !rest.is_empty() {
-            let n = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let n = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
             let (text, tail) = rest.split_at(n);
-            let d = tail.find(|c: char| !c.is_ascii_digit()).unwrap_or(tail.len());
+            let d = tail
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(tail.len());
             let (digits, tail) = tail.split_at(d);
             out.push((0, text.to_string()));
             if !digits.is_empty() {

@@ -110,7 +110,8 @@ pub(crate) fn quantize_q6_k(x: &[f32]) -> Vec<u8> {
                 let v = |o: usize| l[j + k + o] as u8;
                 ql[k] = (v(0) & 0xf) | ((v(64) & 0xf) << 4);
                 ql[k + 32] = (v(32) & 0xf) | ((v(96) & 0xf) << 4);
-                qh[k] = (v(0) >> 4) | ((v(32) >> 4) << 2) | ((v(64) >> 4) << 4) | ((v(96) >> 4) << 6);
+                qh[k] =
+                    (v(0) >> 4) | ((v(32) >> 4) << 2) | ((v(64) >> 4) << 4) | ((v(96) >> 4) << 6);
             }
         }
         out.extend_from_slice(&ql);
@@ -208,13 +209,18 @@ pub(crate) fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
             }
             let av_x = (sum_x2 / 32.0).sqrt();
             let weights: Vec<f32> = xs.iter().map(|v| av_x + v.abs()).collect();
-            let (s, m) = make_qkx2_quants(xs, &weights, 15, &mut l[32 * j..32 * j + 32], -1.0, 0.1, 20);
+            let (s, m) =
+                make_qkx2_quants(xs, &weights, 15, &mut l[32 * j..32 * j + 32], -1.0, 0.1, 20);
             scales[j] = s;
             mins[j] = m;
             max_scale = max_scale.max(s);
             max_min = max_min.max(m);
         }
-        let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+        let inv_scale = if max_scale > 0.0 {
+            63.0 / max_scale
+        } else {
+            0.0
+        };
         let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
         let mut sc = [0u8; 12];
         for j in 0..QK_K / 32 {
@@ -235,7 +241,10 @@ pub(crate) fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
             let (s, m) = if j < 4 {
                 (sc[j] & 63, sc[j + 4] & 63)
             } else {
-                ((sc[j + 4] & 0xf) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
+                (
+                    (sc[j + 4] & 0xf) | ((sc[j - 4] >> 6) << 4),
+                    (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
+                )
             };
             let dj = d.to_f32() * s as f32;
             if dj == 0.0 {
@@ -262,6 +271,14 @@ mod tests {
 
     #[test]
     fn nearest_int_rounds_half_to_even() {
-        assert_eq!([nearest_int(0.5), nearest_int(1.5), nearest_int(-2.5), nearest_int(2.6)], [0, 2, -2, 3]);
+        assert_eq!(
+            [
+                nearest_int(0.5),
+                nearest_int(1.5),
+                nearest_int(-2.5),
+                nearest_int(2.6)
+            ],
+            [0, 2, -2, 3]
+        );
     }
 }

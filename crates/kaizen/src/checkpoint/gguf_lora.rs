@@ -16,7 +16,9 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::GgmlDType;
 
 use super::gguf::{permute, Fix};
-use super::gguf_export::{encode, export_names, llama_cpp_arch, natural_cmp, GgufExported, GgufType};
+use super::gguf_export::{
+    encode, export_names, llama_cpp_arch, natural_cmp, GgufExported, GgufType,
+};
 use super::gguf_write::write_gguf;
 use crate::config::ModelConfig;
 use crate::tuners::lora::LoraConfig;
@@ -26,7 +28,12 @@ const PREFIX: &str = "base_model.model.";
 
 /// Writes the LoRA adapter in `adapter` (for a base model with config `c`) as the LoRA GGUF
 /// `out`, tensors in `ty` (f32, f16, bf16 or q8_0).
-pub fn write_lora(c: &ModelConfig, adapter: &Path, out: &Path, ty: GgufType) -> Result<GgufExported> {
+pub fn write_lora(
+    c: &ModelConfig,
+    adapter: &Path,
+    out: &Path,
+    ty: GgufType,
+) -> Result<GgufExported> {
     let dtype = match ty {
         GgufType::F32 => GgmlDType::F32,
         GgufType::F16 => GgmlDType::F16,
@@ -42,7 +49,10 @@ pub fn write_lora(c: &ModelConfig, adapter: &Path, out: &Path, ty: GgufType) -> 
     let (config, tensors) = super::adapter::read(adapter)?;
     let cfg_path = adapter.join("adapter_config.json");
     let refuse = |m: String| Err(Error::config(&cfg_path, m));
-    let peft_type = config.get("peft_type").and_then(|v| v.as_str()).unwrap_or("");
+    let peft_type = config
+        .get("peft_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     if peft_type != "LORA" {
         return refuse(format!(
             "peft_type is {}; only LoRA adapters have a llama.cpp GGUF form (merge other methods \
@@ -84,12 +94,18 @@ pub fn write_lora(c: &ModelConfig, adapter: &Path, out: &Path, ty: GgufType) -> 
             }
             return Err(Error::checkpoint(
                 &w_path,
-                format!("tensor {} is not a LoRA A or B matrix; llama.cpp's LoRA GGUF holds only those", kaizen_data::quote(key)),
+                format!(
+                    "tensor {} is not a LoRA A or B matrix; llama.cpp's LoRA GGUF holds only those",
+                    kaizen_data::quote(key)
+                ),
             ));
         };
         let b_key = format!("{PREFIX}{module}.lora_B.weight");
         let b = tensors.get(&b_key).ok_or_else(|| {
-            Error::checkpoint(&w_path, format!("{} has no matching {b_key}", kaizen_data::quote(key)))
+            Error::checkpoint(
+                &w_path,
+                format!("{} has no matching {b_key}", kaizen_data::quote(key)),
+            )
         })?;
         let a = &tensors[key];
         let hf = format!("{module}.weight");
@@ -109,14 +125,20 @@ pub fn write_lora(c: &ModelConfig, adapter: &Path, out: &Path, ty: GgufType) -> 
         raw.push(encode(&format!("{g}.lora_b"), &b, dtype)?);
     }
     if raw.is_empty() {
-        return Err(Error::checkpoint(&w_path, "no LoRA tensors in this adapter"));
+        return Err(Error::checkpoint(
+            &w_path,
+            "no LoRA tensors in this adapter",
+        ));
     }
     let name = adapter
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "adapter".into());
     let meta = vec![
-        ("general.architecture".to_string(), Value::String(arch.into())),
+        (
+            "general.architecture".to_string(),
+            Value::String(arch.into()),
+        ),
         ("general.type".into(), Value::String("adapter".into())),
         ("adapter.type".into(), Value::String("lora".into())),
         ("general.name".into(), Value::String(name)),

@@ -232,7 +232,10 @@ impl SpecialVocab {
             None => chat_template_file(dir)?,
         };
         for typ in TYPES {
-            if let Some(b) = config.get(&format!("add_{typ}_token")).and_then(Json::as_bool) {
+            if let Some(b) = config
+                .get(&format!("add_{typ}_token"))
+                .and_then(Json::as_bool)
+            {
                 if !sv.add.iter().any(|(t, _)| *t == typ) {
                     sv.add.push((typ, b));
                 }
@@ -248,7 +251,10 @@ impl SpecialVocab {
         }
         if let Some(mc) = model_config {
             for typ in TYPES {
-                sv.set(typ, mc.get(format!("{typ}_token_id")).and_then(Json::as_u64));
+                sv.set(
+                    typ,
+                    mc.get(format!("{typ}_token_id")).and_then(Json::as_u64),
+                );
             }
         }
         Ok(sv)
@@ -276,7 +282,8 @@ impl SpecialVocab {
         mut config: Option<&mut Map<String, Json>>,
         content: &dyn Fn(&Map<String, Json>, &str) -> Option<String>,
     ) {
-        let get = |c: &Option<&mut Map<String, Json>>, k: &str| c.as_deref().and_then(|c| content(c, k));
+        let get =
+            |c: &Option<&mut Map<String, Json>>, k: &str| c.as_deref().and_then(|c| content(c, k));
         let mut bos = get(&config, "bos_token");
         let mut eos = get(&config, "eos_token");
         let cls = get(&config, "cls_token");
@@ -346,9 +353,8 @@ impl SpecialVocab {
                             && seq(&inner[inner.len() - 1]).as_deref() == Some("B")
                         {
                             let mid = &inner[1..inner.len() - 1];
-                            let is_sep = |t: &Option<String>| {
-                                t.is_some() && (*t == sep || *t == eos)
-                            };
+                            let is_sep =
+                                |t: &Option<String>| t.is_some() && (*t == sep || *t == eos);
                             let mut add_sep = false;
                             if let Some(e) = special(&mid[0]) {
                                 add_sep = is_sep(&Some(e)) && last.is_none();

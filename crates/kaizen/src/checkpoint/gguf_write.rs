@@ -59,7 +59,9 @@ pub(crate) fn write_gguf(
         .and_then(|f| {
             let mut w = BufWriter::new(f);
             write_all(&mut w, metadata, tensors).map_err(|e| Error::io(&tmp, e))?;
-            let f = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+            let f = w
+                .into_inner()
+                .map_err(|e| Error::io(&tmp, e.into_error()))?;
             f.sync_all().map_err(|e| Error::io(&tmp, e))
         })
         .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
