@@ -400,7 +400,7 @@ impl TypePlan {
         match self.ty {
             GgufType::F32 | GgufType::F16 | GgufType::BF16 => self.ty.base(),
             // gguf-py cannot quantize a row that is not whole blocks: F16 instead.
-            GgufType::Q8_0 if cols % 32 != 0 => GgmlDType::F16,
+            GgufType::Q8_0 if !cols.is_multiple_of(32) => GgmlDType::F16,
             GgufType::Q8_0 => GgmlDType::Q8_0,
             GgufType::Q4_0 | GgufType::Q4KM => {
                 let t = self.quant_type(name, cols);
@@ -421,7 +421,7 @@ impl TypePlan {
         };
         let output = name == "output.weight" || (self.tied && name == "token_embd.weight");
         if output {
-            return if cols % 256 != 0 {
+            return if !cols.is_multiple_of(256) {
                 GgmlDType::Q8_0
             } else {
                 GgmlDType::Q6K
@@ -451,7 +451,7 @@ impl TypePlan {
 
 /// llama-quant.cpp `tensor_type_fallback`.
 fn fallback(t: GgmlDType, cols: usize) -> GgmlDType {
-    if cols % t.block_size() == 0 {
+    if cols.is_multiple_of(t.block_size()) {
         return t;
     }
     let f = match t {
@@ -460,7 +460,7 @@ fn fallback(t: GgmlDType, cols: usize) -> GgmlDType {
         GgmlDType::Q6K => GgmlDType::Q8_0,
         other => other,
     };
-    if cols % f.block_size() != 0 {
+    if !cols.is_multiple_of(f.block_size()) {
         GgmlDType::F16
     } else {
         f

@@ -214,15 +214,9 @@ impl SpecialVocab {
             add: Vec::new(),
             chat_template: None,
         };
-        let content = |c: &Map<String, Json>, key: &str| -> Option<String> {
-            match c.get(key)? {
-                Json::String(s) => Some(s.clone()),
-                Json::Object(o) => o.get("content")?.as_str().map(str::to_owned),
-                _ => None,
-            }
-        };
+        let content = token_content;
         if let Some(pp) = tok.get("post_processor").filter(|p| !p.is_null()) {
-            sv.read_post_processor(pp, config.as_mut(), &content);
+            sv.read_post_processor(pp, config.as_mut());
         }
         let Some(config) = config else {
             return Ok(sv);
@@ -276,14 +270,10 @@ impl SpecialVocab {
     }
 
     /// gguf-py's "crude parsing of TemplateProcessing" (and ByteLevel / RobertaProcessing).
-    fn read_post_processor(
-        &mut self,
-        pp: &Json,
-        mut config: Option<&mut Map<String, Json>>,
-        content: &dyn Fn(&Map<String, Json>, &str) -> Option<String>,
-    ) {
-        let get =
-            |c: &Option<&mut Map<String, Json>>, k: &str| c.as_deref().and_then(|c| content(c, k));
+    fn read_post_processor(&mut self, pp: &Json, mut config: Option<&mut Map<String, Json>>) {
+        let get = |c: &Option<&mut Map<String, Json>>, k: &str| {
+            c.as_deref().and_then(|c| token_content(c, k))
+        };
         let mut bos = get(&config, "bos_token");
         let mut eos = get(&config, "eos_token");
         let cls = get(&config, "cls_token");
@@ -390,6 +380,15 @@ impl SpecialVocab {
             out.push(("tokenizer.chat_template".into(), Value::String(t.clone())));
         }
         out
+    }
+}
+
+/// A tokenizer_config.json `*_token` entry's text: a string or an AddedToken's "content".
+fn token_content(c: &Map<String, Json>, key: &str) -> Option<String> {
+    match c.get(key)? {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(o) => o.get("content")?.as_str().map(str::to_owned),
+        _ => None,
     }
 }
 
