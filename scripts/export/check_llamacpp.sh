@@ -16,7 +16,7 @@
 #     (f32: the source GGUF dequantized, which is what the f32 file holds; f16: the f16 file
 #     read back by kaizen), token for token, prompt ids included.
 #  2. perplexity: llama-perplexity of the q8_0 export within 1% of the f32 export's, on
-#     botchan.txt (context 256, the first 40 chunks). q4_0 and q4_k_m are reported too (no bound).
+#     botchan.txt (context 256, the first 24 chunks). q4_0 and q4_k_m are reported too (no bound).
 #  3. quantization: llama-quantize's Q4_0 / Q4_K_M of the f32 export have the same tensor types and
 #     bytes as kaizen's q4_0 / q4_k_m exports (needs numpy in $PYTHON for llama.cpp's gguf-py).
 #  4. LoRA: a LoRA adapter trained by kaizen for a few steps, exported with --lora-only and
@@ -180,7 +180,7 @@ unserve
 echo "== perplexity"
 declare -A PPL
 for t in f32 q8_0 q4_0 q4_k_m; do
-  PPL[$t]="$("$BIN/llama-perplexity" -m "$WORK/smol.$t.gguf" -f "$TEXT" -c 256 --chunks 40 2>&1 \
+  PPL[$t]="$("$BIN/llama-perplexity" -m "$WORK/smol.$t.gguf" -f "$TEXT" -c 256 --chunks 24 2>&1 \
     | sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p')"
   echo "$t: ${PPL[$t]}"
 done
@@ -207,7 +207,7 @@ PPL_OK="$(python3 -c "print('within' if abs(${PPL[q8_0]} - ${PPL[f32]}) / ${PPL[
   echo "|---|---|---|---|---|---|"
   printf '%s\n' "${QROWS[@]}"
   echo
-  echo "## Perplexity (llama-perplexity, botchan.txt, context 256, 40 chunks)"
+  echo "## Perplexity (llama-perplexity, botchan.txt, context 256, 24 chunks)"
   echo
   echo "| type | PPL |"
   echo "|---|---|"

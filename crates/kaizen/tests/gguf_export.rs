@@ -1,10 +1,11 @@
 //! `kaizen export` against llama.cpp's own writers: for every tiny fixture llama.cpp converts,
 //! kaizen's GGUF has the metadata, tensor names, ggml types and shapes of the file llama.cpp's
 //! `convert_hf_to_gguf.py` (f32, f16, bf16, q8_0) or `llama-quantize` (q4_0, q4_k_m, from the
-//! f32 file) writes, and for the float types and q8_0 the same tensor bytes; the LoRA GGUF has
-//! those of `convert_lora_to_gguf.py`'s. References: tests/fixtures/gguf_export/*.json,
-//! summaries written by scripts/fixtures/gen_gguf_export.py (which says what it patches: only
-//! how the converter names the fixtures' tokenizers).
+//! f32 file) writes, and the same tensor bytes (the K-quants included: kaizen ports ggml's
+//! current reference quantizers); the LoRA GGUF has those of `convert_lora_to_gguf.py`'s.
+//! References: tests/fixtures/gguf_export/*.json, summaries written by
+//! scripts/fixtures/gen_gguf_export.py (which says what it patches: only how the converter
+//! names the fixtures' tokenizers).
 //!
 //! One deliberate difference: an rsLoRA adapter's `adapter.lora.alpha` is `alpha * sqrt(r)`,
 //! which gives rsLoRA's scale `alpha / sqrt(r)` under llama.cpp's `alpha / r`;
