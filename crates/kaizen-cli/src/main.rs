@@ -2,6 +2,7 @@
 //! the `kaizen` and `kaizen-data` library crates.
 
 mod compare;
+mod export;
 mod infer;
 mod merge;
 mod plot;
@@ -37,6 +38,9 @@ enum Command {
     /// Fold a LoRA adapter into the base weights and write an HF model directory (without
     /// --adapter: convert, e.g. a .gguf file to an HF directory).
     Merge(merge::MergeArgs),
+    /// Write a GGUF file for llama.cpp / Ollama: the model (an adapter merged with --adapter),
+    /// or a LoRA adapter alone (--lora-only) as llama.cpp's LoRA GGUF.
+    Export(export::ExportArgs),
     /// Fine-tune a PEFT adapter on a JSONL file.
     Train(Box<train::TrainArgs>),
     /// Train several methods on the same data and write a comparison report with charts.
@@ -93,6 +97,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => infer::generate_cmd(a),
         Command::Inspect(a) => infer::inspect(a),
         Command::Merge(a) => merge::merge(a),
+        Command::Export(a) => export::export(a),
         Command::Train(a) => train::run(*a),
         Command::Compare(a) => compare::run(*a),
     }

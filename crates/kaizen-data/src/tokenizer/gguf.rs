@@ -242,6 +242,43 @@ fn split_regex(pre: &str) -> Option<&'static str> {
     })
 }
 
+/// The `tokenizer.ggml.pre` name llama.cpp gives a byte-level BPE whose tokenizer.json
+/// `pre_tokenizer` is `pre`, for the shapes [`byte_level_pre_tokenizer`] builds back: GPT-2's
+/// ByteLevel regex alone (`gpt-2`), single digits split off first (`smollm`), or a Split on the
+/// Llama 3 / Qwen 2 / GPT-4o regex before a regex-free ByteLevel. llama.cpp's converter
+/// (`get_vocab_base_pre`) recognises a tokenizer by a hash of its ids on a test text instead,
+/// which knows only published tokenizers; the shape gives the same name for those and also
+/// names a tokenizer trained anew with one of these pre-tokenizers. `None`: not one of them.
+pub fn llama_cpp_pre_name(pre: &serde_json::Value) -> Option<&'static str> {
+    let ty = |v: &serde_json::Value| v.get("type").and_then(|t| t.as_str()).map(str::to_owned);
+    let byte_level = |v: &serde_json::Value, regex: bool| {
+        ty(v).as_deref() == Some("ByteLevel")
+            && v.get("use_regex").and_then(|r| r.as_bool()).unwrap_or(true) == regex
+    };
+    if byte_level(pre, true) {
+        return Some("gpt-2");
+    }
+    let steps = pre.get("pretokenizers")?.as_array()?;
+    match steps.as_slice() {
+        [d, b] if ty(d).as_deref() == Some("Digits") && byte_level(b, true) => {
+            let single = d.get("individual_digits").and_then(|x| x.as_bool());
+            (single == Some(true)).then_some("smollm")
+        }
+        [s, b] if ty(s).as_deref() == Some("Split") && byte_level(b, false) => {
+            let regex = s.get("pattern")?.get("Regex")?.as_str()?;
+            [
+                ("llama-bpe", LLAMA3_SPLIT),
+                ("qwen2", QWEN2_SPLIT),
+                ("gpt-4o", GPT4O_SPLIT),
+            ]
+            .into_iter()
+            .find(|(_, r)| *r == regex)
+            .map(|(name, _)| name)
+        }
+        _ => None,
+    }
+}
+
 fn byte_level_pre_tokenizer(pre: Option<&str>) -> Result<PreTokenizerWrapper> {
     let pre = pre.unwrap_or("default");
     if let Some(regex) = split_regex(pre) {

@@ -22,7 +22,7 @@ use std::path::Path;
 use sentencepiece_model::SentencePieceModel;
 use tokenizers::{ModelWrapper, PostProcessorWrapper};
 
-pub use gguf::GgufVocab;
+pub use gguf::{llama_cpp_pre_name, GgufVocab};
 pub use stream::TextStream;
 
 use crate::chat::{render_chat_template, Message};

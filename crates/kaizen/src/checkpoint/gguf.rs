@@ -46,6 +46,12 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     config.check().map_err(|m| Error::config(path, m))?;
     // No output.weight means the LM head reuses token_embd (SmolLM2 and most small llamas).
     let has = |name: &str| content.tensor_infos.contains_key(name);
+    if has("rope_freqs.weight") {
+        return Err(Error::checkpoint(
+            path,
+            "it carries rope_freqs.weight (per-frequency rope factors, e.g. Llama 3 rope scaling), which kaizen does not read from GGUF yet; load the model's HF directory instead",
+        ));
+    }
     config.tie_word_embeddings = !has("output.weight");
     // Biases are where the file has them (Qwen 2: q/k/v only).
     config.attention_bias = has("blk.0.attn_q.bias") || has("blk.0.attn_qkv.bias");
@@ -141,9 +147,10 @@ fn unused() -> super::Loader {
     Box::new(|_| Err(Error::Input("tensor without an HF name".into())))
 }
 
-/// What llama.cpp's converter did to a tensor, to undo at load.
-#[derive(Clone, Copy)]
-enum Fix {
+/// What llama.cpp's converter did to a tensor, to undo at load (and to redo at export,
+/// `gguf_export`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fix {
     None,
     /// Q/K rows permuted for llama.cpp's rope, over this many heads.
     Unpermute(usize),
@@ -203,14 +210,69 @@ fn unpermuted_rows(rows: usize, n_head: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Inverse of llama.cpp's `permute(w, n_head)`: rows (h, j, a) back to HF's (h, a, j).
+/// Inverse of llama.cpp's `permute(w, n_head)`: rows (h, j, a) back to HF's (h, a, j). A 1-D
+/// tensor (a bias) is one column.
 fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
+    rows_swapped(w, n_head, false)
+}
+
+/// llama.cpp `convert_hf_to_gguf.py` `LlamaModel.permute(w, n_head, n_head_kv)` (with the
+/// caller passing the head count of the tensor): HF's rotate_half rows (h, a, j) to the
+/// interleaved pairs (h, j, a) of llama.cpp's rope.
+pub(crate) fn permute(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    rows_swapped(w, n_head, true)
+}
+
+fn rows_swapped(w: &Tensor, n_head: usize, forward: bool) -> Result<Tensor> {
+    let shape = w.shape().clone();
+    let rows = shape.dims().first().copied().unwrap_or(1);
+    let cols = w.elem_count() / rows.max(1);
     let half = rows / n_head / 2;
-    Ok(w.reshape((n_head, half, 2, cols))?
+    let (a, b) = if forward { (2, half) } else { (half, 2) };
+    Ok(w.reshape((n_head, a, b, cols))?
         .transpose(1, 2)?
         .contiguous()?
-        .reshape((rows, cols))?)
+        .reshape(shape)?)
+}
+
+/// The per-layer llama.cpp tensor names [`hf_name`] knows (`blk.N.<tail>.weight|bias`).
+const LAYER_TAILS: &[&str] = &[
+    "attn_norm",
+    "post_attention_norm",
+    "ffn_norm",
+    "post_ffw_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_qkv",
+    "attn_output",
+    "attn_q_norm",
+    "attn_k_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
+/// HF tensor name -> (llama.cpp name, what its converter does to it) for every tensor name the
+/// reader maps for `c`'s architecture: the reader's own table ([`hf_name`]) run backwards, so
+/// export and import cannot disagree on a name.
+pub(crate) fn gguf_names(c: &ModelConfig) -> HashMap<String, (String, Fix)> {
+    let mut stems: Vec<String> = ["token_embd", "output_norm", "output"]
+        .map(String::from)
+        .to_vec();
+    for layer in 0..c.num_hidden_layers {
+        stems.extend(LAYER_TAILS.iter().map(|t| format!("blk.{layer}.{t}")));
+    }
+    let mut out = HashMap::new();
+    for stem in stems {
+        for suffix in ["weight", "bias"] {
+            let g = format!("{stem}.{suffix}");
+            if let Some((hf, fix)) = hf_name(&g, c) {
+                out.insert(hf, (g, fix));
+            }
+        }
+    }
+    out
 }
 
 /// llama.cpp tensor name -> (the architecture's HF name, what to undo).
@@ -259,7 +321,12 @@ fn hf_name(g: &str, c: &ModelConfig) -> Option<(String, Fix)> {
             (format!("{}.{layer}.{module}", n.layers), fix)
         }
     };
-    let fix = if suffix == "bias" { Fix::None } else { fix };
+    // llama.cpp's converter permutes Q/K biases as it does their weights; no norm has a bias
+    // that it offsets.
+    let fix = match (suffix, fix) {
+        ("bias", Fix::MinusOne) => Fix::None,
+        _ => fix,
+    };
     Some((format!("{module}.{suffix}"), fix))
 }
 

@@ -5,6 +5,11 @@
 pub mod adapter;
 pub mod export;
 mod gguf;
+pub mod gguf_export;
+mod gguf_kquants;
+pub mod gguf_lora;
+mod gguf_vocab;
+mod gguf_write;
 mod hf_dir;
 mod safetensors_file;
 
