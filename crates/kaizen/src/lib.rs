@@ -12,6 +12,7 @@ pub mod eval;
 pub mod generate;
 pub mod models;
 pub mod nn;
+pub mod serve;
 pub mod train;
 pub mod tuners;
 

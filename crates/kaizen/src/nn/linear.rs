@@ -37,6 +37,19 @@ pub trait LinearAdapter: Debug + Send + Sync {
     fn set_param(&mut self, key: &str, value: Tensor) -> Result<bool>;
     /// The base weight and bias with this adapter folded in; None if it cannot be merged.
     fn merged(&self, base: &Linear) -> Result<Option<(Tensor, Option<Tensor>)>>;
+    /// Serving several adapters in one batch: this layer's output (N, out) for decoding rows x
+    /// (N, in) given the frozen product `wx = x Wᵀ` (N, out, no bias) computed once for the
+    /// rows of every adapter. Each row must come out as [`LinearAdapter::forward`] (inference)
+    /// computes it for that row alone. None (the default): the adapter needs its own product
+    /// (IA3 on a layer's input, DoRA's recombined weight), and the caller runs `forward`.
+    fn forward_on_product(
+        &self,
+        _base: &Linear,
+        _x: &Tensor,
+        _wx: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 #[derive(Debug)]
@@ -86,10 +99,14 @@ impl Linear {
     /// The frozen layer alone. x: (N, in) -> (N, out), on kaizen's kernels in the weight's
     /// precision (see [`Matrix::product`]).
     pub fn base_forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.product(x, true)?;
+        self.add_bias(self.weight.product(x, true)?)
+    }
+
+    /// `wx (N, out) + bias`: the frozen layer's output from its product.
+    pub fn add_bias(&self, wx: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+            Some(b) => wx.broadcast_add(b)?,
+            None => wx,
         })
     }
 
