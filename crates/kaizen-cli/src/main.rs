@@ -5,6 +5,7 @@ mod compare;
 mod infer;
 mod merge;
 mod plot;
+mod serve;
 mod train;
 
 use std::process::ExitCode;
@@ -41,6 +42,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Train several methods on the same data and write a comparison report with charts.
     Compare(Box<compare::CompareArgs>),
+    /// Serve the model and adapters over an OpenAI-compatible HTTP API (continuous batching).
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -95,5 +98,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => merge::merge(a),
         Command::Train(a) => train::run(*a),
         Command::Compare(a) => compare::run(*a),
+        Command::Serve(a) => serve::run(*a),
     }
 }
