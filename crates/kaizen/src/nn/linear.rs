@@ -41,13 +41,19 @@ pub trait LinearAdapter: Debug + Send + Sync {
     /// (N, in) given the frozen product `wx = x Wᵀ` (N, out, no bias) computed once for the
     /// rows of every adapter. Each row must come out as [`LinearAdapter::forward`] (inference)
     /// computes it for that row alone. None (the default): the adapter needs its own product
-    /// (IA3 on a layer's input, DoRA's recombined weight), and the caller runs `forward`.
+    /// (DoRA's recombined weight), and the caller runs `forward`.
     fn forward_on_product(
         &self,
         _base: &Linear,
         _x: &Tensor,
         _wx: &Tensor,
     ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// Serving: when this adapter's whole effect is on the layer's input (IA3 on a feed-forward
+    /// input), the rows x (N, in) to put into the shared product instead; the layer's output is
+    /// then that product plus the bias. None (the default): not such an adapter.
+    fn shared_input(&self, _x: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }

@@ -4,8 +4,9 @@
 //! of the batch uses. In a decoding step the frozen product `x Wᵀ` is computed once for every
 //! row (the weight read once per step, whatever the number of rows) and each row adds its own
 //! adapter's effect on it ([`LinearAdapter::forward_on_product`]: LoRA's low-rank delta, IA3's
-//! output scaling, a bottleneck adapter); an adapter that needs its own product (IA3 on the
-//! input, DoRA) runs its whole `forward` on its rows.
+//! output scaling, a bottleneck adapter); IA3 on a layer's input scales its rows before the
+//! shared product ([`LinearAdapter::shared_input`]); DoRA, whose recombined weight is another
+//! product, runs its whole `forward` on its rows.
 
 use std::sync::{Arc, RwLock};
 
@@ -44,8 +45,9 @@ impl Routed {
             .map(|(_, a)| a.as_ref())
     }
 
-    /// Rows of several adapters: the shared product once, then each run of rows with the same
-    /// slot through its adapter.
+    /// Rows of several adapters: the shared product once (the rows of an adapter that acts
+    /// on the input, IA3's, scaled first), then each run of rows with the same slot through
+    /// its adapter.
     fn per_row(&self, base: &Linear, x: &Tensor, slots: &[Option<usize>]) -> Result<Tensor> {
         let n = x.dim(0)?;
         if slots.len() != n {
@@ -54,33 +56,49 @@ impl Routed {
                 slots.len()
             )));
         }
-        let wx = base.weight.product(x, true)?; // (N, out)
         if slots.iter().all(|s| self.get(*s).is_none()) {
-            return base.add_bias(wx);
+            return base.base_forward(x);
         }
-        let mut parts = Vec::new();
+        let mut runs = vec![]; // (first row, rows, adapter, its input went into the product)
+        let mut inputs = vec![];
         let mut r = 0;
         while r < n {
             let mut end = r + 1;
             while end < n && slots[end] == slots[r] {
                 end += 1;
             }
-            let (xs, ws) = (x.narrow(0, r, end - r)?, wx.narrow(0, r, end - r)?);
-            let y = match self.get(slots[r]) {
-                None => base.add_bias(ws)?,
-                Some(a) => match a.forward_on_product(base, &xs, &ws)? {
+            let xs = x.narrow(0, r, end - r)?;
+            let a = self.get(slots[r]);
+            let shared = match a {
+                Some(a) => a.shared_input(&xs)?,
+                None => None,
+            };
+            runs.push((r, end - r, a, shared.is_some()));
+            inputs.push(shared.unwrap_or(xs));
+            r = end;
+        }
+        let xp = match runs.iter().any(|run| run.3) {
+            true => Tensor::cat(&inputs, 0)?,
+            false => x.clone(),
+        };
+        let wx = base.weight.product(&xp, true)?; // (N, out)
+        let mut parts = Vec::with_capacity(runs.len());
+        for (r, len, a, on_input) in runs {
+            let (xs, ws) = (x.narrow(0, r, len)?, wx.narrow(0, r, len)?);
+            let y = match a {
+                Some(a) if !on_input => match a.forward_on_product(base, &xs, &ws)? {
                     Some(y) => y,
                     // Its own forward, one row at a time, as each row would run alone.
                     None => {
-                        let rows = (0..end - r)
+                        let rows = (0..len)
                             .map(|i| Ok(a.forward(base, &xs.narrow(0, i, 1)?, None)?.0))
                             .collect::<Result<Vec<_>>>()?;
                         Tensor::cat(&rows, 0)?
                     }
                 },
+                _ => base.add_bias(ws)?,
             };
             parts.push(y);
-            r = end;
         }
         Ok(Tensor::cat(&parts, 0)?)
     }

@@ -34,7 +34,8 @@ impl LinearAdapter for Ia3Layer {
         }
     }
 
-    /// The output scaling applies to the shared product; the input scaling needs its own.
+    /// The output scaling applies to the shared product; the input scaling goes into it
+    /// (`shared_input`).
     fn forward_on_product(
         &self,
         base: &Linear,
@@ -46,6 +47,13 @@ impl LinearAdapter for Ia3Layer {
         }
         let y = base.add_bias(wx.clone())?;
         Ok(Some(y.broadcast_mul(&self.ia3_l.t()?)?))
+    }
+
+    fn shared_input(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(match self.feedforward {
+            true => Some(x.broadcast_mul(&self.ia3_l)?),
+            false => None,
+        })
     }
 
     fn backward(
