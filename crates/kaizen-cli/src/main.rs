@@ -6,6 +6,7 @@ mod export;
 mod infer;
 mod merge;
 mod plot;
+mod serve;
 mod train;
 
 use std::process::ExitCode;
@@ -45,6 +46,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Train several methods on the same data and write a comparison report with charts.
     Compare(Box<compare::CompareArgs>),
+    /// Serve the model and adapters over an OpenAI-compatible HTTP API (continuous batching).
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -100,5 +103,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export::export(a),
         Command::Train(a) => train::run(*a),
         Command::Compare(a) => compare::run(*a),
+        Command::Serve(a) => serve::run(*a),
     }
 }

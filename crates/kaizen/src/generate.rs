@@ -64,66 +64,158 @@ pub fn generate(
     cfg: &GenerateConfig,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
-    if prompt.is_empty() {
-        return Err(Error::Input(
-            "the prompt is empty: give some text to continue".into(),
-        ));
-    }
-    validate(cfg)?;
-    let ctx = model.config().max_position_embeddings;
-    if prompt.len() >= ctx {
-        return Err(Error::Input(format!(
-            "the prompt has {} tokens, but the model's context is {ctx}",
-            prompt.len()
-        )));
-    }
-    let mut eos: Vec<u32> = model.config().eos_token_ids.clone();
-    eos.extend(tok.eos_id());
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut s = Sequence::new(model, tok, prompt, cfg.clone())?;
     let mut cache = model.new_cache();
-    let mut seq = prompt.to_vec();
-    let mut stream = TextStream::new(tok);
-    let mut text = String::new();
-    let mut new_ids = vec![];
     let mut input = prompt.to_vec();
-    let budget = cfg.max_new_tokens.min(ctx - prompt.len());
-    let mut stop = StopReason::MaxTokens;
-    for _ in 0..budget {
-        let mut last = model.next_logits(&input, Some(&mut cache))?; // (V,)
-        if new_ids.len() < cfg.min_new_tokens {
-            for &e in &eos {
+    while !s.done() {
+        let last = model.next_logits(&input, Some(&mut cache))?; // (V,)
+        let step = s.push_logits(last)?;
+        let (Step::Token { text, .. } | Step::Done { text, .. }) = &step;
+        if !text.is_empty() {
+            on_text(text);
+        }
+        if let Step::Token { id, .. } = step {
+            input = vec![id];
+        }
+    }
+    s.result()
+}
+
+/// What one step of a [`Sequence`] produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// `id` was chosen; `text` is the piece of text it completed (often empty mid-character).
+    Token { id: u32, text: String },
+    /// Generation ended (`id`: the last id chosen, if this step chose one, an EOS included);
+    /// `text` is what the step and the stream still held back.
+    Done { id: Option<u32>, text: String },
+}
+
+/// One sequence being decoded: the sampling state and text stream of [`generate`], fed one
+/// position's logits at a time by whoever runs the model (`generate`'s loop, or a server that
+/// decodes many sequences in one batch).
+pub struct Sequence<'t> {
+    cfg: GenerateConfig,
+    tok: &'t Tokenizer,
+    eos: Vec<u32>,
+    rng: StdRng,
+    /// Prompt and new ids (the repetition penalty reads it).
+    seq: Vec<u32>,
+    new_ids: Vec<u32>,
+    stream: TextStream<'t>,
+    text: String,
+    budget: usize,
+    stop: Option<StopReason>,
+}
+
+impl<'t> Sequence<'t> {
+    /// Checks the prompt and the options against the model; the budget is `max_new_tokens`
+    /// cut to what the context leaves.
+    pub fn new(
+        model: &Model,
+        tok: &'t Tokenizer,
+        prompt: &[u32],
+        cfg: GenerateConfig,
+    ) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(Error::Input(
+                "the prompt is empty: give some text to continue".into(),
+            ));
+        }
+        validate(&cfg)?;
+        let ctx = model.config().max_position_embeddings;
+        if prompt.len() >= ctx {
+            return Err(Error::Input(format!(
+                "the prompt has {} tokens, but the model's context is {ctx}",
+                prompt.len()
+            )));
+        }
+        let mut eos: Vec<u32> = model.config().eos_token_ids.clone();
+        eos.extend(tok.eos_id());
+        let budget = cfg.max_new_tokens.min(ctx - prompt.len());
+        Ok(Sequence {
+            rng: StdRng::seed_from_u64(cfg.seed),
+            cfg,
+            tok,
+            eos,
+            seq: prompt.to_vec(),
+            new_ids: vec![],
+            stream: TextStream::new(tok),
+            text: String::new(),
+            budget,
+            stop: (budget == 0).then_some(StopReason::MaxTokens),
+        })
+    }
+
+    /// Whether generation has ended (a budget of zero ends it before any step).
+    pub fn done(&self) -> bool {
+        self.stop.is_some()
+    }
+
+    /// New ids so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.new_ids
+    }
+
+    /// Chooses the next id from the last position's logits (V,) and advances.
+    pub fn push_logits(&mut self, mut last: Vec<f32>) -> Result<Step> {
+        if self.stop.is_some() {
+            return Ok(Step::Done {
+                id: None,
+                text: self.stream.finish()?,
+            });
+        }
+        if self.new_ids.len() < self.cfg.min_new_tokens {
+            for &e in &self.eos {
                 if let Some(x) = last.get_mut(e as usize) {
                     *x = f32::NEG_INFINITY;
                 }
             }
         }
-        let next = pick(last, &seq, cfg, &mut rng)?;
-        seq.push(next);
-        new_ids.push(next);
-        input = vec![next];
-        if eos.contains(&next) {
-            stop = StopReason::Eos;
-            break;
+        let next = pick(last, &self.seq, &self.cfg, &mut self.rng)?;
+        self.seq.push(next);
+        self.new_ids.push(next);
+        if self.eos.contains(&next) {
+            self.stop = Some(StopReason::Eos);
+            let text = self.stream.finish()?;
+            return Ok(Step::Done {
+                id: Some(next),
+                text,
+            });
         }
-        let piece = stream.push(next)?;
-        if !piece.is_empty() {
-            on_text(&piece);
-            text.push_str(&piece);
+        let mut piece = self.stream.push(next)?;
+        self.text.push_str(&piece);
+        if self
+            .cfg
+            .stop_strings
+            .iter()
+            .any(|s| self.text.contains(s.as_str()))
+        {
+            self.stop = Some(StopReason::StopString);
+        } else if self.new_ids.len() >= self.budget {
+            self.stop = Some(StopReason::MaxTokens);
         }
-        if cfg.stop_strings.iter().any(|s| text.contains(s.as_str())) {
-            stop = StopReason::StopString;
-            break;
+        if self.stop.is_none() {
+            return Ok(Step::Token {
+                id: next,
+                text: piece,
+            });
         }
+        piece.push_str(&self.stream.finish()?);
+        Ok(Step::Done {
+            id: Some(next),
+            text: piece,
+        })
     }
-    let rest = stream.finish()?;
-    if !rest.is_empty() {
-        on_text(&rest);
+
+    /// The result so far: new ids and their text decoded with special tokens skipped.
+    pub fn result(&self) -> Result<Generation> {
+        Ok(Generation {
+            text: self.tok.decode(&self.new_ids, true)?,
+            ids: self.new_ids.clone(),
+            stop: self.stop.unwrap_or(StopReason::MaxTokens),
+        })
     }
-    Ok(Generation {
-        text: tok.decode(&new_ids, true)?,
-        ids: new_ids,
-        stop,
-    })
 }
 
 fn validate(cfg: &GenerateConfig) -> Result<()> {

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod memory;
 pub mod models;
 pub mod nn;
+pub mod serve;
 pub mod train;
 pub mod tuners;
 

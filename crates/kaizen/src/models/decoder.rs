@@ -321,6 +321,24 @@ impl Decoder {
         self.norm.forward(&x)
     }
 
+    /// Batched decoding: x (R, 1, hidden), row `r` the newest token of the sequence cached in
+    /// `caches[r]` -> final normalised hidden states (R, 1, hidden). The linear layers take all
+    /// rows in one product; attention runs per row against its own cache.
+    pub fn forward_rows(&self, x: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+        // Each row's position; read before any layer appends to its cache.
+        let starts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let mut x = x.clone();
+        for (i, l) in self.layers.iter().enumerate() {
+            let past = Past::Rows {
+                caches,
+                layer: i,
+                starts: &starts,
+            };
+            x = l.forward(&x, past, None)?.0;
+        }
+        self.norm.forward(&x)
+    }
+
     /// Training forward from embeddings (B, T, hidden): the final normalised hidden states and
     /// what backward needs. `prefix`: per-layer learned keys/values ahead of the tokens (which
     /// then start at position n); `checkpoint`: keep only layer inputs and recompute.

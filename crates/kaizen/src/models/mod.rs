@@ -396,6 +396,22 @@ impl Model {
         Ok(self.head_logits(&last)?.squeeze(0)?.to_vec1()?)
     }
 
+    /// Batched decoding of several sequences: `ids[r]` is the newest token of the sequence
+    /// cached in `caches[r]` (each started by [`Model::next_logits`] on its prompt) -> the next
+    /// logits of every row (R, vocab). Rows may be at different positions.
+    pub fn decode_rows(&self, ids: &[u32], caches: &mut [KvCache]) -> Result<Tensor> {
+        if ids.len() != caches.len() || ids.is_empty() {
+            return Err(crate::Error::Input(format!(
+                "decode_rows: {} ids for {} caches",
+                ids.len(),
+                caches.len()
+            )));
+        }
+        let t = Tensor::from_slice(ids, (ids.len(), 1), &self.device())?;
+        let h = self.decoder.forward_rows(&self.embed(&t)?, caches)?; // (R, 1, hidden)
+        self.head_logits(&h.squeeze(1)?)
+    }
+
     /// Logits for one sequence of ids, batch 1: (T, vocab).
     pub fn logits(&self, ids: &[u32], cache: Option<&mut KvCache>) -> Result<Tensor> {
         let t = Tensor::from_slice(ids, (1, ids.len()), &self.device())?;

@@ -50,6 +50,14 @@ pub enum Past<'a> {
     /// Training: the prefix's keys and values ahead of the tokens (prefix tuning), if any; the
     /// tokens then start at position n.
     Prefix(Option<&'a KvPair>),
+    /// Batched decoding of several sequences: row `r` of the input (R, 1, hidden) is the newest
+    /// token of the sequence cached in `caches[r]` (layer `layer`), at position `starts[r]`.
+    /// Each row attends to its own cache only; rows may have different lengths.
+    Rows {
+        caches: &'a mut [KvCache],
+        layer: usize,
+        starts: &'a [usize],
+    },
 }
 
 /// What the projections' backward needs.
@@ -65,7 +73,8 @@ pub struct AttnTape {
     proj: ProjCache,
     q_norm: Option<NormCache>,
     k_norm: Option<NormCache>,
-    attn: AttnCache,
+    /// None after batched decoding (inference only).
+    attn: Option<AttnCache>,
     o: LinearCache,
 }
 
@@ -82,17 +91,31 @@ impl SelfAttn {
         let (q, q_norm) = head_norm(self.q_norm.as_ref(), q)?; // (B, H, T, hd)
         let (k, k_norm) = head_norm(self.k_norm.as_ref(), k)?; // (B, KVH, T, hd)
         let v = v.transpose(1, 2)?.contiguous()?;
-        let start = match &past {
-            Past::Cache { start, .. } => *start,
-            Past::Prefix(p) => p.map_or(Ok(0), |(pk, _)| pk.dim(2))?,
+        let (o, attn, start) = match past {
+            Past::Rows {
+                caches,
+                layer,
+                starts,
+            } => (self.attend_rows(&q, k, &v, caches, layer, starts)?, None, 0),
+            past => {
+                let start = match &past {
+                    Past::Cache { start, .. } => *start,
+                    Past::Prefix(p) => p.map_or(Ok(0), |(pk, _)| pk.dim(2))?,
+                    Past::Rows { .. } => 0,
+                };
+                let q = self.rotary.forward(&q, start)?;
+                let k = self.rotary.forward(&k, start)?;
+                let (k, v) = match past {
+                    Past::Cache { cache, layer, .. } => {
+                        cache.append(layer, k, v, self.spec.window)?
+                    }
+                    Past::Prefix(p) => with_prefix(p, k, v)?,
+                    Past::Rows { .. } => (k, v),
+                };
+                let (o, attn) = attention_t(&q, &k, &v, &self.spec)?; // (B, H, T, hd)
+                (o, Some(attn), start)
+            }
         };
-        let q = self.rotary.forward(&q, start)?;
-        let k = self.rotary.forward(&k, start)?;
-        let (k, v) = match past {
-            Past::Cache { cache, layer, .. } => cache.append(layer, k, v, self.spec.window)?,
-            Past::Prefix(p) => with_prefix(p, k, v)?,
-        };
-        let (o, attn) = attention_t(&q, &k, &v, &self.spec)?; // (B, H, T, hd)
         let o = o
             .transpose(1, 2)?
             .reshape((b, t, self.heads * self.head_dim))?;
@@ -106,6 +129,29 @@ impl SelfAttn {
             o: o_cache,
         };
         Ok((y, tape))
+    }
+
+    /// Batched decoding: q (R, H, 1, hd), k and v (R, KVH, 1, hd) before rotary -> attention
+    /// output (R, H, 1, hd), each row rotated at its own position and attending to its own cache
+    /// (the same operations as one sequence decoded alone, so each row's numbers are too).
+    fn attend_rows(
+        &self,
+        q: &Tensor,
+        k: Tensor,
+        v: &Tensor,
+        caches: &mut [KvCache],
+        layer: usize,
+        starts: &[usize],
+    ) -> Result<Tensor> {
+        let mut out = Vec::with_capacity(caches.len());
+        for (r, cache) in caches.iter_mut().enumerate() {
+            let row = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, r, 1)?.contiguous()?) };
+            let q = self.rotary.forward(&row(q)?, starts[r])?;
+            let kr = self.rotary.forward(&row(&k)?, starts[r])?;
+            let (kr, vr) = cache.append(layer, kr, row(v)?, self.spec.window)?;
+            out.push(attention_t(&q, &kr, &vr, &self.spec)?.0); // (1, H, 1, hd)
+        }
+        Ok(Tensor::cat(&out, 0)?)
     }
 
     /// x: (B, T, hidden) -> q (B, T, H, hd), k and v (B, T, KVH, hd).
@@ -160,7 +206,10 @@ impl SelfAttn {
         let (h, hd) = (self.heads, self.head_dim);
         let d_o = self.o.backward(&tape.o, dy, grads)?; // (B, T, H hd)
         let d_o = d_o.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
-        let (dq, dk, dv) = causal_attention_backward(&tape.attn, &d_o)?;
+        let attn = tape.attn.as_ref().ok_or_else(|| {
+            crate::Error::Input("backward through a batched decoding step".into())
+        })?;
+        let (dq, dk, dv) = causal_attention_backward(attn, &d_o)?;
         let (dk, dv, d_prefix) = split_prefix_grad(tape.start, dk, dv)?;
         let dq = self.rotary.backward(&dq, tape.start)?;
         let dk = self.rotary.backward(&dk, tape.start)?;

@@ -40,6 +40,25 @@ pub trait LinearAdapter: Debug + Send + Sync {
     /// f32 values [`LinearAdapter::forward`] saves per input row in training (besides x), for
     /// the memory guard.
     fn saved_per_row(&self, base: &Linear) -> usize;
+    /// Serving several adapters in one batch: this layer's output (N, out) for decoding rows x
+    /// (N, in) given the frozen product `wx = x Wᵀ` (N, out, no bias) computed once for the
+    /// rows of every adapter. Each row must come out as [`LinearAdapter::forward`] (inference)
+    /// computes it for that row alone. None (the default): the adapter needs its own product
+    /// (DoRA's recombined weight), and the caller runs `forward`.
+    fn forward_on_product(
+        &self,
+        _base: &Linear,
+        _x: &Tensor,
+        _wx: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// Serving: when this adapter's whole effect is on the layer's input (IA3 on a feed-forward
+    /// input), the rows x (N, in) to put into the shared product instead; the layer's output is
+    /// then that product plus the bias. None (the default): not such an adapter.
+    fn shared_input(&self, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 #[derive(Debug)]
@@ -89,10 +108,14 @@ impl Linear {
     /// The frozen layer alone. x: (N, in) -> (N, out), on kaizen's kernels in the weight's
     /// precision (see [`Matrix::product`]).
     pub fn base_forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.product(x, true)?;
+        self.add_bias(self.weight.product(x, true)?)
+    }
+
+    /// `wx (N, out) + bias`: the frozen layer's output from its product.
+    pub fn add_bias(&self, wx: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+            Some(b) => wx.broadcast_add(b)?,
+            None => wx,
         })
     }
 

@@ -62,6 +62,23 @@ impl LinearAdapter for BottleneckLayer {
         Ok(((&y + up)?, Some(y)))
     }
 
+    /// The adapter acts on the layer's output: from the shared product, one row at a time
+    /// (the row's numbers then do not depend on which rows share the batch).
+    fn forward_on_product(&self, base: &Linear, x: &Tensor, wx: &Tensor) -> Result<Option<Tensor>> {
+        let y = base.add_bias(wx.clone())?;
+        let rows = (0..x.dim(0)?)
+            .map(|r| {
+                let y = y.narrow(0, r, 1)?;
+                let h = activation::apply(self.non_linearity, &self.down(&y)?)?;
+                let up = h
+                    .matmul(&self.up_weight.t()?)?
+                    .broadcast_add(&self.up_bias)?;
+                Ok((&y + up)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&rows, 0)?))
+    }
+
     fn backward(
         &self,
         base: &Linear,

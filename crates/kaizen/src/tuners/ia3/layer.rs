@@ -34,6 +34,28 @@ impl LinearAdapter for Ia3Layer {
         }
     }
 
+    /// The output scaling applies to the shared product; the input scaling goes into it
+    /// (`shared_input`).
+    fn forward_on_product(
+        &self,
+        base: &Linear,
+        _x: &Tensor,
+        wx: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        if self.feedforward {
+            return Ok(None);
+        }
+        let y = base.add_bias(wx.clone())?;
+        Ok(Some(y.broadcast_mul(&self.ia3_l.t()?)?))
+    }
+
+    fn shared_input(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(match self.feedforward {
+            true => Some(x.broadcast_mul(&self.ia3_l)?),
+            false => None,
+        })
+    }
+
     fn backward(
         &self,
         base: &Linear,

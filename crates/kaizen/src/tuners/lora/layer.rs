@@ -135,6 +135,16 @@ impl LinearAdapter for LoraLayer {
         Ok((base.base_backward(dy)? + dx)?)
     }
 
+    /// Plain LoRA decodes row by row on the shared product (as `forward` does for a few rows);
+    /// DoRA multiplies by its recombined weight instead, so it runs its own `forward`.
+    fn forward_on_product(&self, base: &Linear, x: &Tensor, wx: &Tensor) -> Result<Option<Tensor>> {
+        if self.magnitude.is_some() {
+            return Ok(None);
+        }
+        let y = base.add_bias(wx.clone())?;
+        Ok(Some(self.add_delta_rows(x, y)?))
+    }
+
     fn params(&self) -> Vec<(String, Tensor)> {
         let mut p = vec![
             (self.key_a(), self.lora_a.clone()),
