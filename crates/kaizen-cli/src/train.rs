@@ -544,7 +544,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         gradient_checkpointing: loaded.model.gradient_checkpointing,
         adam: matches!(optimizer, OptimizerKind::AdamW { .. }),
     };
-    check_memory(&mut loaded.model, &shape, budget)?;
+    let memory_line = check_memory(&mut loaded.model, &shape, budget)?;
 
     // Data.
     let ds = load_dataset(&data_path, &loaded.tokenizer, &opts)?;
@@ -641,6 +641,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         Method::Full(_) => loaded.model.config().num_parameters(),
         _ => loaded.model.config().num_parameters() + trainable,
     };
+    eprintln!("{memory_line}");
     eprintln!(
         "{} examples for training, {} for validation; {} steps; trainable params: {trainable} || all params: {all} || trainable%: {:.4}",
         train_set.len(),
@@ -699,15 +700,18 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
 }
 
 /// The memory guard: refuses a run whose estimated peak exceeds `budget`, with the estimate
-/// and the flags that would bring it under; prints the estimate otherwise.
-fn check_memory(model: &mut kaizen::Model, shape: &RunShape, budget: Option<u64>) -> Result<()> {
+/// and the flags that would bring it under; else the estimate's line, printed once the run starts.
+fn check_memory(
+    model: &mut kaizen::Model,
+    shape: &RunShape,
+    budget: Option<u64>,
+) -> Result<String> {
     let need = memory::estimate(model, shape);
     let Some(have) = budget.filter(|&h| need.total() > h) else {
         let of = budget.map_or(String::new(), |h| {
             format!(" of {} available", memory::gib(h))
         });
-        eprintln!("memory: {need}{of}");
-        return Ok(());
+        return Ok(format!("memory: {need}{of}"));
     };
     // Each change alone, with what the run would then need; the first batch size that fits.
     let mut ways: Vec<(String, u64)> = Vec::new();
