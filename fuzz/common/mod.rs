@@ -12,7 +12,13 @@ pub fn run(target: Target, data: &[u8]) {
     }
 }
 
-pub fn mutate_in_place(target: Target, data: &mut [u8], size: usize, max_size: usize, seed: u32) -> usize {
+pub fn mutate_in_place(
+    target: Target,
+    data: &mut [u8],
+    size: usize,
+    max_size: usize,
+    seed: u32,
+) -> usize {
     let mut rng = Rng::new(seed as u64);
     if rng.one_in(2) {
         return libfuzzer_sys::fuzzer_mutate(data, size, max_size);
