@@ -189,10 +189,17 @@ impl Drop for Watchdog {
 /// Runs one input once, as the campaign does: `Err(finding message)` for a panic that reached
 /// here or an error message with control characters.
 pub fn check(target: Target, input: &[u8]) -> (Result<Result<(), String>, String>, u64) {
+    check_with(|| run(target, input))
+}
+
+/// [`check`] of any case (the runner's own tests give it one that panics).
+pub fn check_with(
+    case: impl FnOnce() -> Result<(), String>,
+) -> (Result<Result<(), String>, String>, u64) {
     install_hook();
     let before = PANICS.with(Cell::get);
     IN_CASE.with(|c| c.set(true));
-    let out = panic::catch_unwind(AssertUnwindSafe(|| run(target, input)));
+    let out = panic::catch_unwind(AssertUnwindSafe(case));
     IN_CASE.with(|c| c.set(false));
     let panics = PANICS.with(Cell::get) - before;
     match out {
