@@ -50,7 +50,7 @@ found=0
 rows=()
 if [[ "$ENGINE" == libfuzzer ]]; then
   cd fuzz
-  cargo +nightly fuzz build -s "$SANITIZER" $TARGETS
+  cargo +nightly fuzz build -s "$SANITIZER"
   for t in $TARGETS; do
     mkdir -p "corpus/$t"
     log="findings/$t.log"
