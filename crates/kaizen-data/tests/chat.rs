@@ -187,3 +187,73 @@ fn template_errors_name_the_tokenizer() {
         "{err}"
     );
 }
+
+/// Found by fuzzing (`crates/kaizen-fuzz`, chat_template): in `{%}` the tag's `{%` and `%}`
+/// overlap, and rewriting `{% generation %}` tags sliced the template backwards (a panic).
+/// Now minijinja sees the template as it is and reports its syntax error.
+#[test]
+fn overlapping_tag_delimiters_are_a_syntax_error() {
+    for template in ["{%}", "a{%}b{% generation %}x{% endgeneration %}", "{%}%}"] {
+        let err = render_err(template, &[]);
+        assert!(err.starts_with("chat template: "), "{template}: {err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+    }
+}
+
+/// Found by fuzzing: builtin filters and Python methods built strings whose size their
+/// arguments choose (`replace` doubling a string, `join` with a long separator, `indent` and
+/// `format` widths, `tojson` indents) outside the byte budget; each now stops at it first.
+#[test]
+fn growing_filters_stop_at_the_byte_budget() {
+    let want = format!("exceeded {} bytes", kaizen_data::chat::MAX_BYTES);
+    let msgs = [Message::new("user", "hi")];
+    for template in [
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s|replace('a', 'aa') %}{% endfor %}{{ ns.s|length }}",
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s.replace('a', 'aa') %}{% endfor %}{{ ns.s|length }}",
+        "{{ ('ab' * 10000)|replace('', 'ab' * 10000)|length }}",
+        "{{ range(100000)|join('x' * 100000)|length }}",
+        "{{ ('y' * 100000).join(range(100000)|map('string'))|length }}",
+        "{{ ('x\n' * 1000)|indent(1000000000)|length }}",
+        "{{ '%999999999s'|format(1)|length }}",
+        "{{ messages|tojson(indent=100000000)|length }}",
+    ] {
+        let err = render_err(template, &msgs);
+        assert!(err.contains(&want), "{template}: {err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+    }
+}
+
+/// Found by fuzzing: `range(10)|batch(1000000000)` reserved 1e9 items (16 GB) at once; `slice`
+/// likewise; `list` and `split` of a long string made an item per character or word. Each is
+/// held to the item limit.
+#[test]
+fn growing_sequences_stop_at_the_item_limit() {
+    for template in [
+        "{{ range(10)|batch(1000000000, 0)|list|length }}",
+        "{{ range(10)|slice(1000000000)|list|length }}",
+        "{{ ('x' * 2000000)|list|length }}",
+        "{{ ('a ' * 2000000)|split|length }}",
+        "{{ ('a ' * 2000000).split()|length }}",
+        "{{ ('a\n' * 2000000)|lines|length }}",
+    ] {
+        let err = render_err(template, &[]);
+        assert!(err.contains("exceeds the limit of"), "{template}: {err}");
+    }
+}
+
+/// The bounded filters and methods keep their meaning.
+#[test]
+fn bounded_filters_keep_their_meaning() {
+    let template =
+        "{{ 'aXa'|replace('X', 'yy') }} {{ 'ab'.replace('a', 'cc') }} {{ [1, 2]|join(',') }} \
+        {{ ','.join(['p', 'q']) }} {{ 'a\nb'|indent(2) }} {{ '%s-%d'|format('a', 3) }} \
+        {{ '{}!'.format('hi') }} {{ range(5)|batch(2)|list }} {{ range(4)|slice(2)|list }} \
+        {{ 'ab'|list }} {{ 'a b'|split|list }} {{ 'a b'.split() }} {{ 'a\nb'|lines|list }} \
+        {{ messages|tojson(indent=1) }}";
+    let got = render_chat_template(template, &[Message::new("user", "u")], false, None, None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let want = "ayya ccb 1,2 p,q a\n  b a-3 hi! [[0, 1], [2, 3], [4]] [[0, 1], [2, 3]] \
+        [\"a\", \"b\"] [\"a\", \"b\"] [\"a\", \"b\"] [\"a\", \"b\"] \
+        [\n {\n  \"role\": \"user\",\n  \"content\": \"u\"\n }\n]";
+    assert_eq!(got, want);
+}

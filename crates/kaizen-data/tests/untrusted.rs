@@ -239,3 +239,36 @@ fn spiece_piece_at_the_limit_loads_quickly_and_matches_whole() {
         .unwrap()
         .contains(&id));
 }
+
+/// `added_tokens_decoder` in tokenizer_config.json with 20,000 new tokens: each used to be added
+/// by its own call into `tokenizers`, which rebuilds its matcher over every added token (time in
+/// the square of their number); they are now added in one call, and keep their ids.
+#[test]
+fn many_added_tokens_load_in_linear_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qwen = fixtures().join("qwen-bpe");
+    std::fs::copy(
+        qwen.join("tokenizer.json"),
+        tmp.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let base = Tokenizer::from_json_file(&qwen.join("tokenizer.json"))
+        .unwrap()
+        .vocab_size() as u32;
+    let n = 20_000u32;
+    let decoder: serde_json::Map<String, Value> = (0..n)
+        .map(|i| {
+            let entry = json!({"content": format!("<extra_{i}>"), "special": i % 2 == 0});
+            ((base + i).to_string(), entry)
+        })
+        .collect();
+    let config = json!({"added_tokens_decoder": decoder});
+    std::fs::write(tmp.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    let start = Instant::now();
+    let tok = Tokenizer::from_dir(tmp.path()).unwrap();
+    let took = start.elapsed();
+    assert_eq!(tok.token_to_id("<extra_0>"), Some(base));
+    assert_eq!(tok.token_to_id("<extra_19999>"), Some(base + n - 1));
+    assert_eq!(tok.vocab_size() as u32, base + n);
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}

@@ -788,7 +788,10 @@ impl Fields<'_> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-                format!("field \"{key}\" must be a non-negative integer, found {v}")
+                format!(
+                    "field \"{key}\" must be a non-negative integer, found {}",
+                    shown(v)
+                )
             }),
         }
     }

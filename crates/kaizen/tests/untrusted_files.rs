@@ -405,3 +405,34 @@ fn adapter_config_negative_layer_index_is_named_as_such() {
         );
     }
 }
+
+/// Found by fuzzing (`crates/kaizen-fuzz`, config_json): a size given as a long string with
+/// control characters (DEL, an escape sequence) was printed whole and raw into the error. It is
+/// now escaped and cut, as file content in every other error; kaizen's bottleneck
+/// adapter_config.json fields likewise.
+#[test]
+fn config_values_of_the_wrong_type_are_quoted_escaped_and_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let junk = format!("{}\u{7f}\u{1b}[31m", "x".repeat(4000));
+    let dir = config_with(tmp.path(), "hidden_size", junk.clone().into());
+    assert_clean(
+        &load_err(&dir),
+        &["\"hidden_size\" must be a non-negative integer, found \"xxx"],
+    );
+    let adapter = tmp.path().join("bottleneck");
+    std::fs::create_dir_all(&adapter).unwrap();
+    let from = root().join("tests/fixtures/bottleneck/llama-gqa-tied/adapter");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(from.join(f), adapter.join(f)).unwrap();
+    }
+    for key in ["bottleneck_size", "non_linearity"] {
+        let cfg = adapter.join("adapter_config.json");
+        let mut json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(from.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        json[key] = serde_json::json!([junk]);
+        std::fs::write(&cfg, json.to_string()).unwrap();
+        assert_clean(&adapter_err(&adapter), &[key, "found [\"xxx"]);
+    }
+}

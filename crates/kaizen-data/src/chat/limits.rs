@@ -12,8 +12,9 @@
 //! minijinja has no hook on its operators, so the template is compiled here (minijinja's
 //! `unstable_machinery`, pinned by Cargo.lock) and its `~`, `+`, `*` instructions become calls
 //! to functions whose names no template can spell (`kaizen:concat`), and literal text is emitted
-//! as a value, through the counting formatter. Not bounded: what a builtin filter or Python
-//! method builds from strings already within the budget (e.g. `replace`), beyond the step count.
+//! as a value, through the counting formatter. The filters and Python methods that build strings
+//! or sequences of a size their arguments choose (`replace`, `join`, `batch`, ...) are bounded
+//! in `filters.rs`.
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -46,7 +47,7 @@ pub(super) struct Budget {
 }
 
 impl Budget {
-    fn charge(&self, bytes: usize) -> Result<(), Error> {
+    pub(super) fn charge(&self, bytes: usize) -> Result<(), Error> {
         let bytes = bytes.min(MAX_BYTES + 1); // the sum must not wrap
         let before = self.spent.fetch_add(bytes, Ordering::Relaxed);
         if before.saturating_add(bytes) > MAX_BYTES {
@@ -55,6 +56,16 @@ impl Budget {
                 ErrorKind::InvalidOperation,
                 format!("rendering exceeded {MAX_BYTES} bytes"),
             ));
+        }
+        Ok(())
+    }
+
+    /// Whether `bytes` more would still be within the budget, without spending them: for a
+    /// function that builds a string step by step and charges it once at the end.
+    pub(super) fn fits(&self, bytes: usize) -> Result<(), Error> {
+        if self.spent.load(Ordering::Relaxed).saturating_add(bytes) > MAX_BYTES {
+            self.exceeded.store(true, Ordering::Relaxed);
+            return Err(over_budget());
         }
         Ok(())
     }
@@ -230,7 +241,7 @@ fn items(v: &Value) -> usize {
         .unwrap_or_else(|| v.try_iter().map_or(0, |it| it.take(MAX_ITEMS + 1).count()))
 }
 
-fn check_items(n: usize) -> Result<(), Error> {
+pub(super) fn check_items(n: usize) -> Result<(), Error> {
     if n > MAX_ITEMS {
         return Err(Error::new(
             ErrorKind::InvalidOperation,

@@ -13,6 +13,7 @@
 //! [`MAX_STEPS`] instructions and [`MAX_BYTES`] of output and built strings; past them it is
 //! a one-line error, never a hang or a process that fills memory.
 
+mod filters;
 mod limits;
 mod python;
 
@@ -78,13 +79,16 @@ pub fn render_chat_template(
 fn environment(budget: &Arc<limits::Budget>) -> Environment<'static> {
     let mut env = Environment::new();
     limits::install(&mut env, budget);
+    filters::install(&mut env, budget);
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_keep_trailing_newline(false);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", python::strftime_now);
-    env.add_filter("tojson", python::tojson);
+    let b = budget.clone();
+    env.add_filter("tojson", move |v: &Value, kwargs| {
+        python::tojson(&b, v, kwargs)
+    });
     env
 }
 
@@ -103,7 +107,8 @@ fn without_generation_tags(template: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+        // The closing `%}` comes after the opening `{%` (in `{%}` they overlap).
+        let Some(end) = tag[2..].find("%}").map(|e| e + 2) else {
             out.push_str(tag);
             return out;
         };

@@ -4,8 +4,12 @@
 use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::ErrorKind;
 
+use super::limits::Budget;
+
 /// HF's `tojson`: `json.dumps(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`.
+/// Its output is charged to the rendering's byte budget, and it stops once past it.
 pub(super) fn tojson(
+    budget: &Budget,
     value: &Value,
     kwargs: Kwargs,
 ) -> std::result::Result<Value, minijinja::Error> {
@@ -26,6 +30,7 @@ pub(super) fn tojson(
         None => (", ".to_string(), ": ".to_string()),
     };
     let style = JsonStyle {
+        budget,
         indent,
         ensure_ascii: ensure_ascii.unwrap_or(false),
         sort_keys: sort_keys.unwrap_or(false),
@@ -34,10 +39,12 @@ pub(super) fn tojson(
     };
     let mut out = String::new();
     style.write(&mut out, value, 0)?;
+    budget.charge(out.len())?;
     Ok(Value::from(out))
 }
 
-struct JsonStyle {
+struct JsonStyle<'b> {
+    budget: &'b Budget,
     indent: Option<usize>,
     ensure_ascii: bool,
     sort_keys: bool,
@@ -45,7 +52,7 @@ struct JsonStyle {
     key_sep: String,
 }
 
-impl JsonStyle {
+impl JsonStyle<'_> {
     fn write(
         &self,
         out: &mut String,
@@ -99,19 +106,23 @@ impl JsonStyle {
             return Ok(());
         }
         let newline = |out: &mut String, level: usize| {
-            if let Some(n) = self.indent {
+            // Checked before each item: what one item adds is bounded by the budget too.
+            let pad = self.indent.map_or(0, |n| n.saturating_mul(level));
+            self.budget.fits(out.len().saturating_add(pad))?;
+            if self.indent.is_some() {
                 out.push('\n');
-                out.push_str(&" ".repeat(n * level));
+                out.push_str(&" ".repeat(pad));
             }
+            Ok::<(), minijinja::Error>(())
         };
         for (i, item) in items.iter().enumerate() {
             if i > 0 {
                 out.push_str(&self.item_sep);
             }
-            newline(out, depth + 1);
+            newline(out, depth + 1)?;
             write_item(out, item, depth + 1)?;
         }
-        newline(out, depth);
+        newline(out, depth)?;
         out.push(close);
         Ok(())
     }

@@ -119,9 +119,7 @@ impl Tokenizer {
     /// What tokenizer_config.json (and friends) add on top of the tokenizer file.
     pub(super) fn apply_config(&mut self, config: TokenizerConfig, path: &Path) -> Result<()> {
         self.source = path.parent().unwrap_or(path).display().to_string();
-        for added in &config.added_tokens {
-            self.add_config_token(added, path)?;
-        }
+        self.add_config_tokens(&config.added_tokens, path)?;
         if config.bos_token.is_some() {
             self.bos_token = config.bos_token;
         }
@@ -151,34 +149,39 @@ impl Tokenizer {
         Ok(())
     }
 
-    fn add_config_token(&mut self, added: &ConfigAddedToken, path: &Path) -> Result<()> {
-        let content = &added.token.content;
-        let existing = self.inner.token_to_id(content);
-        let known = self
-            .inner
-            .get_added_vocabulary()
-            .get_vocab()
-            .contains_key(content);
-        if !known {
-            let token = added.token.clone();
-            if token.special {
-                self.inner.add_special_tokens(&[token]);
-            } else {
-                self.inner.add_tokens(&[token]);
-            }
+    /// Adds `added_tokens_decoder`'s tokens the tokenizer lacks, in id order and in one call
+    /// (each call rebuilds the added-token matcher over every added token, so one call per token
+    /// took time in the square of their number), then checks that each has its stated id.
+    fn add_config_tokens(&mut self, added: &[ConfigAddedToken], path: &Path) -> Result<()> {
+        let before: Vec<Option<u32>> = added
+            .iter()
+            .map(|a| self.inner.token_to_id(&a.token.content))
+            .collect();
+        let known = self.inner.get_added_vocabulary().get_vocab();
+        let mut seen = std::collections::HashSet::new();
+        let new: Vec<tokenizers::AddedToken> = added
+            .iter()
+            .filter(|a| !known.contains_key(&a.token.content) && seen.insert(&a.token.content))
+            .map(|a| a.token.clone())
+            .collect();
+        if !new.is_empty() {
+            self.inner.add_tokens(&new);
         }
-        let got = existing.or_else(|| self.inner.token_to_id(content));
-        if got != Some(added.id) {
-            return Err(Error::bad_file(
-                path,
-                format!(
-                    "added_tokens_decoder says {} is id {}, but the tokenizer gives it \
-                     id {}; the tokenizer files do not belong together",
-                    quote(content),
-                    added.id,
-                    got.map_or("none".to_string(), |g| g.to_string())
-                ),
-            ));
+        for (a, before) in added.iter().zip(before) {
+            let content = &a.token.content;
+            let got = before.or_else(|| self.inner.token_to_id(content));
+            if got != Some(a.id) {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "added_tokens_decoder says {} is id {}, but the tokenizer gives it \
+                         id {}; the tokenizer files do not belong together",
+                        quote(content),
+                        a.id,
+                        got.map_or("none".to_string(), |g| g.to_string())
+                    ),
+                ));
+            }
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::config::Activation;
+use crate::config::{shown, Activation};
 use crate::tuners::ia3::config::modules;
 use crate::tuners::lora::TargetModules;
 
@@ -117,14 +117,14 @@ impl BottleneckConfig {
                 Some(v) => v
                     .as_u64()
                     .map(|n| Some(n as usize))
-                    .ok_or(format!("\"{key}\" must be a whole number, found {v}")),
+                    .ok_or_else(|| format!("\"{key}\" must be a whole number, found {}", shown(v))),
             }
         };
         let name = |key: &str| -> Result<Option<&str>, String> {
             match map.get(key) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) => Ok(Some(s)),
-                Some(v) => Err(format!("\"{key}\" must be a string, found {v}")),
+                Some(v) => Err(format!("\"{key}\" must be a string, found {}", shown(v))),
             }
         };
         Ok(BottleneckConfig {
