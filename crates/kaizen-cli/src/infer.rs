@@ -49,21 +49,8 @@ pub struct EvalArgs {
     /// End with one JSON line {"loss", "perplexity", "tokens"}.
     #[arg(long)]
     pub json: bool,
-    /// Store the base weights in bf16 (f32 or bf16; default f32): half the memory, bf16 matrix
-    /// products accumulating in f32.
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// Keep the frozen linear layers quantized in memory (QLoRA's base): q8_0, q4_0, q4_k,
-    /// q5_k, q6_k (llama.cpp's blocks), nf4 or nf4_dq (bitsandbytes NF4, nf4_dq with its
-    /// double-quantized scales). Products then compute in --dtype (default bf16 here). A GGUF
-    /// keeps its quantized tensors in their own types.
-    #[arg(long)]
-    pub quantize: Option<String>,
-    /// `int8`: forward products through a llama.cpp-type quantized base (--quantize q8_0,
-    /// q4_0, q4_k, ..., or a quantized GGUF) quantize the activations to 8 bits per block and
-    /// take integer dot products, as llama.cpp does; input gradients still use --dtype.
-    #[arg(long)]
-    pub compute: Option<String>,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
 }
 
 #[derive(Args)]
@@ -101,6 +88,23 @@ pub struct GenerateArgs {
     /// End with one JSON line {"ids": [...], "text": ...} instead of streaming.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
+}
+
+/// `--dtype`, `--quantize` and `--compute`, as eval, generate, inspect and serve take them.
+#[derive(Args)]
+pub struct PrecisionArgs {
     /// Store the base weights in bf16 (f32 or bf16; default f32): half the memory, bf16 matrix
     /// products accumulating in f32.
     #[arg(long)]
@@ -118,26 +122,14 @@ pub struct GenerateArgs {
     pub compute: Option<String>,
 }
 
-#[derive(Args)]
-pub struct InspectArgs {
-    #[command(flatten)]
-    pub model: ModelArg,
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// Load as train/eval/generate would with this --dtype, to report the resident bytes.
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// Keep the frozen linear layers quantized in memory (QLoRA's base): q8_0, q4_0, q4_k,
-    /// q5_k, q6_k (llama.cpp's blocks), nf4 or nf4_dq (bitsandbytes NF4, nf4_dq with its
-    /// double-quantized scales). Products then compute in --dtype (default bf16 here). A GGUF
-    /// keeps its quantized tensors in their own types.
-    #[arg(long)]
-    pub quantize: Option<String>,
-    /// `int8`: forward products through a llama.cpp-type quantized base (--quantize q8_0,
-    /// q4_0, q4_k, ..., or a quantized GGUF) quantize the activations to 8 bits per block and
-    /// take integer dot products, as llama.cpp does; input gradients still use --dtype.
-    #[arg(long)]
-    pub compute: Option<String>,
+impl PrecisionArgs {
+    pub fn parse(&self) -> Result<Precision> {
+        parse_precision(
+            self.dtype.as_deref(),
+            self.quantize.as_deref(),
+            self.compute.as_deref(),
+        )
+    }
 }
 
 /// `--dtype`: how the base weights are stored.
@@ -243,15 +235,7 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     let texts = kaizen_data::jsonl::read_texts(&a.data)?;
-    let (m, _) = load(
-        &a.model.model,
-        a.adapter.as_deref(),
-        parse_precision(
-            a.dtype.as_deref(),
-            a.quantize.as_deref(),
-            a.compute.as_deref(),
-        )?,
-    )?;
+    let (m, _) = load(&a.model.model, a.adapter.as_deref(), a.precision.parse()?)?;
     let ctx = m.model.config().max_position_embeddings;
     let max_len = a.max_len.unwrap_or(ctx);
     if max_len == 0 {
@@ -284,15 +268,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     if a.prompt.trim().is_empty() {
         bail!("--prompt is empty: give some text to continue");
     }
-    let (m, _) = load(
-        &a.model.model,
-        a.adapter.as_deref(),
-        parse_precision(
-            a.dtype.as_deref(),
-            a.quantize.as_deref(),
-            a.compute.as_deref(),
-        )?,
-    )?;
+    let (m, _) = load(&a.model.model, a.adapter.as_deref(), a.precision.parse()?)?;
     let ids = if a.chat {
         let msg = Message {
             role: "user".into(),
@@ -344,11 +320,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
 }
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
-    let p = parse_precision(
-        a.dtype.as_deref(),
-        a.quantize.as_deref(),
-        a.compute.as_deref(),
-    )?;
+    let p = a.precision.parse()?;
     let (mut m, adapter) = load(&a.model.model, a.adapter.as_deref(), p)?;
     let resident = resident(&mut m.model);
     let c = m.model.config();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use crate::infer::{load, parse_precision, ModelArg};
+use crate::infer::{load, ModelArg, PrecisionArgs};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -55,15 +55,8 @@ pub struct ServeArgs {
     /// Threads of the engine (default: the machine's).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Store the base weights in bf16 (f32 or bf16; default f32).
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// Keep the frozen linear layers quantized in memory (as `generate --quantize`).
-    #[arg(long)]
-    pub quantize: Option<String>,
-    /// `int8`: integer products through a quantized base (as `generate --compute`).
-    #[arg(long)]
-    pub compute: Option<String>,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -77,11 +70,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         }
         adapters.push((name.to_string(), PathBuf::from(dir)));
     }
-    let p = parse_precision(
-        a.dtype.as_deref(),
-        a.quantize.as_deref(),
-        a.compute.as_deref(),
-    )?;
+    let p = a.precision.parse()?;
     let (m, _) = load(&a.model.model, None, p)?;
     let name = a.served_model_name.clone().unwrap_or_else(|| {
         a.model
