@@ -124,6 +124,33 @@ fn nested_loops_stop_at_the_step_limit() {
     assert!(!err.contains('\n'), "one line: {err}");
 }
 
+/// Issue 14's residual: within the step and byte budgets, a template that searches a 30 MB string
+/// a million times would run for hours; the clock checked before each such instruction stops it
+/// at the time limit. A single instruction doing that work (`map` over a million references to
+/// the string) is reported at the time limit too, by the caller's bounded wait.
+#[test]
+fn long_reads_of_a_long_string_stop_at_the_time_limit() {
+    let want = format!("took over {} s", kaizen_data::chat::MAX_TIME.as_secs());
+    for template in [
+        untrusted("chat_template_long_reads.jinja"),
+        "{% set s = 'x' * 30000000 %}{{ ([s] * 1000000)|map('length')|list|length }}".into(),
+    ] {
+        let start = std::time::Instant::now();
+        let err = render_err(&template, &[]);
+        assert!(
+            err.starts_with("chat template: ") && err.contains(&want),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "one line: {err}");
+        // Not a timing target: the bound that a hang would break by hours.
+        assert!(
+            start.elapsed() < kaizen_data::chat::MAX_TIME * 3,
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}
+
 /// Issue 14: a string doubled 40 times took GBs; every way of building it (`~`, `+`, `*`, a
 /// plain variable, a macro's output) stops at the byte budget before the string exists.
 #[test]

@@ -1,8 +1,15 @@
 //! Rendering an untrusted chat template within limits: a template comes with a model (GGUF
 //! metadata, tokenizer_config.json) from anyone, so it must not run forever or fill memory.
 //!
-//! - Steps: minijinja's fuel, one unit per VM instruction ([`MAX_STEPS`]), ends loops such as
-//!   nested `range(100000)` (minijinja itself caps one `range` at 100,000 items).
+//! - Steps: minijinja's fuel, one unit per VM instruction ([`MAX_STEPS`], the limits' own checks
+//!   included), ends loops such as nested `range(100000)` (minijinja itself caps one `range` at
+//!   100,000 items).
+//! - Time: within the step and byte budgets a template may still read a long string many times
+//!   (`'y' in s` over 30 MB, a million times). Every instruction whose cost grows with its
+//!   operands (comparisons, `in`, items and slices, filters, tests, calls) is preceded by a check
+//!   of the clock, so a rendering stops at the first such instruction past [`MAX_TIME`]. One
+//!   instruction can still do much work (`map` over a million long strings); `chat::render`
+//!   therefore waits for the rendering thread no longer than [`MAX_TIME`] either.
 //! - Bytes: everything written out (captured `{% set %}` blocks and macro output included) and
 //!   every string built by `~`, `+` and `*` is charged to one budget of [`MAX_BYTES`] per
 //!   rendering, checked before the string is built, so doubling a string 40 times stops at the
@@ -20,6 +27,7 @@ use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use minijinja::machinery::{
     make_string_output, parse, CodeGenerator, Instruction, Instructions, Vm, WhitespaceConfig,
@@ -34,19 +42,42 @@ pub const MAX_STEPS: u64 = 10_000_000;
 pub const MAX_BYTES: usize = 64 << 20;
 /// Items a sequence built by `+` or `*` may hold.
 pub const MAX_ITEMS: usize = 1_000_000;
+/// Wall-clock time one rendering may take. A chat template takes well under a millisecond.
+pub const MAX_TIME: Duration = Duration::from_secs(10);
 
 const CONCAT: &str = "kaizen:concat";
 const ADD: &str = "kaizen:add";
 const MUL: &str = "kaizen:mul";
+const TICK: &str = "kaizen:tick";
 
-/// What one rendering has spent of [`MAX_BYTES`]; shared by the formatter and the operators.
-#[derive(Default)]
+/// What one rendering has spent of [`MAX_BYTES`] and of [`MAX_TIME`]; shared by the formatter,
+/// the operators and the clock checks.
 pub(super) struct Budget {
     spent: AtomicUsize,
     exceeded: AtomicBool,
+    deadline: Instant,
 }
 
 impl Budget {
+    pub(super) fn new() -> Self {
+        Budget {
+            spent: AtomicUsize::new(0),
+            exceeded: AtomicBool::new(false),
+            deadline: Instant::now() + MAX_TIME,
+        }
+    }
+
+    fn tick(&self) -> Result<Value, Error> {
+        if self.out_of_time() {
+            return Err(Error::new(ErrorKind::InvalidOperation, "out of time"));
+        }
+        Ok(Value::UNDEFINED)
+    }
+
+    pub(super) fn out_of_time(&self) -> bool {
+        Instant::now() > self.deadline
+    }
+
     pub(super) fn charge(&self, bytes: usize) -> Result<(), Error> {
         let bytes = bytes.min(MAX_BYTES + 1); // the sum must not wrap
         let before = self.spent.fetch_add(bytes, Ordering::Relaxed);
@@ -94,6 +125,8 @@ pub(super) fn install(env: &mut Environment<'_>, budget: &Arc<Budget>) {
     env.add_function(ADD, move |a: Value, c: Value| add(&b, a, c));
     let b = budget.clone();
     env.add_function(MUL, move |a: Value, c: Value| mul(&b, a, c));
+    let b = budget.clone();
+    env.add_function(TICK, move || b.tick());
 }
 
 /// Compiles `source` with HF's whitespace settings, routes its operators and literal text
@@ -127,19 +160,24 @@ pub(super) fn render<'e>(
 }
 
 /// The same program with `~`, `+`, `*` as calls of the limited functions (same stack effect:
-/// two values in, one out) and literal text as a constant emitted through the formatter (one
-/// instruction becomes two, so jump targets are renumbered).
+/// two values in, one out), literal text as a constant emitted through the formatter, and a
+/// check of the clock (a call whose result is dropped) before every instruction whose cost grows
+/// with its operands. One instruction may become several, so jump targets are renumbered; a jump
+/// lands on the clock check of its target.
 fn guarded<'s>(old: &Instructions<'s>) -> Instructions<'s> {
     let len = old.len() as u32;
     let mut at = Vec::with_capacity(old.len() + 1); // old index -> new index
     let mut next = 0u32;
     for i in 0..len {
         at.push(next);
-        next += if matches!(old.get(i), Some(Instruction::EmitRaw(_))) {
-            2
-        } else {
-            1
-        };
+        next += old.get(i).map_or(1, |instr| {
+            let own = if matches!(instr, Instruction::EmitRaw(_)) {
+                2
+            } else {
+                1
+            };
+            own + if costly(instr) { 2 } else { 0 }
+        });
     }
     at.push(next);
     let to = |t: &u32| at.get(*t as usize).copied().unwrap_or(next);
@@ -153,6 +191,10 @@ fn guarded<'s>(old: &Instructions<'s>) -> Instructions<'s> {
                 (None, None) => new.add(instr),
             };
         };
+        if costly(instr) {
+            push(Instruction::CallFunction(TICK, Some(0)));
+            push(Instruction::DiscardTop);
+        }
         match instr {
             Instruction::EmitRaw(s) => {
                 push(Instruction::LoadConst(Value::from(*s)));
@@ -173,6 +215,36 @@ fn guarded<'s>(old: &Instructions<'s>) -> Instructions<'s> {
         }
     }
     new
+}
+
+/// Whether an instruction's work grows with its operands (a long string compared, searched,
+/// sliced, filtered, or passed to a function), or it is one of the operators routed to the
+/// limited functions.
+fn costly(instr: &Instruction<'_>) -> bool {
+    use Instruction as I;
+    matches!(
+        instr,
+        I::Eq
+            | I::Ne
+            | I::Lt
+            | I::Lte
+            | I::Gt
+            | I::Gte
+            | I::In
+            | I::CompareAndPreserve(_)
+            | I::GetItem
+            | I::Slice
+            | I::ApplyFilter(..)
+            | I::PerformTest(..)
+            | I::CallFunction(..)
+            | I::CallMethod(..)
+            | I::CallObject(..)
+            | I::CallBlock(_)
+            | I::FastRecurse
+            | I::StringConcat
+            | I::Add
+            | I::Mul
+    )
 }
 
 /// A string built within the budget: `write` formats into it, and stops (an error) as soon as

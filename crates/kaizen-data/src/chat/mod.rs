@@ -10,8 +10,9 @@
 //! Deviation: `strftime_now` formats the current time in UTC, not local time.
 //!
 //! Templates come with models from anyone, so rendering runs within limits (`chat/limits.rs`):
-//! [`MAX_STEPS`] instructions and [`MAX_BYTES`] of output and built strings; past them it is
-//! a one-line error, never a hang or a process that fills memory.
+//! [`MAX_STEPS`] instructions, [`MAX_BYTES`] of output and built strings and [`MAX_TIME`] of
+//! wall-clock time; past them it is a one-line error, never a hang or a process that fills
+//! memory.
 
 mod filters;
 mod limits;
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use minijinja::value::Value;
 use minijinja::{Environment, ErrorKind};
 
-pub use limits::{MAX_BYTES, MAX_ITEMS, MAX_STEPS};
+pub use limits::{MAX_BYTES, MAX_ITEMS, MAX_STEPS, MAX_TIME};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -43,7 +44,12 @@ impl Message {
     }
 }
 
-/// Renders an HF chat template, within [`MAX_STEPS`] and [`MAX_BYTES`].
+/// Renders an HF chat template, within [`MAX_STEPS`], [`MAX_BYTES`] and [`MAX_TIME`].
+///
+/// The rendering runs on a thread of its own, which this call waits for no longer than
+/// [`MAX_TIME`]: a template that makes one instruction do hours of work (`map` over a million
+/// long strings) is reported then, and its thread ends when that instruction does (the clock is
+/// checked before the next one).
 pub fn render_chat_template(
     template: &str,
     messages: &[Message],
@@ -51,8 +57,6 @@ pub fn render_chat_template(
     bos_token: Option<&str>,
     eos_token: Option<&str>,
 ) -> Result<String> {
-    let budget = Arc::new(limits::Budget::default());
-    let env = environment(&budget);
     let source = without_generation_tags(template);
     let ctx = minijinja::context! {
         messages => Value::from_serialize(messages),
@@ -60,11 +64,39 @@ pub fn render_chat_template(
         bos_token => bos_token,
         eos_token => eos_token,
     };
-    limits::render(&env, "chat_template", &source, ctx).map_err(|e| {
+    let (done, result) = std::sync::mpsc::sync_channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("chat-template".into())
+        .stack_size(8 << 20) // a main thread's: minijinja recurses on nested templates
+        .spawn(move || {
+            let _ = done.send(render_limited(&source, ctx));
+        });
+    if let Err(e) = spawned {
+        return Err(Error::template(format!("could not start rendering: {e}")));
+    }
+    match result.recv_timeout(MAX_TIME + std::time::Duration::from_secs(1)) {
+        Ok(rendered) => rendered,
+        Err(_) => Err(out_of_time()),
+    }
+}
+
+fn out_of_time() -> Error {
+    Error::template(format!(
+        "rendering took over {} s; the template reads long strings too many times",
+        MAX_TIME.as_secs()
+    ))
+}
+
+fn render_limited(source: &str, ctx: Value) -> Result<String> {
+    let budget = Arc::new(limits::Budget::new());
+    let env = environment(&budget);
+    limits::render(&env, "chat_template", source, ctx).map_err(|e| {
         if e.kind() == ErrorKind::OutOfFuel {
             Error::template(format!(
                 "rendering exceeded {MAX_STEPS} steps; the template loops too long (nested loops?)"
             ))
+        } else if budget.out_of_time() {
+            out_of_time()
         } else if budget.exceeded() {
             Error::template(format!(
                 "rendering exceeded {MAX_BYTES} bytes of output and built strings; the template \
