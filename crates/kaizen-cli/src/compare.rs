@@ -39,7 +39,7 @@ pub struct CompareArgs {
     /// Comma-separated methods, run in this order.
     #[arg(
         long,
-        default_value = "full,lora,dora,ia3,adapter,prefix,p-tuning,prompt"
+        default_value = "full,freeze,lora,dora,ia3,adapter,prefix,p-tuning,prompt"
     )]
     pub methods: String,
     /// Optimizer steps of every method.
@@ -83,8 +83,14 @@ pub struct Spec {
     pub attention_targets: bool,
 }
 
-pub const SPECS: [Spec; 8] = [
+pub const SPECS: [Spec; 9] = [
     spec("full", 5e-5, "--method full", false),
+    spec(
+        "freeze",
+        5e-5,
+        "--method freeze --freeze-trainable-layers 2",
+        false,
+    ),
     spec("lora", 2e-3, "--method lora --r 16 --lora-alpha 32", true),
     spec(
         "dora",

@@ -14,12 +14,12 @@ use kaizen::train::out_dir::{self, OutDirLock};
 use kaizen::train::schedule::Schedule;
 use kaizen::train::trainer::{self, Event, TrainConfig, TrainData};
 use kaizen::tuners::bottleneck::{self, config::parse_non_linearity, BottleneckConfig};
-use kaizen::tuners::full;
 use kaizen::tuners::ia3::{self, Ia3Config};
 use kaizen::tuners::lora::{self, LoraConfig};
 use kaizen::tuners::prefix::{self, PrefixTuningConfig};
 use kaizen::tuners::prompt::{self, p_tuning, PromptInit, PromptTuningConfig};
 use kaizen::tuners::Method;
+use kaizen::tuners::{freeze, full};
 use kaizen_data::{load_dataset, pack, split_validation, DataOptions, Template};
 use serde::{Deserialize, Serialize};
 
@@ -40,9 +40,21 @@ pub struct TrainArgs {
     /// Output directory: adapter, metrics.jsonl, loss.png, run.json, checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PEFT method: lora, ia3, prompt, p-tuning, prefix or adapter (bottleneck adapters).
+    /// PEFT method: lora, ia3, prompt, p-tuning, prefix, adapter (bottleneck adapters), full
+    /// (every weight) or freeze (LLaMA-Factory's freeze tuning: chosen layers fully).
     #[arg(long)]
     pub method: Option<String>,
+    /// Freeze tuning: train the last N layers (N > 0) or the first -N (N < 0); default 2.
+    #[arg(long, allow_hyphen_values = true)]
+    pub freeze_trainable_layers: Option<i64>,
+    /// Freeze tuning: the modules of those layers that train, comma-separated (`self_attn`,
+    /// `mlp`, ...; default all).
+    #[arg(long)]
+    pub freeze_trainable_modules: Option<String>,
+    /// Freeze tuning: modules outside the layers that train too, comma-separated
+    /// (`embed_tokens`, `norm`, `lm_head`; names match as substrings, as in LLaMA-Factory).
+    #[arg(long)]
+    pub freeze_extra_modules: Option<String>,
     /// LoRA rank (default 8).
     #[arg(long)]
     pub r: Option<usize>,
@@ -237,7 +249,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
+        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
             adapter_type, reduction_factor, bottleneck_size, non_linearity,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
@@ -250,7 +262,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         bail!("--method dora: DoRA is a LoRA option; use --method lora --use-dora");
     }
     let methods = [
-        "lora", "ia3", "prompt", "p-tuning", "prefix", "adapter", "full",
+        "lora", "ia3", "prompt", "p-tuning", "prefix", "adapter", "full", "freeze",
     ];
     if !methods.contains(&method_name.as_str()) {
         bail!(
@@ -258,8 +270,9 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             methods.join(", ")
         );
     }
-    if method_name == "full" && a.init_adapter.is_some() {
-        bail!("--method full trains the model itself: give the model to continue from as --model, not --init-adapter");
+    let trains_weights = matches!(method_name.as_str(), "full" | "freeze");
+    if trains_weights && a.init_adapter.is_some() {
+        bail!("--method {method_name} trains the model itself: give the model to continue from as --model, not --init-adapter");
     }
     let flags_of = [
         ("--r", a.r.is_some(), "lora"),
@@ -311,6 +324,21 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         ),
         ("--bottleneck-size", a.bottleneck_size.is_some(), "adapter"),
         ("--non-linearity", a.non_linearity.is_some(), "adapter"),
+        (
+            "--freeze-trainable-layers",
+            a.freeze_trainable_layers.is_some(),
+            "freeze",
+        ),
+        (
+            "--freeze-trainable-modules",
+            a.freeze_trainable_modules.is_some(),
+            "freeze",
+        ),
+        (
+            "--freeze-extra-modules",
+            a.freeze_extra_modules.is_some(),
+            "freeze",
+        ),
     ];
     for (flag, given, methods) in flags_of {
         if given && !methods.split(", ").any(|m| m == method_name) {
@@ -323,8 +351,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         a.compute.as_deref(),
     )?;
     let dtype = precision.dtype;
-    if method_name == "full" && (dtype != kaizen::DType::F32 || precision.quantize.is_some()) {
-        bail!("--method full trains every weight in f32; drop --dtype and --quantize (they store a frozen base)");
+    if trains_weights && (dtype != kaizen::DType::F32 || precision.quantize.is_some()) {
+        bail!("--method {method_name} trains weights of the model in f32; drop --dtype and --quantize (they store a frozen base)");
     }
     // The memory guard: --max-memory, else what the machine has free now.
     let budget = match a.max_memory {
@@ -440,11 +468,30 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
                 json: cfg.to_json(&loaded.model),
             }
         }
-        None if method_name == "full" => {
-            full::attach(&mut loaded.model)?;
+        None if trains_weights => {
+            let freeze = (method_name == "freeze").then(|| {
+                let d = freeze::FreezeConfig::default();
+                let list = |s: &str| s.split(',').map(|m| m.trim().to_string()).collect();
+                freeze::FreezeConfig {
+                    trainable_layers: a.freeze_trainable_layers.unwrap_or(d.trainable_layers),
+                    trainable_modules: a
+                        .freeze_trainable_modules
+                        .as_deref()
+                        .map_or(d.trainable_modules, list),
+                    extra_modules: a
+                        .freeze_extra_modules
+                        .as_deref()
+                        .map_or(d.extra_modules, list),
+                }
+            });
+            match &freeze {
+                Some(cfg) => freeze::attach(&mut loaded.model, cfg)?,
+                None => full::attach(&mut loaded.model)?,
+            };
             Method::Full(Box::new(full::FullFineTuning {
                 source: model_path.clone(),
                 tokenizer: loaded.tokenizer.clone(),
+                freeze,
             }))
         }
         None if method_name == "prefix" => {

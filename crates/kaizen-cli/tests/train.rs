@@ -204,6 +204,12 @@ fn read_safetensors(path: &Path) -> BTreeMap<String, TensorInfo> {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
                 .collect()
+        } else if dtype == "BF16" {
+            // bf16 is an f32's upper half: its values compare exactly with f32 ones.
+            data[a..b]
+                .chunks_exact(2)
+                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                .collect()
         } else {
             Vec::new()
         };
@@ -1763,7 +1769,7 @@ fn ia3_and_prompt_methods_train_evaluate_generate() {
 fn every_method_trains_on_every_architecture() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
-    let methods: [(&str, &[&str]); 8] = [
+    let methods: [(&str, &[&str]); 9] = [
         ("lora", &["--target-modules", "all-linear", "--lr", "3e-2"]),
         ("dora", &["--use-dora", "--lr", "3e-2"]),
         ("ia3", &["--method", "ia3", "--lr", "3e-2"]),
@@ -1802,6 +1808,17 @@ fn every_method_trains_on_every_architecture() {
         ),
         ("adapter", &["--method", "adapter", "--lr", "3e-2"]),
         ("full", &["--method", "full", "--lr", "3e-3"]),
+        (
+            "freeze",
+            &[
+                "--method",
+                "freeze",
+                "--freeze-trainable-layers",
+                "1",
+                "--lr",
+                "3e-3",
+            ],
+        ),
     ];
     for arch in ["gemma3", "gemma2", "qwen2", "qwen3", "mistral", "phi3"] {
         for (method, flags) in methods {
@@ -1823,7 +1840,7 @@ fn every_method_trains_on_every_architecture() {
                 "{name}: held-out loss did not drop: {evals:?}"
             );
             let (model, adapter) = match method {
-                "full" => (out.clone(), None),
+                "full" | "freeze" => (out.clone(), None),
                 _ => (model_path(arch), Some(out.as_path())),
             };
             assert_eq!(greedy_ids(&model, adapter).len(), 8, "{name}");
@@ -2206,14 +2223,83 @@ fn full_fine_tuning_writes_a_model_directory_and_resumes() {
         ])
         .ok();
         // Resume from checkpoint-2 gives the same weights as the uninterrupted run.
-        let cut = tmp.path().join(format!("cut-{model}"));
-        train_ok(model, &data, &cut, &opts);
-        std::fs::remove_file(cut.join("model.safetensors")).unwrap();
-        train_ok(model, &data, &cut, &[&opts[..], &["--resume"]].concat());
-        let a = std::fs::read(out.join("model.safetensors")).unwrap();
-        let b = std::fs::read(cut.join("model.safetensors")).unwrap();
-        assert!(a == b, "{model}: resumed full fine-tuning differs");
+        assert_resumes_to(model, &data, &opts, &out);
     }
+}
+
+/// A run of `opts` whose final model file is removed, then resumed from its last checkpoint,
+/// writes the same model.safetensors, byte for byte, as the uninterrupted run in `out`.
+fn assert_resumes_to(model: &str, data: &Path, opts: &[&str], out: &Path) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cut = tmp.path().join("cut");
+    train_ok(model, data, &cut, opts);
+    std::fs::remove_file(cut.join("model.safetensors")).unwrap();
+    train_ok(model, data, &cut, &[opts, &["--resume"]].concat());
+    let a = std::fs::read(out.join("model.safetensors")).unwrap();
+    let b = std::fs::read(cut.join("model.safetensors")).unwrap();
+    assert!(a == b, "{model}: the resumed run differs");
+}
+
+/// `--method freeze` (LLaMA-Factory's freeze tuning) trains exactly the weights its options
+/// choose and leaves an HF model directory; `--resume` reproduces the uninterrupted run; options
+/// outside the model are one error naming the flag.
+#[test]
+fn freeze_tuning_trains_the_chosen_weights_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
+    let opts = [
+        "--method",
+        "freeze",
+        "--freeze-trainable-layers",
+        "-1",
+        "--freeze-trainable-modules",
+        "mlp",
+        "--freeze-extra-modules",
+        "norm",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "2",
+    ];
+    let out = tmp.path().join("freeze");
+    train_ok(LLAMA, &data, &out, &opts);
+    let before = read_safetensors(&model_path(LLAMA).join("model.safetensors"));
+    let after = read_safetensors(&out.join("model.safetensors"));
+    assert_eq!(before.len(), after.len());
+    for (name, t) in &after {
+        // Layer 0's MLP, and (names match as substrings) every norm.
+        let chosen = name.contains(".0.mlp") || name.contains("norm");
+        let moved = f32_bits(&before[name]) != f32_bits(t);
+        assert_eq!(moved, chosen, "{name}: moved {moved}, chosen {chosen}");
+    }
+    assert_resumes_to(LLAMA, &data, &opts, &out);
+    for (flags, want) in [
+        (
+            &["--freeze-trainable-layers", "5"][..],
+            &["--freeze-trainable-layers 5", "the model has 2 layers"][..],
+        ),
+        (
+            &["--freeze-trainable-modules", "ffn"][..],
+            &["--freeze-trainable-modules", "\"ffn\"", "mlp"][..],
+        ),
+    ] {
+        assert_train_fails(
+            LLAMA,
+            None,
+            &[&["--method", "freeze"][..], flags].concat(),
+            want,
+        );
+    }
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--freeze-trainable-layers", "1"],
+        &["--freeze-trainable-layers applies to --method freeze"],
+    );
 }
 
 /// The estimate a run prints ("memory: about X MiB (...)"), in MiB.
@@ -2280,7 +2366,7 @@ fn runs_that_would_not_fit_are_refused_with_the_estimate_and_a_way_out() {
     );
 
     for method in [
-        "lora", "ia3", "prompt", "p-tuning", "prefix", "adapter", "full",
+        "lora", "ia3", "prompt", "p-tuning", "prefix", "adapter", "full", "freeze",
     ] {
         assert_train_fails(
             LLAMA,

@@ -6,14 +6,12 @@
 //! whose true gradient is exactly zero are left out of the after-step check: see gen_full.py).
 
 mod common;
-use common::{batches, rel_err};
+use common::{batches, rel_err, train_checked};
 
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use kaizen::nn::Grads;
-use kaizen::train::optim::{clip_grad_norm, Optimizer, OptimizerKind};
-use kaizen::train::{label_count, micro_batch_backward, set_params, trainable_params, Batch};
+use kaizen::train::Batch;
 use serde_json::Value;
 
 const TOL: f64 = 1e-4;
@@ -39,18 +37,6 @@ fn load(name: &str) -> (kaizen::Model, Value, Vec<Batch>) {
     );
     let b = batches(&reference);
     (model, reference, b)
-}
-
-/// Loss and gradients of one optimizer step over all micro-batches (token-weighted mean).
-fn step(model: &kaizen::Model, batches: &[Batch], grads: &mut Grads) -> f64 {
-    let total: usize = batches.iter().map(|b| label_count(b, 0)).sum();
-    let mut sum = 0.0;
-    for b in batches {
-        sum += micro_batch_backward(model, b, 1.0 / total as f64, None, grads)
-            .unwrap()
-            .loss_sum;
-    }
-    sum / total as f64
 }
 
 /// (L2 norm, sum_i x[i] sin(0.1 i + 1)) in f64, as gen_full.py records them.
@@ -111,36 +97,15 @@ fn check_all(name: &str, kind: &str, ours: &[(String, Tensor)], reference: &Valu
 
 fn check(name: &str) {
     let (mut model, reference, batches) = load(name);
-    let mut opt = Optimizer::new(OptimizerKind::adamw());
-    for (i, want) in reference["step_losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-    {
-        let want = want.as_f64().unwrap();
-        let mut grads = Grads::new();
-        let loss = step(&model, &batches, &mut grads);
-        assert!(
-            (loss - want).abs() <= TOL * want,
-            "{name}: step {i} loss {loss} vs {want}"
-        );
-        if i == 0 {
-            let g: Vec<(String, Tensor)> =
-                grads.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
-            check_all(name, "grad", &g, &reference);
-        }
-        let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
-        let want_norm = reference["grad_norms"][i].as_f64().unwrap();
-        assert!(
-            (norm - want_norm).abs() <= TOL * want_norm,
-            "{name}: step {i} gradient norm {norm} vs {want_norm}"
-        );
-        let params = trainable_params(&mut model);
-        let updated = opt.update(&params, &grads, 1e-3).unwrap();
-        set_params(&mut model, updated).unwrap();
-    }
-    check_all(name, "after", &trainable_params(&mut model), &reference);
+    train_checked(
+        name,
+        &mut model,
+        &reference,
+        &batches,
+        1e-3,
+        TOL,
+        |kind, ours| check_all(name, kind, ours, &reference),
+    );
 }
 
 #[test]

@@ -17,11 +17,11 @@ use kaizen::memory::{self, RunShape};
 use kaizen::nn::Grads;
 use kaizen::train::{micro_batch_backward, Batch};
 use kaizen::tuners::bottleneck::{self, BottleneckConfig};
-use kaizen::tuners::full;
 use kaizen::tuners::ia3::{self, Ia3Config};
 use kaizen::tuners::lora::{self, LoraConfig, TargetModules};
 use kaizen::tuners::prefix::{self, PrefixTuningConfig};
 use kaizen::tuners::prompt::{self, PromptInit, PromptTuningConfig};
+use kaizen::tuners::{freeze, full};
 use kaizen::{DType, Model, Precision, QFormat};
 
 struct Counting;
@@ -129,6 +129,7 @@ fn attach(model: &mut Model, method: &str) {
             prefix::attach(model, &cfg, None, 3).unwrap()
         }
         "full" => drop(full::attach(model).unwrap()),
+        "freeze" => drop(freeze::attach(model, &freeze::FreezeConfig::default()).unwrap()),
         other => panic!("unknown method {other}"),
     }
 }
@@ -145,6 +146,7 @@ fn the_estimate_bounds_what_a_step_allocates_for_every_method() {
         "prompt",
         "prefix",
         "full",
+        "freeze",
     ];
     let (b, t) = (4, 128);
     let mut bad = Vec::new();

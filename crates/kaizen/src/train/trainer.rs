@@ -380,8 +380,13 @@ fn load_checkpoint(model: &mut Model, opt: &mut Optimizer, dir: &Path) -> Result
         weights = adapter::load_tensors(&encoder_file)?;
         file = encoder_file;
     }
+    let trainable = trainable_params(model);
+    if full {
+        // Freeze tuning trains some of the weights the checkpoint holds; the rest stay as loaded.
+        weights.retain(|k, _| trainable.iter().any(|(key, _)| key == k));
+    }
     // Every trainable tensor must come back: one left at its fresh init would train on silently.
-    for (key, t) in trainable_params(model) {
+    for (key, t) in trainable {
         let msg = match weights.get(&key) {
             None => format!("no tensor \"{key}\", which the run trains; the checkpoint is incomplete or from another run"),
             Some(w) if w.dims() != t.dims() => {

@@ -2,6 +2,7 @@
 //! cache or the input embeddings; none names an architecture.
 
 pub mod bottleneck;
+pub mod freeze;
 pub mod full;
 pub mod ia3;
 pub mod init;
@@ -74,6 +75,7 @@ impl Method {
     pub fn label(&self) -> String {
         match self {
             Method::Lora { cfg, .. } if cfg.use_dora => "LORA (DoRA)".into(),
+            Method::Full(f) if f.freeze.is_some() => "FULL (freeze)".into(),
             Method::Bottleneck { cfg, .. } => {
                 format!("BOTTLENECK ({})", cfg.adapter_type.name())
             }

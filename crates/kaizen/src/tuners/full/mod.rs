@@ -14,11 +14,13 @@ use crate::nn::Matrix;
 use crate::{DType, Error, Model, Result, Tokenizer};
 
 /// What a full fine-tuning run saves with: the tokenizer and the model's source (tokenizer files
-/// are copied from an HF directory, written from the tokenizer for a GGUF).
+/// are copied from an HF directory, written from the tokenizer for a GGUF); with `freeze`, only
+/// the modules it selects train (freeze tuning), and the whole model is saved all the same.
 #[derive(Clone)]
 pub struct FullFineTuning {
     pub source: PathBuf,
     pub tokenizer: Tokenizer,
+    pub freeze: Option<crate::tuners::freeze::FreezeConfig>,
 }
 
 impl std::fmt::Debug for FullFineTuning {
@@ -30,7 +32,12 @@ impl std::fmt::Debug for FullFineTuning {
 impl FullFineTuning {
     /// What run.json records as the "adapter".
     pub fn config_json(&self) -> Value {
-        json!({"method": "full", "trains": "every weight", "saved_as": "HF model directory"})
+        match &self.freeze {
+            None => {
+                json!({"method": "full", "trains": "every weight", "saved_as": "HF model directory"})
+            }
+            Some(f) => f.to_json(),
+        }
     }
 
     /// Writes the model as an HF directory into `dir` (config.json, model.safetensors, tokenizer).
@@ -44,6 +51,13 @@ impl FullFineTuning {
 /// Marks every weight of `model` trainable under its HF name; returns the number of trainable
 /// values (a tied head counted once).
 pub fn attach(model: &mut Model) -> Result<usize> {
+    attach_where(model, |_| true)
+}
+
+/// Marks the weights of the modules whose HF path `select` accepts trainable (freeze tuning
+/// chooses some); a tied head trains with the embeddings, as the one tensor it is. Returns the
+/// number of trainable values (a tied head counted once).
+pub fn attach_where(model: &mut Model, select: impl Fn(&str) -> bool) -> Result<usize> {
     if model.learned_tokens().next().is_some()
         || model.linears_mut().iter().any(|(_, l)| l.adapter.is_some())
     {
@@ -54,12 +68,12 @@ pub fn attach(model: &mut Model) -> Result<usize> {
     if let Some((path, _)) = model
         .linears_mut()
         .into_iter()
-        .find(|(_, l)| matches!(l.weight, Matrix::Quant(_)))
+        .find(|(path, l)| select(path) && matches!(l.weight, Matrix::Quant(_)))
     {
         return Err(Error::Input(format!(
-            "full fine-tuning trains every weight, but {path} is quantized (--quantize, or a \
-             quantized GGUF); train an adapter on a quantized base (e.g. --method lora), or load \
-             the model without --quantize"
+            "{path} would train but is quantized (--quantize, or a quantized GGUF); train an \
+             adapter on a quantized base (e.g. --method lora), or load the model without \
+             --quantize"
         )));
     }
     let (head, tied) = (model.lm_head_name(), model.tied_head());
@@ -72,14 +86,19 @@ pub fn attach(model: &mut Model) -> Result<usize> {
     let mut count = 0;
     for (path, part) in parts.iter_mut() {
         let key = if tied && path == head {
+            if !select(&embeddings) {
+                continue;
+            }
             embeddings.clone() // the same tensor: its gradients add up under one name
-        } else {
+        } else if select(path) {
             count += part
                 .tensors_mut()
                 .iter()
                 .map(|(_, t)| t.elem_count())
                 .sum::<usize>();
             path.clone()
+        } else {
+            continue;
         };
         *part.trainable_mut() = Some(key);
     }
