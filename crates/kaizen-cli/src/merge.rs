@@ -88,11 +88,12 @@ pub fn merge(a: MergeArgs) -> Result<()> {
                 src.display()
             )
         })?;
-        merged = format!(
-            " with {} merged into {} layers",
-            info.method.label(),
-            n.len()
-        );
+        // LN tuning's norms took their trained values when loaded: they are its merged layers.
+        let layers = match info.method {
+            kaizen::tuners::Method::LnTuning { .. } => info.targets.len(),
+            _ => n.len(),
+        };
+        merged = format!(" with {} merged into {layers} layers", info.method.label());
     }
     let out = export::write_hf_dir_as(&mut m.model, &m.tokenizer, src, &a.out, a.overwrite, dtype)
         .with_context(|| format!("cannot write {}", a.out.display()))?;

@@ -15,6 +15,7 @@ use kaizen::train::schedule::Schedule;
 use kaizen::train::trainer::{self, Event, TrainConfig, TrainData};
 use kaizen::tuners::bottleneck::{self, config::parse_non_linearity, BottleneckConfig};
 use kaizen::tuners::ia3::{self, Ia3Config};
+use kaizen::tuners::ln_tuning::{self, LnTuningConfig};
 use kaizen::tuners::lora::{self, LoraConfig};
 use kaizen::tuners::prefix::{self, PrefixTuningConfig};
 use kaizen::tuners::prompt::{self, p_tuning, PromptInit, PromptTuningConfig};
@@ -40,8 +41,9 @@ pub struct TrainArgs {
     /// Output directory: adapter, metrics.jsonl, loss.png, run.json, checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PEFT method: lora, ia3, prompt, p-tuning, prefix, adapter (bottleneck adapters), full
-    /// (every weight) or freeze (LLaMA-Factory's freeze tuning: chosen layers fully).
+    /// PEFT method: lora, ia3, ln-tuning (the norms), prompt, p-tuning, prefix, adapter
+    /// (bottleneck adapters), full (every weight) or freeze (LLaMA-Factory's freeze tuning:
+    /// chosen layers fully).
     #[arg(long)]
     pub method: Option<String>,
     /// Freeze tuning: train the last N layers (N > 0) or the first -N (N < 0); default 2.
@@ -262,7 +264,15 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         bail!("--method dora: DoRA is a LoRA option; use --method lora --use-dora");
     }
     let methods = [
-        "lora", "ia3", "prompt", "p-tuning", "prefix", "adapter", "full", "freeze",
+        "lora",
+        "ia3",
+        "ln-tuning",
+        "prompt",
+        "p-tuning",
+        "prefix",
+        "adapter",
+        "full",
+        "freeze",
     ];
     if !methods.contains(&method_name.as_str()) {
         bail!(
@@ -280,7 +290,11 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         ("--lora-dropout", a.lora_dropout.is_some(), "lora"),
         ("--use-rslora", a.use_rslora.is_some(), "lora"),
         ("--use-dora", a.use_dora.is_some(), "lora"),
-        ("--target-modules", a.target_modules.is_some(), "lora, ia3"),
+        (
+            "--target-modules",
+            a.target_modules.is_some(),
+            "lora, ia3, ln-tuning",
+        ),
         (
             "--feedforward-modules",
             a.feedforward_modules.is_some(),
@@ -533,6 +547,15 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             };
             let targets = bottleneck::attach(&mut loaded.model, &cfg, None, seed)?;
             Method::Bottleneck { cfg, targets }
+        }
+        None if method_name == "ln-tuning" => {
+            let cfg = LnTuningConfig {
+                target_modules: a.target_modules.as_deref().map(LoraConfig::parse_targets),
+                base_model_name_or_path: Some(model_path.display().to_string()),
+                ..LnTuningConfig::default()
+            };
+            let targets = ln_tuning::attach(&mut loaded.model, &cfg, None)?;
+            Method::LnTuning { cfg, targets }
         }
         None if method_name == "ia3" => {
             if a.r.is_some()

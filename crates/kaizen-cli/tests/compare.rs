@@ -181,7 +181,16 @@ fn compare_writes_report_json_charts_and_a_run_per_method() {
 #[test]
 fn compare_runs_every_method_on_gemma3_and_phi3() {
     let all = [
-        "full", "freeze", "lora", "dora", "ia3", "adapter", "prefix", "p-tuning", "prompt",
+        "full",
+        "freeze",
+        "lora",
+        "dora",
+        "ia3",
+        "ln-tuning",
+        "adapter",
+        "prefix",
+        "p-tuning",
+        "prompt",
     ];
     for model in ["gemma3", "phi3"] {
         let dir = tempfile::tempdir().unwrap();
@@ -208,7 +217,16 @@ fn compare_unknown_method_names_the_valid_ones_and_creates_nothing() {
     assert_mentions(
         &err,
         &[
-            "qlora", "full", "freeze", "lora", "dora", "ia3", "adapter", "prefix", "p-tuning",
+            "qlora",
+            "full",
+            "freeze",
+            "lora",
+            "dora",
+            "ia3",
+            "ln-tuning",
+            "adapter",
+            "prefix",
+            "p-tuning",
             "prompt",
         ],
     );

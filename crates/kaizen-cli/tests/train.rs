@@ -1769,8 +1769,19 @@ fn ia3_and_prompt_methods_train_evaluate_generate() {
 fn every_method_trains_on_every_architecture() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
-    let methods: [(&str, &[&str]); 9] = [
+    let methods: [(&str, &[&str]); 10] = [
         ("lora", &["--target-modules", "all-linear", "--lr", "3e-2"]),
+        (
+            "ln-tuning",
+            &[
+                "--method",
+                "ln-tuning",
+                "--target-modules",
+                "input_layernorm,post_attention_layernorm",
+                "--lr",
+                "3e-2",
+            ],
+        ),
         ("dora", &["--use-dora", "--lr", "3e-2"]),
         ("ia3", &["--method", "ia3", "--lr", "3e-2"]),
         (
@@ -2302,6 +2313,70 @@ fn freeze_tuning_trains_the_chosen_weights_and_resumes() {
     );
 }
 
+/// `--method ln-tuning` (PEFT's LN_TUNING) trains only the targeted norms (PEFT's defaults for
+/// llama) and saves them under PEFT's keys; `merge` writes a model that scores as base + adapter;
+/// GPT-NeoX, for which PEFT has no default, is asked to name its norms.
+#[test]
+fn ln_tuning_trains_the_norms_saves_peft_keys_and_merges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
+    let out = tmp.path().join("ln");
+    let flags = [
+        "--method",
+        "ln-tuning",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+    ];
+    train_ok(LLAMA, &data, &out, &flags);
+    let config = read_json(&out.join("adapter_config.json"));
+    assert_eq!(config["peft_type"], "LN_TUNING");
+    let saved = read_safetensors(&out.join("adapter_model.safetensors"));
+    let mut want: Vec<String> = ["0", "1"]
+        .iter()
+        .flat_map(|i| {
+            ["input_layernorm", "post_attention_layernorm"]
+                .map(|n| format!("base_model.model.model.layers.{i}.{n}.ln_tuning_layers.weight"))
+        })
+        .chain(["base_model.model.model.norm.ln_tuning_layers.weight".to_string()])
+        .collect();
+    want.sort();
+    assert_eq!(saved.keys().cloned().collect::<Vec<_>>(), want);
+    let merged = tmp.path().join("merged");
+    let (m, a) = (s(&model_path(LLAMA)), s(&out));
+    kaizen([
+        "merge",
+        "--model",
+        &m,
+        "--adapter",
+        &a,
+        "--out",
+        &s(&merged),
+    ])
+    .ok();
+    let with_adapter = eval_loss(&model_path(LLAMA), Some(&out), &data);
+    assert_close(
+        "merged",
+        eval_loss(&merged, None, &data),
+        with_adapter,
+        1e-5,
+    );
+    assert!(with_adapter < eval_loss(&model_path(LLAMA), None, &data));
+    assert_train_fails(
+        NEOX,
+        None,
+        &["--method", "ln-tuning"],
+        &[
+            "no default target_modules",
+            "--target-modules",
+            "input_layernorm",
+        ],
+    );
+}
+
 /// The estimate a run prints ("memory: about X MiB (...)"), in MiB.
 fn estimate_mib(stderr: &str) -> f64 {
     let line = stderr
@@ -2366,7 +2441,15 @@ fn runs_that_would_not_fit_are_refused_with_the_estimate_and_a_way_out() {
     );
 
     for method in [
-        "lora", "ia3", "prompt", "p-tuning", "prefix", "adapter", "full", "freeze",
+        "lora",
+        "ia3",
+        "ln-tuning",
+        "prompt",
+        "p-tuning",
+        "prefix",
+        "adapter",
+        "full",
+        "freeze",
     ] {
         assert_train_fails(
             LLAMA,

@@ -556,6 +556,11 @@ impl ModelConfig {
         self.architecture.spec().ia3_targets
     }
 
+    /// PEFT's default LN-tuning targets for this architecture (empty: none).
+    pub fn default_ln_tuning_modules(&self) -> &'static [&'static str] {
+        self.architecture.spec().ln_tuning_targets
+    }
+
     /// Where bottleneck adapters sit for this architecture: (the attention output projection,
     /// the MLP output projection). Houlsby adapts both outputs, Pfeiffer the MLP's only.
     pub fn default_bottleneck_modules(&self) -> (String, String) {

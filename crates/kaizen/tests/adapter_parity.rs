@@ -365,6 +365,45 @@ ia3_suite! {
     ia3_phi3 => ("peft/ia3/phi3", "phi3"),
 }
 
+/// LN tuning: a loaded adapter is its merged model (the targeted norms hold the trained values,
+/// as PEFT's `merge` swaps them in), so the logits are PEFT's unmerged ones (which its merged
+/// model reproduces, `merged_max_abs_diff`), and merging folds no linear layer.
+fn check_ln_logits(fixture: &str, model: &str) {
+    let mut f = load(fixture, model);
+    let b = &f.batches[0];
+    let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &Device::Cpu).unwrap();
+    let logits = f.model.forward(&ids, None).unwrap();
+    let err = rel_err(&logits, &f.tensors["logits.0"]);
+    assert!(
+        err <= TOL,
+        "{fixture}: adapter logits: relative error {err:e}"
+    );
+    assert!(kaizen::tuners::merge(&mut f.model).unwrap().is_empty());
+    let after = f.model.forward(&ids, None).unwrap();
+    assert_eq!(
+        rel_err(&after, &logits),
+        0.0,
+        "{fixture}: merge changed nothing"
+    );
+}
+
+macro_rules! ln_tuning_suite {
+    ($($test:ident => ($fixture:literal, $model:literal)),* $(,)?) => {$(
+        mod $test {
+            use super::*;
+            #[test] fn gradients() { check_grads($fixture, $model) }
+            #[test] fn logits_merged_as_loaded() { check_ln_logits($fixture, $model) }
+            #[test] fn adamw_steps() { check_optimizer($fixture, $model, OptimizerKind::adamw(), 1e-2, "") }
+        }
+    )*};
+}
+
+ln_tuning_suite! {
+    ln_tuning_llama_gqa_tied => ("peft/ln_tuning/llama-gqa-tied", "llama-gqa-tied"),
+    ln_tuning_neox_par_bpe => ("peft/ln_tuning/neox-par-bpe", "neox-par-bpe"),
+    ln_tuning_gemma3 => ("peft/ln_tuning/gemma3", "gemma3"),
+}
+
 /// Bottleneck adapters (tests/fixtures/bottleneck, made by scripts/fixtures/gen_bottleneck.py
 /// from a PyTorch reference): logits as recorded, and merge refusing with the method's reason.
 fn check_bottleneck_logits(fixture: &str, model: &str) {

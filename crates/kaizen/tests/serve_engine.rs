@@ -197,6 +197,10 @@ fn adapters_load_and_unload_without_restart() {
     let dir = root().join(ADAPTERS[1].1);
     assert!(load(&h, "dora", &dir).is_err());
     assert!(load(&h, "broken", &root().join("tests/fixtures")).is_err());
+    // LN tuning replaces the norms every row shares: refused, with the way out, base untouched.
+    let ln = root().join("tests/fixtures/peft/ln_tuning/llama-gqa-tied/adapter");
+    let err = load(&h, "ln", &ln).unwrap_err().to_string();
+    assert!(err.contains("kaizen merge"), "{err}");
     load(&h, "lora", &root().join(ADAPTERS[0].1)).unwrap();
     let prompt = vec![5, 17, 9];
     for a in [Some("lora"), Some("dora"), None] {

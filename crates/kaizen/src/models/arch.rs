@@ -150,6 +150,9 @@ pub struct ArchSpec {
     pub lora_targets: &'static [&'static str],
     /// PEFT's default IA3 targets and feed-forward modules.
     pub ia3_targets: (&'static [&'static str], &'static [&'static str]),
+    /// PEFT's default LN-tuning targets (`TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING`;
+    /// empty where PEFT has none and asks for `target_modules`).
+    pub ln_tuning_targets: &'static [&'static str],
 }
 
 impl ArchSpec {

@@ -31,6 +31,13 @@ pub const SPEC: ArchSpec = ArchSpec {
     ignored: &[".rotary_emb.inv_freq"],
     lora_targets: &["q_proj", "v_proj"],
     ia3_targets: (&["k_proj", "v_proj", "down_proj"], &["down_proj"]),
+    ln_tuning_targets: &[
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+        "norm",
+    ],
 };
 
 pub const GEMMA_DEFAULTS: Defaults = Defaults {

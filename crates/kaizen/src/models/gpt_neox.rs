@@ -54,4 +54,5 @@ pub const SPEC: ArchSpec = ArchSpec {
     ],
     lora_targets: &["query_key_value"],
     ia3_targets: (&["query_key_value", "dense_4h_to_h"], &["dense_4h_to_h"]),
+    ln_tuning_targets: &[],
 };

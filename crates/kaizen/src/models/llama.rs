@@ -23,4 +23,5 @@ pub const SPEC: ArchSpec = ArchSpec {
     ignored: &[".rotary_emb.inv_freq"],
     lora_targets: &["q_proj", "v_proj"],
     ia3_targets: (&["k_proj", "v_proj", "down_proj"], &["down_proj"]),
+    ln_tuning_targets: &["input_layernorm", "post_attention_layernorm", "norm"],
 };

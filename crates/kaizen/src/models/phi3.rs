@@ -14,5 +14,6 @@ pub const SPEC: ArchSpec = ArchSpec {
     write: write_nothing,
     lora_targets: &["qkv_proj"],
     ia3_targets: (&["qkv_proj", "down_proj"], &["down_proj"]),
+    ln_tuning_targets: &[],
     ..super::llama::SPEC
 };

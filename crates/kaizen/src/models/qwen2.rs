@@ -17,5 +17,6 @@ pub const SPEC: ArchSpec = ArchSpec {
         qwen_sliding(c, cfg)
     },
     write: write_qwen,
+    ln_tuning_targets: &["post_attention_layernorm"],
     ..super::llama::SPEC
 };

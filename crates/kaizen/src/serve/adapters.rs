@@ -61,6 +61,14 @@ impl Adapters {
                 "an adapter named \"{name}\" is already loaded; unload it first"
             )));
         }
+        let (config, _) = crate::checkpoint::adapter::read(dir)?;
+        if config.get("peft_type").and_then(|v| v.as_str()) == Some("LN_TUNING") {
+            return Err(Error::Input(format!(
+                "{}: an LN-tuning adapter replaces the base model's norms, which every request \
+                 shares; merge it (kaizen merge) and serve the merged model",
+                dir.display()
+            )));
+        }
         self.detach(model);
         let loaded = crate::tuners::load_adapter(model, dir);
         let mut layers = vec![];

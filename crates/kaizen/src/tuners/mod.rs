@@ -6,6 +6,7 @@ pub mod freeze;
 pub mod full;
 pub mod ia3;
 pub mod init;
+pub mod ln_tuning;
 pub mod lora;
 pub mod prefix;
 pub mod prompt;
@@ -30,6 +31,11 @@ pub enum Method {
         cfg: ia3::Ia3Config,
         targets: Vec<String>,
         feedforward: Vec<String>,
+    },
+    /// LN tuning: the targeted norms train (their trained values replace them when loaded).
+    LnTuning {
+        cfg: ln_tuning::LnTuningConfig,
+        targets: Vec<String>,
     },
     /// Bottleneck adapters (kaizen's "BOTTLENECK" files, PEFT's envelope).
     Bottleneck {
@@ -63,6 +69,7 @@ impl Method {
         match self {
             Method::Lora { .. } => "LORA",
             Method::Ia3 { .. } => "IA3",
+            Method::LnTuning { .. } => "LN_TUNING",
             Method::Bottleneck { .. } => "BOTTLENECK",
             Method::PromptTuning { .. } => "PROMPT_TUNING",
             Method::PTuningInference { .. } | Method::PTuning { .. } => "P_TUNING",
@@ -93,6 +100,7 @@ impl Method {
                 feedforward,
             } => cfg.to_json(targets, feedforward),
             Method::Bottleneck { cfg, targets } => cfg.to_json(targets),
+            Method::LnTuning { cfg, targets } => cfg.to_json(targets),
             Method::PromptTuning { json, .. }
             | Method::PTuningInference { json }
             | Method::PTuning { json }
@@ -171,6 +179,13 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
                 feedforward,
             }
         }
+        "LN_TUNING" => {
+            let cfg = ln_tuning::LnTuningConfig::from_json(&config)
+                .map_err(|m| Error::config(&cfg_path, m))?;
+            let targets = ln_tuning::attach(model, &cfg, Some(weights))
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            Method::LnTuning { cfg, targets }
+        }
         "BOTTLENECK" => {
             let cfg = bottleneck::BottleneckConfig::from_json(&config)
                 .map_err(|m| Error::config(&cfg_path, m))?;
@@ -230,7 +245,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
             return Err(Error::config(
                 &cfg_path,
                 format!(
-                    "peft_type \"{other}\" is not supported (supported: LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)"
+                    "peft_type \"{other}\" is not supported (supported: LORA, IA3, LN_TUNING, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)"
                 ),
             ))
         }
@@ -238,6 +253,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
     let targets = match &method {
         Method::Lora { targets, .. }
         | Method::Ia3 { targets, .. }
+        | Method::LnTuning { targets, .. }
         | Method::Bottleneck { targets, .. } => targets.clone(),
         Method::PromptTuning { .. }
         | Method::PTuningInference { .. }
