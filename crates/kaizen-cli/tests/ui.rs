@@ -214,6 +214,19 @@ fn form_errors_are_the_clis_own() {
         400,
     );
     assert!(m.contains("unexpected argument '--no-such-flag'"), "{m}");
+    // A body that is not the form's JSON: an OpenAI-shaped 4xx too.
+    let bad = ureq::post(&format!("{}/api/check", ui.base))
+        .set("Content-Type", "application/json")
+        .send_string("{\"name\": 1}");
+    let Err(ureq::Error::Status(code, resp)) = bad else {
+        panic!("a bad body was accepted")
+    };
+    assert_eq!(code, 422);
+    let v: Value = resp.into_json().unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("name"),
+        "{v}"
+    );
 }
 
 #[test]

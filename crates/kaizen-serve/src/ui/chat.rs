@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 use super::paths::Kind;
-use super::{ApiResult, Shared, Ui};
+use super::{body, ApiResult, Body, Shared, Ui};
 use crate::api::ApiError;
 use crate::{OpenAi, ServeConfig};
 
@@ -40,7 +40,8 @@ pub struct LoadReq {
 
 /// POST /api/chat/load: makes the model and the runs' adapters ready; answers the names to
 /// put in `model` (`base` and each run's name).
-pub async fn load(State(ui): State<Shared>, Json(r): Json<LoadReq>) -> ApiResult<Json<Value>> {
+pub async fn load(State(ui): State<Shared>, r: Body<LoadReq>) -> ApiResult<Json<Value>> {
+    let r = body(r)?;
     let model = match r.model.as_deref().filter(|m| !m.is_empty()) {
         Some(m) => ui.roots.file(Kind::Model, "model", m)?,
         None => {

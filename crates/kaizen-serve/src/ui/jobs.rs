@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::paths::Kind;
-use super::{ApiResult, Shared, Ui};
+use super::{body, ApiResult, Body, Shared, Ui};
 use crate::api::ApiError;
 
 /// Under `--runs`: the page's own files (each run's log and arguments).
@@ -100,12 +100,14 @@ fn checked(ui: &Ui, form: &Form) -> ApiResult<Vec<String>> {
 }
 
 /// POST /api/check: the form's arguments, or the CLI's error.
-pub async fn check(State(ui): State<Shared>, Json(form): Json<Form>) -> ApiResult<Json<Value>> {
+pub async fn check(State(ui): State<Shared>, form: Body<Form>) -> ApiResult<Json<Value>> {
+    let form = body(form)?;
     Ok(Json(json!({ "args": checked(&ui, &form)? })))
 }
 
 /// POST /api/runs: starts a run.
-pub async fn start(State(ui): State<Shared>, Json(form): Json<Form>) -> ApiResult<Json<Value>> {
+pub async fn start(State(ui): State<Shared>, form: Body<Form>) -> ApiResult<Json<Value>> {
+    let form = body(form)?;
     let args = checked(&ui, &form)?;
     let status = launch(&ui, &form.name, &args).await?;
     let saved = serde_json::to_vec_pretty(&json!({ "args": args })).unwrap_or_default();

@@ -118,6 +118,14 @@ async fn page(kind: &'static str, body: &'static str) -> axum::response::Respons
     ([(header::CONTENT_TYPE, kind)], body).into_response()
 }
 
+/// A JSON body as `T`, or an OpenAI-shaped 4xx naming what is wrong with it.
+type Body<T> = std::result::Result<axum::Json<T>, axum::extract::rejection::JsonRejection>;
+
+fn body<T>(b: Body<T>) -> ApiResult<T> {
+    b.map(|axum::Json(t)| t)
+        .map_err(|r| ApiError::new(r.status(), r.body_text()))
+}
+
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::new(
         axum::http::StatusCode::NOT_FOUND,

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use super::jobs::{read_from, Named};
 use super::paths::{walk, Kind};
-use super::{ApiResult, Shared, Ui};
+use super::{body, ApiResult, Body, Shared, Ui};
 use crate::api::ApiError;
 
 /// GET /api/files: models (HF directories, .gguf files) and JSONL files under the roots.
@@ -57,10 +57,8 @@ pub struct PreviewReq {
 
 /// POST /api/preview: the first examples of a data file as training sees them: pieces of text,
 /// each learned (in the loss) or masked.
-pub async fn preview(
-    State(ui): State<Shared>,
-    Json(r): Json<PreviewReq>,
-) -> ApiResult<Json<Value>> {
+pub async fn preview(State(ui): State<Shared>, r: Body<PreviewReq>) -> ApiResult<Json<Value>> {
+    let r = body(r)?;
     let model = ui.roots.file(Kind::Model, "--model", &r.model)?;
     let data = ui.roots.file(Kind::Data, "--data", &r.data)?;
     let template = match r.template.as_deref().filter(|t| !t.is_empty()) {
