@@ -206,7 +206,7 @@ fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-async fn shutdown() {
+pub(crate) async fn shutdown() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

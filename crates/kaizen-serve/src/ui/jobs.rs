@@ -169,12 +169,17 @@ async fn launch(ui: &Ui, name: &str, args: &[String]) -> ApiResult<&'static str>
     let from = log.seek(SeekFrom::End(0)).unwrap_or(0);
     let _ = writeln!(log, "$ kaizen train {}", args.join(" "));
     let err = log.try_clone().map_err(|e| internal(e.to_string()))?;
-    let mut child = Command::new(&ui.exe)
-        .arg("train")
+    let mut cmd = Command::new(&ui.exe);
+    cmd.arg("train")
         .args(args)
         .stdin(Stdio::null())
         .stdout(log)
-        .stderr(err)
+        .stderr(err);
+    // Its own process group: Ctrl-C in the terminal reaches `kaizen ui` alone, which then
+    // stops each run once (a second signal would end it without its checkpoint).
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd
         .spawn()
         .map_err(|e| internal(format!("cannot start {}: {e}", ui.exe.display())))?;
     // Tracked once it holds its directory: a second start of a running run fails on the lock

@@ -81,7 +81,17 @@ pub fn run(host: impl Host, cfg: UiConfig, ready: impl FnOnce(SocketAddr)) -> Re
         .build()
         .map_err(|e| Error::Input(format!("cannot start the HTTP runtime: {e}")))?;
     let addr = format!("{}:{}", cfg.host, cfg.port);
-    let served = rt.block_on(crate::serve(&addr, router(ui.clone()), ready));
+    // An open page's event streams never end by themselves: after Ctrl-C or SIGTERM they get
+    // two seconds.
+    let served = rt.block_on(async {
+        tokio::select! {
+            r = crate::serve(&addr, router(ui.clone()), ready) => r,
+            _ = async {
+                crate::shutdown().await;
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            } => Ok(()),
+        }
+    });
     ui.jobs.stop_all();
     served
 }
