@@ -187,7 +187,7 @@ async fn launch(ui: &Ui, name: &str, args: &[String]) -> ApiResult<&'static str>
     let t0 = Instant::now();
     let status = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let text = read_from(&log_path, from);
+        let text = String::from_utf8_lossy(&read_from(&log_path, from, 1 << 20)).into_owned();
         match child.try_wait() {
             Ok(Some(s)) if s.success() => break "finished",
             Ok(Some(_)) => {
@@ -212,14 +212,20 @@ async fn launch(ui: &Ui, name: &str, args: &[String]) -> ApiResult<&'static str>
     Ok(status)
 }
 
-/// The text of a file from byte `from` on (lossy), at most 1 MiB.
-pub fn read_from(path: &Path, from: u64) -> String {
+/// At most `max` bytes of a file from byte `from` on (none if it cannot be read).
+pub fn read_from(path: &Path, from: u64, max: u64) -> Vec<u8> {
     let mut s = Vec::new();
     if let Ok(mut f) = File::open(path) {
         let _ = f.seek(SeekFrom::Start(from));
-        let _ = f.take(1 << 20).read_to_end(&mut s);
+        let _ = f.take(max).read_to_end(&mut s);
     }
-    String::from_utf8_lossy(&s).into_owned()
+    s
+}
+
+/// The text of a file (lossy), at most its last `max` bytes.
+pub fn text_tail(path: &Path, max: u64) -> String {
+    let len = std::fs::metadata(path).map_or(0, |m| m.len());
+    String::from_utf8_lossy(&read_from(path, len.saturating_sub(max), max)).into_owned()
 }
 
 /// SIGTERM to a child of ours (still running: not yet waited for, so the pid is its own).

@@ -16,7 +16,7 @@ use kaizen_data::{preview_dataset, DataOptions, Template, IGNORE_INDEX};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::jobs::{read_from, Named};
+use super::jobs::{read_from, text_tail, Named};
 use super::paths::{walk, Kind};
 use super::{body, ApiResult, Body, Shared, Ui};
 use crate::api::ApiError;
@@ -130,7 +130,7 @@ pub async fn list(State(ui): State<Shared>) -> Json<Value> {
 pub async fn show(State(ui): State<Shared>, Query(q): Query<Named>) -> ApiResult<Json<Value>> {
     let dir = ui.roots.existing_run(&q.name)?;
     let mut s = summary(&ui, &q.name, &dir);
-    s["log"] = read_from(&ui.ui_file(&q.name, "log"), 0).into();
+    s["log"] = text_tail(&ui.ui_file(&q.name, "log"), 1 << 16).into();
     Ok(Json(s))
 }
 
@@ -203,7 +203,7 @@ fn saved_bytes(dir: &Path) -> u64 {
 
 /// The lines of metrics.jsonl that parse (a line being written may not yet).
 fn read_metrics(path: &Path) -> Vec<Value> {
-    read_from(path, 0)
+    text_tail(path, 1 << 26)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
@@ -269,19 +269,21 @@ impl Tail {
             self.pending
                 .push(Event::default().event("reset").data("{}"));
         }
-        let new = read_from(&path, self.metrics_at);
+        let new = read_from(&path, self.metrics_at, 1 << 20);
         // Only whole lines; a line being written is sent once complete.
-        let whole = new.rfind('\n').map_or(0, |i| i + 1);
-        for line in new[..whole].lines().filter(|l| !l.trim().is_empty()) {
+        let whole = new.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let text = String::from_utf8_lossy(&new[..whole]);
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
             self.pending
                 .push(Event::default().event("metric").data(line));
         }
         self.metrics_at += whole as u64;
-        let log = read_from(&self.ui.ui_file(&self.name, "log"), self.log_at);
+        let log = read_from(&self.ui.ui_file(&self.name, "log"), self.log_at, 1 << 20);
         if !log.is_empty() {
             self.log_at += log.len() as u64;
+            let text = String::from_utf8_lossy(&log);
             self.pending
-                .push(Event::default().event("log").data(json!(log).to_string()));
+                .push(Event::default().event("log").data(json!(text).to_string()));
         }
         let has_ckpt = !checkpoints(&self.dir).is_empty();
         let pid = self.ui.jobs.running(&self.name);
@@ -328,7 +330,7 @@ pub async fn reports(State(ui): State<Shared>) -> Json<Value> {
 /// GET /api/report?name=: report.md and the names of its charts.
 pub async fn report(State(ui): State<Shared>, Query(q): Query<Named>) -> ApiResult<Json<Value>> {
     let dir = ui.roots.existing_run(&q.name)?;
-    let md = read_from(&dir.join("report.md"), 0);
+    let md = text_tail(&dir.join("report.md"), 1 << 20);
     let mut charts: Vec<String> = std::fs::read_dir(&dir)
         .into_iter()
         .flatten()
