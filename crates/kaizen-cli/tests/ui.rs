@@ -1,7 +1,8 @@
 //! `kaizen ui`'s HTTP API against the real server on a loopback port: the page and its assets,
 //! form errors in the CLI's own words, path confinement, run listing, a tiny run started, its
 //! metrics as server-sent events, stopped with a checkpoint, refused when started twice, and
-//! resumed. (The page itself is driven in Chromium by scripts/ui/browser_test.sh.)
+//! resumed; the chat through `kaizen serve`'s engine, answering as `kaizen generate` does with
+//! the run's adapter. (The page itself is driven in Chromium by scripts/ui/browser_test.sh.)
 
 mod common;
 
@@ -405,4 +406,83 @@ fn a_run_starts_streams_stops_and_resumes() {
     assert_eq!(r["status"], "running");
     call(&ui, "POST", "/api/run/stop?name=t", Some(&json!({})));
     wait_run(&ui, "t", "stopped again", |r| r["status"] == "stopped");
+}
+
+#[test]
+fn chat_answers_as_kaizen_generate_with_the_runs_adapter() {
+    let ui = start();
+    let model = model_path("llama-gqa-tied");
+    let dir = ui.runs.join("c");
+    kaizen([
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data_dir().join("train.jsonl").to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "4",
+    ])
+    .ok();
+    // Nothing loaded yet; a run that does not exist; a model outside the roots.
+    let (code, _) = call(&ui, "POST", "/v1/chat/completions", Some(&json!({})));
+    assert_eq!(code, 409);
+    error_of(
+        call(
+            &ui,
+            "POST",
+            "/api/chat/load",
+            Some(&json!({"runs": ["nope"]})),
+        ),
+        404,
+    );
+    let other = json!({"model": model_path("qwen2")});
+    error_of(call(&ui, "POST", "/api/chat/load", Some(&other)), 403);
+    // The run's base model from its run.json, its adapter under its name.
+    let (code, r) = call(&ui, "POST", "/api/chat/load", Some(&json!({"runs": ["c"]})));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["adapters"], json!(["c"]));
+    let (_, models) = call(&ui, "GET", "/v1/models", None);
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["base", "c"]);
+    // kaizen serve's engine: greedy answers equal kaizen generate --chat with the adapter.
+    let prompt = "What is two plus two?";
+    let mut answers: Vec<Value> = vec![];
+    for (name, adapter) in [("base", None), ("c", Some(&dir))] {
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--prompt".into(),
+            prompt.into(),
+            "--chat".into(),
+            "--greedy".into(),
+            "--json".into(),
+            "--max-new-tokens".into(),
+            "8".into(),
+        ];
+        if let Some(d) = adapter {
+            args.extend(["--adapter".into(), d.display().to_string()]);
+        }
+        let out = kaizen(&args).ok();
+        let want: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        let body = json!({"model": name, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": prompt}]});
+        let (code, r) = call(&ui, "POST", "/v1/chat/completions", Some(&body));
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(
+            r["choices"][0]["message"]["content"], want["text"],
+            "{name}"
+        );
+    }
 }
