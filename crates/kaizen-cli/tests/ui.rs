@@ -422,7 +422,7 @@ fn chat_answers_as_kaizen_generate_with_the_runs_adapter() {
         "--out",
         dir.to_str().unwrap(),
         "--max-steps",
-        "3",
+        "30",
         "--lr",
         "1e-2",
         "--batch-size",
@@ -484,5 +484,8 @@ fn chat_answers_as_kaizen_generate_with_the_runs_adapter() {
             r["choices"][0]["message"]["content"], want["text"],
             "{name}"
         );
+        answers.push(want["text"].clone());
     }
+    // The adapter is applied: 30 steps at this rate change the greedy answer.
+    assert_ne!(answers[0], answers[1]);
 }
