@@ -613,12 +613,12 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     )?;
     bar.finish_and_clear();
     if summary.stopped {
-        println!(
+        return Err(Stopped(format!(
             "stopped after step {}: {} holds it; continue with the same options and --resume",
             summary.steps,
             out.join(format!("checkpoint-{}", summary.steps)).display()
-        );
-        return Ok(());
+        ))
+        .into());
     }
     match crate::plot::loss_chart(&out.join("metrics.jsonl"), &out.join("loss.png")) {
         Ok(Some(w)) => eprintln!("warning: loss.png: {w}"),
@@ -932,6 +932,19 @@ fn prepare_out(
     kaizen::checkpoint::adapter::write_atomic(&run_json, text.as_bytes())?;
     Ok((lock, None))
 }
+
+/// A run ended early by SIGINT or SIGTERM, with its checkpoint: not an error, but not a finished
+/// run either (exit code 130, as a shell reports Ctrl-C).
+#[derive(Debug)]
+pub struct Stopped(String);
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Stopped {}
 
 /// The flag that SIGINT or SIGTERM sets: the training loop then ends after its current step with
 /// a checkpoint (`kaizen ui`'s stop button sends SIGTERM). A second signal ends the process at once.

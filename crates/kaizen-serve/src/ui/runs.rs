@@ -168,7 +168,8 @@ fn status(ui: &Ui, name: &str, dir: &Path, has_checkpoint: bool) -> &'static str
         return "finished";
     }
     match (ui.jobs.exit_code(name), has_checkpoint) {
-        (Some(Some(c)), _) if c != 0 => "failed",
+        // 130: `kaizen train` stopped by a signal, its checkpoint written.
+        (Some(Some(c)), _) if c != 0 && c != 130 => "failed",
         (_, true) => "stopped",
         _ => "incomplete",
     }
