@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kaizen, model_path, repo_root};
+use common::{kaizen, model_ids, model_path, repo_root};
 use serde_json::{json, Value};
 
 struct Ui {
@@ -448,12 +448,7 @@ fn chat_answers_as_kaizen_generate_with_the_runs_adapter() {
     assert_eq!(code, 200, "{r}");
     assert_eq!(r["adapters"], json!(["c"]));
     let (_, models) = call(&ui, "GET", "/v1/models", None);
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let ids = model_ids(&models);
     assert_eq!(ids, ["base", "c"]);
     // kaizen serve's engine: greedy answers equal kaizen generate --chat with the adapter.
     let prompt = "What is two plus two?";
