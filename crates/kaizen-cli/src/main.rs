@@ -8,6 +8,7 @@ mod merge;
 mod plot;
 mod serve;
 mod train;
+mod ui;
 
 use std::process::ExitCode;
 
@@ -48,6 +49,9 @@ enum Command {
     Compare(Box<compare::CompareArgs>),
     /// Serve the model and adapters over an OpenAI-compatible HTTP API (continuous batching).
     Serve(Box<serve::ServeArgs>),
+    /// A web page for the whole loop: start and watch training runs, compare them, chat with
+    /// the results.
+    Ui(ui::UiArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +76,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<train::Stopped>() => {
+            eprintln!("{e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -104,5 +112,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(*a),
         Command::Compare(a) => compare::run(*a),
         Command::Serve(a) => serve::run(*a),
+        Command::Ui(a) => ui::run(a),
     }
 }

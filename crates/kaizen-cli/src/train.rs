@@ -4,6 +4,8 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -256,135 +258,25 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
     }
-    let model_path = a.model.clone().context("--model is required")?;
-    let data_path = a.data.clone().context("--data is required")?;
-    let out = a.out.clone().context("--out is required")?;
-    let method_name = a.method.clone().unwrap_or_else(|| "lora".into());
-    if method_name == "dora" {
-        bail!("--method dora: DoRA is a LoRA option; use --method lora --use-dora");
-    }
-    let methods = [
-        "lora",
-        "ia3",
-        "ln-tuning",
-        "prompt",
-        "p-tuning",
-        "prefix",
-        "adapter",
-        "full",
-        "freeze",
-    ];
-    if !methods.contains(&method_name.as_str()) {
-        bail!(
-            "--method {method_name}: unknown method (available: {})",
-            methods.join(", ")
-        );
-    }
-    let trains_weights = matches!(method_name.as_str(), "full" | "freeze");
-    if trains_weights && a.init_adapter.is_some() {
-        bail!("--method {method_name} trains the model itself: give the model to continue from as --model, not --init-adapter");
-    }
-    let flags_of = [
-        ("--r", a.r.is_some(), "lora"),
-        ("--lora-alpha", a.lora_alpha.is_some(), "lora"),
-        ("--lora-dropout", a.lora_dropout.is_some(), "lora"),
-        ("--use-rslora", a.use_rslora.is_some(), "lora"),
-        ("--use-dora", a.use_dora.is_some(), "lora"),
-        (
-            "--target-modules",
-            a.target_modules.is_some(),
-            "lora, ia3, ln-tuning",
-        ),
-        (
-            "--feedforward-modules",
-            a.feedforward_modules.is_some(),
-            "ia3",
-        ),
-        (
-            "--num-virtual-tokens",
-            a.num_virtual_tokens.is_some(),
-            "prompt, p-tuning, prefix",
-        ),
-        (
-            "--encoder-hidden-size",
-            a.encoder_hidden_size.is_some(),
-            "p-tuning, prefix",
-        ),
-        (
-            "--encoder-reparameterization-type",
-            a.encoder_reparameterization_type.is_some(),
-            "p-tuning",
-        ),
-        (
-            "--prefix-projection",
-            a.prefix_projection.is_some(),
-            "prefix",
-        ),
-        (
-            "--prompt-tuning-init",
-            a.prompt_tuning_init.is_some(),
-            "prompt",
-        ),
-        (
-            "--prompt-tuning-init-text",
-            a.prompt_tuning_init_text.is_some(),
-            "prompt",
-        ),
-        ("--adapter-type", a.adapter_type.is_some(), "adapter"),
-        (
-            "--reduction-factor",
-            a.reduction_factor.is_some(),
-            "adapter",
-        ),
-        ("--bottleneck-size", a.bottleneck_size.is_some(), "adapter"),
-        ("--non-linearity", a.non_linearity.is_some(), "adapter"),
-        (
-            "--freeze-trainable-layers",
-            a.freeze_trainable_layers.is_some(),
-            "freeze",
-        ),
-        (
-            "--freeze-trainable-modules",
-            a.freeze_trainable_modules.is_some(),
-            "freeze",
-        ),
-        (
-            "--freeze-extra-modules",
-            a.freeze_extra_modules.is_some(),
-            "freeze",
-        ),
-    ];
-    for (flag, given, methods) in flags_of {
-        if given && !methods.split(", ").any(|m| m == method_name) {
-            bail!("{flag} applies to --method {methods}, not {method_name}");
-        }
-    }
-    let precision = crate::infer::parse_precision(
-        a.dtype.as_deref(),
-        a.quantize.as_deref(),
-        a.compute.as_deref(),
-    )?;
+    let Flags {
+        model: model_path,
+        data: data_path,
+        out,
+        method: method_name,
+        precision,
+        budget,
+        optimizer,
+        schedule,
+        lr,
+    } = check_flags(&a)?;
     let dtype = precision.dtype;
-    if trains_weights && (dtype != kaizen::DType::F32 || precision.quantize.is_some()) {
-        bail!("--method {method_name} trains weights of the model in f32; drop --dtype and --quantize (they store a frozen base)");
-    }
-    // The memory guard: --max-memory, else what the machine has free now.
-    let budget = match a.max_memory {
-        Some(gib) if gib.is_nan() || gib <= 0.0 => {
-            bail!("--max-memory must be > 0 GiB, found {gib}")
-        }
-        Some(gib) => Some((gib * (1u64 << 30) as f64) as u64),
-        None => kaizen::memory::available(),
-    };
+    let trains_weights = matches!(method_name.as_str(), "full" | "freeze");
     let (mut loaded, _) = crate::infer::load_in(&model_path, None, precision, budget)?;
     let tok = &loaded.tokenizer;
     let ctx = loaded.model.config().max_position_embeddings;
 
     // Data.
     let mut max_len = a.max_len.unwrap_or(512.min(ctx));
-    if max_len == 0 {
-        bail!("--max-len must be at least 1");
-    }
     if max_len > ctx {
         eprintln!("warning: --max-len {max_len} exceeds the model context {ctx}; using {ctx}");
         max_len = ctx;
@@ -598,16 +490,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     };
 
     loaded.model.gradient_checkpointing = a.gradient_checkpointing.unwrap_or(false);
-    let optimizer = match a.optimizer.as_deref().unwrap_or("adamw") {
-        "adamw" => OptimizerKind::adamw(),
-        "sgd" => OptimizerKind::Sgd,
-        other => bail!("--optimizer {other}: unknown (adamw, sgd)"),
-    };
     let batch_size = a.batch_size.unwrap_or(8);
     let grad_accum = a.grad_accum.unwrap_or(1);
-    if batch_size == 0 || grad_accum == 0 {
-        bail!("--batch-size and --grad-accum must be at least 1");
-    }
     let shape = RunShape {
         batch_size,
         seq_len: max_len,
@@ -637,22 +521,11 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     }
 
     // Optimisation.
-    let schedule: Schedule = a
-        .lr_schedule
-        .as_deref()
-        .unwrap_or("linear")
-        .parse()
-        .map_err(anyhow::Error::msg)?;
     let epochs = a.epochs.unwrap_or(1);
     let total_steps = match a.max_steps {
-        Some(0) => bail!("--max-steps must be at least 1"),
         Some(n) => n,
         None => epochs * trainer::steps_per_epoch(train_set.len(), batch_size, grad_accum),
     };
-    let lr = a.lr.unwrap_or(2e-4);
-    if lr.is_nan() || lr <= 0.0 {
-        bail!("--lr must be > 0, found {lr}");
-    }
     let cfg = TrainConfig {
         optimizer,
         lr,
@@ -666,6 +539,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         shuffle: !a.no_shuffle.unwrap_or(false),
         eval_every: a.eval_every.unwrap_or(0),
         save_every: a.save_every.unwrap_or(0),
+        stop: Some(stop_on_signal()),
     };
     let run = Run {
         model: model_path.clone(),
@@ -749,6 +623,14 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         &mut on,
     )?;
     bar.finish_and_clear();
+    if summary.stopped {
+        return Err(Stopped(format!(
+            "stopped after step {}: {} holds it; continue with the same options and --resume",
+            summary.steps,
+            out.join(format!("checkpoint-{}", summary.steps)).display()
+        ))
+        .into());
+    }
     match crate::plot::loss_chart(&out.join("metrics.jsonl"), &out.join("loss.png")) {
         Ok(Some(w)) => eprintln!("warning: loss.png: {w}"),
         Ok(None) => {}
@@ -767,6 +649,181 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// A run's options that `kaizen train` checks before it reads any file.
+pub struct Flags {
+    model: PathBuf,
+    data: PathBuf,
+    out: PathBuf,
+    method: String,
+    precision: kaizen::Precision,
+    budget: Option<u64>,
+    optimizer: OptimizerKind,
+    schedule: Schedule,
+    lr: f64,
+}
+
+/// The checks on the flags alone, in one place: `kaizen ui` runs them on its form, so the page
+/// refuses a bad option with the CLI's own message.
+pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
+    let model_path = a.model.clone().context("--model is required")?;
+    let data_path = a.data.clone().context("--data is required")?;
+    let out = a.out.clone().context("--out is required")?;
+    let method_name = a.method.clone().unwrap_or_else(|| "lora".into());
+    if method_name == "dora" {
+        bail!("--method dora: DoRA is a LoRA option; use --method lora --use-dora");
+    }
+    let methods = [
+        "lora",
+        "ia3",
+        "ln-tuning",
+        "prompt",
+        "p-tuning",
+        "prefix",
+        "adapter",
+        "full",
+        "freeze",
+    ];
+    if !methods.contains(&method_name.as_str()) {
+        bail!(
+            "--method {method_name}: unknown method (available: {})",
+            methods.join(", ")
+        );
+    }
+    let trains_weights = matches!(method_name.as_str(), "full" | "freeze");
+    if trains_weights && a.init_adapter.is_some() {
+        bail!("--method {method_name} trains the model itself: give the model to continue from as --model, not --init-adapter");
+    }
+    let flags_of = [
+        ("--r", a.r.is_some(), "lora"),
+        ("--lora-alpha", a.lora_alpha.is_some(), "lora"),
+        ("--lora-dropout", a.lora_dropout.is_some(), "lora"),
+        ("--use-rslora", a.use_rslora.is_some(), "lora"),
+        ("--use-dora", a.use_dora.is_some(), "lora"),
+        (
+            "--target-modules",
+            a.target_modules.is_some(),
+            "lora, ia3, ln-tuning",
+        ),
+        (
+            "--feedforward-modules",
+            a.feedforward_modules.is_some(),
+            "ia3",
+        ),
+        (
+            "--num-virtual-tokens",
+            a.num_virtual_tokens.is_some(),
+            "prompt, p-tuning, prefix",
+        ),
+        (
+            "--encoder-hidden-size",
+            a.encoder_hidden_size.is_some(),
+            "p-tuning, prefix",
+        ),
+        (
+            "--encoder-reparameterization-type",
+            a.encoder_reparameterization_type.is_some(),
+            "p-tuning",
+        ),
+        (
+            "--prefix-projection",
+            a.prefix_projection.is_some(),
+            "prefix",
+        ),
+        (
+            "--prompt-tuning-init",
+            a.prompt_tuning_init.is_some(),
+            "prompt",
+        ),
+        (
+            "--prompt-tuning-init-text",
+            a.prompt_tuning_init_text.is_some(),
+            "prompt",
+        ),
+        ("--adapter-type", a.adapter_type.is_some(), "adapter"),
+        (
+            "--reduction-factor",
+            a.reduction_factor.is_some(),
+            "adapter",
+        ),
+        ("--bottleneck-size", a.bottleneck_size.is_some(), "adapter"),
+        ("--non-linearity", a.non_linearity.is_some(), "adapter"),
+        (
+            "--freeze-trainable-layers",
+            a.freeze_trainable_layers.is_some(),
+            "freeze",
+        ),
+        (
+            "--freeze-trainable-modules",
+            a.freeze_trainable_modules.is_some(),
+            "freeze",
+        ),
+        (
+            "--freeze-extra-modules",
+            a.freeze_extra_modules.is_some(),
+            "freeze",
+        ),
+    ];
+    for (flag, given, methods) in flags_of {
+        if given && !methods.split(", ").any(|m| m == method_name) {
+            bail!("{flag} applies to --method {methods}, not {method_name}");
+        }
+    }
+    let precision = crate::infer::parse_precision(
+        a.dtype.as_deref(),
+        a.quantize.as_deref(),
+        a.compute.as_deref(),
+    )?;
+    if trains_weights && (precision.dtype != kaizen::DType::F32 || precision.quantize.is_some()) {
+        bail!("--method {method_name} trains weights of the model in f32; drop --dtype and --quantize (they store a frozen base)");
+    }
+    // The memory guard: --max-memory, else what the machine has free now.
+    let budget = match a.max_memory {
+        Some(gib) if gib.is_nan() || gib <= 0.0 => {
+            bail!("--max-memory must be > 0 GiB, found {gib}")
+        }
+        Some(gib) => Some((gib * (1u64 << 30) as f64) as u64),
+        None => kaizen::memory::available(),
+    };
+    if a.max_len == Some(0) {
+        bail!("--max-len must be at least 1");
+    }
+    if let Some(t) = &a.template {
+        t.parse::<Template>()?;
+    }
+    let optimizer = match a.optimizer.as_deref().unwrap_or("adamw") {
+        "adamw" => OptimizerKind::adamw(),
+        "sgd" => OptimizerKind::Sgd,
+        other => bail!("--optimizer {other}: unknown (adamw, sgd)"),
+    };
+    if a.batch_size == Some(0) || a.grad_accum == Some(0) {
+        bail!("--batch-size and --grad-accum must be at least 1");
+    }
+    let schedule: Schedule = a
+        .lr_schedule
+        .as_deref()
+        .unwrap_or("linear")
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    if a.max_steps == Some(0) {
+        bail!("--max-steps must be at least 1");
+    }
+    let lr = a.lr.unwrap_or(2e-4);
+    if lr.is_nan() || lr <= 0.0 {
+        bail!("--lr must be > 0, found {lr}");
+    }
+    Ok(Flags {
+        model: model_path,
+        data: data_path,
+        out,
+        method: method_name,
+        precision,
+        budget,
+        optimizer,
+        schedule,
+        lr,
+    })
 }
 
 /// The memory guard: refuses a run whose estimated peak exceeds `budget`, with the estimate
@@ -897,6 +954,44 @@ fn prepare_out(
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     kaizen::checkpoint::adapter::write_atomic(&run_json, text.as_bytes())?;
     Ok((lock, None))
+}
+
+/// A run ended early by SIGINT or SIGTERM, with its checkpoint: not an error, but not a finished
+/// run either (exit code 130, as a shell reports Ctrl-C).
+#[derive(Debug)]
+pub struct Stopped(String);
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// The flag that SIGINT or SIGTERM sets: the training loop then ends after its current step with
+/// a checkpoint (`kaizen ui`'s stop button sends SIGTERM). A second signal ends the process at once.
+fn stop_on_signal() -> Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    #[cfg(target_os = "linux")]
+    extern "C" fn on_signal(_: libc::c_int) {
+        if FLAG.get().is_some_and(|f| f.swap(true, Ordering::SeqCst)) {
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(130) };
+        }
+    }
+    let flag = FLAG
+        .get_or_init(|| Arc::new(AtomicBool::new(false)))
+        .clone();
+    #[cfg(target_os = "linux")]
+    // SAFETY: the handler only reads an initialised OnceLock, swaps an atomic and calls _exit,
+    // all async-signal-safe.
+    unsafe {
+        let h = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::signal(libc::SIGINT, h);
+        libc::signal(libc::SIGTERM, h);
+    }
+    flag
 }
 
 fn progress_bar(total: u64) -> ProgressBar {

@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kaizen, model_path, repo_root};
+use common::{kaizen, model_ids, model_path, repo_root};
 use serde_json::{json, Value};
 
 const KEY: &str = "test-key";
@@ -254,12 +254,7 @@ fn auth_models_health_metrics_and_errors() {
     let (code, text) = call(&s, "GET", "/v1/models", None, true);
     assert_eq!(code, 200);
     let models: Value = serde_json::from_str(&text).unwrap();
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let ids = model_ids(&models);
     assert_eq!(ids, ["tiny", "lora", "prefix"]);
     assert_eq!(models["data"][1]["parent"], "tiny");
     // Errors: malformed JSON, wrong types, unknown model, ranges, context, body size, route.

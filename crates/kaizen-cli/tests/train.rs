@@ -2651,3 +2651,89 @@ fn quantized_base_trains_evaluates_and_merges() {
         assert!(!dir.exists(), "{extra:?} left {}", dir.display());
     }
 }
+
+/// Ctrl-C (SIGINT) ends a run after its step: checkpoint-N written, exit code 130, a line that
+/// says how to continue; `--resume` then continues from that step.
+#[cfg(target_os = "linux")]
+#[test]
+fn sigint_stops_with_a_checkpoint_and_resume_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let data = repo_root().join("tests/fixtures/ui/train.jsonl");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "train".into(),
+            "--model".into(),
+            s(&model_path(LLAMA)),
+            "--data".into(),
+            s(&data),
+            "--out".into(),
+            s(&out),
+            "--max-steps".into(),
+            "100000".into(),
+            "--batch-size".into(),
+            "2".into(),
+        ];
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kaizen"))
+        .args(args(&[]))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = out.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "no steps logged");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let done = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(130), "{stderr}");
+    let last = stderr.lines().last().unwrap();
+    assert!(last.starts_with("stopped after step "), "{stderr}");
+    let step: usize = last["stopped after step ".len()..]
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(out.join(format!("checkpoint-{step}")).is_dir(), "{stderr}");
+    assert!(
+        !out.join("adapter_config.json").exists(),
+        "a stopped run wrote its adapter"
+    );
+    // Resume: continues after that step (stopped again, so the test stays short).
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kaizen"))
+        .args(args(&["--resume"]))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let past = |t: &str| {
+        t.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|m| m["step"].as_u64().is_some_and(|s| s as usize > step + 2))
+    };
+    while !std::fs::read_to_string(&metrics).is_ok_and(|t| past(&t)) {
+        assert!(
+            t0.elapsed().as_secs() < 240,
+            "the resumed run logged no step"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let done = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "resuming from {}",
+            s(&out.join(format!("checkpoint-{step}")))
+        )),
+        "{stderr}"
+    );
+}

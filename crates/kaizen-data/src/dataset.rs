@@ -81,39 +81,12 @@ pub struct Dataset {
 
 /// Reads a JSONL file of training examples (see the module header for the shapes).
 pub fn load_dataset(path: &Path, tok: &Tokenizer, opts: &DataOptions) -> Result<Dataset> {
-    if opts.max_len == 0 {
-        return Err(Error::bad_option("max_len", "must be at least 1 token"));
-    }
-    let template = opts.template.unwrap_or_else(|| Template::default_for(tok));
-    if template == Template::Chat && tok.chat_template().is_none() {
-        // Rendering anything gives the tokenizer's own "no chat template" error and hint.
-        tok.apply_chat_template(&[], false)?;
-    }
-    let encoder = Encoder::new(tok, opts.max_len)?;
-    let mut truncated = Tally::default();
-    let mut dropped = Tally::default();
-    let mut examples = Vec::new();
-    let mut rows = 0usize;
-    // Streamed: each row becomes an example (or a warning) before the next is read.
-    for_each_row(path, |line, map| {
-        rows += 1;
-        let mut ex = example_of(&map, template, &encoder).map_err(|what| Error::BadLine {
-            path: path.to_path_buf(),
-            line,
-            what,
-        })?;
-        if ex.len() > opts.max_len {
-            truncated.add(line, ex.len());
-            ex.input_ids.truncate(opts.max_len);
-            ex.labels.truncate(opts.max_len);
-        }
-        if ex.num_labels() == 0 {
-            dropped.add(line, ex.len());
-        } else {
-            examples.push(ex);
-        }
-        Ok(())
-    })?;
+    let Rows {
+        examples,
+        rows,
+        truncated,
+        dropped,
+    } = read_examples(path, tok, opts, usize::MAX)?;
     if rows == 0 {
         return Err(Error::bad_file(
             path,
@@ -147,6 +120,71 @@ pub fn load_dataset(path: &Path, tok: &Tokenizer, opts: &DataOptions) -> Result<
         ));
     }
     Ok(Dataset { examples, warnings })
+}
+
+/// The first `n` examples of a file as [`load_dataset`] makes them, for a preview (`kaizen ui`
+/// shows which tokens are learned); the lines after them are not tokenized.
+pub fn preview_dataset(
+    path: &Path,
+    tok: &Tokenizer,
+    opts: &DataOptions,
+    n: usize,
+) -> Result<Vec<Example>> {
+    Ok(read_examples(path, tok, opts, n)?.examples)
+}
+
+/// What [`read_examples`] found.
+struct Rows {
+    examples: Vec<Example>,
+    rows: usize,
+    truncated: Tally,
+    dropped: Tally,
+}
+
+/// Up to `limit` examples, in file order, with the rows seen and what was cut or dropped.
+fn read_examples(path: &Path, tok: &Tokenizer, opts: &DataOptions, limit: usize) -> Result<Rows> {
+    if opts.max_len == 0 {
+        return Err(Error::bad_option("max_len", "must be at least 1 token"));
+    }
+    let template = opts.template.unwrap_or_else(|| Template::default_for(tok));
+    if template == Template::Chat && tok.chat_template().is_none() {
+        // Rendering anything gives the tokenizer's own "no chat template" error and hint.
+        tok.apply_chat_template(&[], false)?;
+    }
+    let encoder = Encoder::new(tok, opts.max_len)?;
+    let mut truncated = Tally::default();
+    let mut dropped = Tally::default();
+    let mut examples = Vec::new();
+    let mut rows = 0usize;
+    // Streamed: each row becomes an example (or a warning) before the next is read.
+    for_each_row(path, |line, map| {
+        if examples.len() >= limit {
+            return Ok(());
+        }
+        rows += 1;
+        let mut ex = example_of(&map, template, &encoder).map_err(|what| Error::BadLine {
+            path: path.to_path_buf(),
+            line,
+            what,
+        })?;
+        if ex.len() > opts.max_len {
+            truncated.add(line, ex.len());
+            ex.input_ids.truncate(opts.max_len);
+            ex.labels.truncate(opts.max_len);
+        }
+        if ex.num_labels() == 0 {
+            dropped.add(line, ex.len());
+        } else {
+            examples.push(ex);
+        }
+        Ok(())
+    })?;
+    Ok(Rows {
+        examples,
+        rows,
+        truncated,
+        dropped,
+    })
 }
 
 #[derive(Default)]

@@ -21,7 +21,7 @@ pub mod template;
 pub mod tokenizer;
 
 pub use batch::{collate, pack, split_validation, Batch, Batches};
-pub use dataset::{load_dataset, DataOptions, Dataset, Example, IGNORE_INDEX};
+pub use dataset::{load_dataset, preview_dataset, DataOptions, Dataset, Example, IGNORE_INDEX};
 pub use error::{Error, Result};
 pub use guard::{catch_panic, quote};
 pub use template::Template;

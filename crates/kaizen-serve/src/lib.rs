@@ -11,6 +11,7 @@
 pub mod api;
 mod handlers;
 pub mod metrics;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -92,62 +93,94 @@ pub fn run(
     cfg: ServeConfig,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<()> {
-    let ecfg = EngineConfig {
-        max_rows: cfg.max_rows.max(1),
-        threads: cfg.threads,
-    };
-    let queue = cfg.max_rows + cfg.max_queue + 16;
-    let (engine, _thread) = Engine::spawn(model, tok.clone(), ecfg, queue)?;
+    let server = OpenAi::start(model, tok, cfg)?;
     for (name, dir) in adapters {
-        load_now(&engine, &name, dir)?;
+        server
+            .load(&name, dir)
+            .map_err(|e| Error::Input(format!("--adapter {name}: {e}")))?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| Error::Input(format!("cannot start the HTTP runtime: {e}")))?;
-    let app = Arc::new(App {
-        engine,
-        tok,
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        cfg,
-        in_flight: AtomicUsize::new(0),
-        metrics: metrics::Metrics::default(),
-        next_id: AtomicU64::new(0),
-    });
-    rt.block_on(serve(app, ready))
+    let addr = format!("{}:{}", server.app.cfg.host, server.app.cfg.port);
+    rt.block_on(serve(&addr, server.router(), ready))
 }
 
-/// Loads an adapter before the server starts, waiting for the engine's answer.
-fn load_now(engine: &EngineHandle, name: &str, dir: PathBuf) -> Result<()> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sent = engine.send(Command::Load {
-        name: name.to_string(),
-        dir,
-        reply: Box::new(move |r| {
-            let _ = tx.send(r);
-        }),
-    });
-    if !sent {
-        return Err(Error::Input("the engine stopped".into()));
+/// A running engine and its OpenAI routes: what `run` serves, and what another server (`kaizen
+/// ui`'s chat) mounts as its own.
+#[derive(Clone)]
+pub struct OpenAi {
+    app: Arc<App>,
+}
+
+impl OpenAi {
+    /// Starts the engine on its own thread; it ends when the last clone is dropped.
+    pub fn start(model: Model, tok: Tokenizer, cfg: ServeConfig) -> Result<OpenAi> {
+        let ecfg = EngineConfig {
+            max_rows: cfg.max_rows.max(1),
+            threads: cfg.threads,
+        };
+        let queue = cfg.max_rows + cfg.max_queue + 16;
+        let (engine, _thread) = Engine::spawn(model, tok.clone(), ecfg, queue)?;
+        let app = Arc::new(App {
+            engine,
+            tok,
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            cfg,
+            in_flight: AtomicUsize::new(0),
+            metrics: metrics::Metrics::default(),
+            next_id: AtomicU64::new(0),
+        });
+        Ok(OpenAi { app })
     }
-    rx.recv()
-        .map_err(|_| Error::Input("the engine stopped".into()))?
-        .map_err(|e| Error::Input(format!("--adapter {name}: {e}")))
+
+    /// Loads an adapter under `name`, waiting for the engine's answer (blocking).
+    pub fn load(&self, name: &str, dir: PathBuf) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sent = self.app.engine.send(Command::Load {
+            name: name.to_string(),
+            dir,
+            reply: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        if !sent {
+            return Err(Error::Input("the engine stopped".into()));
+        }
+        rx.recv()
+            .map_err(|_| Error::Input("the engine stopped".into()))?
+    }
+
+    /// The names of the adapters loaded now.
+    pub fn adapters(&self) -> Vec<String> {
+        self.app
+            .engine
+            .adapters()
+            .into_iter()
+            .map(|a| a.name)
+            .collect()
+    }
+
+    /// The OpenAI, vLLM and monitoring routes.
+    pub fn router(&self) -> Router {
+        router(self.app.clone())
+    }
 }
 
-async fn serve(app: Arc<App>, ready: impl FnOnce(SocketAddr)) -> Result<()> {
-    let addr = format!("{}:{}", app.cfg.host, app.cfg.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
+/// Listens on `addr` and serves `routes` until Ctrl-C or SIGTERM.
+pub async fn serve(addr: &str, routes: Router, ready: impl FnOnce(SocketAddr)) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Input(format!("cannot listen on {addr}: {e}")))?;
     let bound = listener
         .local_addr()
         .map_err(|e| Error::Input(format!("{addr}: {e}")))?;
     ready(bound);
-    axum::serve(listener, router(app))
+    axum::serve(listener, routes)
         .with_graceful_shutdown(shutdown())
         .await
         .map_err(|e| Error::Input(format!("the server failed: {e}")))
@@ -173,7 +206,7 @@ fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-async fn shutdown() {
+pub(crate) async fn shutdown() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -303,3 +303,13 @@ pub fn assert_close(what: &str, got: f64, want: f64, tol: f64) {
         "{what}: got {got}, want {want} (relative error {err:e} > {tol:e})"
     );
 }
+
+/// The `id`s of a `GET /v1/models` answer (`kaizen serve`, `kaizen ui`'s chat), in order.
+pub fn model_ids(models: &Value) -> Vec<&str> {
+    models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect()
+}

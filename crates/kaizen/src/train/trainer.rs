@@ -10,6 +10,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -47,6 +49,9 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Write checkpoint-N/ every N steps (0: never).
     pub save_every: usize,
+    /// Set from outside (a signal handler): the loop finishes its step, writes checkpoint-N/
+    /// and returns early, so the run can be resumed from there.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// What the loop reports to its caller (progress bar, logs).
@@ -81,6 +86,9 @@ pub struct Summary {
     pub initial_eval_loss: Option<f64>,
     pub eval_loss: Option<f64>,
     pub tokens_per_sec: f64,
+    /// `TrainConfig::stop` ended the run after `steps` steps; the adapter was not written,
+    /// `checkpoint-<steps>/` was.
+    pub stopped: bool,
 }
 
 /// Trains the adapter attached to `model` and writes it to `out`. `resume_from` is a
@@ -186,9 +194,20 @@ pub fn train(
             });
             eval_loss = Some(l);
         }
-        if cfg.save_every > 0 && (step + 1) % cfg.save_every == 0 && !last {
+        let stop = !last && cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+        if !last && (stop || (cfg.save_every > 0 && (step + 1) % cfg.save_every == 0)) {
             let dir = save_checkpoint(model, method, &opt, out, step + 1)?;
             on(Event::Checkpoint(&dir));
+        }
+        if stop {
+            return Ok(Summary {
+                steps: step + 1,
+                final_loss: last_loss,
+                initial_eval_loss,
+                eval_loss,
+                tokens_per_sec: tok_rate,
+                stopped: true,
+            });
         }
     }
     method.save(model, out)?;
@@ -198,6 +217,7 @@ pub fn train(
         initial_eval_loss,
         eval_loss,
         tokens_per_sec: tok_rate,
+        stopped: false,
     })
 }
 
