@@ -133,6 +133,10 @@ pub struct TrainArgs {
     /// DoRA: also train a magnitude per output row of each targeted layer (PEFT's use_dora).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_dora: Option<bool>,
+    /// LoRA+ (PEFT's `create_loraplus_optimizer`): lora_B (and DoRA's magnitudes) learn at --lr
+    /// times this ratio, lora_A at --lr (the paper suggests about 16).
+    #[arg(long, allow_hyphen_values = true)]
+    pub loraplus_lr_ratio: Option<f64>,
     /// Continue training an existing PEFT adapter (method and config come from it).
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
@@ -216,6 +220,9 @@ struct Run {
     pack: bool,
     optimizer: String,
     lr: f64,
+    /// LoRA+: lora_B's learning rate over lora_A's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    loraplus_lr_ratio: Option<f64>,
     lr_schedule: String,
     warmup_steps: usize,
     batch_size: usize,
@@ -253,7 +260,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
+        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, loraplus_lr_ratio, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
             adapter_type, reduction_factor, bottleneck_size, non_linearity,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
@@ -528,6 +535,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     };
     let cfg = TrainConfig {
         optimizer,
+        loraplus_lr_ratio: a.loraplus_lr_ratio,
         lr,
         schedule,
         warmup_steps: a.warmup_steps.unwrap_or(0),
@@ -554,6 +562,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         pack: packed,
         optimizer: a.optimizer.clone().unwrap_or_else(|| "adamw".into()),
         lr,
+        loraplus_lr_ratio: a.loraplus_lr_ratio,
         lr_schedule: schedule.name().into(),
         warmup_steps: cfg.warmup_steps,
         batch_size,
@@ -749,6 +758,7 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         ),
         ("--bottleneck-size", a.bottleneck_size.is_some(), "adapter"),
         ("--non-linearity", a.non_linearity.is_some(), "adapter"),
+        ("--loraplus-lr-ratio", a.loraplus_lr_ratio.is_some(), "lora"),
         (
             "--freeze-trainable-layers",
             a.freeze_trainable_layers.is_some(),
@@ -812,6 +822,11 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
     let lr = a.lr.unwrap_or(2e-4);
     if lr.is_nan() || lr <= 0.0 {
         bail!("--lr must be > 0, found {lr}");
+    }
+    if let Some(r) = a.loraplus_lr_ratio {
+        if !(r.is_finite() && r > 0.0) {
+            bail!("--loraplus-lr-ratio must be > 0 (typically about 16), found {r}");
+        }
     }
     Ok(Flags {
         model: model_path,

@@ -2377,6 +2377,49 @@ fn ln_tuning_trains_the_norms_saves_peft_keys_and_merges() {
     );
 }
 
+/// `--loraplus-lr-ratio`: LoRA+ steps lora_B at --lr times the ratio (parity with PEFT's
+/// optimizer is in kaizen's adapter_parity.rs); run.json records it, and it is refused for other
+/// methods and outside (0, inf).
+#[test]
+fn loraplus_ratio_moves_b_faster_and_is_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(8));
+    let base = ["--max-steps", "2", "--batch-size", "4", "--lr", "1e-3"];
+    let (plain, plus) = (tmp.path().join("plain"), tmp.path().join("plus"));
+    train_ok(LLAMA, &data, &plain, &base);
+    train_ok(
+        LLAMA,
+        &data,
+        &plus,
+        &[&base[..], &["--loraplus-lr-ratio", "16"]].concat(),
+    );
+    assert_eq!(read_json(&plus.join("run.json"))["loraplus_lr_ratio"], 16.0);
+    let (a, b) = (
+        read_safetensors(&plain.join("adapter_model.safetensors")),
+        read_safetensors(&plus.join("adapter_model.safetensors")),
+    );
+    let norm = |t: &TensorInfo| t.values.iter().map(|x| x * x).sum::<f32>().sqrt();
+    for (key, t) in &b {
+        // lora_B starts at 0: after the same steps at 16x the rate it is ~16x larger.
+        if key.contains("lora_B") {
+            let ratio = norm(t) / norm(&a[key]);
+            assert!(ratio > 8.0, "{key}: |B| grew only {ratio}x");
+        }
+    }
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--method", "ia3", "--loraplus-lr-ratio", "16"],
+        &["--loraplus-lr-ratio applies to --method lora"],
+    );
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--loraplus-lr-ratio", "-1"],
+        &["--loraplus-lr-ratio must be > 0"],
+    );
+}
+
 /// The estimate a run prints ("memory: about X MiB (...)"), in MiB.
 fn estimate_mib(stderr: &str) -> f64 {
     let line = stderr

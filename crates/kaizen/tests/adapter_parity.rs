@@ -139,7 +139,10 @@ fn check_optimizer(fixture: &str, model: &str, kind: OptimizerKind, lr: f64, pre
 /// Optimizer steps as recorded: each step's loss before the update (`{prefix}step_losses`),
 /// clipping at 1.0, then every trainable tensor against `{prefix}after.<key>`.
 fn run_steps(name: &str, f: &mut Fixture, kind: OptimizerKind, lr: f64, prefix: &str) {
-    let mut opt = Optimizer::new(kind);
+    run_with(name, f, Optimizer::new(kind), lr, prefix)
+}
+
+fn run_with(name: &str, f: &mut Fixture, mut opt: Optimizer, lr: f64, prefix: &str) {
     let key = format!("{prefix}step_losses");
     let want: Vec<f64> = f.reference[&key]
         .as_array()
@@ -363,6 +366,41 @@ ia3_suite! {
     ia3_gemma3 => ("peft/ia3/gemma3", "gemma3"),
     ia3_qwen2 => ("peft/ia3/qwen2", "qwen2"),
     ia3_phi3 => ("peft/ia3/phi3", "phi3"),
+}
+
+/// LoRA+ (tests/fixtures/loraplus, made by scripts/fixtures/gen_loraplus.py with PEFT's
+/// `create_loraplus_optimizer`): from a committed LoRA (and DoRA) adapter, three AdamW steps
+/// with lora_B and the 1-D magnitudes at 16x the learning rate give PEFT's losses and tensors.
+fn check_loraplus(name: &str) {
+    let dir = root().join("tests/fixtures/loraplus").join(name);
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let path = |k: &str| root().join(reference[k].as_str().unwrap());
+    let mut model = kaizen::load(&path("model")).unwrap().model;
+    kaizen::tuners::load_adapter(&mut model, &path("adapter")).unwrap();
+    let mut f = Fixture {
+        model,
+        batches: common::batches(&reference),
+        reference,
+        tensors,
+    };
+    let mut opt = Optimizer::new(OptimizerKind::adamw());
+    opt.loraplus_lr_ratio = f.reference["loraplus_lr_ratio"].as_f64();
+    let lr = f.reference["lr"].as_f64().unwrap();
+    run_with(name, &mut f, opt, lr, "");
+}
+
+#[test]
+fn loraplus_lora() {
+    check_loraplus("llama-gqa-tied")
+}
+
+#[test]
+fn loraplus_dora_magnitudes_in_the_b_group() {
+    check_loraplus("dora-llama-gqa-tied")
 }
 
 /// LN tuning: a loaded adapter is its merged model (the targeted norms hold the trained values,

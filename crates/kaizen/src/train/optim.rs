@@ -35,6 +35,9 @@ impl OptimizerKind {
 
 pub struct Optimizer {
     pub kind: OptimizerKind,
+    /// LoRA+ (PEFT's `create_loraplus_optimizer`): `lora_B` matrices and every 1-D tensor (DoRA's
+    /// magnitudes) step at the learning rate times this ratio, the rest at the learning rate.
+    pub loraplus_lr_ratio: Option<f64>,
     /// Completed steps.
     pub step: u64,
     /// key -> (first moment, second moment)
@@ -45,6 +48,7 @@ impl Optimizer {
     pub fn new(kind: OptimizerKind) -> Self {
         Optimizer {
             kind,
+            loraplus_lr_ratio: None,
             step: 0,
             state: BTreeMap::new(),
         }
@@ -62,6 +66,10 @@ impl Optimizer {
         let mut out = Vec::with_capacity(params.len());
         for (key, p) in params {
             let Some(g) = grads.get(key) else { continue };
+            let lr = match self.loraplus_lr_ratio {
+                Some(ratio) if key.contains("lora_B") || p.rank() == 1 => lr * ratio,
+                _ => lr,
+            };
             let mut w: Vec<f32> = p.flatten_all()?.to_vec1()?;
             let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
             match self.kind {

@@ -34,6 +34,8 @@ use crate::{Error, Model, Result};
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
     pub optimizer: OptimizerKind,
+    /// LoRA+: `lora_B` and 1-D tensors step at `lr` times this (see `Optimizer`).
+    pub loraplus_lr_ratio: Option<f64>,
     pub lr: f64,
     pub schedule: Schedule,
     pub warmup_steps: usize,
@@ -107,6 +109,7 @@ pub fn train(
         return Err(Error::Input("the training set is empty".into()));
     }
     let mut opt = Optimizer::new(cfg.optimizer);
+    opt.loraplus_lr_ratio = cfg.loraplus_lr_ratio;
     let first_step = match resume_from {
         Some(dir) => load_checkpoint(model, &mut opt, dir)?,
         None => 0,
