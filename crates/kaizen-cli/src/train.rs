@@ -290,10 +290,17 @@ fn communicator() -> Result<Box<dyn Communicator>> {
     if ranks == 1 {
         return Ok(Box::new(comm::Single));
     }
-    #[cfg(feature = "mpi")]
-    return Ok(Box::new(comm::mpi::Mpi::init()?));
-    #[cfg(not(feature = "mpi"))]
-    bail!("started as one of {ranks} MPI ranks, but this kaizen was built without MPI: build it with `cargo build --release --features mpi` (needs an MPI library, e.g. Debian's libopenmpi-dev)")
+    mpi_ranks(ranks)
+}
+
+#[cfg(feature = "mpi")]
+fn mpi_ranks(_: usize) -> Result<Box<dyn Communicator>> {
+    Ok(Box::new(comm::mpi::Mpi::init()?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_ranks(ranks: usize) -> Result<Box<dyn Communicator>> {
+    bail!("started as one of {ranks} MPI ranks, but this kaizen was built without MPI: build it with `cargo build --release --features kaizen-cli/mpi` (needs an MPI library, e.g. Debian's libopenmpi-dev)")
 }
 
 fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {

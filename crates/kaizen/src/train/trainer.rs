@@ -70,6 +70,9 @@ pub struct StepLog {
     pub grad_norm: f64,
     pub tokens_per_sec: f64,
     pub elapsed: f64,
+    /// Seconds in the step's all-reduce (several ranks only; waiting for the slowest included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allreduce_seconds: Option<f64>,
 }
 
 /// Tokenized examples for a run.
@@ -169,7 +172,9 @@ pub fn train(
             sums.positions += b.batch_size * b.seq_len;
         }
         sums.stop = cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+        let t_reduce = Instant::now();
         let sums = all_reduce_step(comm, &keys, &mut grads, sums)?;
+        let allreduce_seconds = (comm.size() > 1).then(|| t_reduce.elapsed().as_secs_f64());
         if sums.tokens == 0 {
             return Err(Error::Input(format!(
                 "step {}: the batches hold no label tokens",
@@ -203,6 +208,7 @@ pub fn train(
             grad_norm,
             tokens_per_sec: tok_rate,
             elapsed: start.elapsed().as_secs_f64(),
+            allreduce_seconds,
         };
         if lead {
             let v = serde_json::to_value(&log_line).map_err(|e| Error::Input(e.to_string()))?;

@@ -15,8 +15,9 @@ use mpi::Threading;
 use super::Communicator;
 use crate::{Error, Result};
 
-/// MPI counts are C ints: larger buffers go in chunks.
-const CHUNK: usize = 1 << 28;
+/// MPI counts are C ints, and each call needs a receive buffer as large as what it sums: larger
+/// buffers (full fine-tuning) go in chunks of 64 MiB.
+const CHUNK: usize = 1 << 24;
 
 pub struct Mpi {
     world: SimpleCommunicator,
