@@ -207,7 +207,7 @@ macro_rules! or_file {
 }
 
 /// The fully resolved run, as written to run.json.
-#[derive(Serialize, Deserialize, PartialEq, Debug)]
+#[derive(Serialize, Deserialize, PartialEq, Debug, Clone)]
 struct Run {
     model: PathBuf,
     data: PathBuf,
@@ -260,11 +260,11 @@ impl Run {
     /// The run with its ranks folded into gradient accumulation: `-np 2 --grad-accum 1` and
     /// one process's `--grad-accum 2` take the same steps, so either resumes the other.
     fn global(&self) -> Run {
-        let mut run: Run =
-            serde_json::from_value(serde_json::to_value(self).expect("a Run serializes"))
-                .expect("a Run deserializes");
-        (run.grad_accum, run.ranks) = (self.grad_accum * self.ranks, 1);
-        run
+        Run {
+            grad_accum: self.grad_accum * self.ranks,
+            ranks: 1,
+            ..self.clone()
+        }
     }
 }
 
