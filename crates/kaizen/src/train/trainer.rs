@@ -103,6 +103,7 @@ pub struct Summary {
 /// all-reduce sums them with the label-token counts over ranks, and every rank then takes the
 /// same clip and optimizer step on the token-weighted mean. Rank 0 alone reads `resume_from`
 /// (its state is broadcast), evaluates, and writes `out`.
+#[allow(clippy::too_many_arguments)] // the loop's inputs, each named at the one call site
 pub fn train(
     model: &mut Model,
     method: &Method,
