@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kaizen::memory::{self, RunShape};
+use kaizen::train::comm::{self, Communicator, Fingerprint};
 use kaizen::train::optim::OptimizerKind;
 use kaizen::train::out_dir::{self, OutDirLock};
 use kaizen::train::schedule::Schedule;
@@ -206,7 +207,7 @@ macro_rules! or_file {
 }
 
 /// The fully resolved run, as written to run.json.
-#[derive(Serialize, Deserialize, PartialEq, Debug)]
+#[derive(Serialize, Deserialize, PartialEq, Debug, Clone)]
 struct Run {
     model: PathBuf,
     data: PathBuf,
@@ -227,6 +228,9 @@ struct Run {
     warmup_steps: usize,
     batch_size: usize,
     grad_accum: usize,
+    /// Processes (MPI ranks), each taking `grad_accum` micro-batches of every step.
+    #[serde(default = "one")]
+    ranks: usize,
     epochs: usize,
     max_steps: usize,
     max_grad_norm: f64,
@@ -248,7 +252,59 @@ fn f32_name() -> String {
     "f32".into()
 }
 
-pub fn run(mut a: TrainArgs) -> Result<()> {
+fn one() -> usize {
+    1
+}
+
+impl Run {
+    /// The run with its ranks folded into gradient accumulation: `-np 2 --grad-accum 1` and
+    /// one process's `--grad-accum 2` take the same steps, so either resumes the other.
+    fn global(&self) -> Run {
+        Run {
+            grad_accum: self.grad_accum * self.ranks,
+            ranks: 1,
+            ..self.clone()
+        }
+    }
+}
+
+/// `kaizen train`, as one process or as every rank of `mpirun -np N kaizen train ...`: a rank
+/// that fails prints its error with its rank and ends the job, so that no other rank waits
+/// for it.
+pub fn run(a: TrainArgs) -> Result<()> {
+    let comm = communicator()?;
+    match run_on(a, &*comm) {
+        // A stop is agreed by every rank at the same step (the signal's flag travels in the
+        // step's all-reduce): nobody waits, so no abort.
+        Err(e) if comm.size() > 1 && !e.is::<Stopped>() => {
+            eprintln!("error: rank {} of {}: {e:#}", comm.rank(), comm.size());
+            comm.abort(1)
+        }
+        r => r,
+    }
+}
+
+/// MPI's ranks when an MPI launcher started this process with more than one, else one process.
+fn communicator() -> Result<Box<dyn Communicator>> {
+    let ranks = comm::launched_size().unwrap_or(1);
+    if ranks == 1 {
+        return Ok(Box::new(comm::Single));
+    }
+    mpi_ranks(ranks)
+}
+
+#[cfg(feature = "mpi")]
+fn mpi_ranks(_: usize) -> Result<Box<dyn Communicator>> {
+    Ok(Box::new(comm::mpi::Mpi::init()?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_ranks(ranks: usize) -> Result<Box<dyn Communicator>> {
+    bail!("started as one of {ranks} MPI ranks, but this kaizen was built without MPI: build it with `cargo build --release --features kaizen-cli/mpi` (needs an MPI library, e.g. Debian's libopenmpi-dev)")
+}
+
+fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
+    let lead = comm.rank() == 0;
     if let Some(path) = a.config.clone() {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -509,12 +565,17 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
 
     // Data.
     let ds = load_dataset(&data_path, &loaded.tokenizer, &opts)?;
-    ds.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+    let warn = |ws: &[String]| {
+        ws.iter()
+            .filter(|_| lead)
+            .for_each(|w| eprintln!("warning: {w}"))
+    };
+    warn(&ds.warnings);
     let val_split = a.val_split.unwrap_or(0.0);
     let (mut train_set, val_set) = match &a.val_data {
         Some(v) => {
             let vd = load_dataset(v, &loaded.tokenizer, &opts)?;
-            vd.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+            warn(&vd.warnings);
             (ds.examples, vd.examples)
         }
         None => split_validation(ds.examples, val_split, seed)?,
@@ -531,7 +592,10 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     let epochs = a.epochs.unwrap_or(1);
     let total_steps = match a.max_steps {
         Some(n) => n,
-        None => epochs * trainer::steps_per_epoch(train_set.len(), batch_size, grad_accum),
+        None => {
+            let micro_per_step = grad_accum * comm.size();
+            epochs * trainer::steps_per_epoch(train_set.len(), batch_size, micro_per_step)
+        }
     };
     let cfg = TrainConfig {
         optimizer,
@@ -567,6 +631,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         warmup_steps: cfg.warmup_steps,
         batch_size,
         grad_accum,
+        ranks: comm.size(),
         epochs,
         max_steps: total_steps,
         max_grad_norm: cfg.max_grad_norm,
@@ -579,33 +644,65 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         quantize: a.quantize.as_ref().map(|q| q.to_ascii_lowercase()),
         compute: a.compute.clone(),
     };
-    let (_lock, resume_from) = prepare_out(
-        &out,
-        &run,
-        a.resume.unwrap_or(false),
-        a.overwrite.unwrap_or(false),
+    // Before the first step: every rank trains the same run, then rank 0 alone takes --out.
+    let mut model_files = comm::hash_files(&model_path)?;
+    if let Some(dir) = &a.init_adapter {
+        model_files ^= comm::hash_files(dir)?.rotate_left(1);
+    }
+    let rows = |set: &[kaizen_data::Example]| -> Vec<(Vec<u32>, Vec<i64>)> {
+        set.iter()
+            .map(|e| (e.input_ids.clone(), e.labels.clone()))
+            .collect()
+    };
+    comm::agree(
+        comm,
+        Fingerprint {
+            model: model_files,
+            data: comm::hash_of(&(rows(&train_set), rows(&val_set))),
+            options: comm::hash_of(&serde_json::to_string(&run)?),
+        },
     )?;
+    let (_lock, resume_from) = match lead {
+        true => prepare_out(
+            &out,
+            &run,
+            a.resume.unwrap_or(false),
+            a.overwrite.unwrap_or(false),
+        )?,
+        false => (None, None),
+    };
 
-    let trainable: usize = kaizen::train::trainable_params(&mut loaded.model)
-        .iter()
-        .map(|(_, t)| t.elem_count())
-        .sum();
+    let tensors = kaizen::train::trainable_params(&mut loaded.model);
+    let trainable: usize = tensors.iter().map(|(_, t)| t.elem_count()).sum();
     let all = match method {
         Method::Full(_) => loaded.model.config().num_parameters(),
         _ => loaded.model.config().num_parameters() + trainable,
     };
-    eprintln!("{memory_line}");
-    eprintln!(
-        "{} examples for training, {} for validation; {} steps; trainable params: {trainable} || all params: {all} || trainable%: {:.4}",
-        train_set.len(),
-        val_set.len(),
-        total_steps,
-        100.0 * trainable as f64 / all as f64
-    );
-    if precision.quantize.is_some() || precision.dtype != kaizen::DType::F32 {
-        eprintln!("base held as {}", crate::infer::resident(&mut loaded.model));
+    if lead {
+        eprintln!("{memory_line}");
+        eprintln!(
+            "{} examples for training, {} for validation; {} steps; trainable params: {trainable} || all params: {all} || trainable%: {:.4}",
+            train_set.len(),
+            val_set.len(),
+            total_steps,
+            100.0 * trainable as f64 / all as f64
+        );
+        if comm.size() > 1 {
+            eprintln!(
+                "{} ranks: {} micro-batches of {batch_size} per step, {grad_accum} on each rank; one all-reduce of {} bytes per step",
+                comm.size(),
+                grad_accum * comm.size(),
+                comm::step_buffer_len(trainable, tensors.len()) * 4
+            );
+        }
+        if precision.quantize.is_some() || precision.dtype != kaizen::DType::F32 {
+            eprintln!("base held as {}", crate::infer::resident(&mut loaded.model));
+        }
     }
-    let bar = progress_bar(total_steps as u64);
+    let bar = match lead {
+        true => progress_bar(total_steps as u64),
+        false => ProgressBar::hidden(),
+    };
     let mut on = |e: Event| match e {
         Event::Step(s) => {
             bar.set_position(s.step as u64);
@@ -629,9 +726,13 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         &cfg,
         &out,
         resume_from.as_deref(),
+        comm,
         &mut on,
     )?;
     bar.finish_and_clear();
+    if summary.stopped && !lead {
+        return Ok(()); // rank 0 reports the stop
+    }
     if summary.stopped {
         return Err(Stopped(format!(
             "stopped after step {}: {} holds it; continue with the same options and --resume",
@@ -639,6 +740,9 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             out.join(format!("checkpoint-{}", summary.steps)).display()
         ))
         .into());
+    }
+    if !lead {
+        return Ok(());
     }
     match crate::plot::loss_chart(&out.join("metrics.jsonl"), &out.join("loss.png")) {
         Ok(Some(w)) => eprintln!("warning: loss.png: {w}"),
@@ -923,7 +1027,7 @@ fn prepare_out(
     run: &Run,
     resume: bool,
     overwrite: bool,
-) -> Result<(OutDirLock, Option<PathBuf>)> {
+) -> Result<(Option<OutDirLock>, Option<PathBuf>)> {
     let run_json = out.join("run.json");
     let text = serde_json::to_string_pretty(run)?;
     if resume && !out.is_dir() {
@@ -932,13 +1036,13 @@ fn prepare_out(
             out.display()
         );
     }
-    let lock = out_dir::lock(out)?;
+    let lock = Some(out_dir::lock(out)?);
     if resume {
         let old = std::fs::read_to_string(&run_json)
             .with_context(|| format!("--resume: {} has no run.json", out.display()))?;
         let old: Run = serde_json::from_str(&old)
             .with_context(|| format!("{}: unreadable", run_json.display()))?;
-        if &old != run {
+        if old.global() != run.global() {
             bail!("--resume: the options differ from the run in {} (see its run.json); resume with the same options", out.display());
         }
         let ckpt = trainer::last_checkpoint(out).with_context(|| {

@@ -1341,6 +1341,18 @@ fn assert_train_fails(model: &str, data: Option<&Path>, extra: &[&str], needles:
 }
 
 #[test]
+#[cfg(not(feature = "mpi"))]
+fn several_mpi_ranks_need_the_mpi_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &instruction_rows(4));
+    let out = tmp.path().join("run");
+    let args = train_args(LLAMA, &data, &out, &["--max-steps", "1"]);
+    let err = kaizen_env(args, &[("OMPI_COMM_WORLD_SIZE", "2")]).fails();
+    assert_mentions(&err, &["one of 2 MPI ranks", "--features kaizen-cli/mpi"]);
+    assert!(!out.exists());
+}
+
+#[test]
 fn unknown_method() {
     assert_train_fails(
         LLAMA,

@@ -231,34 +231,43 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-    let cmdline = std::iter::once("kaizen".to_string())
-        .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
-        .collect::<Vec<_>>()
-        .join(" ");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kaizen"));
-    cmd.args(&args)
-        .env_remove("RUST_BACKTRACE")
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run_command(cmd, TIMEOUT)
+}
+
+/// Runs `cmd` with Rust's backtrace variables removed and its output captured, killing it
+/// after `timeout`.
+pub fn run_command(mut cmd: Command, timeout: Duration) -> Run {
+    let cmdline = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace(env!("CARGO_BIN_EXE_kaizen"), "kaizen");
+    cmd.env_remove("RUST_BACKTRACE")
         .env_remove("RUST_LIB_BACKTRACE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn kaizen");
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn `{cmdline}`: {e}"));
     // Drain the pipes on threads so a chatty child cannot block on a full pipe.
     let out = drain(child.stdout.take().expect("stdout pipe"));
     let err = drain(child.stderr.take().expect("stderr pipe"));
     let start = Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for kaizen") {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
             break status;
         }
-        if start.elapsed() > TIMEOUT {
+        if start.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("`{cmdline}` hung: killed after {TIMEOUT:?}");
+            panic!("`{cmdline}` hung: killed after {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(5));
     };

@@ -1,6 +1,7 @@
 //! The training engine: loss and gradients of one optimizer step over micro-batches (explicit
 //! backward; frozen weights never get a gradient), optimizers, schedules and the training loop.
 
+pub mod comm;
 pub mod optim;
 pub mod out_dir;
 pub mod schedule;

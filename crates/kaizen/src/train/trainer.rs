@@ -20,11 +20,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::json;
 
+use super::comm::{all_reduce_step, broadcast_f32, Communicator, StepSums};
 use super::optim::{clip_grad_norm, Optimizer, OptimizerKind};
 use super::schedule::Schedule;
-use super::{
-    label_count, micro_batch_backward, set_params, targets_after_virtual, trainable_params, Batch,
-};
+use super::{micro_batch_backward, set_params, targets_after_virtual, trainable_params, Batch};
 use crate::checkpoint::adapter::{write_atomic, write_dir_atomic, write_safetensors};
 use crate::nn::loss::{token_nll, IGNORE_INDEX};
 use crate::nn::Grads;
@@ -71,6 +70,9 @@ pub struct StepLog {
     pub grad_norm: f64,
     pub tokens_per_sec: f64,
     pub elapsed: f64,
+    /// Seconds in the step's all-reduce (several ranks only; waiting for the slowest included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allreduce_seconds: Option<f64>,
 }
 
 /// Tokenized examples for a run.
@@ -95,6 +97,13 @@ pub struct Summary {
 
 /// Trains the adapter attached to `model` and writes it to `out`. `resume_from` is a
 /// checkpoint directory written by an earlier run with the same data and config.
+///
+/// Data parallel over `comm`'s ranks: an optimizer step takes `grad_accum * size` micro-batches
+/// in data order, rank r the r-th block of `grad_accum`; each rank sums its NLL gradients, one
+/// all-reduce sums them with the label-token counts over ranks, and every rank then takes the
+/// same clip and optimizer step on the token-weighted mean. Rank 0 alone reads `resume_from`
+/// (its state is broadcast), evaluates, and writes `out`.
+#[allow(clippy::too_many_arguments)] // the loop's inputs, each named at the one call site
 pub fn train(
     model: &mut Model,
     method: &Method,
@@ -102,60 +111,79 @@ pub fn train(
     cfg: &TrainConfig,
     out: &Path,
     resume_from: Option<&Path>,
+    comm: &dyn Communicator,
     on: &mut dyn FnMut(Event),
 ) -> Result<Summary> {
     let (train_set, val_set, pad_id) = (data.train, data.val, data.pad_id);
     if train_set.is_empty() {
         return Err(Error::Input("the training set is empty".into()));
     }
+    let lead = comm.rank() == 0;
     let mut opt = Optimizer::new(cfg.optimizer);
     opt.loraplus_lr_ratio = cfg.loraplus_lr_ratio;
     let first_step = match resume_from {
-        Some(dir) => load_checkpoint(model, &mut opt, dir)?,
-        None => 0,
+        Some(dir) if lead => load_checkpoint(model, &mut opt, dir)?,
+        _ => 0,
     };
-    let mut order = MicroBatches::new(train_set.len(), cfg, first_step);
-    let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), first_step)?;
+    let first_step = share_state(comm, model, &mut opt, first_step)?;
+    let keys: Vec<(String, Vec<usize>)> = trainable_params(model)
+        .into_iter()
+        .map(|(k, t)| (k, t.dims().to_vec()))
+        .collect();
+    let per_step = cfg.grad_accum * comm.size(); // micro-batches per optimizer step, all ranks
+    let mut order = MicroBatches::new(train_set.len(), cfg, first_step * per_step);
+    let mut metrics = match lead {
+        true => Some(MetricsLog::open(&out.join("metrics.jsonl"), first_step)?),
+        false => None,
+    };
     let start = Instant::now();
     let (mut last_loss, mut eval_loss, mut tok_rate) = (f64::NAN, None, 0.0);
     let mut initial_eval_loss = None;
-    if first_step == 0 && !val_set.is_empty() {
+    if first_step == 0 && !val_set.is_empty() && lead {
         // The held-out loss before any update: the baseline the run is judged against.
         let l = evaluate(model, val_set, pad_id, cfg.batch_size)?;
-        metrics.write(&json!({"step": 0, "eval_loss": l, "elapsed": 0.0}))?;
+        log(
+            &mut metrics,
+            &json!({"step": 0, "eval_loss": l, "elapsed": 0.0}),
+        )?;
         on(Event::Eval { step: 0, loss: l });
         initial_eval_loss = Some(l);
     }
     for step in first_step..cfg.total_steps {
         let t0 = Instant::now();
-        // 1. Batches in: grad_accum micro-batches, right-padded.
-        let micro: Vec<Batch> = (0..cfg.grad_accum)
-            .map(|_| {
-                let idx = order.next_batch();
-                collate(
-                    &idx.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(),
-                    pad_id,
-                )
+        // 1. Batches in: this rank's grad_accum micro-batches of the step, right-padded.
+        let mine = comm.rank() * cfg.grad_accum..(comm.rank() + 1) * cfg.grad_accum;
+        let micro: Vec<(usize, Batch)> = (0..per_step)
+            .map(|j| (j, order.next_batch()))
+            .filter(|(j, _)| mine.contains(j))
+            .map(|(j, idx)| {
+                let rows: Vec<&Example> = idx.iter().map(|&i| &train_set[i]).collect();
+                (j, collate(&rows, pad_id))
             })
             .collect();
-        // 2. Loss and backward: token-weighted mean over the whole step.
-        let n_virtual = model.num_virtual_tokens();
-        let tokens: usize = micro.iter().map(|b| label_count(b, n_virtual)).sum();
-        if tokens == 0 {
+        // 2. Loss and backward: gradients of the summed NLL, summed over ranks, then divided
+        // by the step's label tokens: the token-weighted mean over the whole step.
+        let mut grads = Grads::new();
+        let mut sums = StepSums::default();
+        for (j, b) in &micro {
+            let mut rng = StdRng::seed_from_u64(micro_seed(cfg.seed, step, *j));
+            let m = micro_batch_backward(model, b, 1.0, Some(&mut rng), &mut grads)?;
+            sums.loss_sum += m.loss_sum;
+            sums.tokens += m.tokens;
+            sums.positions += b.batch_size * b.seq_len;
+        }
+        sums.stop = cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+        let t_reduce = Instant::now();
+        let sums = all_reduce_step(comm, &keys, &mut grads, sums)?;
+        let allreduce_seconds = (comm.size() > 1).then(|| t_reduce.elapsed().as_secs_f64());
+        if sums.tokens == 0 {
             return Err(Error::Input(format!(
                 "step {}: the batches hold no label tokens",
                 step + 1
             )));
         }
-        let mut grads = Grads::new();
-        let mut rng = StdRng::seed_from_u64(cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9));
-        let mut loss_sum = 0.0;
-        for b in &micro {
-            loss_sum +=
-                micro_batch_backward(model, b, 1.0 / tokens as f64, Some(&mut rng), &mut grads)?
-                    .loss_sum;
-        }
-        let loss = loss_sum / tokens as f64;
+        grads.scale(1.0 / sums.tokens as f64)?;
+        let loss = sums.loss_sum / sums.tokens as f64;
         // 3. Clip, 4. step with the scheduled learning rate.
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -171,34 +199,41 @@ pub fn train(
             .lr(cfg.lr, cfg.warmup_steps, cfg.total_steps, step);
         let updated = opt.update(&trainable_params(model), &grads, lr)?;
         set_params(model, updated)?;
-        // 5. Log.
-        let positions: usize = micro.iter().map(|b| b.batch_size * b.seq_len).sum();
-        tok_rate = positions as f64 / t0.elapsed().as_secs_f64();
+        // 5. Log (rank 0): positions of all ranks over this step's time.
+        tok_rate = sums.positions as f64 / t0.elapsed().as_secs_f64();
         last_loss = loss;
-        let log = StepLog {
+        let log_line = StepLog {
             step: step + 1,
             loss,
             lr,
             grad_norm,
             tokens_per_sec: tok_rate,
             elapsed: start.elapsed().as_secs_f64(),
+            allreduce_seconds,
         };
-        metrics.write(&serde_json::to_value(&log).map_err(|e| Error::Input(e.to_string()))?)?;
-        on(Event::Step(&log));
-        // 6. Evaluate and checkpoint on schedule.
+        if lead {
+            let v = serde_json::to_value(&log_line).map_err(|e| Error::Input(e.to_string()))?;
+            log(&mut metrics, &v)?;
+            on(Event::Step(&log_line));
+        }
+        // 6. Evaluate and checkpoint on schedule (rank 0; the others wait in the next step's
+        // all-reduce).
         let last = step + 1 == cfg.total_steps;
-        if !val_set.is_empty() && (last || (cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0))
-        {
+        let eval_due = last || (cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0);
+        if lead && !val_set.is_empty() && eval_due {
             let l = evaluate(model, val_set, pad_id, cfg.batch_size)?;
-            metrics.write(&json!({"step": step + 1, "eval_loss": l, "elapsed": start.elapsed().as_secs_f64()}))?;
+            log(
+                &mut metrics,
+                &json!({"step": step + 1, "eval_loss": l, "elapsed": start.elapsed().as_secs_f64()}),
+            )?;
             on(Event::Eval {
                 step: step + 1,
                 loss: l,
             });
             eval_loss = Some(l);
         }
-        let stop = !last && cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
-        if !last && (stop || (cfg.save_every > 0 && (step + 1) % cfg.save_every == 0)) {
+        let stop = !last && sums.stop;
+        if lead && !last && (stop || (cfg.save_every > 0 && (step + 1) % cfg.save_every == 0)) {
             let dir = save_checkpoint(model, method, &opt, out, step + 1)?;
             on(Event::Checkpoint(&dir));
         }
@@ -213,7 +248,9 @@ pub fn train(
             });
         }
     }
-    method.save(model, out)?;
+    if lead {
+        method.save(model, out)?;
+    }
     Ok(Summary {
         steps: cfg.total_steps,
         final_loss: last_loss,
@@ -222,6 +259,77 @@ pub fn train(
         tokens_per_sec: tok_rate,
         stopped: false,
     })
+}
+
+/// The dropout seed of micro-batch `j` of optimizer step `step`: the same whichever rank
+/// computes it (micro-batch 0 keeps the seed steps had before data parallelism).
+fn micro_seed(seed: u64, step: usize, j: usize) -> u64 {
+    seed ^ (step as u64).wrapping_mul(0x9E37_79B9) ^ (j as u64).wrapping_mul(0x85EB_CA6B) << 32
+}
+
+fn log(metrics: &mut Option<MetricsLog>, v: &serde_json::Value) -> Result<()> {
+    metrics.as_mut().map_or(Ok(()), |m| m.write(v))
+}
+
+/// Makes every rank start from rank 0's state: its trainable tensors (fresh or resumed), the
+/// optimizer's step count and moments, and the step to continue from, which it returns.
+fn share_state(
+    comm: &dyn Communicator,
+    model: &mut Model,
+    opt: &mut Optimizer,
+    first_step: usize,
+) -> Result<usize> {
+    if comm.size() == 1 {
+        return Ok(first_step);
+    }
+    let params = trainable_params(model);
+    let head = [first_step as u64, opt.step, !opt.state().is_empty() as u64];
+    let mut bytes: Vec<u8> = head.iter().flat_map(|x| x.to_le_bytes()).collect();
+    comm.broadcast(&mut bytes)?;
+    let head: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect();
+    let mut values = Vec::new();
+    for (_, t) in &params {
+        values.extend(t.flatten_all()?.to_vec1::<f32>()?);
+    }
+    let moments = head[2] != 0;
+    if moments {
+        for (key, t) in &params {
+            let n = t.elem_count();
+            let (m, v) = opt
+                .state()
+                .get(key)
+                .cloned()
+                .unwrap_or((vec![0.0; n], vec![0.0; n]));
+            values.extend(m.into_iter().chain(v));
+        }
+    }
+    broadcast_f32(comm, &mut values)?;
+    let (mut at, mut updates, mut state) = (0, Vec::new(), BTreeMap::new());
+    for (key, t) in &params {
+        let n = t.elem_count();
+        updates.push((
+            key.clone(),
+            Tensor::from_slice(&values[at..at + n], t.dims(), &Device::Cpu)?,
+        ));
+        at += n;
+    }
+    for (key, t) in params.iter().filter(|_| moments) {
+        let n = t.elem_count();
+        state.insert(
+            key.clone(),
+            (
+                values[at..at + n].to_vec(),
+                values[at + n..at + 2 * n].to_vec(),
+            ),
+        );
+        at += 2 * n;
+    }
+    set_params(model, updates)?;
+    opt.restore(head[1], state);
+    Ok(head[0] as usize)
 }
 
 /// Token-weighted mean next-token loss over `examples`, batched, no gradients.
@@ -274,7 +382,8 @@ struct MicroBatches {
 }
 
 impl MicroBatches {
-    fn new(n: usize, cfg: &TrainConfig, first_step: usize) -> Self {
+    /// Starts after the first `skip` micro-batches.
+    fn new(n: usize, cfg: &TrainConfig, skip: usize) -> Self {
         let bs = cfg.batch_size.max(1);
         let mut s = MicroBatches {
             n,
@@ -284,7 +393,7 @@ impl MicroBatches {
             epoch: 0,
             current: Batches::new(n, bs, cfg.shuffle, cfg.seed, 0),
         };
-        for _ in 0..first_step * cfg.grad_accum {
+        for _ in 0..skip {
             s.next_batch();
         }
         s
