@@ -22,7 +22,15 @@ pub(super) const GEMV_ROWS: usize = 64;
 
 /// With AMX, bf16 products of more rows than this run on its tiles, which read a row-major W
 /// in place and outpace this path from a few rows on.
-pub(super) const GEMV_ROWS_AMX: usize = 4;
+const GEMV_ROWS_AMX: usize = 4;
+
+/// Whether the forward product of `n` rows takes this path, products in bf16 or not.
+pub(super) fn takes(n: usize, bf16: bool) -> bool {
+    n <= match bf16 && super::available_amx() {
+        true => GEMV_ROWS_AMX,
+        false => GEMV_ROWS,
+    }
+}
 
 /// Weight rows per rayon task.
 const CHUNK: usize = 32;

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::gemv::{by_weight_rows, dots, GEMV_ROWS};
+use super::gemv::{by_weight_rows, dots, takes};
 use super::pack::{pack_f32, pack_pairs, to_bf16};
 use super::tensor::with_slice;
 use super::{available, available_bf16, gemm_packed, Mat, PackedB, Weight, KC, NC, NR};
@@ -150,7 +150,7 @@ pub fn linear_quant(x: &Tensor, q: &QMatrix, transposed: bool) -> Result<Tensor>
         if transposed && q.int8 && q.has_int8() {
             return q.int8_product(xs, n, &mut c);
         }
-        if transposed && n <= GEMV_ROWS {
+        if transposed && takes(n, q.compute == DType::BF16) {
             return gemv_quant(xs, n, q, &mut c);
         }
         let a = Mat::row_major(xs, n, k);

@@ -4,9 +4,9 @@
 use candle_core::{DType, Storage, Tensor};
 use half::bf16;
 
-use super::gemv::{gemv, Lanes, GEMV_ROWS, GEMV_ROWS_AMX};
+use super::gemv::{gemv, takes, Lanes};
 use super::quant::{kernels_for, FromF32};
-use super::{available, available_amx, available_bf16, gemm, gemm_packed, Mat, PackedB, Weight};
+use super::{available, available_bf16, gemm, gemm_packed, Mat, PackedB, Weight};
 use crate::nn::quant::QMatrix;
 use crate::nn::Matrix;
 use crate::Result;
@@ -26,12 +26,7 @@ pub fn linear_bf16(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
         let wt = if transposed { w.t()? } else { w.clone() };
         return Ok(x.to_dtype(DType::BF16)?.matmul(&wt)?.to_dtype(DType::F32)?);
     }
-    let few = if available_amx() {
-        GEMV_ROWS_AMX
-    } else {
-        GEMV_ROWS
-    };
-    if transposed && n <= few {
+    if transposed && takes(n, true) {
         // x rounded to bf16 as the packed path does, so prefill and decoding agree.
         return few_rows::<bf16>(&x.to_dtype(DType::BF16)?, w);
     }
@@ -44,8 +39,8 @@ pub fn linear_f32(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Option<Ten
     let n = x.dims2()?.0;
     match (available(), transposed) {
         (false, _) => Ok(None),
-        (true, true) if n <= GEMV_ROWS => few_rows::<f32>(x, w).map(Some),
-        (true, false) if n <= GEMV_ROWS => Ok(None),
+        (true, true) if takes(n, false) => few_rows::<f32>(x, w).map(Some),
+        (true, false) if takes(n, false) => Ok(None),
         (true, _) => product_of::<f32>(x, w, transposed).map(Some),
     }
 }
