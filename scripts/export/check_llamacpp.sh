@@ -80,7 +80,7 @@ serve() {  # MODEL [extra args...]
   echo "llama-server did not start:" >&2; tail -20 "$WORK/server.log" >&2; exit 1
 }
 unserve() { kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""; }
-llama_ids() {  # PROMPT -> "prompt ids | generated ids"
+llama_ids() {  # PROMPT -> "prompt ids / generated ids" (no "|": the ids go in a Markdown table)
   python3 - "$PORT" "$1" "$N_PREDICT" <<'EOF'
 import json, sys, urllib.request
 port, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -91,16 +91,16 @@ def post(path, body):
 p = post("/tokenize", {"content": prompt, "add_special": True})["tokens"]
 r = post("/completion", {"prompt": p, "n_predict": n, "temperature": 0, "top_k": 1,
                          "return_tokens": True, "cache_prompt": False, "ignore_eos": True})
-print(" ".join(map(str, p)), "|", " ".join(map(str, r["tokens"])))
+print(" ".join(map(str, p)), "/", " ".join(map(str, r["tokens"])))
 EOF
 }
-kaizen_ids() {  # MODEL PROMPT [extra args...] -> "prompt ids | generated ids"
+kaizen_ids() {  # MODEL PROMPT [extra args...] -> "prompt ids / generated ids"
   local model="$1" prompt="$2"; shift 2
   local p g
   p="$("$KAIZEN" tokenize --model "$model" --text "$prompt" | python3 -c 'import json,sys; print(" ".join(map(str, json.load(sys.stdin))))')"
   g="$("$KAIZEN" generate --model "$model" --prompt "$prompt" --greedy --max-new-tokens "$N_PREDICT" \
        --min-new-tokens "$N_PREDICT" --json "$@" | tail -1 | python3 -c 'import json,sys; print(" ".join(map(str, json.load(sys.stdin)["ids"])))')"
-  echo "$p | $g"
+  echo "$p / $g"
 }
 
 FAIL=0
@@ -195,7 +195,7 @@ PPL_OK="$(python3 -c "print('within' if abs(${PPL[q8_0]} - ${PPL[f32]}) / ${PPL[
   echo "llama.cpp from the PyPI sdist $LLAMA_SDIST_PKG). Model: SmolLM2-135M-Instruct (the Q4_1 GGUF of"
   echo "scripts/fetch_assets.sh, read by kaizen and exported). $N_PREDICT greedy tokens per prompt, EOS ignored."
   echo
-  echo "## Greedy ids (prompt ids | generated ids): exact equality"
+  echo "## Greedy ids (prompt ids / generated ids): exact equality"
   echo
   echo "| file, prompt | verdict | kaizen | llama.cpp |"
   echo "|---|---|---|---|"
