@@ -14,7 +14,10 @@
 #  1. greedy ids: llama.cpp's greedy continuation (llama-server, temperature 0, ids returned)
 #     of the exported f32 and f16 SmolLM2 equals `kaizen generate --greedy` on the same weights
 #     (f32: the source GGUF dequantized, which is what the f32 file holds; f16: the f16 file
-#     read back by kaizen), token for token, prompt ids included.
+#     read back by kaizen), token for token, prompt ids included; the same for Gemma 3 270M
+#     (where cached) and for GPT-NeoX (llama.cpp's `gptneox`) on the tiny random fixture
+#     tests/fixtures/models/neox-par-bpe (made by transformers, scripts/fixtures/gen_arch.py; no
+#     real GPT-NeoX model is fetched here).
 #  2. perplexity: llama-perplexity of the q8_0 export within 1% of the f32 export's, on
 #     botchan.txt (context 256, the first 24 chunks). q4_0 and q4_k_m are reported too (no bound).
 #  3. quantization: llama-quantize's Q4_0 / Q4_K_M of the f32 export have the same tensor types and
@@ -133,6 +136,16 @@ if [[ -f "$GEMMA" ]]; then  # optional: Gemma 3 270M (scripts/fetch_assets.sh fe
   rm -f "$WORK/gemma.f32.gguf"
 fi
 
+# GPT-NeoX: fused QKV rows, LayerNorm with biases, parallel residual, exact GELU (llama.cpp's is
+# tanh-approximated: the ids are still expected to be equal on this model).
+NEOX="$ROOT/tests/fixtures/models/neox-par-bpe"
+"$KAIZEN" export --model "$NEOX" --out "$WORK/neox.f32.gguf" --type f32
+serve "$WORK/neox.f32.gguf"
+for p in "${PROMPTS[@]}"; do
+  compare "GPT-NeoX tiny random fixture (neox-par-bpe) f32, \"$p\"" "$(kaizen_ids "$NEOX" "$p")" "$(llama_ids "$p")"
+done
+unserve
+
 echo "== llama-quantize"
 QROWS=()
 for t in q4_0 q4_k_m; do
@@ -193,7 +206,9 @@ PPL_OK="$(python3 -c "print('within' if abs(${PPL[q8_0]} - ${PPL[f32]}) / ${PPL[
   echo
   echo "Written by \`scripts/export/check_llamacpp.sh\` on $(date -u +%Y-%m-%d) (kaizen $(git -C "$ROOT" rev-parse --short HEAD),"
   echo "llama.cpp from the PyPI sdist $LLAMA_SDIST_PKG). Model: SmolLM2-135M-Instruct (the Q4_1 GGUF of"
-  echo "scripts/fetch_assets.sh, read by kaizen and exported). $N_PREDICT greedy tokens per prompt, EOS ignored."
+  echo "scripts/fetch_assets.sh, read by kaizen and exported); Gemma 3 270M; GPT-NeoX: the tiny random"
+  echo "fixture tests/fixtures/models/neox-par-bpe (made by transformers; no real GPT-NeoX model here)."
+  echo "$N_PREDICT greedy tokens per prompt, EOS ignored."
   echo
   echo "## Greedy ids (prompt ids / generated ids): exact equality"
   echo
