@@ -244,12 +244,18 @@ fn arch_metadata(arch: &str, c: &ModelConfig) -> Vec<(String, Value)> {
             | Architecture::Gemma2
             | Architecture::Gemma3
     ) || c.head_dim * c.num_attention_heads != c.hidden_size;
+    // The order in which GPT-NeoX's and Gemma 2's converter classes write these four.
+    let sizes = [
+        ("context_length", c.max_position_embeddings),
+        ("embedding_length", c.hidden_size),
+        ("block_count", c.num_hidden_layers),
+        ("feed_forward_length", c.intermediate_size),
+    ];
     match arch {
         "gptneox" => {
-            put("context_length", u(c.max_position_embeddings));
-            put("embedding_length", u(c.hidden_size));
-            put("block_count", u(c.num_hidden_layers));
-            put("feed_forward_length", u(c.intermediate_size));
+            for (key, v) in sizes {
+                put(key, u(v));
+            }
             put("rope.dimension_count", u(c.rotary_dim));
             put("attention.head_count", u(c.num_attention_heads));
             put(
@@ -279,10 +285,9 @@ fn arch_metadata(arch: &str, c: &ModelConfig) -> Vec<(String, Value)> {
             put("rope.freq_base", f(c.rope_theta));
         }
         "gemma2" => {
-            put("context_length", u(c.max_position_embeddings));
-            put("embedding_length", u(c.hidden_size));
-            put("block_count", u(c.num_hidden_layers));
-            put("feed_forward_length", u(c.intermediate_size));
+            for (key, v) in sizes {
+                put(key, u(v));
+            }
             put("attention.head_count", u(c.num_attention_heads));
             put("attention.head_count_kv", u(c.num_key_value_heads));
             put("attention.layer_norm_rms_epsilon", f(c.norm_eps));
