@@ -14,7 +14,10 @@
 #  1. greedy ids: llama.cpp's greedy continuation (llama-server, temperature 0, ids returned)
 #     of the exported f32 and f16 SmolLM2 equals `kaizen generate --greedy` on the same weights
 #     (f32: the source GGUF dequantized, which is what the f32 file holds; f16: the f16 file
-#     read back by kaizen), token for token, prompt ids included.
+#     read back by kaizen), token for token, prompt ids included; the same for Gemma 3 270M
+#     (where cached) and for GPT-NeoX (llama.cpp's `gptneox`) on the tiny random fixture
+#     tests/fixtures/models/neox-par-bpe (made by transformers, scripts/fixtures/gen_arch.py; no
+#     real GPT-NeoX model is fetched here).
 #  2. perplexity: llama-perplexity of the q8_0 export within 1% of the f32 export's, on
 #     botchan.txt (context 256, the first 24 chunks). q4_0 and q4_k_m are reported too (no bound).
 #  3. quantization: llama-quantize's Q4_0 / Q4_K_M of the f32 export have the same tensor types and
@@ -80,7 +83,7 @@ serve() {  # MODEL [extra args...]
   echo "llama-server did not start:" >&2; tail -20 "$WORK/server.log" >&2; exit 1
 }
 unserve() { kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""; }
-llama_ids() {  # PROMPT -> "prompt ids | generated ids"
+llama_ids() {  # PROMPT -> "prompt ids / generated ids" (no "|": the ids go in a Markdown table)
   python3 - "$PORT" "$1" "$N_PREDICT" <<'EOF'
 import json, sys, urllib.request
 port, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -91,16 +94,16 @@ def post(path, body):
 p = post("/tokenize", {"content": prompt, "add_special": True})["tokens"]
 r = post("/completion", {"prompt": p, "n_predict": n, "temperature": 0, "top_k": 1,
                          "return_tokens": True, "cache_prompt": False, "ignore_eos": True})
-print(" ".join(map(str, p)), "|", " ".join(map(str, r["tokens"])))
+print(" ".join(map(str, p)), "/", " ".join(map(str, r["tokens"])))
 EOF
 }
-kaizen_ids() {  # MODEL PROMPT [extra args...] -> "prompt ids | generated ids"
+kaizen_ids() {  # MODEL PROMPT [extra args...] -> "prompt ids / generated ids"
   local model="$1" prompt="$2"; shift 2
   local p g
   p="$("$KAIZEN" tokenize --model "$model" --text "$prompt" | python3 -c 'import json,sys; print(" ".join(map(str, json.load(sys.stdin))))')"
   g="$("$KAIZEN" generate --model "$model" --prompt "$prompt" --greedy --max-new-tokens "$N_PREDICT" \
        --min-new-tokens "$N_PREDICT" --json "$@" | tail -1 | python3 -c 'import json,sys; print(" ".join(map(str, json.load(sys.stdin)["ids"])))')"
-  echo "$p | $g"
+  echo "$p / $g"
 }
 
 FAIL=0
@@ -132,6 +135,16 @@ if [[ -f "$GEMMA" ]]; then  # optional: Gemma 3 270M (scripts/fetch_assets.sh fe
   unserve
   rm -f "$WORK/gemma.f32.gguf"
 fi
+
+# GPT-NeoX: fused QKV rows, LayerNorm with biases, parallel residual, exact GELU (llama.cpp's is
+# tanh-approximated: the ids are still expected to be equal on this model).
+NEOX="$ROOT/tests/fixtures/models/neox-par-bpe"
+"$KAIZEN" export --model "$NEOX" --out "$WORK/neox.f32.gguf" --type f32
+serve "$WORK/neox.f32.gguf"
+for p in "${PROMPTS[@]}"; do
+  compare "GPT-NeoX tiny random fixture (neox-par-bpe) f32, \"$p\"" "$(kaizen_ids "$NEOX" "$p")" "$(llama_ids "$p")"
+done
+unserve
 
 echo "== llama-quantize"
 QROWS=()
@@ -193,9 +206,11 @@ PPL_OK="$(python3 -c "print('within' if abs(${PPL[q8_0]} - ${PPL[f32]}) / ${PPL[
   echo
   echo "Written by \`scripts/export/check_llamacpp.sh\` on $(date -u +%Y-%m-%d) (kaizen $(git -C "$ROOT" rev-parse --short HEAD),"
   echo "llama.cpp from the PyPI sdist $LLAMA_SDIST_PKG). Model: SmolLM2-135M-Instruct (the Q4_1 GGUF of"
-  echo "scripts/fetch_assets.sh, read by kaizen and exported). $N_PREDICT greedy tokens per prompt, EOS ignored."
+  echo "scripts/fetch_assets.sh, read by kaizen and exported); Gemma 3 270M; GPT-NeoX: the tiny random"
+  echo "fixture tests/fixtures/models/neox-par-bpe (made by transformers; no real GPT-NeoX model here)."
+  echo "$N_PREDICT greedy tokens per prompt, EOS ignored."
   echo
-  echo "## Greedy ids (prompt ids | generated ids): exact equality"
+  echo "## Greedy ids (prompt ids / generated ids): exact equality"
   echo
   echo "| file, prompt | verdict | kaizen | llama.cpp |"
   echo "|---|---|---|---|"

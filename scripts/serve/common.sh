@@ -50,9 +50,26 @@ start_server() {
   local log="$WORK/server.log"
   "$K" serve --model "$MODEL" --served-model-name smollm2 --port 0 "${ADAPTER_FLAGS[@]}" "$@" > "$log" 2>&1 &
   SERVER_PID=$!
+  wait_ready "$log" 'sed -n "s/^listening on //p" "$log" | head -1'
+}
+
+# Starts llama.cpp's llama-server (LLAMA_CPP_BIN_DIR) on GGUF with the given flags, on a free
+# loopback port; sets SERVER_PID and BASE once /health answers.
+start_llama_server() {
+  local log="$WORK/llama-server.log" gguf="$1"; shift
+  local port
+  port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "$LLAMA_CPP_BIN_DIR/llama-server" -m "$gguf" --host 127.0.0.1 --port "$port" "$@" > "$log" 2>&1 &
+  SERVER_PID=$!
+  wait_ready "$log" "curl -sf http://127.0.0.1:$port/health >/dev/null && echo http://127.0.0.1:$port"
+}
+
+# Polls `probe` (a command printing the base URL once the server is up) for a minute.
+wait_ready() {
+  local log="$1" probe="$2"
   trap stop_server EXIT
   for _ in $(seq 600); do
-    BASE=$(sed -n 's/^listening on //p' "$log" | head -1)
+    BASE=$(eval "$probe" || true)
     [ -n "$BASE" ] && return 0
     kill -0 "$SERVER_PID" 2>/dev/null || { cat "$log" >&2; exit 1; }
     sleep 0.1

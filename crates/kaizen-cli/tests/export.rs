@@ -112,22 +112,6 @@ fn bad_input_fails_with_one_line_and_writes_nothing() {
     let llama = s(&model_path("llama-gqa-tied"));
     let err = kaizen(["export", "--model", &llama, "--out", &out, "--type", "q3_k"]).fails();
     assert_mentions(&err, &["--type", "q3_k", "q4_k_m"]);
-    let err = kaizen([
-        "export",
-        "--model",
-        &s(&model_path("neox-par-bpe")),
-        "--out",
-        &out,
-    ])
-    .fails();
-    assert_mentions(
-        &err,
-        &[
-            "gpt_neox",
-            "cannot be exported to GGUF",
-            "convert_hf_to_gguf.py",
-        ],
-    );
     let dora = s(&adapter_path("dora-llama-gqa-tied"));
     let err = kaizen([
         "export",

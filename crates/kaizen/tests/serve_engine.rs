@@ -228,17 +228,18 @@ fn abandoned_timed_out_and_bad_requests_free_their_rows() {
     assert!(h.send(Command::Generate(r)));
     assert!(matches!(rx.recv().unwrap(), Event::Token { .. }));
     drop(rx);
-    // A deadline that passes mid-generation.
+    // A deadline that passes mid-generation: as many tokens as the context holds (2045 after
+    // the prompt) take far longer than 100 ms, however fast decoding gets (1000 once fit in 300).
     let (tx, rx) = channel();
     let r = Request {
         adapter: Some("lora".into()),
         prompt: vec![5, 6, 7],
         cfg: GenerateConfig {
-            min_new_tokens: 1000,
-            ..greedy(1000)
+            min_new_tokens: 2045,
+            ..greedy(2045)
         },
         logprobs: Some(3),
-        deadline: Some(Instant::now() + Duration::from_millis(300)),
+        deadline: Some(Instant::now() + Duration::from_millis(100)),
         sink: Box::new(move |e| tx.send(e).is_ok()),
     };
     assert!(h.send(Command::Generate(r)));

@@ -3,7 +3,8 @@
 //! dequantized to f32 with candle's quantized module. What llama.cpp's `convert_hf_to_gguf.py` changed is undone as
 //! transformers' GGUF loader does: llama's Q/K rows are un-permuted back to HF's rotate_half
 //! layout (llama.cpp permutes them for its interleaved rope), Gemma's norm gains, stored as
-//! `1 + w`, become `w` again. The tokenizer and chat template come from the `tokenizer.*`
+//! `1 + w`, become `w` again, GPT-NeoX's fused QKV rows, stored as all queries, all keys, all
+//! values (`GPTNeoXModel.modify_tensors`), are interleaved per head again. The tokenizer and chat template come from the `tokenizer.*`
 //! metadata.
 
 use std::collections::{BTreeSet, HashMap};
@@ -20,7 +21,7 @@ use super::{check_sizes, guarded, Checkpoint, SizeKeys, Weights};
 use crate::config::{
     bounded, check_eps, check_rotary, check_theta, limits, Architecture, ModelConfig, RopeScaling,
 };
-use crate::models::arch::{MlpKind, NormKind};
+use crate::models::arch::{MlpKind, NormKind, QkvLayout};
 use crate::nn::quant::QMatrix;
 use crate::nn::Matrix;
 use crate::{Error, Result};
@@ -56,6 +57,7 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     // Biases are where the file has them (Qwen 2: q/k/v only).
     config.attention_bias = has("blk.0.attn_q.bias") || has("blk.0.attn_qkv.bias");
     config.o_bias = has("blk.0.attn_output.bias");
+    config.mlp_bias = has("blk.0.ffn_up.bias");
     let tokenizer =
         Tokenizer::from_gguf(meta.vocab()?).map_err(|e| Error::config(path, e.to_string()))?;
     check_extents(path, &content)?;
@@ -156,6 +158,9 @@ pub(crate) enum Fix {
     Unpermute(usize),
     /// A Gemma norm gain stored as `1 + w`.
     MinusOne,
+    /// GPT-NeoX's fused QKV rows over this many heads: (head, q|k|v, head_dim) in HF,
+    /// (q|k|v, head, head_dim) in llama.cpp.
+    Interleave(usize),
 }
 
 /// One tensor, kept quantized when `keep` (= Some(compute dtype)) and stored quantized.
@@ -186,6 +191,10 @@ fn load(
                 let perm = unpermuted_rows(m.dims().0, h);
                 m.permute_rows(&perm)?
             }
+            Fix::Interleave(h) => {
+                let perm = interleaved_rows(m.dims().0, h);
+                m.permute_rows(&perm)?
+            }
             _ => m,
         };
         return Ok(Matrix::Quant(Arc::new(m)));
@@ -194,8 +203,35 @@ fn load(
     Ok(Matrix::Dense(match fix {
         Fix::Unpermute(h) => unpermute(&w, h)?,
         Fix::MinusOne => (w - 1.0)?,
+        Fix::Interleave(h) => fused_qkv(&w, h, false)?,
         Fix::None => w,
     }))
+}
+
+/// Row `i` of HF's fused QKV, (head, q|k|v, head_dim), is row `perm[i]` of llama.cpp's
+/// (q|k|v, head, head_dim).
+fn interleaved_rows(rows: usize, n_head: usize) -> Vec<usize> {
+    let hd = rows / n_head / 3;
+    (0..rows)
+        .map(|i| {
+            let (h, j, d) = (i / (3 * hd), (i / hd) % 3, i % hd);
+            (j * n_head + h) * hd + d
+        })
+        .collect()
+}
+
+/// GPT-NeoX's fused QKV weight or bias between HF's per-head interleaved rows and llama.cpp's
+/// concatenated ones (`to_gguf`), as `GPTNeoXModel.modify_tensors` reshapes it.
+pub(crate) fn fused_qkv(w: &Tensor, n_head: usize, to_gguf: bool) -> Result<Tensor> {
+    let shape = w.shape().clone();
+    let rows = shape.dims().first().copied().unwrap_or(1);
+    let cols = w.elem_count() / rows.max(1);
+    let hd = rows / n_head / 3;
+    let (a, b) = if to_gguf { (n_head, 3) } else { (3, n_head) };
+    Ok(w.reshape((a, b, hd, cols))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape(shape)?)
 }
 
 /// Row `i` of the un-permuted matrix is row `perm[i]` of llama.cpp's (see [`unpermute`]).
@@ -285,6 +321,10 @@ fn hf_name(g: &str, c: &ModelConfig) -> Option<(String, Fix)> {
         Architecture::Llama => Fix::Unpermute(heads),
         _ => Fix::None,
     };
+    let qkv_fix = match spec.qkv {
+        QkvLayout::Interleaved => Fix::Interleave(c.num_attention_heads),
+        _ => Fix::None,
+    };
     let (stem, suffix) = g.rsplit_once('.')?;
     if suffix != "weight" && suffix != "bias" {
         return None;
@@ -305,7 +345,7 @@ fn hf_name(g: &str, c: &ModelConfig) -> Option<(String, Fix)> {
                 "attn_q" => (format!("{a}.{}", n.q), permute(c.num_attention_heads)),
                 "attn_k" => (format!("{a}.{}", n.k), permute(c.num_key_value_heads)),
                 "attn_v" => (format!("{a}.{}", n.v), Fix::None),
-                "attn_qkv" => (format!("{a}.{}", n.qkv), Fix::None),
+                "attn_qkv" => (format!("{a}.{}", n.qkv), qkv_fix),
                 "attn_output" => (format!("{a}.{}", n.o), Fix::None),
                 "attn_q_norm" if c.qk_norm => (format!("{a}.{}", n.q_norm), norm_fix),
                 "attn_k_norm" if c.qk_norm => (format!("{a}.{}", n.k_norm), norm_fix),
@@ -502,9 +542,12 @@ impl Meta<'_> {
             max_position_embeddings: self
                 .size(&k("context_length"), limits::CONTEXT)?
                 .unwrap_or(2048),
-            norm_eps: self
-                .real(&k("attention.layer_norm_rms_epsilon"), check_eps)?
-                .unwrap_or(1e-5),
+            norm_eps: match self.real(&k("attention.layer_norm_rms_epsilon"), check_eps)? {
+                Some(eps) => eps,
+                None => self
+                    .real(&k("attention.layer_norm_epsilon"), check_eps)?
+                    .unwrap_or(1e-5),
+            },
             hidden_act: crate::config::parse_activation(spec.defaults.hidden_act)
                 .map_err(|m| self.err(m))?,
             tie_word_embeddings: true,
@@ -531,6 +574,9 @@ impl Meta<'_> {
             Architecture::Qwen3 => c.qk_norm = true,
             // llama.cpp reads phi3.attention.sliding_window and disables it (its PR 13676).
             Architecture::Phi3 => c.sliding_window = None,
+            Architecture::GptNeoX => {
+                c.use_parallel_residual = self.bool(&k("use_parallel_residual")).unwrap_or(true)
+            }
             // As llama.cpp reads these files (transformers' GGUF loader ignores the soft-caps
             // read above): alternating layers, the first local; scores scaled by head_dim, or
             // by hidden / heads for the 27B model (46 layers), no key holds the scalar.

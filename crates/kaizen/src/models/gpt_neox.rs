@@ -7,7 +7,7 @@ use super::arch::*;
 pub const SPEC: ArchSpec = ArchSpec {
     model_types: &["gpt_neox"],
     hf_class: "GPTNeoXForCausalLM",
-    gguf: None,
+    gguf: Some("gptneox"),
     names: Names {
         embed: "gpt_neox.embed_in",
         layers: "gpt_neox.layers",

@@ -13,8 +13,8 @@
 //! [`available`] says whether the CPU has the units; callers fall back to candle otherwise.
 //! Where the CPU has Intel AMX ([`available_amx`]), bf16 products run on its tiles instead.
 //! Files: `pack.rs` (panels), `avx512.rs` (micro-kernels), `amx.rs` (the AMX path),
-//! `tensor.rs` (the layers' entry points: `linear_bf16`, `linear_f32`, the packed LM head,
-//! decoding's matrix-vector path).
+//! `tensor.rs` (the layers' entry points: `linear_bf16`, `linear_f32`, the packed LM head),
+//! `gemv.rs` (decoding's few rows, straight from the unpacked weight).
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -26,6 +26,7 @@ use rayon::prelude::*;
 mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod gemv;
 mod pack;
 mod quant;
 mod tensor;

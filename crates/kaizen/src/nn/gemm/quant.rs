@@ -11,14 +11,12 @@ use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::gemv::{by_weight_rows, dots, takes};
 use super::pack::{pack_f32, pack_pairs, to_bf16};
 use super::tensor::with_slice;
 use super::{available, available_bf16, gemm_packed, Mat, PackedB, Weight, KC, NC, NR};
 use crate::nn::quant::QMatrix;
 use crate::Result;
-
-/// Rows at or below which the matrix-vector path runs.
-const GEMV_ROWS: usize = 4;
 
 /// A packed element type that can be packed from f32 values.
 pub trait FromF32: Weight {
@@ -152,7 +150,7 @@ pub fn linear_quant(x: &Tensor, q: &QMatrix, transposed: bool) -> Result<Tensor>
         if transposed && q.int8 && q.has_int8() {
             return q.int8_product(xs, n, &mut c);
         }
-        if transposed && n <= GEMV_ROWS {
+        if transposed && takes(n, q.compute == DType::BF16) {
             return gemv_quant(xs, n, q, &mut c);
         }
         let a = Mat::row_major(xs, n, k);
@@ -170,52 +168,29 @@ thread_local! {
 }
 
 /// `c (n, rows) = x (n, cols) qᵀ` for a handful of rows: each weight row is dequantized once
-/// (rounded to bf16 when computing in bf16, as the packed path rounds it) and dotted with every
-/// row of x.
+/// (rounded to bf16 when computing in bf16, as the packed path rounds it), four at a time, and
+/// dotted with every row of x.
 fn gemv_quant(x: &[f32], n: usize, q: &QMatrix, c: &mut [f32]) -> Result<()> {
-    let (rows, cols) = q.dims();
+    let cols = q.dims().1;
     let bf = q.compute == DType::BF16;
     let xr: Vec<f32> = match bf {
         true => x.iter().map(|&v| to_bf16(v).to_f32()).collect(),
         false => x.to_vec(),
     };
-    let mut ct = vec![0f32; rows * n]; // (rows, n)
-    ct.par_chunks_mut(n).enumerate().try_for_each(|(j, dst)| {
+    by_weight_rows(n, c, |rows, dst| {
         ROW.with(|buf| -> Result<()> {
             let mut w = buf.borrow_mut();
-            w.resize(cols, 0.0);
-            q.dequantize_into(j, 0, &mut w)?;
-            if bf {
-                w.iter_mut().for_each(|v| *v = to_bf16(*v).to_f32());
-            }
-            for (i, o) in dst.iter_mut().enumerate() {
-                *o = dot(&w, &xr[i * cols..(i + 1) * cols]);
+            for (j0, d) in rows.step_by(4).zip(dst.chunks_mut(4 * n)) {
+                w.resize(d.len() / n * cols, 0.0);
+                for (j, row) in w.chunks_mut(cols.max(1)).enumerate() {
+                    q.dequantize_into(j0 + j, 0, row)?;
+                }
+                if bf {
+                    w.iter_mut().for_each(|v| *v = to_bf16(*v).to_f32());
+                }
+                dots(&w, &xr, n, d);
             }
             Ok(())
         })
-    })?;
-    for j in 0..rows {
-        for i in 0..n {
-            c[i * rows + j] = ct[j * n + i];
-        }
-    }
-    Ok(())
-}
-
-/// `sum a[i] * b[i]` in 16 partial sums (vectorised by the compiler).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (a16, b16) in ac.zip(bc) {
-        for l in 0..16 {
-            acc[l] += a16[l] * b16[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+    })
 }

@@ -3,17 +3,13 @@
 
 use candle_core::{DType, Storage, Tensor};
 use half::bf16;
-use rayon::prelude::*;
 
+use super::gemv::{gemv, takes, Lanes};
 use super::quant::{kernels_for, FromF32};
-use super::{available, available_bf16, gemm, gemm_packed, to_bf16, Mat, PackedB, Weight};
+use super::{available, available_bf16, gemm, gemm_packed, Mat, PackedB, Weight};
 use crate::nn::quant::QMatrix;
 use crate::nn::Matrix;
 use crate::Result;
-
-/// Rows at or below which [`linear_bf16`] runs the matrix-vector path (decoding) instead of
-/// packing the whole weight for a handful of rows.
-const GEMV_ROWS: usize = 4;
 
 /// The linear layers' products with a bf16 weight `w` (out, in), in f32 with bf16 products:
 /// `x (N, in) -> x wᵀ (N, out)` when `transposed`, else `x (N, out) -> x w (N, in)` (the input
@@ -21,7 +17,7 @@ const GEMV_ROWS: usize = 4;
 pub fn linear_bf16(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
     let (n, kx) = x.dims2()?;
     let (out, inp) = w.dims2()?;
-    let (k, cols) = if transposed { (inp, out) } else { (out, inp) };
+    let k = if transposed { inp } else { out };
     assert_eq!(
         kx, k,
         "linear_bf16: x has {kx} columns, the weight wants {k}"
@@ -30,24 +26,36 @@ pub fn linear_bf16(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
         let wt = if transposed { w.t()? } else { w.clone() };
         return Ok(x.to_dtype(DType::BF16)?.matmul(&wt)?.to_dtype(DType::F32)?);
     }
-    if transposed && n <= GEMV_ROWS {
-        let (x, w) = (x.to_dtype(DType::F32)?.contiguous()?, w.contiguous()?);
-        let mut c = vec![0f32; n * cols];
-        with_slice::<f32, _>(&x, |xs| {
-            with_slice::<bf16, _>(&w, |ws| gemv_bf16(xs, n, ws, out, inp, &mut c))
-        })??;
-        return Ok(Tensor::from_vec(c, (n, cols), x.device())?);
+    if transposed && takes(n, true) {
+        // x rounded to bf16 as the packed path does, so prefill and decoding agree.
+        return few_rows::<bf16>(&x.to_dtype(DType::BF16)?, w);
     }
     product_of::<bf16>(x, w, transposed)
 }
 
-/// The same products with an f32 weight on kaizen's AVX-512 f32 kernel; None where the CPU
-/// lacks AVX-512F or for a handful of rows (decoding), where candle's matmul is the better fit.
+/// The same products with an f32 weight on kaizen's AVX-512 f32 kernels; None where the CPU
+/// lacks AVX-512F or for the input gradient of a handful of rows (candle's matmul fits there).
 pub fn linear_f32(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Option<Tensor>> {
-    if !available() || x.dims2()?.0 <= GEMV_ROWS {
-        return Ok(None);
+    let n = x.dims2()?.0;
+    match (available(), transposed) {
+        (false, _) => Ok(None),
+        (true, true) if takes(n, false) => few_rows::<f32>(x, w).map(Some),
+        (true, false) if takes(n, false) => Ok(None),
+        (true, _) => product_of::<f32>(x, w, transposed).map(Some),
     }
-    product_of::<f32>(x, w, transposed).map(Some)
+}
+
+/// `x (n, in) -> x wᵀ (n, out)` for a few rows (decoding) on the matrix-vector path: each
+/// weight row read once for all rows. `x` arrives in the precision the products take.
+fn few_rows<W: Lanes + candle_core::WithDType>(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, k) = x.dims2()?;
+    let out = w.dims2()?.0;
+    let (x, w) = (x.to_dtype(DType::F32)?.contiguous()?, w.contiguous()?);
+    let mut c = vec![0f32; n * out];
+    with_slice::<f32, _>(&x, |xs| {
+        with_slice::<W, _>(&w, |ws| gemv(xs, n, ws, k, &mut c))
+    })??;
+    Ok(Tensor::from_vec(c, (n, out), x.device())?)
 }
 
 /// `x wᵀ` (`transposed`) or `x w` for a weight `w` (out, in) of element type `W`, on kaizen's
@@ -175,47 +183,4 @@ pub(super) fn with_slice<T: candle_core::WithDType, R>(
         .contiguous_offsets()
         .expect("made contiguous by the caller");
     Ok(f(&all[start..end]))
-}
-
-/// `c (n, out) = x (n, k) wᵀ` for few rows: each output is a dot product with a weight row,
-/// read once (decoding is bound by reading the weights).
-fn gemv_bf16(x: &[f32], n: usize, w: &[bf16], out: usize, k: usize, c: &mut [f32]) {
-    // x rounded to bf16 as the packed path does, so prefill and decoding agree.
-    let x: Vec<f32> = x.iter().map(|&v| to_bf16(v).to_f32()).collect();
-    let mut ct = vec![0f32; out * n]; // (out, n): chunks of outputs are contiguous
-    ct.par_chunks_mut(64 * n)
-        .enumerate()
-        .for_each(|(chunk, dst)| {
-            for (jj, row_out) in dst.chunks_mut(n).enumerate() {
-                let row = &w[(chunk * 64 + jj) * k..][..k];
-                for (i, o) in row_out.iter_mut().enumerate() {
-                    // SAFETY: `linear_bf16` checked AVX512-BF16 (so AVX-512F) is present.
-                    *o = unsafe { dot_bf16(row, &x[i * k..(i + 1) * k]) };
-                }
-            }
-        });
-    for j in 0..out {
-        for i in 0..n {
-            c[i * out + j] = ct[j * n + i];
-        }
-    }
-}
-
-/// `sum w[i] * x[i]` with the bf16 weights widened to f32 exactly; 16 partial sums.
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
-unsafe fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (wc, xc) = (w.chunks_exact(16), x.chunks_exact(16));
-    let tail: f32 = wc
-        .remainder()
-        .iter()
-        .zip(xc.remainder())
-        .map(|(w, x)| w.to_f32() * x)
-        .sum();
-    for (w16, x16) in wc.zip(xc) {
-        for l in 0..16 {
-            acc[l] += f32::from_bits((w16[l].to_bits() as u32) << 16) * x16[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }

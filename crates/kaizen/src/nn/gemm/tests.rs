@@ -236,3 +236,41 @@ fn kc_block_is_tiles_within_kc() {
     assert_eq!(kc_block(7), 32);
     assert_eq!(KC % 32, 0);
 }
+
+/// Decoding's few rows (`gemv.rs`), f32 and bf16 weights, k off the 16-lane grid and row
+/// groups of 8 split unevenly: against the naive product of the same (widened) values, and
+/// each row's outputs bit for bit the same whatever the other rows (a sequence decodes to the
+/// same numbers alone or batched).
+#[test]
+fn gemv_matches_naive_and_is_row_independent() {
+    if !available() {
+        eprintln!("skipped: no AVX-512F");
+        return;
+    }
+    for &(k, out) in &[(1, 3), (16, 33), (70, 40), (576, 65)] {
+        let (x, w) = (data(gemv::GEMV_ROWS * k, 11), data(out * k, 12));
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wr: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+        let want = naive(
+            &Mat::row_major(&x, gemv::GEMV_ROWS, k),
+            &Mat::row_major(&wr, out, k).t(),
+        );
+        let mut alone = vec![f32::NAN; out];
+        for n in (1..=9).chain([16, 17, 33, gemv::GEMV_ROWS]) {
+            let (mut c, mut cb) = (vec![f32::NAN; n * out], vec![f32::NAN; n * out]);
+            gemv::gemv(&x, n, &w, k, &mut c);
+            gemv::gemv(&x, n, &wb, k, &mut cb);
+            check(&cb, &want[..n * out], 1e-5);
+            let want_f32 = naive(&Mat::row_major(&x, n, k), &Mat::row_major(&w, out, k).t());
+            check(&c, &want_f32, 1e-5);
+            if n == 1 {
+                alone.copy_from_slice(&c);
+            }
+            assert_eq!(
+                &c[..out],
+                &alone[..],
+                "row 0 of {n} rows, k {k}: differs from alone"
+            );
+        }
+    }
+}
