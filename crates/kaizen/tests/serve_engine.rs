@@ -228,19 +228,28 @@ fn abandoned_timed_out_and_bad_requests_free_their_rows() {
     assert!(h.send(Command::Generate(r)));
     assert!(matches!(rx.recv().unwrap(), Event::Token { .. }));
     drop(rx);
-    // A deadline that passes mid-generation: as many tokens as the context holds (2045 after
-    // the prompt) take far longer than 100 ms, however fast decoding gets (1000 once fit in 300).
+    // A deadline that passes mid-generation, whatever the machine's speed: the first token
+    // holds the engine (its sink runs there) until the deadline has passed, so the next step
+    // finds the request late.
     let (tx, rx) = channel();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut first = true;
     let r = Request {
         adapter: Some("lora".into()),
         prompt: vec![5, 6, 7],
         cfg: GenerateConfig {
-            min_new_tokens: 2045,
-            ..greedy(2045)
+            min_new_tokens: 100,
+            ..greedy(100)
         },
         logprobs: Some(3),
-        deadline: Some(Instant::now() + Duration::from_millis(100)),
-        sink: Box::new(move |e| tx.send(e).is_ok()),
+        deadline: Some(deadline),
+        sink: Box::new(move |e| {
+            if std::mem::take(&mut first) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                std::thread::sleep(left + Duration::from_millis(20));
+            }
+            tx.send(e).is_ok()
+        }),
     };
     assert!(h.send(Command::Generate(r)));
     match rx.recv().unwrap() {
