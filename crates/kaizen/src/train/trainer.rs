@@ -122,7 +122,10 @@ pub fn train(
     let mut opt = Optimizer::new(cfg.optimizer);
     opt.loraplus_lr_ratio = cfg.loraplus_lr_ratio;
     let first_step = match resume_from {
-        Some(dir) if lead => load_checkpoint(model, &mut opt, dir)?,
+        Some(dir) if lead => {
+            method.resume(dir)?;
+            load_checkpoint(model, &mut opt, dir)?
+        }
         _ => 0,
     };
     let first_step = share_state(comm, model, &mut opt, first_step)?;
@@ -183,7 +186,8 @@ pub fn train(
             )));
         }
         grads.scale(1.0 / sums.tokens as f64)?;
-        let loss = sums.loss_sum / sums.tokens as f64;
+        // The method's own loss term (AdaLoRA's regulariser), once per step, on every rank.
+        let loss = sums.loss_sum / sums.tokens as f64 + method.regularize(model, &mut grads)?;
         // 3. Clip, 4. step with the scheduled learning rate.
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -199,6 +203,7 @@ pub fn train(
             .lr(cfg.lr, cfg.warmup_steps, cfg.total_steps, step);
         let updated = opt.update(&trainable_params(model), &grads, lr)?;
         set_params(model, updated)?;
+        method.after_step(model, &grads, step)?;
         // 5. Log (rank 0): positions of all ranks over this step's time.
         tok_rate = sums.positions as f64 / t0.elapsed().as_secs_f64();
         last_loss = loss;
@@ -468,7 +473,7 @@ fn save_checkpoint(
 ) -> Result<PathBuf> {
     let dir = out.join(format!("checkpoint-{step}"));
     write_dir_atomic(&dir, |tmp| {
-        method.save(model, tmp)?;
+        method.save_resumable(model, tmp)?;
         let mut state = HashMap::new();
         for (k, (m, v)) in opt.state() {
             state.insert(
