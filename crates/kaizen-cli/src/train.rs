@@ -413,6 +413,10 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
                     "{}: a prefix-projection adapter as PEFT saves it holds only the projection's output, not its weights, so it can be used for inference (--adapter) but not trained further",
                     dir.display()
                 ),
+                Method::AdaLora { cfg, .. } if cfg.rank_pattern.is_some() => bail!(
+                    "{}: this AdaLoRA adapter was saved cut to its rank_pattern, so its budget schedule cannot continue; use it for inference (--adapter), or resume its run from a checkpoint (--resume)",
+                    dir.display()
+                ),
                 m => m,
             }
         }

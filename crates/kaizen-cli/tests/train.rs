@@ -2494,6 +2494,12 @@ fn adalora_reallocates_ranks_saves_as_peft_merges_and_resumes() {
     ])
     .ok();
     assert_close("merged", eval_loss(&merged, None, &data), with_adapter, 1e-5);
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--init-adapter", &s(&out)],
+        &["rank_pattern", "--resume"],
+    );
 
     let cut = tmp.path().join("cut");
     train_ok(LLAMA, &data, &cut, &opts);
@@ -2510,7 +2516,7 @@ fn adalora_reallocates_ranks_saves_as_peft_merges_and_resumes() {
         (&["--tinit", "1"][..], &["tinit", "total_step"][..]),
         (&["--total-step", "3", "--tfinal", "3"][..], &["tfinal", "total_step"][..]),
         (&["--beta1", "1.5"][..], &["beta1"][..]),
-        (&["--orth-reg-weight", "-1"][..], &["orth_reg_weight"][..]),
+        (&["--orth-reg-weight=-1"][..], &["orth_reg_weight"][..]),
         (&["--r", "4"][..], &["--r applies to --method lora"][..]),
     ] {
         assert_train_fails(LLAMA, None, &[&["--method", "adalora"][..], flags].concat(), want);

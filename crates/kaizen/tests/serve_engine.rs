@@ -16,8 +16,10 @@ fn root() -> PathBuf {
 const MODEL: &str = "tests/fixtures/models/llama-gqa-tied";
 
 /// Every method kaizen loads, on the same tiny Llama.
-const ADAPTERS: [(&str, &str); 7] = [
+const ADAPTERS: [(&str, &str); 8] = [
     ("lora", "tests/fixtures/lora/llama-gqa-tied/adapter"),
+    // PEFT's trained AdaLoRA adapter: each layer at the rank its rank_pattern keeps
+    ("adalora", "tests/fixtures/peft/adalora/llama-gqa-tied/trained"),
     ("dora", "tests/fixtures/lora/dora-llama-gqa-tied/adapter"),
     ("ia3", "tests/fixtures/peft/ia3/llama-gqa-tied/adapter"),
     (
@@ -119,7 +121,7 @@ fn greedy(max_new_tokens: usize) -> GenerateConfig {
 
 #[test]
 fn batched_rows_of_every_method_equal_generate_alone() {
-    // 16 requests, at most 6 rows at once: rows leave at different lengths and waiting ones
+    // 18 requests, at most 6 rows at once: rows leave at different lengths and waiting ones
     // join between steps.
     let h = start(6);
     let names: Vec<Option<&str>> = std::iter::once(None)

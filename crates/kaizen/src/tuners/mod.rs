@@ -163,19 +163,13 @@ impl Method {
             return self.save(model, dir);
         };
         adapter::write(dir, &cfg.to_json(targets, None), &crate::train::trainable_params(model))?;
-        allocator
-            .lock()
-            .map_err(|_| Error::Input("the AdaLoRA allocator was poisoned".into()))?
-            .save(dir)
+        adalora::lock(allocator)?.save(dir)
     }
 
     /// Resuming from a checkpoint [`Method::save_resumable`] wrote: the method's own state.
     pub fn resume(&self, dir: &Path) -> Result<()> {
         match self {
-            Method::AdaLora { allocator, .. } => allocator
-                .lock()
-                .map_err(|_| Error::Input("the AdaLoRA allocator was poisoned".into()))?
-                .load(dir),
+            Method::AdaLora { allocator, .. } => adalora::lock(allocator)?.load(dir),
             _ => Ok(()),
         }
     }
@@ -214,10 +208,9 @@ impl Method {
     /// (AdaLoRA's `update_and_allocate`); nothing for the others.
     pub fn after_step(&self, model: &mut Model, grads: &Grads, step: usize) -> Result<()> {
         match self {
-            Method::AdaLora { cfg, allocator, .. } => allocator
-                .lock()
-                .map_err(|_| Error::Input("the AdaLoRA allocator was poisoned".into()))?
-                .after_step(cfg, model, grads, step),
+            Method::AdaLora { cfg, allocator, .. } => {
+                adalora::lock(allocator)?.after_step(cfg, model, grads, step)
+            }
             _ => Ok(()),
         }
     }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod layer;
 
 use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
@@ -22,6 +23,12 @@ use super::lora::{all_used, resolve_targets, take, LoraConfig};
 use crate::nn::Grads;
 use crate::train::trainable_params;
 use crate::{Error, Model, Result};
+
+/// The allocator a method shares between the training loop and the saver.
+pub fn lock(a: &Mutex<RankAllocator>) -> Result<MutexGuard<'_, RankAllocator>> {
+    a.lock()
+        .map_err(|_| Error::Input("the AdaLoRA allocator was left inconsistent by an earlier failure".into()))
+}
 
 /// PEFT's `SVDLinear` scale: lora_alpha / (ranknum + 1e-5), with ranknum = init_r.
 fn scale(cfg: &AdaLoraConfig) -> f64 {
