@@ -2467,19 +2467,30 @@ fn adalora_reallocates_ranks_saves_as_peft_merges_and_resumes() {
     train_ok(LLAMA, &data, &out, &opts);
     let config = read_json(&out.join("adapter_config.json"));
     assert_eq!(config["peft_type"], "ADALORA");
-    assert_eq!(config["total_step"], 6, "total_step defaults to the run's steps");
+    assert_eq!(
+        config["total_step"], 6,
+        "total_step defaults to the run's steps"
+    );
     let pattern = config["rank_pattern"].as_object().expect("a rank pattern");
     assert_eq!(pattern.len(), 4, "q_proj and v_proj of two layers");
     let saved = read_safetensors(&out.join("adapter_model.safetensors"));
     let mut kept_total = 0;
     for (key, keep) in pattern {
-        let kept = keep.as_array().unwrap().iter().filter(|b| b == &&Value::Bool(true)).count();
+        let kept = keep
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b == &&Value::Bool(true))
+            .count();
         kept_total += kept;
         let path = key.strip_suffix(".lora_E").unwrap();
         let a = &saved[&format!("base_model.model.{path}.lora_A")];
         assert_eq!(a.shape[0], kept, "{key}: lora_A cut to the pattern");
     }
-    assert!((1..=8).contains(&kept_total), "budget 4 layers x target_r 2: {kept_total} kept");
+    assert!(
+        (1..=8).contains(&kept_total),
+        "budget 4 layers x target_r 2: {kept_total} kept"
+    );
     let with_adapter = eval_loss(&model_path(LLAMA), Some(&out), &data);
     assert!(with_adapter < eval_loss(&model_path(LLAMA), None, &data));
     let merged = tmp.path().join("merged");
@@ -2493,7 +2504,12 @@ fn adalora_reallocates_ranks_saves_as_peft_merges_and_resumes() {
         &s(&merged),
     ])
     .ok();
-    assert_close("merged", eval_loss(&merged, None, &data), with_adapter, 1e-5);
+    assert_close(
+        "merged",
+        eval_loss(&merged, None, &data),
+        with_adapter,
+        1e-5,
+    );
     assert_train_fails(
         LLAMA,
         None,
@@ -2506,20 +2522,34 @@ fn adalora_reallocates_ranks_saves_as_peft_merges_and_resumes() {
     std::fs::remove_file(cut.join("adapter_model.safetensors")).unwrap();
     train_ok(LLAMA, &data, &cut, &[&opts[..], &["--resume"]].concat());
     for f in ["adapter_model.safetensors", "adapter_config.json"] {
-        let (a, b) = (std::fs::read(out.join(f)).unwrap(), std::fs::read(cut.join(f)).unwrap());
+        let (a, b) = (
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(cut.join(f)).unwrap(),
+        );
         assert!(a == b, "the resumed run's {f} differs");
     }
 
     for (flags, want) in [
-        (&["--init-r", "4", "--target-r", "6"][..], &["target_r", "init_r"][..]),
+        (
+            &["--init-r", "4", "--target-r", "6"][..],
+            &["target_r", "init_r"][..],
+        ),
         (&["--init-r", "0"][..], &["init_r"][..]),
         (&["--tinit", "1"][..], &["tinit", "total_step"][..]),
-        (&["--total-step", "3", "--tfinal", "3"][..], &["tfinal", "total_step"][..]),
+        (
+            &["--total-step", "3", "--tfinal", "3"][..],
+            &["tfinal", "total_step"][..],
+        ),
         (&["--beta1", "1.5"][..], &["beta1"][..]),
         (&["--orth-reg-weight=-1"][..], &["orth_reg_weight"][..]),
         (&["--r", "4"][..], &["--r applies to --method lora"][..]),
     ] {
-        assert_train_fails(LLAMA, None, &[&["--method", "adalora"][..], flags].concat(), want);
+        assert_train_fails(
+            LLAMA,
+            None,
+            &[&["--method", "adalora"][..], flags].concat(),
+            want,
+        );
     }
 }
 

@@ -675,12 +675,22 @@ fn check_adalora_grads(fixture: &str, model: &str) {
     let mut grads = Grads::new();
     let loss = adalora_step(&mut f, &method, &mut grads);
     let want = f.reference["loss"].as_f64().unwrap();
-    assert!((loss - want).abs() / want <= TOL, "{fixture}: loss {loss} vs {want}");
+    assert!(
+        (loss - want).abs() / want <= TOL,
+        "{fixture}: loss {loss} vs {want}"
+    );
     let n_ref = f.tensors.keys().filter(|k| k.starts_with("grad.")).count();
-    assert_eq!(grads.len(), n_ref, "{fixture}: one gradient per adapter tensor");
+    assert_eq!(
+        grads.len(),
+        n_ref,
+        "{fixture}: one gradient per adapter tensor"
+    );
     for (key, g) in grads.iter() {
         let err = rel_err(g, &f.tensors[&format!("grad.{key}")]);
-        assert!(err <= TOL, "{fixture}: gradient of {key}: relative error {err:e}");
+        assert!(
+            err <= TOL,
+            "{fixture}: gradient of {key}: relative error {err:e}"
+        );
     }
 }
 
@@ -693,9 +703,14 @@ fn check_adalora_steps(fixture: &str, model: &str) {
         let w = w.as_f64().unwrap();
         let mut grads = Grads::new();
         let loss = adalora_step(&mut f, &method, &mut grads);
-        assert!((loss - w).abs() / w <= TOL, "{fixture} step {i}: loss {loss} vs {w}");
+        assert!(
+            (loss - w).abs() / w <= TOL,
+            "{fixture} step {i}: loss {loss} vs {w}"
+        );
         clip_grad_norm(&mut grads, 1.0).unwrap();
-        let updated = opt.update(&trainable_params(&mut f.model), &grads, 1e-2).unwrap();
+        let updated = opt
+            .update(&trainable_params(&mut f.model), &grads, 1e-2)
+            .unwrap();
         set_params(&mut f.model, updated).unwrap();
         method.after_step(&mut f.model, &grads, i).unwrap();
         assert_eq!(
@@ -706,7 +721,10 @@ fn check_adalora_steps(fixture: &str, model: &str) {
     }
     for (k, v) in trainable_params(&mut f.model) {
         let err = rel_err(&v, &f.tensors[&format!("after.{k}")]);
-        assert!(err <= TOL, "{fixture}: {k} after 3 steps: relative error {err:e}");
+        assert!(
+            err <= TOL,
+            "{fixture}: {k} after 3 steps: relative error {err:e}"
+        );
     }
     // Saved as PEFT saves it: the final pattern in the config, the tensors cut to it.
     let out = tempfile::tempdir().unwrap();
@@ -714,8 +732,14 @@ fn check_adalora_steps(fixture: &str, model: &str) {
     let (config, ours) = kaizen::checkpoint::adapter::read(out.path()).unwrap();
     let dir = root().join("tests/fixtures").join(fixture).join("trained");
     let (peft_config, peft) = kaizen::checkpoint::adapter::read(&dir).unwrap();
-    assert_eq!(config["rank_pattern"], peft_config["rank_pattern"], "{fixture}");
-    assert_eq!(ours.keys().collect::<Vec<_>>(), peft.keys().collect::<Vec<_>>());
+    assert_eq!(
+        config["rank_pattern"], peft_config["rank_pattern"],
+        "{fixture}"
+    );
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        peft.keys().collect::<Vec<_>>()
+    );
     for (k, t) in &ours {
         assert_eq!(t.dims(), peft[k].dims(), "{fixture}: saved {k}");
         let err = rel_err(t, &peft[k]);
@@ -735,11 +759,23 @@ fn check_adalora_trained(fixture: &str, model: &str) {
     assert_eq!(info.peft_type, "ADALORA");
     let b = &f.batches[0];
     let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &Device::Cpu).unwrap();
-    let err = rel_err(&m.forward(&ids, None).unwrap(), &f.tensors["trained_logits.0"]);
-    assert!(err <= TOL, "{fixture}: trained logits: relative error {err:e}");
+    let err = rel_err(
+        &m.forward(&ids, None).unwrap(),
+        &f.tensors["trained_logits.0"],
+    );
+    assert!(
+        err <= TOL,
+        "{fixture}: trained logits: relative error {err:e}"
+    );
     kaizen::tuners::merge(&mut m).unwrap();
-    let err = rel_err(&m.forward(&ids, None).unwrap(), &f.tensors["trained_merged_logits.0"]);
-    assert!(err <= TOL, "{fixture}: trained merged logits: relative error {err:e}");
+    let err = rel_err(
+        &m.forward(&ids, None).unwrap(),
+        &f.tensors["trained_merged_logits.0"],
+    );
+    assert!(
+        err <= TOL,
+        "{fixture}: trained merged logits: relative error {err:e}"
+    );
 }
 
 macro_rules! adalora_suite {

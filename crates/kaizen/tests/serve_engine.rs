@@ -18,8 +18,6 @@ const MODEL: &str = "tests/fixtures/models/llama-gqa-tied";
 /// Every method kaizen loads, on the same tiny Llama.
 const ADAPTERS: [(&str, &str); 8] = [
     ("lora", "tests/fixtures/lora/llama-gqa-tied/adapter"),
-    // PEFT's trained AdaLoRA adapter: each layer at the rank its rank_pattern keeps
-    ("adalora", "tests/fixtures/peft/adalora/llama-gqa-tied/trained"),
     ("dora", "tests/fixtures/lora/dora-llama-gqa-tied/adapter"),
     ("ia3", "tests/fixtures/peft/ia3/llama-gqa-tied/adapter"),
     (
@@ -37,6 +35,11 @@ const ADAPTERS: [(&str, &str); 8] = [
     (
         "p-tuning",
         "tests/fixtures/peft/p_tuning/llama-gqa-tied/adapter",
+    ),
+    // PEFT's trained AdaLoRA adapter: each layer at the rank its rank_pattern keeps
+    (
+        "adalora",
+        "tests/fixtures/peft/adalora/llama-gqa-tied/trained",
     ),
 ];
 

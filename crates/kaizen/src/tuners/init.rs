@@ -22,7 +22,11 @@ pub fn uniform(n: usize, bound: f64, rng: &mut StdRng) -> Vec<f32> {
 
 /// Inverted dropout's mask for an input of shape `dims`: each value kept with probability
 /// 1 - p and then scaled by 1 / (1 - p), else 0.
-pub fn dropout_mask(dims: &[usize], p: f64, rng: &mut StdRng) -> crate::Result<candle_core::Tensor> {
+pub fn dropout_mask(
+    dims: &[usize],
+    p: f64,
+    rng: &mut StdRng,
+) -> crate::Result<candle_core::Tensor> {
     let keep = 1.0 - p;
     let n: usize = dims.iter().product();
     let m: Vec<f32> = (0..n)
@@ -34,5 +38,9 @@ pub fn dropout_mask(dims: &[usize], p: f64, rng: &mut StdRng) -> crate::Result<c
             }
         })
         .collect();
-    Ok(candle_core::Tensor::from_vec(m, dims, &candle_core::Device::Cpu)?)
+    Ok(candle_core::Tensor::from_vec(
+        m,
+        dims,
+        &candle_core::Device::Cpu,
+    )?)
 }

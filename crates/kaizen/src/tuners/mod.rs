@@ -111,7 +111,9 @@ impl Method {
             } => cfg.to_json(targets, feedforward),
             Method::Bottleneck { cfg, targets } => cfg.to_json(targets),
             Method::LnTuning { cfg, targets } => cfg.to_json(targets),
-            Method::AdaLora { cfg, targets, .. } => cfg.to_json(targets, self.rank_pattern().as_ref()),
+            Method::AdaLora { cfg, targets, .. } => {
+                cfg.to_json(targets, self.rank_pattern().as_ref())
+            }
             Method::PromptTuning { json, .. }
             | Method::PTuningInference { json }
             | Method::PTuning { json }
@@ -159,10 +161,19 @@ impl Method {
     /// tensors (masked values are zero, so the adapter computes the same) and writes its
     /// allocator's state beside them.
     pub fn save_resumable(&self, model: &mut Model, dir: &Path) -> Result<()> {
-        let Method::AdaLora { cfg, targets, allocator } = self else {
+        let Method::AdaLora {
+            cfg,
+            targets,
+            allocator,
+        } = self
+        else {
             return self.save(model, dir);
         };
-        adapter::write(dir, &cfg.to_json(targets, None), &crate::train::trainable_params(model))?;
+        adapter::write(
+            dir,
+            &cfg.to_json(targets, None),
+            &crate::train::trainable_params(model),
+        )?;
         adalora::lock(allocator)?.save(dir)
     }
 

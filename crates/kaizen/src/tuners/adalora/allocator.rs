@@ -52,7 +52,10 @@ fn triplets(model: &mut Model) -> Result<Vec<Triplet>> {
                 .ok_or_else(|| Error::Input(format!("AdaLoRA layer {prefix} has no {part}")))
         };
         out.push(Triplet {
-            path: prefix.strip_prefix(PEFT_PREFIX).unwrap_or(prefix).to_string(),
+            path: prefix
+                .strip_prefix(PEFT_PREFIX)
+                .unwrap_or(prefix)
+                .to_string(),
             a: get("lora_A")?,
             e: e.clone(),
             b: get("lora_B")?,
@@ -67,7 +70,12 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 
 impl RankAllocator {
     /// PEFT's `budget_schedule`: (budget, whether this step masks).
-    fn budget(cfg: &AdaLoraConfig, step: usize, init_bgt: usize, target_bgt: usize) -> (usize, bool) {
+    fn budget(
+        cfg: &AdaLoraConfig,
+        step: usize,
+        init_bgt: usize,
+        target_bgt: usize,
+    ) -> (usize, bool) {
         if step <= cfg.tinit {
             (init_bgt, false)
         } else if step > cfg.total_step - cfg.tfinal {
@@ -93,7 +101,9 @@ impl RankAllocator {
         if step > end {
             // Final phase: the optimizer moved masked values; PEFT masks them again.
             return match &self.rank_pattern {
-                Some(p) => mask(model, &layers, |path| p.get(&format!("{path}.lora_E")).cloned()),
+                Some(p) => mask(model, &layers, |path| {
+                    p.get(&format!("{path}.lora_E")).cloned()
+                }),
                 None => Ok(()),
             };
         }
@@ -104,7 +114,8 @@ impl RankAllocator {
         let target_bgt = cfg.target_r * layers.len();
         let (budget, due) = Self::budget(cfg, step, init_bgt, target_bgt);
         if due || step == end {
-            self.rank_pattern = Some(self.mask_to_budget(model, &layers, init_bgt - budget.min(init_bgt))?);
+            self.rank_pattern =
+                Some(self.mask_to_budget(model, &layers, init_bgt - budget.min(init_bgt))?);
         }
         if step == end {
             self.exp_avg_ipt.clear();
@@ -125,8 +136,14 @@ impl RankAllocator {
                     Some(g) => values(g)?,
                     None => vec![0.0; p.len()],
                 };
-                let ema = self.exp_avg_ipt.entry(key.clone()).or_insert_with(|| vec![0.0; p.len()]);
-                let unc = self.exp_avg_unc.entry(key).or_insert_with(|| vec![0.0; p.len()]);
+                let ema = self
+                    .exp_avg_ipt
+                    .entry(key.clone())
+                    .or_insert_with(|| vec![0.0; p.len()]);
+                let unc = self
+                    .exp_avg_unc
+                    .entry(key)
+                    .or_insert_with(|| vec![0.0; p.len()]);
                 for i in 0..p.len() {
                     let ipt = (p[i] * g[i]).abs();
                     ema[i] = b1 * ema[i] + c1 * ipt;
@@ -147,7 +164,12 @@ impl RankAllocator {
 
     /// PEFT's `mask_to_budget`: masks the `k` lowest-scoring triplets (and any tied with the
     /// k-th) over all layers; returns the kept pattern.
-    fn mask_to_budget(&self, model: &mut Model, layers: &[Triplet], k: usize) -> Result<RankPattern> {
+    fn mask_to_budget(
+        &self,
+        model: &mut Model,
+        layers: &[Triplet],
+        k: usize,
+    ) -> Result<RankPattern> {
         let mut triplet_scores: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for l in layers {
             let (r, inp) = l.a.dims2()?;
@@ -174,15 +196,26 @@ impl RankAllocator {
         };
         let pattern: RankPattern = triplet_scores
             .into_iter()
-            .map(|(path, s)| (format!("{path}.lora_E"), s.iter().map(|&x| x > threshold).collect()))
+            .map(|(path, s)| {
+                (
+                    format!("{path}.lora_E"),
+                    s.iter().map(|&x| x > threshold).collect(),
+                )
+            })
             .collect();
-        mask(model, layers, |path| pattern.get(&format!("{path}.lora_E")).cloned())?;
+        mask(model, layers, |path| {
+            pattern.get(&format!("{path}.lora_E")).cloned()
+        })?;
         Ok(pattern)
     }
 }
 
 /// Sets the singular values a pattern drops to zero.
-fn mask(model: &mut Model, layers: &[Triplet], keep: impl Fn(&str) -> Option<Vec<bool>>) -> Result<()> {
+fn mask(
+    model: &mut Model,
+    layers: &[Triplet],
+    keep: impl Fn(&str) -> Option<Vec<bool>>,
+) -> Result<()> {
     let mut updates = Vec::new();
     for l in layers {
         let Some(keep) = keep(&l.path) else { continue };
@@ -208,14 +241,23 @@ pub const STATE_FILE: &str = "adalora_state.safetensors";
 impl RankAllocator {
     pub fn save(&self, dir: &std::path::Path) -> Result<()> {
         let mut t = std::collections::HashMap::new();
-        for (name, map) in [("exp_avg_ipt", &self.exp_avg_ipt), ("exp_avg_unc", &self.exp_avg_unc)] {
+        for (name, map) in [
+            ("exp_avg_ipt", &self.exp_avg_ipt),
+            ("exp_avg_unc", &self.exp_avg_unc),
+        ] {
             for (k, v) in map {
-                t.insert(format!("{name}.{k}"), Tensor::from_slice(v, v.len(), &Device::Cpu)?);
+                t.insert(
+                    format!("{name}.{k}"),
+                    Tensor::from_slice(v, v.len(), &Device::Cpu)?,
+                );
             }
         }
         for (k, keep) in self.rank_pattern.iter().flatten() {
             let bits: Vec<f32> = keep.iter().map(|&b| f32::from(u8::from(b))).collect();
-            t.insert(format!("rank_pattern.{k}"), Tensor::from_vec(bits, keep.len(), &Device::Cpu)?);
+            t.insert(
+                format!("rank_pattern.{k}"),
+                Tensor::from_vec(bits, keep.len(), &Device::Cpu)?,
+            );
         }
         crate::checkpoint::adapter::write_safetensors(&dir.join(STATE_FILE), &t)
     }
@@ -236,7 +278,10 @@ impl RankAllocator {
             } else if let Some(key) = k.strip_prefix("rank_pattern.") {
                 pattern.insert(key.to_string(), v.iter().map(|&x| x != 0.0).collect());
             } else {
-                return Err(Error::checkpoint(&path, format!("unexpected tensor \"{k}\"")));
+                return Err(Error::checkpoint(
+                    &path,
+                    format!("unexpected tensor \"{k}\""),
+                ));
             }
         }
         self.rank_pattern = (!pattern.is_empty()).then_some(pattern);

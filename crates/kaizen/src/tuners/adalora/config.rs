@@ -191,7 +191,12 @@ impl AdaLoraConfig {
                     })
                     .collect::<std::result::Result<_, String>>()?,
             ),
-            Some(v) => return Err(format!("\"rank_pattern\" must be an object, found {}", shown(v))),
+            Some(v) => {
+                return Err(format!(
+                    "\"rank_pattern\" must be an object, found {}",
+                    shown(v)
+                ))
+            }
         };
         let cfg = AdaLoraConfig {
             init_r: c.usize("init_r")?.unwrap_or(d.init_r),

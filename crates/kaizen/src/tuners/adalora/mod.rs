@@ -26,8 +26,9 @@ use crate::{Error, Model, Result};
 
 /// The allocator a method shares between the training loop and the saver.
 pub fn lock(a: &Mutex<RankAllocator>) -> Result<MutexGuard<'_, RankAllocator>> {
-    a.lock()
-        .map_err(|_| Error::Input("the AdaLoRA allocator was left inconsistent by an earlier failure".into()))
+    a.lock().map_err(|_| {
+        Error::Input("the AdaLoRA allocator was left inconsistent by an earlier failure".into())
+    })
 }
 
 /// PEFT's `SVDLinear` scale: lora_alpha / (ranknum + 1e-5), with ranknum = init_r.
@@ -68,7 +69,11 @@ pub fn attach(
         if !targets.contains(&path) {
             continue;
         }
-        let r = match cfg.rank_pattern.as_ref().and_then(|p| p.get(&format!("{path}.lora_E"))) {
+        let r = match cfg
+            .rank_pattern
+            .as_ref()
+            .and_then(|p| p.get(&format!("{path}.lora_E")))
+        {
             Some(keep) => keep.iter().filter(|&&k| k).count(),
             None => cfg.init_r,
         };
@@ -117,7 +122,11 @@ pub fn regularize(cfg: &AdaLoraConfig, model: &mut Model, grads: &mut Grads) -> 
     let mut sum = 0.0;
     for (key, p) in &params {
         let is_a = key.ends_with(".lora_A");
-        let cov = if is_a { p.matmul(&p.t()?)? } else { p.t()?.matmul(p)? };
+        let cov = if is_a {
+            p.matmul(&p.t()?)?
+        } else {
+            p.t()?.matmul(p)?
+        };
         let r = cov.dims()[0];
         if r == 0 {
             continue;
@@ -150,7 +159,9 @@ pub fn saved_tensors(
             let Some(keep) = pattern.get(&format!("{path}.lora_E")) else {
                 return Ok((key, t));
             };
-            let idx: Vec<u32> = (0..keep.len() as u32).filter(|&i| keep[i as usize]).collect();
+            let idx: Vec<u32> = (0..keep.len() as u32)
+                .filter(|&i| keep[i as usize])
+                .collect();
             let dim = if part == "lora_B" { 1 } else { 0 };
             if idx.len() == t.dims()[dim] {
                 return Ok((key, t));
