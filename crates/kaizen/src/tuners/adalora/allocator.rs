@@ -84,7 +84,7 @@ impl RankAllocator {
             let span = (cfg.total_step - cfg.tfinal - cfg.tinit) as f64;
             let mul = 1.0 - (step - cfg.tinit) as f64 / span;
             let b = (init_bgt as f64 - target_bgt as f64) * mul.powi(3) + target_bgt as f64;
-            (b as usize, step % cfg.delta_t == 0)
+            (b as usize, step.is_multiple_of(cfg.delta_t))
         }
     }
 
