@@ -1781,8 +1781,21 @@ fn ia3_and_prompt_methods_train_evaluate_generate() {
 fn every_method_trains_on_every_architecture() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
-    let methods: [(&str, &[&str]); 10] = [
+    let methods: [(&str, &[&str]); 11] = [
         ("lora", &["--target-modules", "all-linear", "--lr", "3e-2"]),
+        (
+            "adalora",
+            &[
+                "--method",
+                "adalora",
+                "--init-r",
+                "4",
+                "--target-r",
+                "2",
+                "--lr",
+                "3e-2",
+            ],
+        ),
         (
             "ln-tuning",
             &[
