@@ -101,8 +101,13 @@ pub struct Summary {
 /// Data parallel over `comm`'s ranks: an optimizer step takes `grad_accum * size` micro-batches
 /// in data order, rank r the r-th block of `grad_accum`; each rank sums its NLL gradients, one
 /// all-reduce sums them with the label-token counts over ranks, and every rank then takes the
-/// same clip and optimizer step on the token-weighted mean. Rank 0 alone reads `resume_from`
-/// (its state is broadcast), evaluates, and writes `out`.
+/// same clip and optimizer step on the token-weighted mean. Rank 0 alone reads `resume_from`'s
+/// tensors and optimizer state (broadcast), evaluates, and writes `out`; the method's own state
+/// there (AdaLoRA's allocator, see [`Method::resume`]) every rank reads.
+///
+/// Method hooks: [`Method::regularize`] adds the method's loss term and its gradient once per
+/// step, before clipping; [`Method::after_step`] runs after the optimizer step with the step's
+/// (clipped) gradients, as PEFT's `update_and_allocate` after `optimizer.step()`.
 #[allow(clippy::too_many_arguments)] // the loop's inputs, each named at the one call site
 pub fn train(
     model: &mut Model,
@@ -121,11 +126,12 @@ pub fn train(
     let lead = comm.rank() == 0;
     let mut opt = Optimizer::new(cfg.optimizer);
     opt.loraplus_lr_ratio = cfg.loraplus_lr_ratio;
+    if let Some(dir) = resume_from {
+        // The method's own state (AdaLoRA's allocator), read by every rank: each runs it.
+        method.resume(dir)?;
+    }
     let first_step = match resume_from {
-        Some(dir) if lead => {
-            method.resume(dir)?;
-            load_checkpoint(model, &mut opt, dir)?
-        }
+        Some(dir) if lead => load_checkpoint(model, &mut opt, dir)?,
         _ => 0,
     };
     let first_step = share_state(comm, model, &mut opt, first_step)?;
