@@ -23,6 +23,7 @@ use kaizen::tuners::ln_tuning::{self, LnTuningConfig};
 use kaizen::tuners::lora::{self, LoraConfig};
 use kaizen::tuners::prefix::{self, PrefixTuningConfig};
 use kaizen::tuners::prompt::{self, p_tuning, PromptInit, PromptTuningConfig};
+use kaizen::tuners::vera::{self, VeraConfig};
 use kaizen::tuners::Method;
 use kaizen::tuners::{freeze, full};
 use kaizen_data::{load_dataset, pack, split_validation, DataOptions, Template};
@@ -45,7 +46,7 @@ pub struct TrainArgs {
     /// Output directory: adapter, metrics.jsonl, loss.png, run.json, checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PEFT method: lora, adalora (LoRA with a rank budget), ia3, ln-tuning (the norms), prompt, p-tuning, prefix, adapter
+    /// PEFT method: lora, adalora (LoRA with a rank budget), ia3, vera, ln-tuning (the norms), prompt, p-tuning, prefix, adapter
     /// (bottleneck adapters), full (every weight) or freeze (LLaMA-Factory's freeze tuning:
     /// chosen layers fully).
     #[arg(long)]
@@ -61,7 +62,7 @@ pub struct TrainArgs {
     /// (`embed_tokens`, `norm`, `lm_head`; names match as substrings, as in LLaMA-Factory).
     #[arg(long)]
     pub freeze_extra_modules: Option<String>,
-    /// LoRA rank (default 8).
+    /// LoRA rank (default 8); VeRA: rows of the shared projections (default 256, as PEFT).
     #[arg(long)]
     pub r: Option<usize>,
     /// LoRA alpha (default 8, as PEFT).
@@ -154,6 +155,16 @@ pub struct TrainArgs {
     /// Bottleneck adapters: relu (default), gelu or swish.
     #[arg(long)]
     pub non_linearity: Option<String>,
+    /// VeRA: the initial value of every `vera_lambda_d` (PEFT's d_initial, default 0.1).
+    #[arg(long, allow_hyphen_values = true)]
+    pub vera_d_initial: Option<f64>,
+    /// VeRA: dropout on the adapter branch's input (PEFT's vera_dropout, default 0).
+    #[arg(long)]
+    pub vera_dropout: Option<f64>,
+    /// VeRA: seed of the shared random projections (PEFT's projection_prng_key, default 0;
+    /// kaizen's RNG, not torch's: the projections are saved in the adapter).
+    #[arg(long)]
+    pub projection_prng_key: Option<u64>,
     /// IA3: modules whose input (not output) is scaled (default: the MLP output projection).
     #[arg(long)]
     pub feedforward_modules: Option<String>,
@@ -345,7 +356,7 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, target_modules, init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, loraplus_lr_ratio, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
+        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, target_modules, init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step, feedforward_modules, vera_d_initial, vera_dropout, projection_prng_key, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, loraplus_lr_ratio, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
             adapter_type, reduction_factor, bottleneck_size, non_linearity,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
@@ -568,6 +579,23 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
             };
             let targets = ln_tuning::attach(&mut loaded.model, &cfg, None)?;
             Method::LnTuning { cfg, targets }
+        }
+        None if method_name == "vera" => {
+            let cfg = VeraConfig {
+                r: a.r.unwrap_or(256),
+                target_modules: a.target_modules.as_deref().map(LoraConfig::parse_targets),
+                projection_prng_key: a.projection_prng_key.unwrap_or(0),
+                vera_dropout: a.vera_dropout.unwrap_or(0.0),
+                d_initial: a.vera_d_initial.unwrap_or(0.1),
+                base_model_name_or_path: Some(model_path.display().to_string()),
+                ..VeraConfig::default()
+            };
+            let (targets, projections) = vera::attach(&mut loaded.model, &cfg, None, seed)?;
+            Method::Vera {
+                cfg,
+                targets,
+                projections,
+            }
         }
         None if method_name == "ia3" => {
             if a.r.is_some()
@@ -855,6 +883,7 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         "lora",
         "adalora",
         "ia3",
+        "vera",
         "ln-tuning",
         "prompt",
         "p-tuning",
@@ -874,7 +903,14 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         bail!("--method {method_name} trains the model itself: give the model to continue from as --model, not --init-adapter");
     }
     let flags_of = [
-        ("--r", a.r.is_some(), "lora"),
+        ("--r", a.r.is_some(), "lora, vera"),
+        ("--vera-d-initial", a.vera_d_initial.is_some(), "vera"),
+        ("--vera-dropout", a.vera_dropout.is_some(), "vera"),
+        (
+            "--projection-prng-key",
+            a.projection_prng_key.is_some(),
+            "vera",
+        ),
         ("--lora-alpha", a.lora_alpha.is_some(), "lora, adalora"),
         ("--lora-dropout", a.lora_dropout.is_some(), "lora, adalora"),
         ("--init-r", a.init_r.is_some(), "adalora"),
@@ -891,7 +927,7 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         (
             "--target-modules",
             a.target_modules.is_some(),
-            "lora, adalora, ia3, ln-tuning",
+            "lora, adalora, ia3, vera, ln-tuning",
         ),
         (
             "--feedforward-modules",

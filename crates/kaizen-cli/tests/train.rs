@@ -1608,14 +1608,14 @@ fn max_len_beyond_the_context_warns_and_runs() {
 // ---------------------------------------------------------------------------------------------
 // other methods: IA3, prompt tuning, P-tuning, prefix tuning
 
-/// IA3, the prompt methods and bottleneck adapters train, lower the held-out loss, write PEFT
-/// files of their own type, and serve `eval` / `generate` through `--adapter`; IA3 merges, the
-/// others refuse to.
+/// IA3, VeRA, the prompt methods and bottleneck adapters train, lower the held-out loss, write
+/// PEFT files of their own type, and serve `eval` / `generate` through `--adapter`; IA3 and VeRA
+/// merge, the others refuse to.
 #[test]
 fn ia3_and_prompt_methods_train_evaluate_generate() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
-    let cases: [(&str, &[&str], &str, &str); 8] = [
+    let cases: [(&str, &[&str], &str, &str); 9] = [
         (
             "prefix",
             &["--method", "prefix", "--num-virtual-tokens", "3"],
@@ -1665,6 +1665,12 @@ fn ia3_and_prompt_methods_train_evaluate_generate() {
             "prompt_embeddings",
         ),
         ("ia3", &["--method", "ia3"], "IA3", ".ia3_l"),
+        (
+            "vera",
+            &["--method", "vera", "--r", "16"],
+            "VERA",
+            ".vera_lambda_",
+        ),
         (
             "bottleneck-houlsby",
             &["--method", "adapter", "--adapter-type", "houlsby"],
@@ -1761,7 +1767,7 @@ fn ia3_and_prompt_methods_train_evaluate_generate() {
             "--out",
             &merged,
         ]);
-        if name == "ia3" {
+        if name == "ia3" || name == "vera" {
             run.ok();
         } else if name.starts_with("bottleneck") {
             assert_mentions(
@@ -1781,8 +1787,9 @@ fn ia3_and_prompt_methods_train_evaluate_generate() {
 fn every_method_trains_on_every_architecture() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
-    let methods: [(&str, &[&str]); 11] = [
+    let methods: [(&str, &[&str]); 12] = [
         ("lora", &["--target-modules", "all-linear", "--lr", "3e-2"]),
+        ("vera", &["--method", "vera", "--r", "16", "--lr", "3e-2"]),
         (
             "adalora",
             &[
@@ -2399,6 +2406,75 @@ fn ln_tuning_trains_the_norms_saves_peft_keys_and_merges() {
             "--target-modules",
             "input_layernorm",
         ],
+    );
+}
+
+/// `--method vera` (PEFT's VERA) trains only the per-layer vectors and saves them with the
+/// shared projections under PEFT's keys; a run resumed from its checkpoint (the projections come
+/// back from the checkpoint's file) ends with the uninterrupted run's bytes; range errors name
+/// the field.
+#[test]
+fn vera_saves_projections_resumes_and_checks_its_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &completion_rows(10));
+    let opts = [
+        &RESUME_OPTS[..],
+        &[
+            "--method",
+            "vera",
+            "--r",
+            "16",
+            "--vera-d-initial",
+            "0.5",
+            "--projection-prng-key",
+            "3",
+            "--target-modules",
+            "q_proj,k_proj,down_proj",
+        ],
+    ]
+    .concat();
+    let (whole, cut) = (tmp.path().join("whole"), tmp.path().join("cut"));
+    train_ok(LLAMA, &data, &whole, &opts);
+    let config = read_json(&whole.join("adapter_config.json"));
+    assert_eq!(config["peft_type"], "VERA");
+    assert_eq!(config["r"], 16);
+    assert_eq!(config["d_initial"], 0.5);
+    assert_eq!(config["projection_prng_key"], 3);
+    assert_eq!(config["save_projection"], true);
+    let saved = read_safetensors(&whole.join("adapter_model.safetensors"));
+    // q_proj 64 -> 64, k_proj 64 -> 32, down_proj 128 -> 64: A (16, 128), B (64, 16)
+    assert_eq!(saved["base_model.vera_A"].shape, [16, 128]);
+    assert_eq!(saved["base_model.vera_B"].shape, [64, 16]);
+    let k = "base_model.model.model.layers.1.self_attn.k_proj";
+    assert_eq!(saved[&format!("{k}.vera_lambda_b")].shape, [32]);
+    assert_eq!(saved[&format!("{k}.vera_lambda_d")].shape, [16]);
+    assert_eq!(saved.len(), 2 + 2 * 6);
+    let d = &saved[&format!("{k}.vera_lambda_d")].values;
+    assert!(d.iter().all(|&x| x != 0.5), "lambda_d did not train: {d:?}");
+
+    train_ok(LLAMA, &data, &cut, &opts);
+    std::fs::remove_file(cut.join("adapter_model.safetensors")).unwrap();
+    std::fs::remove_file(cut.join("adapter_config.json")).unwrap();
+    train_ok(LLAMA, &data, &cut, &[&opts[..], &["--resume"]].concat());
+    assert!(
+        std::fs::read(whole.join("adapter_model.safetensors")).unwrap()
+            == std::fs::read(cut.join("adapter_model.safetensors")).unwrap(),
+        "resumed adapter differs from the uninterrupted run's"
+    );
+
+    let vera = ["--method", "vera"];
+    for (flags, needles) in [
+        (&["--r", "0"][..], &["VeRA r is 0", "between 1 and"][..]),
+        (&["--vera-dropout", "1"], &["vera_dropout", "[0, 1)"]),
+        (&["--vera-d-initial", "inf"], &["d_initial", "finite"]),
+    ] {
+        assert_train_fails(LLAMA, None, &[&vera[..], flags].concat(), needles);
+    }
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--vera-d-initial", "0.5"],
+        &["--vera-d-initial applies to --method vera, not lora"],
     );
 }
 

@@ -57,6 +57,10 @@ const ADAPTERS: &[(&str, &[u8])] = &[
         fixture!("peft/ia3/llama-gqa-tied/adapter/adapter_model.safetensors"),
     ),
     (
+        "VERA",
+        fixture!("peft/vera/llama-gqa-tied/adapter/adapter_model.safetensors"),
+    ),
+    (
         "BOTTLENECK",
         fixture!("bottleneck/llama-gqa-tied/adapter/adapter_model.safetensors"),
     ),

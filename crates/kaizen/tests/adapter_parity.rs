@@ -1,5 +1,6 @@
 //! Adapter parity with HF PEFT on the committed fixtures (tests/fixtures/lora, made by
-//! scripts/fixtures/gen_lora.py; tests/fixtures/peft/<method>, made by gen_peft_methods.py): a PEFT-made adapter loads with the same logits; the loss of a
+//! scripts/fixtures/gen_lora.py; tests/fixtures/peft/<method>, made by gen_peft_methods.py and
+//! gen_vera.py): a PEFT-made adapter loads with the same logits; the loss of a
 //! two-micro-batch optimizer step, the gradient of every adapter tensor and of the input
 //! embeddings, merged logits, and three AdamW / SGD steps all match within 1e-4 relative error.
 
@@ -448,6 +449,135 @@ ln_tuning_suite! {
     ln_tuning_llama_gqa_tied => ("peft/ln_tuning/llama-gqa-tied", "llama-gqa-tied"),
     ln_tuning_neox_par_bpe => ("peft/ln_tuning/neox-par-bpe", "neox-par-bpe"),
     ln_tuning_gemma3 => ("peft/ln_tuning/gemma3", "gemma3"),
+}
+
+// VeRA (tests/fixtures/peft/vera, made by scripts/fixtures/gen_vera.py): PEFT-made adapters with
+// their shared projections in the file, targets of several shapes (sliced projections); merged
+// logits are PEFT's `merge_and_unload` ones. The AdamW-only suite, as IA3's.
+ia3_suite! {
+    vera_llama_gqa_tied => ("peft/vera/llama-gqa-tied", "llama-gqa-tied"),
+    vera_neox_par_bpe => ("peft/vera/neox-par-bpe", "neox-par-bpe"),
+}
+
+/// A new VeRA adapter is the identity (lambda_b zero) with lambda_d = d_initial; the shared
+/// projections are sized by the largest target and saved under PEFT's keys; trained values
+/// survive a save / load round trip bit for bit.
+#[test]
+fn vera_new_adapter_is_identity_and_round_trips() {
+    use kaizen::tuners::lora::TargetModules;
+    use kaizen::tuners::vera::{self, VeraConfig};
+    let models = root().join("tests/fixtures/models");
+    let mut m = kaizen::load(&models.join("llama-gqa-tied")).unwrap().model;
+    let ids = Tensor::new(&[[5u32, 17, 9, 40]], &Device::Cpu).unwrap();
+    let base = m.forward(&ids, None).unwrap();
+    let cfg = VeraConfig {
+        r: 8,
+        d_initial: 0.25,
+        target_modules: Some(TargetModules::Names(vec![
+            "k_proj".into(),
+            "down_proj".into(),
+        ])),
+        ..VeraConfig::default()
+    };
+    let (targets, projections) = vera::attach(&mut m, &cfg, None, 3).unwrap();
+    assert_eq!(targets.len(), 4);
+    // k_proj 64 -> 32, down_proj 128 -> 64: A (r, 128), B (64, r)
+    assert_eq!(projections.a.dims(), [8, 128]);
+    assert_eq!(projections.b.dims(), [64, 8]);
+    assert_eq!(
+        rel_err(&m.forward(&ids, None).unwrap(), &base),
+        0.0,
+        "not the identity"
+    );
+    let params = trainable_params(&mut m);
+    assert_eq!(params.len(), 8);
+    for (k, t) in &params {
+        let v: Vec<f32> = t.to_vec1().unwrap();
+        let want = if k.ends_with("vera_lambda_d") {
+            0.25
+        } else {
+            0.0
+        };
+        assert!(v.iter().all(|&x| x == want), "{k}: {v:?}");
+    }
+    let moved = params
+        .into_iter()
+        .map(|(k, t)| {
+            let n = t.elem_count() as u32;
+            let wave = Tensor::arange(0, n, &Device::Cpu).unwrap();
+            let wave = wave
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .sin()
+                .unwrap();
+            (k, (t + wave).unwrap())
+        })
+        .collect();
+    set_params(&mut m, moved).unwrap();
+    let want = m.forward(&ids, None).unwrap();
+    assert!(
+        rel_err(&want, &base) > 1e-3,
+        "the moved adapter changes nothing"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let method = kaizen::tuners::Method::Vera {
+        cfg,
+        targets,
+        projections: projections.clone(),
+    };
+    method.save(&mut m, dir.path()).unwrap();
+    let saved =
+        candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(rel_err(&saved[vera::KEY_A], &projections.a), 0.0);
+    assert_eq!(rel_err(&saved[vera::KEY_B], &projections.b), 0.0);
+    let mut fresh = kaizen::load(&models.join("llama-gqa-tied")).unwrap().model;
+    let info = kaizen::tuners::load_adapter(&mut fresh, dir.path()).unwrap();
+    assert_eq!(info.peft_type, "VERA");
+    assert_eq!(info.trainable_params, 4 * 8 + 2 * (32 + 64), "lambdas only");
+    assert_eq!(info.method.config_json(), method.config_json());
+    assert_eq!(
+        rel_err(&fresh.forward(&ids, None).unwrap(), &want),
+        0.0,
+        "round trip"
+    );
+}
+
+/// PEFT's save_projection=False file holds no projections: kaizen cannot regenerate torch's
+/// draws, and says so; a file whose projections do not fit the targets is refused too.
+#[test]
+fn vera_refuses_missing_or_misfit_projections() {
+    let models = root().join("tests/fixtures/models");
+    let peft = root().join("tests/fixtures/peft/vera");
+    let mut m = kaizen::load(&models.join("llama-gqa-tied")).unwrap().model;
+    let err = kaizen::tuners::load_adapter(&mut m, &peft.join("llama-gqa-tied-noproj/adapter"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("save_projection = false") && err.contains("projection_prng_key (7)"),
+        "{err}"
+    );
+    // The same file with only q_proj targeted: vera_A (4, 128) is wider than q_proj's 64.
+    let dir = tempfile::tempdir().unwrap();
+    let src = peft.join("llama-gqa-tied/adapter");
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        dir.path().join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    config["target_modules"] = serde_json::json!(["q_proj"]);
+    std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
+    let mut m = kaizen::load(&models.join("llama-gqa-tied")).unwrap().model;
+    let err = kaizen::tuners::load_adapter(&mut m, dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"base_model.vera_A\" has shape [4, 128]") && err.contains("[4, 64]"),
+        "{err}"
+    );
 }
 
 /// Bottleneck adapters (tests/fixtures/bottleneck, made by scripts/fixtures/gen_bottleneck.py

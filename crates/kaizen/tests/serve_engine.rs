@@ -16,10 +16,11 @@ fn root() -> PathBuf {
 const MODEL: &str = "tests/fixtures/models/llama-gqa-tied";
 
 /// Every method kaizen loads, on the same tiny Llama.
-const ADAPTERS: [(&str, &str); 8] = [
+const ADAPTERS: [(&str, &str); 9] = [
     ("lora", "tests/fixtures/lora/llama-gqa-tied/adapter"),
     ("dora", "tests/fixtures/lora/dora-llama-gqa-tied/adapter"),
     ("ia3", "tests/fixtures/peft/ia3/llama-gqa-tied/adapter"),
+    ("vera", "tests/fixtures/peft/vera/llama-gqa-tied/adapter"),
     (
         "bottleneck",
         "tests/fixtures/bottleneck/llama-gqa-tied/adapter",

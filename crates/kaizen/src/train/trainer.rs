@@ -523,6 +523,9 @@ fn load_checkpoint(model: &mut Model, opt: &mut Optimizer, dir: &Path) -> Result
         weights = adapter::load_tensors(&encoder_file)?;
         file = encoder_file;
     }
+    // VeRA's shared projections are frozen: the resumed run drew the same ones from its
+    // projection_prng_key (resume refuses changed flags), and the final file holds them again.
+    weights.retain(|k, _| !crate::tuners::vera::is_projection(k));
     let trainable = trainable_params(model);
     if full {
         // Freeze tuning trains some of the weights the checkpoint holds; the rest stay as loaded.

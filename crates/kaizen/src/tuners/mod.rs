@@ -11,6 +11,7 @@ pub mod ln_tuning;
 pub mod lora;
 pub mod prefix;
 pub mod prompt;
+pub mod vera;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,12 @@ pub enum Method {
         cfg: ia3::Ia3Config,
         targets: Vec<String>,
         feedforward: Vec<String>,
+    },
+    /// VeRA: per-layer vectors over shared frozen projections (saved with them).
+    Vera {
+        cfg: vera::VeraConfig,
+        targets: Vec<String>,
+        projections: vera::Projections,
     },
     /// LN tuning: the targeted norms train (their trained values replace them when loaded).
     LnTuning {
@@ -78,6 +85,7 @@ impl Method {
         match self {
             Method::Lora { .. } => "LORA",
             Method::Ia3 { .. } => "IA3",
+            Method::Vera { .. } => "VERA",
             Method::LnTuning { .. } => "LN_TUNING",
             Method::AdaLora { .. } => "ADALORA",
             Method::Bottleneck { .. } => "BOTTLENECK",
@@ -110,6 +118,7 @@ impl Method {
                 feedforward,
             } => cfg.to_json(targets, feedforward),
             Method::Bottleneck { cfg, targets } => cfg.to_json(targets),
+            Method::Vera { cfg, targets, .. } => cfg.to_json(targets),
             Method::LnTuning { cfg, targets } => cfg.to_json(targets),
             Method::AdaLora { cfg, targets, .. } => {
                 cfg.to_json(targets, self.rank_pattern().as_ref())
@@ -150,11 +159,11 @@ impl Method {
             )?;
             return adapter::write_safetensors(&dir.join(prompt::p_tuning::ENCODER_FILE), &encoder);
         }
-        adapter::write(
-            dir,
-            &self.config_json(),
-            &crate::train::trainable_params(model),
-        )
+        let mut tensors = crate::train::trainable_params(model);
+        if let Method::Vera { projections, .. } = self {
+            tensors.extend(projections.tensors());
+        }
+        adapter::write(dir, &self.config_json(), &tensors)
     }
 
     /// A checkpoint a run can resume from: [`Method::save`], but AdaLoRA keeps its full-rank
@@ -248,7 +257,11 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    let trainable_params = weights.values().map(|t| t.elem_count()).sum();
+    let trainable_params = weights
+        .iter()
+        .filter(|(k, _)| !vera::is_projection(k))
+        .map(|(_, t)| t.elem_count())
+        .sum();
     let method = match peft_type.as_str() {
         "LORA" => {
             let cfg =
@@ -266,6 +279,17 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
                 cfg,
                 targets,
                 feedforward,
+            }
+        }
+        "VERA" => {
+            let cfg =
+                vera::VeraConfig::from_json(&config).map_err(|m| Error::config(&cfg_path, m))?;
+            let (targets, projections) = vera::attach(model, &cfg, Some(weights), 0)
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            Method::Vera {
+                cfg,
+                targets,
+                projections,
             }
         }
         "LN_TUNING" => {
@@ -341,7 +365,8 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
             return Err(Error::config(
                 &cfg_path,
                 format!(
-                    "peft_type \"{other}\" is not supported (supported: LORA, ADALORA, IA3, LN_TUNING, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)"
+                    "peft_type {} is not supported (supported: LORA, ADALORA, IA3, VERA, LN_TUNING, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)",
+                    kaizen_data::quote(other)
                 ),
             ))
         }
@@ -349,6 +374,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
     let targets = match &method {
         Method::Lora { targets, .. }
         | Method::Ia3 { targets, .. }
+        | Method::Vera { targets, .. }
         | Method::LnTuning { targets, .. }
         | Method::AdaLora { targets, .. }
         | Method::Bottleneck { targets, .. } => targets.clone(),
@@ -411,7 +437,8 @@ impl Merged {
     }
 }
 
-/// Folds every adapter into its base weight and bias (LoRA `W += scale * B A`, IA3 scalings)
+/// Folds every adapter into its base weight and bias (LoRA `W += scale * B A`, IA3 scalings,
+/// VeRA `W += (lambda_b B)(lambda_d A)`)
 /// and removes it: zero added inference latency. All-or-nothing: if one layer cannot merge
 /// (a bottleneck adapter's `merged` says why), the model is left unchanged.
 pub fn merge(model: &mut Model) -> Result<Merged> {
