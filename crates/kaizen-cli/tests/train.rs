@@ -2983,12 +2983,21 @@ fn data_driven_lora_inits_train_and_pissa_converts() {
         (&cfg["init_lora_weights"], &cfg["r"], &cfg["lora_alpha"]),
         (&json!(true), &json!(8), &json!(16.0))
     );
-    let base = model_path(LLAMA);
+    let (base, val) = (model_path(LLAMA), tmp.path().join("val.jsonl"));
+    write_rows(tmp.path(), "val.jsonl", &repetitive_text_rows(2));
+    let (with_pissa, with_converted) = (
+        eval_loss(&base, Some(&pissa), &val),
+        eval_loss(&base, Some(&converted), &val),
+    );
     assert_close(
         "eval loss of the converted adapter on the original base",
-        eval_loss(&base, Some(&converted), &data),
-        eval_loss(&base, Some(&pissa), &data),
+        with_converted,
+        with_pissa,
         1e-4,
+    );
+    assert!(
+        (with_pissa - eval_loss(&base, None, &val)).abs() > 1e-3,
+        "training changed the model"
     );
 }
 
