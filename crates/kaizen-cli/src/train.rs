@@ -20,7 +20,7 @@ use kaizen::tuners::adalora::{self, AdaLoraConfig};
 use kaizen::tuners::bottleneck::{self, config::parse_non_linearity, BottleneckConfig};
 use kaizen::tuners::ia3::{self, Ia3Config};
 use kaizen::tuners::ln_tuning::{self, LnTuningConfig};
-use kaizen::tuners::lora::{self, LoraConfig};
+use kaizen::tuners::lora::{self, LoraConfig, LoraInit};
 use kaizen::tuners::prefix::{self, PrefixTuningConfig};
 use kaizen::tuners::prompt::{self, p_tuning, PromptInit, PromptTuningConfig};
 use kaizen::tuners::vera::{self, VeraConfig};
@@ -174,6 +174,20 @@ pub struct TrainArgs {
     /// DoRA: also train a magnitude per output row of each targeted layer (PEFT's use_dora).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_dora: Option<bool>,
+    /// LoRA's initialisation (PEFT's init_lora_weights): gaussian, or one that reads the base
+    /// weight: pissa (SVD; the base keeps the residual), pissa_niter_K (randomized SVD with K
+    /// subspace iterations), olora (QR; the base keeps the residual), loftq (with --quantize
+    /// nf4: the NF4 base plus the LoRA approximates W). Default: Kaiming A, zero B.
+    #[arg(long)]
+    pub init_lora_weights: Option<String>,
+    /// LoftQ: alternating quantize/SVD rounds (PEFT's loftq_config.loftq_iter, default 1).
+    #[arg(long)]
+    pub loftq_iter: Option<usize>,
+    /// PiSSA/OLoRA: save the trained adapter as PEFT's `path_initial_model_for_weight_conversion`
+    /// does: a plain LoRA of rank 2r for the ORIGINAL base (A' = [A; A0], B' = [B, -B0]),
+    /// instead of one for the residual base.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub convert_to_lora: Option<bool>,
     /// LoRA+ (PEFT's `create_loraplus_optimizer`): lora_B (and DoRA's magnitudes) learn at --lr
     /// times this ratio, lora_A at --lr (the paper suggests about 16).
     #[arg(long, allow_hyphen_values = true)]
@@ -264,6 +278,9 @@ struct Run {
     /// LoRA+: lora_B's learning rate over lora_A's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     loraplus_lr_ratio: Option<f64>,
+    /// PiSSA/OLoRA: the final adapter is converted to a plain LoRA on the original base.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    convert_to_lora: bool,
     lr_schedule: String,
     warmup_steps: usize,
     batch_size: usize,
@@ -356,7 +373,7 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, target_modules, init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step, feedforward_modules, vera_d_initial, vera_dropout, projection_prng_key, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, loraplus_lr_ratio, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
+        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, target_modules, init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step, feedforward_modules, vera_d_initial, vera_dropout, projection_prng_key, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, init_lora_weights, loftq_iter, convert_to_lora, loraplus_lr_ratio, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
             adapter_type, reduction_factor, bottleneck_size, non_linearity,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
@@ -371,10 +388,19 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
         optimizer,
         schedule,
         lr,
+        init,
     } = check_flags(&a)?;
     let dtype = precision.dtype;
     let trains_weights = matches!(method_name.as_str(), "full" | "freeze");
-    let (mut loaded, _) = crate::infer::load_in(&model_path, None, precision, budget)?;
+    // LoftQ reads the float weights and quantizes them itself (then the rest, below).
+    let load_as = match init {
+        LoraInit::Loftq { .. } => kaizen::Precision {
+            quantize: None,
+            ..precision
+        },
+        _ => precision,
+    };
+    let (mut loaded, _) = crate::infer::load_in(&model_path, None, load_as, budget)?;
     let tok = &loaded.tokenizer;
     let ctx = loaded.model.config().max_position_embeddings;
 
@@ -400,8 +426,10 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
                 || a.lora_alpha.is_some()
                 || a.target_modules.is_some()
                 || a.use_dora.is_some()
+                || a.init_lora_weights.is_some()
+                || a.loftq_iter.is_some()
             {
-                bail!("--init-adapter takes its method and config from {}/adapter_config.json; drop --r, --lora-alpha, --target-modules and --use-dora", dir.display());
+                bail!("--init-adapter takes its method and config from {}/adapter_config.json; drop --r, --lora-alpha, --target-modules, --use-dora, --init-lora-weights and --loftq-iter", dir.display());
             }
             if a.encoder_hidden_size.is_some() || a.encoder_reparameterization_type.is_some() {
                 bail!("--init-adapter takes the prompt encoder from {}/adapter_config.json; drop --encoder-hidden-size and --encoder-reparameterization-type", dir.display());
@@ -629,11 +657,20 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
                 target_modules: a.target_modules.as_deref().map(LoraConfig::parse_targets),
                 use_rslora: a.use_rslora.unwrap_or(false),
                 use_dora: a.use_dora.unwrap_or(false),
+                init_lora_weights: init,
                 base_model_name_or_path: Some(model_path.display().to_string()),
                 ..LoraConfig::default()
             };
-            let targets = lora::attach(&mut loaded.model, &cfg, None, seed)?;
-            Method::Lora { cfg, targets }
+            let lora::Attached { targets, initial } =
+                lora::attach(&mut loaded.model, &cfg, None, seed)?;
+            if let (LoraInit::Loftq { .. }, Some(format)) = (init, precision.quantize) {
+                lora::inits::quantize_rest(&mut loaded.model, format)?;
+            }
+            Method::Lora {
+                cfg,
+                targets,
+                initial,
+            }
         }
     };
 
@@ -719,6 +756,7 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
         optimizer: a.optimizer.clone().unwrap_or_else(|| "adamw".into()),
         lr,
         loraplus_lr_ratio: a.loraplus_lr_ratio,
+        convert_to_lora: a.convert_to_lora == Some(true),
         lr_schedule: schedule.name().into(),
         warmup_steps: cfg.warmup_steps,
         batch_size,
@@ -836,6 +874,22 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
     if !lead {
         return Ok(());
     }
+    if a.convert_to_lora == Some(true) {
+        if let Method::Lora {
+            cfg,
+            targets,
+            initial,
+        } = &method
+        {
+            let trained = kaizen::train::trainable_params(&mut loaded.model);
+            let (cfg, tensors) = lora::convert(cfg, &trained, initial)?;
+            kaizen::checkpoint::adapter::write(&out, &cfg.to_json(targets), &tensors)?;
+            eprintln!(
+                "converted to a plain LoRA of rank {} for the original base (PEFT's path_initial_model_for_weight_conversion)",
+                cfg.r
+            );
+        }
+    }
     match crate::plot::loss_chart(&out.join("metrics.jsonl"), &out.join("loss.png")) {
         Ok(Some(w)) => eprintln!("warning: loss.png: {w}"),
         Ok(None) => {}
@@ -867,6 +921,8 @@ pub struct Flags {
     optimizer: OptimizerKind,
     schedule: Schedule,
     lr: f64,
+    /// LoRA's init_lora_weights.
+    init: LoraInit,
 }
 
 /// The checks on the flags alone, in one place: `kaizen ui` runs them on its form, so the page
@@ -924,6 +980,9 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         ("--total-step", a.total_step.is_some(), "adalora"),
         ("--use-rslora", a.use_rslora.is_some(), "lora"),
         ("--use-dora", a.use_dora.is_some(), "lora"),
+        ("--init-lora-weights", a.init_lora_weights.is_some(), "lora"),
+        ("--loftq-iter", a.loftq_iter.is_some(), "lora"),
+        ("--convert-to-lora", a.convert_to_lora.is_some(), "lora"),
         (
             "--target-modules",
             a.target_modules.is_some(),
@@ -1042,6 +1101,7 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
             bail!("--loraplus-lr-ratio must be > 0 (typically about 16), found {r}");
         }
     }
+    let init = lora_init(a, &precision)?;
     Ok(Flags {
         model: model_path,
         data: data_path,
@@ -1052,7 +1112,53 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         optimizer,
         schedule,
         lr,
+        init,
     })
+}
+
+/// `--init-lora-weights`, `--loftq-iter` and `--convert-to-lora`, checked together with
+/// `--quantize`: LoftQ quantizes the base itself, to NF4.
+fn lora_init(a: &TrainArgs, precision: &kaizen::Precision) -> Result<LoraInit> {
+    let init = match a.init_lora_weights.as_deref() {
+        None => LoraInit::Default,
+        Some(s) => LoraInit::parse(s).map_err(|_| {
+            anyhow::anyhow!(
+                "--init-lora-weights {s}: unknown (use one of {})",
+                LoraInit::NAMES
+            )
+        })?,
+    };
+    let init = match (init, a.loftq_iter) {
+        (LoraInit::Loftq { .. }, Some(iter)) => LoraInit::Loftq { iter },
+        (_, Some(_)) => bail!("--loftq-iter applies to --init-lora-weights loftq"),
+        (i, None) => i,
+    };
+    if let LoraInit::Loftq { iter } = init {
+        if iter == 0 || iter > lora::config::MAX_ITER {
+            bail!(
+                "--loftq-iter must be between 1 and {}, found {iter}",
+                lora::config::MAX_ITER
+            );
+        }
+        let nf4 = kaizen::nn::quant::QFormat::Nf4 {
+            double_quant: false,
+        };
+        if precision.quantize != Some(nf4) {
+            bail!("--init-lora-weights loftq needs a quantized base: add --quantize nf4 (LoftQ quantizes the base to NF4 itself and fits the LoRA to what quantizing loses)");
+        }
+    }
+    if let LoraInit::PissaNiter(k) = init {
+        if k > lora::config::MAX_ITER {
+            bail!(
+                "--init-lora-weights pissa_niter_{k}: at most {} iterations",
+                lora::config::MAX_ITER
+            );
+        }
+    }
+    if a.convert_to_lora == Some(true) && !init.converts() {
+        bail!("--convert-to-lora applies to --init-lora-weights pissa, pissa_niter_K and olora (whose base is W - B0 A0), not to {}", init.name());
+    }
+    Ok(init)
 }
 
 /// The memory guard: refuses a run whose estimated peak exceeds `budget`, with the estimate

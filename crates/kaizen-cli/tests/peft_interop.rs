@@ -21,8 +21,8 @@ fn kaizen_adapters_score_as_in_python_peft() {
     let models = record.as_object().unwrap();
     assert_eq!(
         models.len(),
-        19,
-        "LoRA on each HF fixture model; IA3, VeRA, LN tuning, AdaLoRA, prompt tuning, P-tuning (MLP, LSTM) and prefix tuning on two; DoRA on one"
+        21,
+        "LoRA on each HF fixture model; IA3, VeRA, LN tuning, AdaLoRA, prompt tuning, P-tuning (MLP, LSTM) and prefix tuning on two; DoRA on one; PiSSA and OLoRA (with DoRA) on one each"
     );
     for (name, r) in models {
         let model = r["model"].as_str().unwrap();

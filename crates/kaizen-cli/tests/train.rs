@@ -3002,3 +3002,130 @@ fn sigint_stops_with_a_checkpoint_and_resume_continues() {
         "{stderr}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// LoRA's data-driven inits (PEFT's init_lora_weights pissa, pissa_niter_K, olora, loftq)
+
+/// Each init trains and is written into adapter_config.json as PEFT writes it. A PiSSA adapter
+/// evaluates with `kaizen eval` (which recomputes the residual base, as PEFT's loader does) to
+/// the same loss as the same run saved with --convert-to-lora: PEFT's plain LoRA of rank 2r
+/// (alpha doubled) for the original base.
+#[test]
+fn data_driven_lora_inits_train_and_pissa_converts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &instruction_rows(6));
+    let run = |init: &str, extra: &[&str]| {
+        let out = tmp.path().join(init.replace(' ', "_"));
+        let mut args = vec!["--init-lora-weights", init, "--r", "4", "--lora-alpha", "8"];
+        args.extend(["--max-steps", "2", "--batch-size", "2", "--lr", "1e-2"]);
+        args.extend(extra);
+        train_ok(LLAMA, &data, &out, &args);
+        out
+    };
+    for init in ["pissa", "pissa_niter_2", "olora"] {
+        let out = run(init, &[]);
+        assert_eq!(adapter_config(&out)["init_lora_weights"], json!(init));
+    }
+    let loftq = run("loftq", &["--quantize", "nf4", "--loftq-iter", "2"]);
+    let cfg = adapter_config(&loftq);
+    assert_eq!(cfg["init_lora_weights"], json!("loftq"));
+    assert_eq!(
+        cfg["loftq_config"],
+        json!({"loftq_bits": 4, "loftq_iter": 2})
+    );
+
+    let pissa = tmp.path().join("pissa");
+    let converted = tmp.path().join("converted");
+    let mut args = vec![
+        "--init-lora-weights",
+        "pissa",
+        "--convert-to-lora",
+        "--r",
+        "4",
+    ];
+    args.extend([
+        "--lora-alpha",
+        "8",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+    ]);
+    train_ok(LLAMA, &data, &converted, &args);
+    let cfg = adapter_config(&converted);
+    assert_eq!(
+        (&cfg["init_lora_weights"], &cfg["r"], &cfg["lora_alpha"]),
+        (&json!(true), &json!(8), &json!(16.0))
+    );
+    let (base, val) = (model_path(LLAMA), tmp.path().join("val.jsonl"));
+    write_rows(tmp.path(), "val.jsonl", &repetitive_text_rows(2));
+    let (with_pissa, with_converted) = (
+        eval_loss(&base, Some(&pissa), &val),
+        eval_loss(&base, Some(&converted), &val),
+    );
+    assert_close(
+        "eval loss of the converted adapter on the original base",
+        with_converted,
+        with_pissa,
+        1e-4,
+    );
+    assert!(
+        (with_pissa - eval_loss(&base, None, &val)).abs() > 1e-3,
+        "training changed the model"
+    );
+}
+
+#[test]
+fn bad_lora_init_flags_are_one_error_naming_the_flag() {
+    let cases: [(&[&str], &[&str]); 7] = [
+        (
+            &["--init-lora-weights", "svd"],
+            &["--init-lora-weights svd", "pissa_niter_K"],
+        ),
+        (
+            &["--init-lora-weights", "pissa_niter_x"],
+            &["pissa_niter_x", "unknown"],
+        ),
+        (
+            &["--init-lora-weights", "loftq"],
+            &["loftq", "--quantize nf4"],
+        ),
+        (
+            &[
+                "--init-lora-weights",
+                "loftq",
+                "--quantize",
+                "nf4",
+                "--loftq-iter",
+                "0",
+            ],
+            &["--loftq-iter"],
+        ),
+        (
+            &["--init-lora-weights", "olora", "--loftq-iter", "2"],
+            &["--loftq-iter", "loftq"],
+        ),
+        (&["--convert-to-lora"], &["--convert-to-lora", "pissa"]),
+        (
+            &["--init-lora-weights", "pissa", "--r", "40"],
+            &["rank r 40", "v_proj", "r <= 32"],
+        ),
+    ];
+    for (extra, needles) in cases {
+        assert_train_fails(LLAMA, None, extra, needles);
+    }
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--init-lora-weights", "pissa", "--quantize", "nf4"],
+        &["PiSSA", "--quantize"],
+    );
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--method", "ia3", "--init-lora-weights", "pissa"],
+        &["--init-lora-weights", "lora"],
+    );
+}

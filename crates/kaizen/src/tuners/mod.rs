@@ -29,6 +29,8 @@ pub enum Method {
     Lora {
         cfg: lora::LoraConfig,
         targets: Vec<String>,
+        /// A data-driven init's initial A/B by PEFT key (empty for the random inits).
+        initial: std::collections::BTreeMap<String, Tensor>,
     },
     Ia3 {
         cfg: ia3::Ia3Config,
@@ -111,7 +113,7 @@ impl Method {
     /// The adapter_config.json contents.
     pub fn config_json(&self) -> Value {
         match self {
-            Method::Lora { cfg, targets } => cfg.to_json(targets),
+            Method::Lora { cfg, targets, .. } => cfg.to_json(targets),
             Method::Ia3 {
                 cfg,
                 targets,
@@ -266,9 +268,13 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
         "LORA" => {
             let cfg =
                 lora::LoraConfig::from_json(&config).map_err(|m| Error::config(&cfg_path, m))?;
-            let targets = lora::attach(model, &cfg, Some(weights), 0)
+            let lora::Attached { targets, initial } = lora::attach(model, &cfg, Some(weights), 0)
                 .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
-            Method::Lora { cfg, targets }
+            Method::Lora {
+                cfg,
+                targets,
+                initial,
+            }
         }
         "IA3" => {
             let cfg =

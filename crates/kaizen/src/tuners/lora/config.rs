@@ -39,6 +39,70 @@ pub enum LoraInit {
     Gaussian,
     /// Random A and B (PEFT's `false`): not the identity; for tests.
     Random,
+    /// PiSSA: A, B from the SVD of W, which keeps the residual (`inits.rs`).
+    Pissa,
+    /// PiSSA from a randomized SVD with this many subspace iterations (`pissa_niter_K`).
+    PissaNiter(usize),
+    /// OLoRA: A, B from the QR decomposition of W, which keeps the residual.
+    Olora,
+    /// LoftQ: the base becomes NF4 of W minus a rank-r SVD, alternating `iter` times
+    /// (`loftq_config.loftq_iter`; 4 bits only).
+    Loftq { iter: usize },
+}
+
+impl LoraInit {
+    /// The values `--init-lora-weights` takes and PEFT writes as strings.
+    pub const NAMES: &'static str = "gaussian, pissa, pissa_niter_K (K >= 0), olora, loftq";
+
+    /// Parses PEFT's string spelling (LoftQ with 1 iteration; see [`LoraConfig::from_json`]).
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "gaussian" => LoraInit::Gaussian,
+            "pissa" => LoraInit::Pissa,
+            "olora" => LoraInit::Olora,
+            "loftq" => LoraInit::Loftq { iter: 1 },
+            _ => match s.strip_prefix("pissa_niter_").map(str::parse::<usize>) {
+                Some(Ok(k)) => LoraInit::PissaNiter(k),
+                _ => {
+                    return Err(format!(
+                        "init_lora_weights {}: unknown (use one of {})",
+                        quote(s),
+                        Self::NAMES
+                    ))
+                }
+            },
+        })
+    }
+
+    /// PEFT's spelling.
+    pub fn name(self) -> String {
+        match self {
+            LoraInit::Default => "true".into(),
+            LoraInit::Random => "false".into(),
+            LoraInit::Gaussian => "gaussian".into(),
+            LoraInit::Pissa => "pissa".into(),
+            LoraInit::PissaNiter(k) => format!("pissa_niter_{k}"),
+            LoraInit::Olora => "olora".into(),
+            LoraInit::Loftq { .. } => "loftq".into(),
+        }
+    }
+
+    /// Whether the init reads (and replaces) the base weight.
+    pub fn is_data_driven(self) -> bool {
+        matches!(
+            self,
+            LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora | LoraInit::Loftq { .. }
+        )
+    }
+
+    /// Whether a trained adapter converts to a plain LoRA on the original base (PEFT's
+    /// `path_initial_model_for_weight_conversion`): PiSSA and OLoRA, whose base is W - B0 A0.
+    pub fn converts(self) -> bool {
+        matches!(
+            self,
+            LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -99,6 +163,19 @@ impl LoraConfig {
                 "lora_dropout must be in [0, 1), found {}",
                 self.lora_dropout
             ));
+        }
+        match self.init_lora_weights {
+            LoraInit::PissaNiter(k) if k > MAX_ITER => {
+                return bad(format!(
+                    "init_lora_weights pissa_niter_{k}: at most {MAX_ITER} iterations"
+                ))
+            }
+            LoraInit::Loftq { iter } if iter == 0 || iter > MAX_ITER => {
+                return bad(format!(
+                    "loftq_iter is {iter}; it must be between 1 and {MAX_ITER}"
+                ))
+            }
+            _ => {}
         }
         if let Some(TargetModules::Names(n)) = &self.target_modules {
             if n.is_empty() {
@@ -208,11 +285,15 @@ impl LoraConfig {
         let init = match map.get("init_lora_weights") {
             None | Some(Value::Bool(true)) => LoraInit::Default,
             Some(Value::Bool(false)) => LoraInit::Random,
-            Some(Value::String(s)) if s == "gaussian" => LoraInit::Gaussian,
+            Some(Value::String(s)) => match LoraInit::parse(s)? {
+                LoraInit::Loftq { .. } => loftq_config(map)?,
+                i => i,
+            },
             Some(v) => {
                 return Err(format!(
-                    "\"init_lora_weights\" {} is not supported (true, false, \"gaussian\")",
-                    shown(v)
+                    "\"init_lora_weights\" {} is not supported (true, false, {})",
+                    shown(v),
+                    LoraInit::NAMES
                 ))
             }
         };
@@ -288,8 +369,12 @@ impl LoraConfig {
         };
         let init = match self.init_lora_weights {
             LoraInit::Default => json!(true),
-            LoraInit::Gaussian => json!("gaussian"),
             LoraInit::Random => json!(false),
+            i => json!(i.name()),
+        };
+        let loftq_config = match self.init_lora_weights {
+            LoraInit::Loftq { iter } => json!({"loftq_bits": 4, "loftq_iter": iter}),
+            _ => json!({}),
         };
         json!({
             "alpha_pattern": self.alpha_pattern,
@@ -303,7 +388,7 @@ impl LoraConfig {
             "layer_replication": null,
             "layers_pattern": null,
             "layers_to_transform": self.layers_to_transform,
-            "loftq_config": {},
+            "loftq_config": loftq_config,
             "lora_alpha": self.lora_alpha,
             "lora_bias": false,
             "lora_dropout": self.lora_dropout,
@@ -325,6 +410,36 @@ impl LoraConfig {
 /// Largest LoRA rank accepted from a file (real ones are 4 to 256): a rank sizes the A and B
 /// matrices allocated for every targeted layer.
 pub const MAX_RANK: usize = 1 << 16;
+
+/// Most iterations of `pissa_niter_K` and `loftq_iter` (each is a decomposition of every
+/// targeted weight; PEFT's examples use 1 to 16).
+pub const MAX_ITER: usize = 1000;
+
+/// LoftQ's `loftq_config` (PEFT's `LoftQConfig`: `loftq_bits` 4, `loftq_iter` 1 by default).
+fn loftq_config(map: &Map<String, Value>) -> std::result::Result<LoraInit, String> {
+    let Some(Value::Object(lc)) = map.get("loftq_config") else {
+        return Err(
+            "\"loftq_config\" must be an object when init_lora_weights is \"loftq\"".into(),
+        );
+    };
+    let c = Fields(lc);
+    if let Some(bits) = c.f64("loftq_bits")? {
+        if bits != 4.0 {
+            return Err(format!(
+                "\"loftq_config\".\"loftq_bits\" is {bits}; kaizen's LoftQ quantizes to NF4, 4 bits"
+            ));
+        }
+    }
+    let iter = c.f64("loftq_iter")?.unwrap_or(1.0);
+    if !((1.0..=MAX_ITER as f64).contains(&iter) && iter.fract() == 0.0) {
+        return Err(format!(
+            "\"loftq_config\".\"loftq_iter\" is {iter}; it must be a whole number from 1 to {MAX_ITER}"
+        ));
+    }
+    Ok(LoraInit::Loftq {
+        iter: iter as usize,
+    })
+}
 
 /// One entry of `layers_to_transform`.
 fn layer_index(v: &Value) -> std::result::Result<usize, String> {

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dora;
+pub mod inits;
 pub mod layer;
 
 use std::collections::BTreeMap;
@@ -95,19 +96,30 @@ fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Result<
     Ok(None)
 }
 
-/// Attaches LoRA layers to the targeted linears. With `weights` (PEFT keys -> tensors, e.g. from
-/// an adapter file) every layer takes its A/B (and DoRA magnitude) from there and every tensor
-/// must be used; otherwise they are initialised per `cfg.init_lora_weights` from `seed`, and a
-/// DoRA magnitude, as PEFT, to the row norms of `W + scale B A`. Returns the targets.
+/// What [`attach`] did: the targets, and for a data-driven init (PiSSA, OLoRA, LoftQ) each
+/// layer's initial A and B by their PEFT keys (what [`convert`] subtracts).
+#[derive(Debug, Clone, Default)]
+pub struct Attached {
+    pub targets: Vec<String>,
+    pub initial: BTreeMap<String, Tensor>,
+}
+
+/// Attaches LoRA layers to the targeted linears. A data-driven `cfg.init_lora_weights` first
+/// computes its A/B from the base weight and replaces that weight (`inits.rs`), as PEFT does
+/// also when it loads such an adapter. With `weights` (PEFT keys -> tensors, e.g. from an
+/// adapter file) every layer then takes its A/B (and DoRA magnitude) from there and every tensor
+/// must be used; otherwise they are the init's (random ones from `seed`), and a DoRA magnitude,
+/// as PEFT, the row norms of `W + scale B A`.
 pub fn attach(
     model: &mut Model,
     cfg: &LoraConfig,
     mut weights: Option<BTreeMap<String, Tensor>>,
     seed: u64,
-) -> Result<Vec<String>> {
+) -> Result<Attached> {
     cfg.validate()?;
     let targets = resolve_targets(model, cfg)?;
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut initial = BTreeMap::new();
     for (path, lin) in model.linears_mut() {
         if !targets.contains(&path) {
             continue;
@@ -121,12 +133,25 @@ pub fn attach(
         };
         let prefix = format!("{PEFT_PREFIX}{path}");
         let (inp, out) = (lin.in_features(), lin.out_features());
-        let (a, b) = match weights.as_mut() {
-            Some(w) => (
-                take(w, &format!("{prefix}.lora_A.weight"), &[r, inp])?,
-                take(w, &format!("{prefix}.lora_B.weight"), &[out, r])?,
-            ),
-            None => init(cfg.init_lora_weights, r, inp, out, &mut rng)?,
+        let data = inits::apply(cfg.init_lora_weights, lin, r, scale, &path)?;
+        let (key_a, key_b) = (
+            format!("{prefix}.lora_A.weight"),
+            format!("{prefix}.lora_B.weight"),
+        );
+        let (a, b) = match (weights.as_mut(), data) {
+            (Some(w), data) => {
+                if let Some((a0, b0)) = data {
+                    initial.insert(key_a.clone(), a0);
+                    initial.insert(key_b.clone(), b0);
+                }
+                (take(w, &key_a, &[r, inp])?, take(w, &key_b, &[out, r])?)
+            }
+            (None, Some((a0, b0))) => {
+                initial.insert(key_a, a0.clone());
+                initial.insert(key_b, b0.clone());
+                (a0, b0)
+            }
+            (None, None) => init(cfg.init_lora_weights, r, inp, out, &mut rng)?,
         };
         let magnitude = match (cfg.use_dora, weights.as_mut()) {
             (false, _) => None,
@@ -143,7 +168,64 @@ pub fn attach(
         }));
     }
     all_used(weights)?;
-    Ok(targets)
+    Ok(Attached { targets, initial })
+}
+
+/// PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)` for a trained
+/// PiSSA/OLoRA adapter: the plain LoRA of rank 2r on the original base (`inits::convert` per
+/// layer) and its config as PEFT writes it (init_lora_weights true; r, lora_alpha and the
+/// patterns doubled; with rsLoRA alpha times sqrt 2, which keeps alpha / sqrt(r)).
+pub fn convert(
+    cfg: &LoraConfig,
+    trained: &[(String, Tensor)],
+    initial: &BTreeMap<String, Tensor>,
+) -> Result<(LoraConfig, Vec<(String, Tensor)>)> {
+    if !cfg.init_lora_weights.converts() {
+        return Err(Error::Input(format!(
+            "converting to a plain LoRA applies to PiSSA and OLoRA adapters (their base is W - B0 A0), not to init_lora_weights {}",
+            cfg.init_lora_weights.name()
+        )));
+    }
+    if cfg.use_dora {
+        return Err(Error::Input("converting to a plain LoRA is not defined for DoRA (its magnitude normalises the whole weight); save the DoRA adapter as it is".into()));
+    }
+    if cfg.use_rslora && !(cfg.rank_pattern.is_empty() && cfg.alpha_pattern.is_empty()) {
+        return Err(Error::Input("converting to a plain LoRA is not supported with use_rslora together with rank_pattern/alpha_pattern (as in PEFT)".into()));
+    }
+    let trained: BTreeMap<&str, &Tensor> = trained.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut out = Vec::new();
+    for (key_a, a0) in initial
+        .iter()
+        .filter(|(k, _)| k.ends_with(".lora_A.weight"))
+    {
+        let key_b = key_a.replace(".lora_A.weight", ".lora_B.weight");
+        let get = |k: &str| {
+            trained.get(k).copied().ok_or_else(|| {
+                Error::Input(format!("converting to a plain LoRA: no trained tensor {k}"))
+            })
+        };
+        let (a, b) = inits::convert(get(key_a)?, get(&key_b)?, a0, &initial[&key_b])?;
+        out.push((key_a.clone(), a));
+        out.push((key_b, b));
+    }
+    let alpha = if cfg.use_rslora { 2f64.sqrt() } else { 2.0 };
+    let converted = LoraConfig {
+        r: 2 * cfg.r,
+        lora_alpha: cfg.lora_alpha * alpha,
+        init_lora_weights: LoraInit::Default,
+        rank_pattern: cfg
+            .rank_pattern
+            .iter()
+            .map(|(k, v)| (k.clone(), 2 * v))
+            .collect(),
+        alpha_pattern: cfg
+            .alpha_pattern
+            .iter()
+            .map(|(k, v)| (k.clone(), 2.0 * v))
+            .collect(),
+        ..cfg.clone()
+    };
+    Ok((converted, out))
 }
 
 /// After attaching from a file: every tensor must have found its layer.
