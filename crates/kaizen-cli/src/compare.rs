@@ -39,7 +39,7 @@ pub struct CompareArgs {
     /// Comma-separated methods, run in this order.
     #[arg(
         long,
-        default_value = "full,freeze,lora,dora,ia3,ln-tuning,adapter,prefix,p-tuning,prompt"
+        default_value = "full,freeze,lora,dora,ia3,loha,lokr,ln-tuning,adapter,prefix,p-tuning,prompt"
     )]
     pub methods: String,
     /// Optimizer steps of every method.
@@ -83,7 +83,7 @@ pub struct Spec {
     pub attention_targets: bool,
 }
 
-pub const SPECS: [Spec; 10] = [
+pub const SPECS: [Spec; 12] = [
     spec("full", 5e-5, "--method full", false),
     spec(
         "freeze",
@@ -99,6 +99,8 @@ pub const SPECS: [Spec; 10] = [
         true,
     ),
     spec("ia3", 2e-2, "--method ia3", false),
+    spec("loha", 2e-3, "--method loha --r 8 --lora-alpha 16", true),
+    spec("lokr", 2e-3, "--method lokr --r 8 --lora-alpha 16", true),
     spec(
         "ln-tuning",
         2e-2,

@@ -19,7 +19,10 @@ use kaizen::train::trainer::{self, Event, TrainConfig, TrainData};
 use kaizen::tuners::bottleneck::{self, config::parse_non_linearity, BottleneckConfig};
 use kaizen::tuners::ia3::{self, Ia3Config};
 use kaizen::tuners::ln_tuning::{self, LnTuningConfig};
+use kaizen::tuners::loha::{self, LohaConfig};
+use kaizen::tuners::lokr::{self, LokrConfig};
 use kaizen::tuners::lora::{self, LoraConfig};
+use kaizen::tuners::lycoris::LycorisConfig;
 use kaizen::tuners::prefix::{self, PrefixTuningConfig};
 use kaizen::tuners::prompt::{self, p_tuning, PromptInit, PromptTuningConfig};
 use kaizen::tuners::Method;
@@ -44,7 +47,7 @@ pub struct TrainArgs {
     /// Output directory: adapter, metrics.jsonl, loss.png, run.json, checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PEFT method: lora, ia3, ln-tuning (the norms), prompt, p-tuning, prefix, adapter
+    /// PEFT method: lora, ia3, loha, lokr (LyCORIS), ln-tuning (the norms), prompt, p-tuning, prefix, adapter
     /// (bottleneck adapters), full (every weight) or freeze (LLaMA-Factory's freeze tuning:
     /// chosen layers fully).
     #[arg(long)]
@@ -60,14 +63,28 @@ pub struct TrainArgs {
     /// (`embed_tokens`, `norm`, `lm_head`; names match as substrings, as in LLaMA-Factory).
     #[arg(long)]
     pub freeze_extra_modules: Option<String>,
-    /// LoRA rank (default 8).
+    /// LoRA, LoHa, LoKr rank (default 8).
     #[arg(long)]
     pub r: Option<usize>,
-    /// LoRA alpha (default 8, as PEFT).
-    #[arg(long)]
+    /// LoRA, LoHa, LoKr alpha: the adapter is scaled by alpha / r (default 8, as PEFT). PEFT
+    /// names it `alpha` for LoHa/LoKr, so `--alpha` is accepted as another name.
+    #[arg(long, alias = "alpha")]
+    #[serde(alias = "alpha")]
     pub lora_alpha: Option<f64>,
     #[arg(long)]
     pub lora_dropout: Option<f64>,
+    /// LoHa, LoKr: in training, each output row of ΔW is dropped with this probability.
+    #[arg(long)]
+    pub rank_dropout: Option<f64>,
+    /// LoHa, LoKr: in training, the whole adapter is skipped for a forward with this probability.
+    #[arg(long)]
+    pub module_dropout: Option<f64>,
+    /// LoKr: also split the left Kronecker factor into a rank-r pair.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub decompose_both: Option<bool>,
+    /// LoKr: factorization's divider of the layer's dimensions (default -1: near the square root).
+    #[arg(long, allow_hyphen_values = true)]
+    pub decompose_factor: Option<i64>,
     /// Comma-separated module names, a regex, or all-linear (default: attention query/value).
     #[arg(long)]
     pub target_modules: Option<String>,
@@ -316,7 +333,7 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, loraplus_lr_ratio, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
+        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, rank_dropout, module_dropout, decompose_both, decompose_factor, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, loraplus_lr_ratio, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
             adapter_type, reduction_factor, bottleneck_size, non_linearity,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
@@ -360,8 +377,12 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
                 || a.lora_alpha.is_some()
                 || a.target_modules.is_some()
                 || a.use_dora.is_some()
+                || a.rank_dropout.is_some()
+                || a.module_dropout.is_some()
+                || a.decompose_both.is_some()
+                || a.decompose_factor.is_some()
             {
-                bail!("--init-adapter takes its method and config from {}/adapter_config.json; drop --r, --lora-alpha, --target-modules and --use-dora", dir.display());
+                bail!("--init-adapter takes its method and config from {}/adapter_config.json; drop --r, --lora-alpha, --target-modules, --use-dora, --rank-dropout, --module-dropout, --decompose-both and --decompose-factor", dir.display());
             }
             if a.encoder_hidden_size.is_some() || a.encoder_reparameterization_type.is_some() {
                 bail!("--init-adapter takes the prompt encoder from {}/adapter_config.json; drop --encoder-hidden-size and --encoder-reparameterization-type", dir.display());
@@ -502,6 +523,16 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
             };
             let targets = bottleneck::attach(&mut loaded.model, &cfg, None, seed)?;
             Method::Bottleneck { cfg, targets }
+        }
+        None if method_name == "loha" => {
+            let (cfg, _) = lycoris_configs(&a, &model_path)?;
+            let targets = loha::attach(&mut loaded.model, &cfg, None, seed)?;
+            Method::Loha { cfg, targets }
+        }
+        None if method_name == "lokr" => {
+            let (_, cfg) = lycoris_configs(&a, &model_path)?;
+            let targets = lokr::attach(&mut loaded.model, &cfg, None, seed)?;
+            Method::Lokr { cfg, targets }
         }
         None if method_name == "ln-tuning" => {
             let cfg = LnTuningConfig {
@@ -779,6 +810,36 @@ pub struct Flags {
 
 /// The checks on the flags alone, in one place: `kaizen ui` runs them on its form, so the page
 /// refuses a bad option with the CLI's own message.
+/// `--method loha` / `lokr`'s configs from the flags (PEFT's defaults otherwise), range-checked.
+fn lycoris_configs(a: &TrainArgs, model_path: &Path) -> Result<(LohaConfig, LokrConfig)> {
+    let lycoris = LycorisConfig {
+        targets: LoraConfig {
+            r: a.r.unwrap_or(8),
+            target_modules: a.target_modules.as_deref().map(LoraConfig::parse_targets),
+            base_model_name_or_path: Some(model_path.display().to_string()),
+            ..LoraConfig::default()
+        },
+        alpha: a.lora_alpha.unwrap_or(8.0),
+        rank_dropout: a.rank_dropout.unwrap_or(0.0),
+        module_dropout: a.module_dropout.unwrap_or(0.0),
+    };
+    let loha = LohaConfig {
+        lycoris: lycoris.clone(),
+        ..LohaConfig::default()
+    };
+    let lokr = LokrConfig {
+        lycoris,
+        decompose_both: a.decompose_both.unwrap_or(false),
+        decompose_factor: a.decompose_factor.unwrap_or(-1),
+        ..LokrConfig::default()
+    };
+    match a.method.as_deref() {
+        Some("loha") => loha.lycoris.validate("LoHa")?,
+        _ => lokr.validate()?,
+    }
+    Ok((loha, lokr))
+}
+
 pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
     let model_path = a.model.clone().context("--model is required")?;
     let data_path = a.data.clone().context("--data is required")?;
@@ -790,6 +851,8 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
     let methods = [
         "lora",
         "ia3",
+        "loha",
+        "lokr",
         "ln-tuning",
         "prompt",
         "p-tuning",
@@ -809,15 +872,19 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         bail!("--method {method_name} trains the model itself: give the model to continue from as --model, not --init-adapter");
     }
     let flags_of = [
-        ("--r", a.r.is_some(), "lora"),
-        ("--lora-alpha", a.lora_alpha.is_some(), "lora"),
+        ("--r", a.r.is_some(), "lora, loha, lokr"),
+        ("--lora-alpha", a.lora_alpha.is_some(), "lora, loha, lokr"),
+        ("--rank-dropout", a.rank_dropout.is_some(), "loha, lokr"),
+        ("--module-dropout", a.module_dropout.is_some(), "loha, lokr"),
+        ("--decompose-both", a.decompose_both.is_some(), "lokr"),
+        ("--decompose-factor", a.decompose_factor.is_some(), "lokr"),
         ("--lora-dropout", a.lora_dropout.is_some(), "lora"),
         ("--use-rslora", a.use_rslora.is_some(), "lora"),
         ("--use-dora", a.use_dora.is_some(), "lora"),
         (
             "--target-modules",
             a.target_modules.is_some(),
-            "lora, ia3, ln-tuning",
+            "lora, ia3, loha, lokr, ln-tuning",
         ),
         (
             "--feedforward-modules",
@@ -883,6 +950,9 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         if given && !methods.split(", ").any(|m| m == method_name) {
             bail!("{flag} applies to --method {methods}, not {method_name}");
         }
+    }
+    if matches!(method_name.as_str(), "loha" | "lokr") && a.init_adapter.is_none() {
+        lycoris_configs(a, &model_path)?;
     }
     let precision = crate::infer::parse_precision(
         a.dtype.as_deref(),

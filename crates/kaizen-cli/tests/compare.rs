@@ -177,12 +177,14 @@ fn compare_writes_report_json_charts_and_a_run_per_method() {
 }
 
 /// Every method `compare` knows, in its default order.
-const ALL: [&str; 10] = [
+const ALL: [&str; 12] = [
     "full",
     "freeze",
     "lora",
     "dora",
     "ia3",
+    "loha",
+    "lokr",
     "ln-tuning",
     "adapter",
     "prefix",

@@ -2432,6 +2432,143 @@ fn loraplus_ratio_moves_b_faster_and_is_checked() {
     );
 }
 
+/// `--method loha` / `lokr` (LyCORIS, PEFT's LOHA/LOKR): training with rank and module dropout
+/// saves PEFT's keys, `--resume` reproduces the uninterrupted run (the dropout draws included), a
+/// merged model scores as base + adapter, and a config field out of range is one error naming it.
+#[test]
+fn loha_and_lokr_train_resume_merge_and_check_their_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &completion_rows(10));
+    let targets = ["--target-modules", "q_proj,down_proj"];
+    let runs: [(&str, &[&str], &[&str]); 2] = [
+        (
+            "loha",
+            &[
+                "--method",
+                "loha",
+                "--r",
+                "4",
+                "--alpha",
+                "8",
+                "--module-dropout",
+                "0.3",
+            ],
+            &["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
+        ),
+        (
+            // r 2 < 8 / 2: with --decompose-both both Kronecker factors are rank-2 pairs
+            "lokr",
+            &[
+                "--method",
+                "lokr",
+                "--r",
+                "2",
+                "--lora-alpha",
+                "4",
+                "--decompose-both",
+            ],
+            &["lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"],
+        ),
+    ];
+    for (name, flags, suffixes) in runs {
+        let opts: Vec<&str> = RESUME_OPTS
+            .iter()
+            .chain(flags)
+            .chain(&targets)
+            .chain(&["--rank-dropout", "0.2"])
+            .copied()
+            .collect();
+        let (whole, cut) = (
+            tmp.path().join(name),
+            tmp.path().join(format!("{name}-cut")),
+        );
+        train_ok(LLAMA, &data, &whole, &opts);
+        train_ok(LLAMA, &data, &cut, &opts);
+        for f in ["adapter_model.safetensors", "adapter_config.json"] {
+            std::fs::remove_file(cut.join(f)).unwrap();
+        }
+        train_ok(LLAMA, &data, &cut, &[&opts[..], &["--resume"]].concat());
+        let file = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+        assert!(
+            file(&whole) == file(&cut),
+            "{name}: resumed adapter differs"
+        );
+        let config = read_json(&whole.join("adapter_config.json"));
+        assert_eq!(config["peft_type"], name.to_uppercase());
+        assert_eq!(config["rank_dropout"], 0.2);
+        let saved = read_safetensors(&whole.join("adapter_model.safetensors"));
+        assert_eq!(
+            saved.len(),
+            2 * 2 * suffixes.len(),
+            "{name}: {:?}",
+            saved.keys()
+        );
+        for key in saved.keys() {
+            assert!(
+                suffixes
+                    .iter()
+                    .any(|x| key.ends_with(&format!("_proj.{x}"))),
+                "{name}: {key}"
+            );
+        }
+        let merged = tmp.path().join(format!("{name}-merged"));
+        let (m, a) = (s(&model_path(LLAMA)), s(&whole));
+        kaizen([
+            "merge",
+            "--model",
+            &m,
+            "--adapter",
+            &a,
+            "--out",
+            &s(&merged),
+        ])
+        .ok();
+        let with_adapter = eval_loss(&model_path(LLAMA), Some(&whole), &data);
+        assert_close(
+            "merged",
+            eval_loss(&merged, None, &data),
+            with_adapter,
+            1e-5,
+        );
+        assert!(
+            with_adapter < eval_loss(&model_path(LLAMA), None, &data),
+            "{name}"
+        );
+    }
+    for (flags, needles) in [
+        (
+            &["--method", "loha", "--r", "0"][..],
+            &["r must be at least 1"][..],
+        ),
+        (
+            &["--method", "lokr", "--rank-dropout", "1"],
+            &["rank_dropout", "[0, 1)"],
+        ),
+        (
+            &["--method", "loha", "--module-dropout", "1.5"],
+            &["module_dropout"],
+        ),
+        (
+            &["--method", "lokr", "--decompose-factor", "0"],
+            &["decompose_factor", "-1"],
+        ),
+        (
+            &["--method", "lokr", "--decompose-factor", "-2"],
+            &["decompose_factor"],
+        ),
+        (
+            &["--method", "loha", "--decompose-both"],
+            &["--decompose-both", "lokr"],
+        ),
+        (
+            &["--rank-dropout", "0.1"],
+            &["--rank-dropout", "loha, lokr"],
+        ),
+    ] {
+        assert_train_fails(LLAMA, None, flags, needles);
+    }
+}
+
 /// The estimate a run prints ("memory: about X MiB (...)"), in MiB.
 fn estimate_mib(stderr: &str) -> f64 {
     let line = stderr

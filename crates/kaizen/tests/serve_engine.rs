@@ -16,10 +16,15 @@ fn root() -> PathBuf {
 const MODEL: &str = "tests/fixtures/models/llama-gqa-tied";
 
 /// Every method kaizen loads, on the same tiny Llama.
-const ADAPTERS: [(&str, &str); 7] = [
+const ADAPTERS: [(&str, &str); 9] = [
     ("lora", "tests/fixtures/lora/llama-gqa-tied/adapter"),
     ("dora", "tests/fixtures/lora/dora-llama-gqa-tied/adapter"),
     ("ia3", "tests/fixtures/peft/ia3/llama-gqa-tied/adapter"),
+    ("loha", "tests/fixtures/peft/loha/llama-gqa-tied/adapter"),
+    (
+        "lokr",
+        "tests/fixtures/peft/lokr/llama-gqa-tied-both/adapter",
+    ),
     (
         "bottleneck",
         "tests/fixtures/bottleneck/llama-gqa-tied/adapter",

@@ -7,7 +7,10 @@ pub mod full;
 pub mod ia3;
 pub mod init;
 pub mod ln_tuning;
+pub mod loha;
+pub mod lokr;
 pub mod lora;
+pub mod lycoris;
 pub mod prefix;
 pub mod prompt;
 
@@ -31,6 +34,16 @@ pub enum Method {
         cfg: ia3::Ia3Config,
         targets: Vec<String>,
         feedforward: Vec<String>,
+    },
+    /// LyCORIS LoHa: Hadamard product of two low-rank pairs.
+    Loha {
+        cfg: loha::LohaConfig,
+        targets: Vec<String>,
+    },
+    /// LyCORIS LoKr: Kronecker product of two (optionally low-rank) factors.
+    Lokr {
+        cfg: lokr::LokrConfig,
+        targets: Vec<String>,
     },
     /// LN tuning: the targeted norms train (their trained values replace them when loaded).
     LnTuning {
@@ -69,6 +82,8 @@ impl Method {
         match self {
             Method::Lora { .. } => "LORA",
             Method::Ia3 { .. } => "IA3",
+            Method::Loha { .. } => "LOHA",
+            Method::Lokr { .. } => "LOKR",
             Method::LnTuning { .. } => "LN_TUNING",
             Method::Bottleneck { .. } => "BOTTLENECK",
             Method::PromptTuning { .. } => "PROMPT_TUNING",
@@ -100,6 +115,8 @@ impl Method {
                 feedforward,
             } => cfg.to_json(targets, feedforward),
             Method::Bottleneck { cfg, targets } => cfg.to_json(targets),
+            Method::Loha { cfg, targets } => cfg.to_json(targets),
+            Method::Lokr { cfg, targets } => cfg.to_json(targets),
             Method::LnTuning { cfg, targets } => cfg.to_json(targets),
             Method::PromptTuning { json, .. }
             | Method::PTuningInference { json }
@@ -179,6 +196,20 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
                 feedforward,
             }
         }
+        "LOHA" => {
+            let cfg =
+                loha::LohaConfig::from_json(&config).map_err(|m| Error::config(&cfg_path, m))?;
+            let targets = loha::attach(model, &cfg, Some(weights), 0)
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            Method::Loha { cfg, targets }
+        }
+        "LOKR" => {
+            let cfg =
+                lokr::LokrConfig::from_json(&config).map_err(|m| Error::config(&cfg_path, m))?;
+            let targets = lokr::attach(model, &cfg, Some(weights), 0)
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            Method::Lokr { cfg, targets }
+        }
         "LN_TUNING" => {
             let cfg = ln_tuning::LnTuningConfig::from_json(&config)
                 .map_err(|m| Error::config(&cfg_path, m))?;
@@ -245,7 +276,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
             return Err(Error::config(
                 &cfg_path,
                 format!(
-                    "peft_type \"{other}\" is not supported (supported: LORA, IA3, LN_TUNING, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)"
+                    "peft_type \"{other}\" is not supported (supported: LORA, IA3, LOHA, LOKR, LN_TUNING, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)"
                 ),
             ))
         }
@@ -253,6 +284,8 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
     let targets = match &method {
         Method::Lora { targets, .. }
         | Method::Ia3 { targets, .. }
+        | Method::Loha { targets, .. }
+        | Method::Lokr { targets, .. }
         | Method::LnTuning { targets, .. }
         | Method::Bottleneck { targets, .. } => targets.clone(),
         Method::PromptTuning { .. }
@@ -314,7 +347,8 @@ impl Merged {
     }
 }
 
-/// Folds every adapter into its base weight and bias (LoRA `W += scale * B A`, IA3 scalings)
+/// Folds every adapter into its base weight and bias (LoRA `W += scale * B A`, IA3 scalings,
+/// LoHa/LoKr `W += ΔW`)
 /// and removes it: zero added inference latency. All-or-nothing: if one layer cannot merge
 /// (a bottleneck adapter's `merged` says why), the model is left unchanged.
 pub fn merge(model: &mut Model) -> Result<Merged> {
