@@ -2438,7 +2438,7 @@ fn loraplus_ratio_moves_b_faster_and_is_checked() {
 #[test]
 fn loha_and_lokr_train_resume_merge_and_check_their_fields() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = write_rows(tmp.path(), "train.jsonl", &completion_rows(10));
+    let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
     let targets = ["--target-modules", "q_proj,down_proj"];
     let runs: [(&str, &[&str], &[&str]); 2] = [
         (
