@@ -2357,25 +2357,7 @@ fn ln_tuning_trains_the_norms_saves_peft_keys_and_merges() {
         .collect();
     want.sort();
     assert_eq!(saved.keys().cloned().collect::<Vec<_>>(), want);
-    let merged = tmp.path().join("merged");
-    let (m, a) = (s(&model_path(LLAMA)), s(&out));
-    kaizen([
-        "merge",
-        "--model",
-        &m,
-        "--adapter",
-        &a,
-        "--out",
-        &s(&merged),
-    ])
-    .ok();
-    let with_adapter = eval_loss(&model_path(LLAMA), Some(&out), &data);
-    assert_close(
-        "merged",
-        eval_loss(&merged, None, &data),
-        with_adapter,
-        1e-5,
-    );
+    let with_adapter = merged_scores_as_adapter(LLAMA, &out, &tmp.path().join("merged"), &data);
     assert!(with_adapter < eval_loss(&model_path(LLAMA), None, &data));
     assert_train_fails(
         NEOX,
@@ -2430,6 +2412,16 @@ fn loraplus_ratio_moves_b_faster_and_is_checked() {
         &["--loraplus-lr-ratio", "-1"],
         &["--loraplus-lr-ratio must be > 0"],
     );
+}
+
+/// `kaizen merge`s `adapter` into `model` at `merged`, which must score on `data` as the model
+/// with the adapter does (1e-5 relative); returns that loss.
+fn merged_scores_as_adapter(model: &str, adapter: &Path, merged: &Path, data: &Path) -> f64 {
+    let (m, a) = (s(&model_path(model)), s(adapter));
+    kaizen(["merge", "--model", &m, "--adapter", &a, "--out", &s(merged)]).ok();
+    let with_adapter = eval_loss(&model_path(model), Some(adapter), data);
+    assert_close("merged", eval_loss(merged, None, data), with_adapter, 1e-5);
+    with_adapter
 }
 
 /// `--method loha` / `lokr` (LyCORIS, PEFT's LOHA/LOKR): training with rank and module dropout
@@ -2512,24 +2504,7 @@ fn loha_and_lokr_train_resume_merge_and_check_their_fields() {
             );
         }
         let merged = tmp.path().join(format!("{name}-merged"));
-        let (m, a) = (s(&model_path(LLAMA)), s(&whole));
-        kaizen([
-            "merge",
-            "--model",
-            &m,
-            "--adapter",
-            &a,
-            "--out",
-            &s(&merged),
-        ])
-        .ok();
-        let with_adapter = eval_loss(&model_path(LLAMA), Some(&whole), &data);
-        assert_close(
-            "merged",
-            eval_loss(&merged, None, &data),
-            with_adapter,
-            1e-5,
-        );
+        let with_adapter = merged_scores_as_adapter(LLAMA, &whole, &merged, &data);
         assert!(
             with_adapter < eval_loss(&model_path(LLAMA), None, &data),
             "{name}"

@@ -53,7 +53,7 @@ impl DeltaWeight for Kron {
 /// factor > 0 dividing the dimension, (factor, dimension / factor) as given; else the divisor
 /// pair with the smallest sum whose smaller side stays at most `factor` (-1: no limit).
 pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
-    if factor > 0 && dimension % factor as usize == 0 {
+    if factor > 0 && dimension.is_multiple_of(factor as usize) {
         let m = factor as usize;
         return (m, dimension / m);
     }
@@ -66,7 +66,7 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
     let length = m + n;
     while m < n {
         let mut new_m = m + 1;
-        while dimension % new_m != 0 {
+        while !dimension.is_multiple_of(new_m) {
             new_m += 1;
         }
         let new_n = dimension / new_m;
