@@ -410,3 +410,143 @@ impl<D: DeltaWeight> LinearAdapter for LycorisLayer<D> {
         Ok(Some(((base.weight_f32()? + dw)?, base.bias.clone())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::tuners::{init, loha::Hadamard, lokr::Kron};
+
+    fn named(key: &str, rows: usize, cols: usize, rng: &mut StdRng) -> Named {
+        let v = init::normal(rows * cols, 0.5, rng);
+        Named {
+            key: key.into(),
+            value: Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap(),
+        }
+    }
+
+    fn layer<D: DeltaWeight>(delta: D, rescale: bool) -> LycorisLayer<D> {
+        LycorisLayer {
+            delta,
+            scale: 1.5,
+            rank_dropout: 0.5,
+            module_dropout: 0.0,
+            rescale_rank_dropout: rescale,
+        }
+    }
+
+    /// sum(y ⊙ r) for a training forward whose dropout draws come from `seed`.
+    fn loss<D: DeltaWeight>(l: &LycorisLayer<D>, base: &Linear, x: &Tensor, r: &Tensor) -> f64 {
+        let mut rng = StdRng::seed_from_u64(7);
+        let (y, _) = l.forward(base, x, Some(&mut rng)).unwrap();
+        (y * r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    }
+
+    /// The hand-derived backward under rank dropout (mask and rescaling) against central
+    /// differences of the same training forward, along a random direction per tensor.
+    fn check<D: DeltaWeight>(mut l: LycorisLayer<D>, out: usize, inp: usize) {
+        let mut rng = StdRng::seed_from_u64(1);
+        let w = Tensor::from_vec(
+            init::normal(out * inp, 0.3, &mut rng),
+            (out, inp),
+            &Device::Cpu,
+        );
+        let base = Linear::new(w.unwrap(), None);
+        let x = Tensor::from_vec(init::normal(5 * inp, 1.0, &mut rng), (5, inp), &Device::Cpu);
+        let r = Tensor::from_vec(init::normal(5 * out, 1.0, &mut rng), (5, out), &Device::Cpu);
+        let (x, r) = (x.unwrap(), r.unwrap());
+        let (_, mask) = l
+            .forward(&base, &x, Some(&mut StdRng::seed_from_u64(7)))
+            .unwrap();
+        let m: Vec<f32> = mask
+            .as_ref()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(m.contains(&0.0) && m.iter().any(|&v| v > 0.0), "{m:?}");
+        let mut grads = Grads::new();
+        let dx = l
+            .backward(&base, &x, mask.as_ref(), &r, &mut grads)
+            .unwrap();
+        assert_eq!(dx.dims(), x.dims());
+        for (key, p) in l.params() {
+            let v = Tensor::from_vec(
+                init::normal(p.elem_count(), 1.0, &mut rng),
+                p.dims(),
+                &Device::Cpu,
+            );
+            let v = v.unwrap();
+            let eps = 1e-2;
+            let at = |l: &mut LycorisLayer<D>, s: f64| {
+                l.set_param(&key, (&p + (&v * s).unwrap()).unwrap())
+                    .unwrap();
+                loss(l, &base, &x, &r)
+            };
+            let numeric = (at(&mut l, eps) - at(&mut l, -eps)) / (2.0 * eps);
+            l.set_param(&key, p.clone()).unwrap();
+            let g = grads.get(&key).unwrap();
+            let analytic = (g * &v)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+            let err = (numeric - analytic).abs() / analytic.abs().max(1.0);
+            assert!(
+                err < 1e-3,
+                "{key}: numeric {numeric} vs backward {analytic}"
+            );
+        }
+    }
+
+    #[test]
+    fn rank_dropout_backward_matches_finite_differences() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let rng = &mut rng;
+        let loha = Hadamard {
+            w1: Factor::LowRank(named("w1_a", 12, 2, rng), named("w1_b", 2, 8, rng)),
+            w2: Factor::LowRank(named("w2_a", 12, 2, rng), named("w2_b", 2, 8, rng)),
+        };
+        check(layer(loha, true), 12, 8);
+        // kron((3, 2), (4, 4)) = (12, 8), the right factor as a rank-2 pair
+        let lokr = Kron {
+            w1: Factor::Full(named("w1", 3, 2, rng)),
+            w2: Factor::LowRank(named("w2_a", 4, 2, rng), named("w2_b", 2, 4, rng)),
+            dims: [3, 4, 2, 4],
+        };
+        check(layer(lokr, false), 12, 8);
+    }
+
+    /// A module skipped by module dropout: the frozen layer's output and input gradient, and no
+    /// gradient for the adapter (as PEFT leaves it).
+    #[test]
+    fn module_dropout_skips_the_adapter() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let delta = Kron {
+            w1: Factor::Full(named("w1", 2, 2, &mut rng)),
+            w2: Factor::Full(named("w2", 2, 2, &mut rng)),
+            dims: [2, 2, 2, 2],
+        };
+        let l = LycorisLayer {
+            module_dropout: 0.999_999,
+            ..layer(delta, false)
+        };
+        let base = Linear::new(named("w", 4, 4, &mut rng).value, None);
+        let x = named("x", 3, 4, &mut rng).value;
+        let (y, mask) = l.forward(&base, &x, Some(&mut rng)).unwrap();
+        let diff = (y - base.base_forward(&x).unwrap()).unwrap().abs().unwrap();
+        assert_eq!(diff.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let mut grads = Grads::new();
+        l.backward(&base, &x, mask.as_ref(), &x, &mut grads)
+            .unwrap();
+        assert!(grads.is_empty());
+    }
+}
