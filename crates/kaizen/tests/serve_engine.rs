@@ -124,7 +124,7 @@ fn greedy(max_new_tokens: usize) -> GenerateConfig {
 
 #[test]
 fn batched_rows_of_every_method_equal_generate_alone() {
-    // 16 requests, at most 6 rows at once: rows leave at different lengths and waiting ones
+    // 20 requests, at most 6 rows at once: rows leave at different lengths and waiting ones
     // join between steps.
     let h = start(6);
     let names: Vec<Option<&str>> = std::iter::once(None)
