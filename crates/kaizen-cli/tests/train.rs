@@ -2503,6 +2503,18 @@ fn loha_and_lokr_train_resume_merge_and_check_their_fields() {
                 "{name}: {key}"
             );
         }
+        let more = tmp.path().join(format!("{name}-more"));
+        train_ok(
+            LLAMA,
+            &data,
+            &more,
+            &["--init-adapter", &s(&whole), "--max-steps", "1"],
+        );
+        assert_eq!(
+            read_json(&more.join("adapter_config.json")),
+            config,
+            "{name}"
+        );
         let merged = tmp.path().join(format!("{name}-merged"));
         let with_adapter = merged_scores_as_adapter(LLAMA, &whole, &merged, &data, 1e-5);
         assert!(
@@ -2610,6 +2622,8 @@ fn runs_that_would_not_fit_are_refused_with_the_estimate_and_a_way_out() {
     for method in [
         "lora",
         "ia3",
+        "loha",
+        "lokr",
         "ln-tuning",
         "prompt",
         "p-tuning",
