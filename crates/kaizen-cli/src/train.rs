@@ -525,12 +525,12 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
             Method::Bottleneck { cfg, targets }
         }
         None if method_name == "loha" => {
-            let (cfg, _) = lycoris_configs(&a, &model_path)?;
+            let cfg = loha_config(&a, &model_path);
             let targets = loha::attach(&mut loaded.model, &cfg, None, seed)?;
             Method::Loha { cfg, targets }
         }
         None if method_name == "lokr" => {
-            let (_, cfg) = lycoris_configs(&a, &model_path)?;
+            let cfg = lokr_config(&a, &model_path);
             let targets = lokr::attach(&mut loaded.model, &cfg, None, seed)?;
             Method::Lokr { cfg, targets }
         }
@@ -808,11 +808,9 @@ pub struct Flags {
     lr: f64,
 }
 
-/// The checks on the flags alone, in one place: `kaizen ui` runs them on its form, so the page
-/// refuses a bad option with the CLI's own message.
-/// `--method loha` / `lokr`'s configs from the flags (PEFT's defaults otherwise), range-checked.
-fn lycoris_configs(a: &TrainArgs, model_path: &Path) -> Result<(LohaConfig, LokrConfig)> {
-    let lycoris = LycorisConfig {
+/// `--method loha` / `lokr`'s shared fields from the flags (PEFT's defaults otherwise).
+fn lycoris_config(a: &TrainArgs, model_path: &Path) -> LycorisConfig {
+    LycorisConfig {
         targets: LoraConfig {
             r: a.r.unwrap_or(8),
             target_modules: a.target_modules.as_deref().map(LoraConfig::parse_targets),
@@ -822,24 +820,27 @@ fn lycoris_configs(a: &TrainArgs, model_path: &Path) -> Result<(LohaConfig, Lokr
         alpha: a.lora_alpha.unwrap_or(8.0),
         rank_dropout: a.rank_dropout.unwrap_or(0.0),
         module_dropout: a.module_dropout.unwrap_or(0.0),
-    };
-    let loha = LohaConfig {
-        lycoris: lycoris.clone(),
+    }
+}
+
+fn loha_config(a: &TrainArgs, model_path: &Path) -> LohaConfig {
+    LohaConfig {
+        lycoris: lycoris_config(a, model_path),
         ..LohaConfig::default()
-    };
-    let lokr = LokrConfig {
-        lycoris,
+    }
+}
+
+fn lokr_config(a: &TrainArgs, model_path: &Path) -> LokrConfig {
+    LokrConfig {
+        lycoris: lycoris_config(a, model_path),
         decompose_both: a.decompose_both.unwrap_or(false),
         decompose_factor: a.decompose_factor.unwrap_or(-1),
         ..LokrConfig::default()
-    };
-    match a.method.as_deref() {
-        Some("loha") => loha.lycoris.validate("LoHa")?,
-        _ => lokr.validate()?,
     }
-    Ok((loha, lokr))
 }
 
+/// The checks on the flags alone, in one place: `kaizen ui` runs them on its form, so the page
+/// refuses a bad option with the CLI's own message.
 pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
     let model_path = a.model.clone().context("--model is required")?;
     let data_path = a.data.clone().context("--data is required")?;
@@ -951,8 +952,11 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
             bail!("{flag} applies to --method {methods}, not {method_name}");
         }
     }
-    if matches!(method_name.as_str(), "loha" | "lokr") && a.init_adapter.is_none() {
-        lycoris_configs(a, &model_path)?;
+    match method_name.as_str() {
+        _ if a.init_adapter.is_some() => {}
+        "loha" => loha_config(a, &model_path).validate()?,
+        "lokr" => lokr_config(a, &model_path).validate()?,
+        _ => {}
     }
     let precision = crate::infer::parse_precision(
         a.dtype.as_deref(),

@@ -34,12 +34,16 @@ impl Default for LohaConfig {
 }
 
 impl LohaConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.lycoris.validate("LoHa")
+    }
+
     pub fn from_json(map: &Map<String, Value>) -> std::result::Result<Self, String> {
         let cfg = LohaConfig {
             lycoris: LycorisConfig::from_json(map)?,
             init_weights: Fields(map).bool("init_weights")?.unwrap_or(true),
         };
-        cfg.lycoris.validate("LoHa").map_err(|e| e.to_string())?;
+        cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
     }
 
