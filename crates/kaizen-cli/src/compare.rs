@@ -39,7 +39,7 @@ pub struct CompareArgs {
     /// Comma-separated methods, run in this order.
     #[arg(
         long,
-        default_value = "full,freeze,lora,dora,ia3,loha,lokr,ln-tuning,adapter,prefix,p-tuning,prompt"
+        default_value = "full,freeze,lora,dora,adalora,ia3,loha,lokr,ln-tuning,adapter,prefix,p-tuning,prompt"
     )]
     pub methods: String,
     /// Optimizer steps of every method.
@@ -83,7 +83,7 @@ pub struct Spec {
     pub attention_targets: bool,
 }
 
-pub const SPECS: [Spec; 12] = [
+pub const SPECS: [Spec; 13] = [
     spec("full", 5e-5, "--method full", false),
     spec(
         "freeze",
@@ -96,6 +96,12 @@ pub const SPECS: [Spec; 12] = [
         "dora",
         2e-3,
         "--method lora --use-dora --r 16 --lora-alpha 32",
+        true,
+    ),
+    spec(
+        "adalora",
+        2e-3,
+        "--method adalora --init-r 12 --target-r 8 --lora-alpha 32",
         true,
     ),
     spec("ia3", 2e-2, "--method ia3", false),

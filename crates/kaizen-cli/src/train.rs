@@ -16,6 +16,7 @@ use kaizen::train::optim::OptimizerKind;
 use kaizen::train::out_dir::{self, OutDirLock};
 use kaizen::train::schedule::Schedule;
 use kaizen::train::trainer::{self, Event, TrainConfig, TrainData};
+use kaizen::tuners::adalora::{self, AdaLoraConfig};
 use kaizen::tuners::bottleneck::{self, config::parse_non_linearity, BottleneckConfig};
 use kaizen::tuners::ia3::{self, Ia3Config};
 use kaizen::tuners::ln_tuning::{self, LnTuningConfig};
@@ -47,7 +48,7 @@ pub struct TrainArgs {
     /// Output directory: adapter, metrics.jsonl, loss.png, run.json, checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PEFT method: lora, ia3, loha, lokr (LyCORIS), ln-tuning (the norms), prompt, p-tuning, prefix, adapter
+    /// PEFT method: lora, adalora (LoRA with a rank budget), ia3, loha, lokr (LyCORIS), ln-tuning (the norms), prompt, p-tuning, prefix, adapter
     /// (bottleneck adapters), full (every weight) or freeze (LLaMA-Factory's freeze tuning:
     /// chosen layers fully).
     #[arg(long)]
@@ -88,6 +89,34 @@ pub struct TrainArgs {
     /// Comma-separated module names, a regex, or all-linear (default: attention query/value).
     #[arg(long)]
     pub target_modules: Option<String>,
+    /// AdaLoRA: every layer's starting rank (PEFT's init_r, default 12).
+    #[arg(long)]
+    pub init_r: Option<usize>,
+    /// AdaLoRA: the average rank the budget ends at (default 8).
+    #[arg(long)]
+    pub target_r: Option<usize>,
+    /// AdaLoRA: warm-up steps before the budget falls (default 0).
+    #[arg(long)]
+    pub tinit: Option<usize>,
+    /// AdaLoRA: final steps at the target budget (default 0).
+    #[arg(long)]
+    pub tfinal: Option<usize>,
+    /// AdaLoRA: steps between two budget allocations (PEFT's deltaT, default 1).
+    #[arg(long = "delta-t", alias = "deltaT")]
+    #[serde(alias = "deltaT")]
+    pub delta_t: Option<usize>,
+    /// AdaLoRA: EMA coefficient of the importance (default 0.85).
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    /// AdaLoRA: EMA coefficient of the importance's uncertainty (default 0.85).
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    /// AdaLoRA: weight of the orthogonality regulariser (default 0.5).
+    #[arg(long)]
+    pub orth_reg_weight: Option<f64>,
+    /// AdaLoRA: the budget schedule's length in steps (default: the run's steps).
+    #[arg(long)]
+    pub total_step: Option<usize>,
     /// Prompt tuning, P-tuning, prefix tuning: number of virtual tokens (default 20).
     #[arg(long)]
     pub num_virtual_tokens: Option<usize>,
@@ -333,7 +362,7 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, rank_dropout, module_dropout, decompose_both, decompose_factor, target_modules, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, loraplus_lr_ratio, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
+        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, rank_dropout, module_dropout, decompose_both, decompose_factor, target_modules, init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step, feedforward_modules, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, loraplus_lr_ratio, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
             adapter_type, reduction_factor, bottleneck_size, non_linearity,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
@@ -371,7 +400,7 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
     };
     // Method.
     let seed = a.seed.unwrap_or(42);
-    let method = match &a.init_adapter {
+    let mut method = match &a.init_adapter {
         Some(dir) => {
             if a.r.is_some()
                 || a.lora_alpha.is_some()
@@ -403,6 +432,10 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
                     trainable: false, ..
                 } => bail!(
                     "{}: a prefix-projection adapter as PEFT saves it holds only the projection's output, not its weights, so it can be used for inference (--adapter) but not trained further",
+                    dir.display()
+                ),
+                Method::AdaLora { cfg, .. } if cfg.rank_pattern.is_some() => bail!(
+                    "{}: this AdaLoRA adapter was saved cut to its rank_pattern, so its budget schedule cannot continue; use it for inference (--adapter), or resume its run from a checkpoint (--resume)",
                     dir.display()
                 ),
                 m => m,
@@ -534,6 +567,30 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
             let targets = lokr::attach(&mut loaded.model, &cfg, None, seed)?;
             Method::Lokr { cfg, targets }
         }
+        None if method_name == "adalora" => {
+            let d = AdaLoraConfig::default();
+            let cfg = AdaLoraConfig {
+                init_r: a.init_r.unwrap_or(d.init_r),
+                target_r: a.target_r.unwrap_or(d.target_r),
+                tinit: a.tinit.unwrap_or(d.tinit),
+                tfinal: a.tfinal.unwrap_or(d.tfinal),
+                delta_t: a.delta_t.unwrap_or(d.delta_t),
+                beta1: a.beta1.unwrap_or(d.beta1),
+                beta2: a.beta2.unwrap_or(d.beta2),
+                orth_reg_weight: a.orth_reg_weight.unwrap_or(d.orth_reg_weight),
+                total_step: a.total_step.unwrap_or(0),
+                lora_alpha: a.lora_alpha.unwrap_or(d.lora_alpha),
+                lora_dropout: a.lora_dropout.unwrap_or(d.lora_dropout),
+                target_modules: a.target_modules.as_deref().map(LoraConfig::parse_targets),
+                base_model_name_or_path: Some(model_path.display().to_string()),
+                ..d
+            };
+            if a.total_step.is_some() {
+                cfg.validate()?;
+            }
+            let targets = adalora::attach(&mut loaded.model, &cfg, None, seed)?;
+            Method::adalora(cfg, targets)
+        }
         None if method_name == "ln-tuning" => {
             let cfg = LnTuningConfig {
                 target_modules: a.target_modules.as_deref().map(LoraConfig::parse_targets),
@@ -628,6 +685,13 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
             epochs * trainer::steps_per_epoch(train_set.len(), batch_size, micro_per_step)
         }
     };
+    if let Method::AdaLora { cfg, .. } = &mut method {
+        // PEFT requires total_step; by default the schedule spans the run.
+        if cfg.total_step == 0 {
+            cfg.total_step = total_steps;
+        }
+        cfg.validate()?;
+    }
     let cfg = TrainConfig {
         optimizer,
         loraplus_lr_ratio: a.loraplus_lr_ratio,
@@ -851,6 +915,7 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
     }
     let methods = [
         "lora",
+        "adalora",
         "ia3",
         "loha",
         "lokr",
@@ -874,18 +939,31 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
     }
     let flags_of = [
         ("--r", a.r.is_some(), "lora, loha, lokr"),
-        ("--lora-alpha", a.lora_alpha.is_some(), "lora, loha, lokr"),
+        (
+            "--lora-alpha",
+            a.lora_alpha.is_some(),
+            "lora, adalora, loha, lokr",
+        ),
         ("--rank-dropout", a.rank_dropout.is_some(), "loha, lokr"),
         ("--module-dropout", a.module_dropout.is_some(), "loha, lokr"),
         ("--decompose-both", a.decompose_both.is_some(), "lokr"),
         ("--decompose-factor", a.decompose_factor.is_some(), "lokr"),
-        ("--lora-dropout", a.lora_dropout.is_some(), "lora"),
+        ("--lora-dropout", a.lora_dropout.is_some(), "lora, adalora"),
+        ("--init-r", a.init_r.is_some(), "adalora"),
+        ("--target-r", a.target_r.is_some(), "adalora"),
+        ("--tinit", a.tinit.is_some(), "adalora"),
+        ("--tfinal", a.tfinal.is_some(), "adalora"),
+        ("--delta-t", a.delta_t.is_some(), "adalora"),
+        ("--beta1", a.beta1.is_some(), "adalora"),
+        ("--beta2", a.beta2.is_some(), "adalora"),
+        ("--orth-reg-weight", a.orth_reg_weight.is_some(), "adalora"),
+        ("--total-step", a.total_step.is_some(), "adalora"),
         ("--use-rslora", a.use_rslora.is_some(), "lora"),
         ("--use-dora", a.use_dora.is_some(), "lora"),
         (
             "--target-modules",
             a.target_modules.is_some(),
-            "lora, ia3, loha, lokr, ln-tuning",
+            "lora, adalora, ia3, loha, lokr, ln-tuning",
         ),
         (
             "--feedforward-modules",

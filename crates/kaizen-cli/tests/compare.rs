@@ -177,11 +177,12 @@ fn compare_writes_report_json_charts_and_a_run_per_method() {
 }
 
 /// Every method `compare` knows, in its default order.
-const ALL: [&str; 12] = [
+const ALL: [&str; 13] = [
     "full",
     "freeze",
     "lora",
     "dora",
+    "adalora",
     "ia3",
     "loha",
     "lokr",

@@ -1781,12 +1781,25 @@ fn ia3_and_prompt_methods_train_evaluate_generate() {
 fn every_method_trains_on_every_architecture() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
-    let methods: [(&str, &[&str]); 12] = [
+    let methods: [(&str, &[&str]); 13] = [
         ("lora", &["--target-modules", "all-linear", "--lr", "3e-2"]),
         ("loha", &["--method", "loha", "--lr", "3e-2"]),
         (
             "lokr",
             &["--method", "lokr", "--decompose-both", "--lr", "3e-2"],
+        ),
+        (
+            "adalora",
+            &[
+                "--method",
+                "adalora",
+                "--init-r",
+                "4",
+                "--target-r",
+                "2",
+                "--lr",
+                "3e-2",
+            ],
         ),
         (
             "ln-tuning",
@@ -2553,6 +2566,127 @@ fn loha_and_lokr_train_resume_merge_and_check_their_fields() {
         ),
     ] {
         assert_train_fails(LLAMA, None, flags, needles);
+    }
+}
+
+/// `--method adalora` (PEFT's ADALORA): the budget falls from init_r to target_r per layer on
+/// average while it trains; the saved config carries the final rank_pattern and the tensors are
+/// cut to it, as PEFT saves; the adapter evaluates and merges; `--resume` (a full-rank checkpoint
+/// plus the allocator's state) reproduces the uninterrupted run; bad schedules are one error
+/// naming the field.
+#[test]
+fn adalora_reallocates_ranks_saves_as_peft_merges_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
+    let opts = [
+        "--method",
+        "adalora",
+        "--init-r",
+        "4",
+        "--target-r",
+        "2",
+        "--tinit",
+        "1",
+        "--tfinal",
+        "1",
+        "--lora-alpha",
+        "8",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-2",
+        "--save-every",
+        "2",
+    ];
+    let out = tmp.path().join("ada");
+    train_ok(LLAMA, &data, &out, &opts);
+    let config = read_json(&out.join("adapter_config.json"));
+    assert_eq!(config["peft_type"], "ADALORA");
+    assert_eq!(
+        config["total_step"], 6,
+        "total_step defaults to the run's steps"
+    );
+    let pattern = config["rank_pattern"].as_object().expect("a rank pattern");
+    assert_eq!(pattern.len(), 4, "q_proj and v_proj of two layers");
+    let saved = read_safetensors(&out.join("adapter_model.safetensors"));
+    let mut kept_total = 0;
+    for (key, keep) in pattern {
+        let kept = keep
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b == &&Value::Bool(true))
+            .count();
+        kept_total += kept;
+        let path = key.strip_suffix(".lora_E").unwrap();
+        let a = &saved[&format!("base_model.model.{path}.lora_A")];
+        assert_eq!(a.shape[0], kept, "{key}: lora_A cut to the pattern");
+    }
+    assert!(
+        (1..=8).contains(&kept_total),
+        "budget 4 layers x target_r 2: {kept_total} kept"
+    );
+    let with_adapter = eval_loss(&model_path(LLAMA), Some(&out), &data);
+    assert!(with_adapter < eval_loss(&model_path(LLAMA), None, &data));
+    let merged = tmp.path().join("merged");
+    kaizen([
+        "merge",
+        "--model",
+        &s(&model_path(LLAMA)),
+        "--adapter",
+        &s(&out),
+        "--out",
+        &s(&merged),
+    ])
+    .ok();
+    assert_close(
+        "merged",
+        eval_loss(&merged, None, &data),
+        with_adapter,
+        1e-5,
+    );
+    assert_train_fails(
+        LLAMA,
+        None,
+        &["--init-adapter", &s(&out)],
+        &["rank_pattern", "--resume"],
+    );
+
+    let cut = tmp.path().join("cut");
+    train_ok(LLAMA, &data, &cut, &opts);
+    std::fs::remove_file(cut.join("adapter_model.safetensors")).unwrap();
+    train_ok(LLAMA, &data, &cut, &[&opts[..], &["--resume"]].concat());
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        let (a, b) = (
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(cut.join(f)).unwrap(),
+        );
+        assert!(a == b, "the resumed run's {f} differs");
+    }
+
+    for (flags, want) in [
+        (
+            &["--init-r", "4", "--target-r", "6"][..],
+            &["target_r", "init_r"][..],
+        ),
+        (&["--init-r", "0"][..], &["init_r"][..]),
+        (&["--tinit", "1"][..], &["tinit", "total_step"][..]),
+        (
+            &["--total-step", "3", "--tfinal", "3"][..],
+            &["tfinal", "total_step"][..],
+        ),
+        (&["--beta1", "1.5"][..], &["beta1"][..]),
+        (&["--orth-reg-weight=-1"][..], &["orth_reg_weight"][..]),
+        (&["--r", "4"][..], &["--r applies to --method lora"][..]),
+    ] {
+        assert_train_fails(
+            LLAMA,
+            None,
+            &[&["--method", "adalora"][..], flags].concat(),
+            want,
+        );
     }
 }
 

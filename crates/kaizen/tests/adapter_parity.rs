@@ -31,6 +31,11 @@ struct Fixture {
 /// `fixture`: a directory under tests/fixtures holding adapter/, reference.json and
 /// reference.safetensors for the base model `tests/fixtures/models/<model>`.
 fn load(fixture: &str, model_name: &str) -> Fixture {
+    load_with_method(fixture, model_name).0
+}
+
+/// [`load`], keeping the method the adapter was loaded as (AdaLoRA's allocator lives there).
+fn load_with_method(fixture: &str, model_name: &str) -> (Fixture, kaizen::tuners::Method) {
     let dir = root().join("tests/fixtures").join(fixture);
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
@@ -40,14 +45,17 @@ fn load(fixture: &str, model_name: &str) -> Fixture {
     let mut model = kaizen::load(&root().join("tests/fixtures/models").join(model_name))
         .unwrap()
         .model;
-    kaizen::tuners::load_adapter(&mut model, &dir.join("adapter")).unwrap();
+    let method = kaizen::tuners::load_adapter(&mut model, &dir.join("adapter"))
+        .unwrap()
+        .method;
     let batches = common::batches(&reference);
-    Fixture {
+    let f = Fixture {
         model,
         reference,
         tensors,
         batches,
-    }
+    };
+    (f, method)
 }
 
 /// Loss and gradients of one optimizer step over all micro-batches (token-weighted mean).
@@ -660,4 +668,141 @@ prefix_suite! {
     prefix_gemma3 => ("peft/prefix_tuning/gemma3", "gemma3"),
     prefix_qwen2 => ("peft/prefix_tuning/qwen2", "qwen2"),
     prefix_phi3 => ("peft/prefix_tuning/phi3", "phi3"),
+}
+
+// AdaLoRA (tests/fixtures/peft/adalora, made by scripts/fixtures/gen_adalora.py): the loss carries
+// PEFT's orthogonality regulariser (with its gradient), and after each AdamW step the rank
+// allocator runs as PEFT's update_and_allocate(step): step 1 masks to the cubic schedule's
+// budget, step 2 is the final mask. The allocation after every step, the tensors after the third
+// and the adapter kaizen then saves (cut to the pattern) match PEFT's.
+
+/// One step's loss (CE + the regulariser) and gradients, as the training loop computes them.
+fn adalora_step(f: &mut Fixture, method: &kaizen::tuners::Method, grads: &mut Grads) -> f64 {
+    let (ce, _) = step(f, grads);
+    ce + method.regularize(&mut f.model, grads).unwrap()
+}
+
+fn check_adalora_grads(fixture: &str, model: &str) {
+    let (mut f, method) = load_with_method(fixture, model);
+    let mut grads = Grads::new();
+    let loss = adalora_step(&mut f, &method, &mut grads);
+    let want = f.reference["loss"].as_f64().unwrap();
+    assert!(
+        (loss - want).abs() / want <= TOL,
+        "{fixture}: loss {loss} vs {want}"
+    );
+    let n_ref = f.tensors.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(
+        grads.len(),
+        n_ref,
+        "{fixture}: one gradient per adapter tensor"
+    );
+    for (key, g) in grads.iter() {
+        let err = rel_err(g, &f.tensors[&format!("grad.{key}")]);
+        assert!(
+            err <= TOL,
+            "{fixture}: gradient of {key}: relative error {err:e}"
+        );
+    }
+}
+
+fn check_adalora_steps(fixture: &str, model: &str) {
+    let (mut f, method) = load_with_method(fixture, model);
+    let mut opt = Optimizer::new(OptimizerKind::adamw());
+    let want_losses = f.reference["step_losses"].as_array().unwrap().clone();
+    let patterns = f.reference["rank_patterns"].as_array().unwrap().clone();
+    for (i, w) in want_losses.iter().enumerate() {
+        let w = w.as_f64().unwrap();
+        let mut grads = Grads::new();
+        let loss = adalora_step(&mut f, &method, &mut grads);
+        assert!(
+            (loss - w).abs() / w <= TOL,
+            "{fixture} step {i}: loss {loss} vs {w}"
+        );
+        clip_grad_norm(&mut grads, 1.0).unwrap();
+        let updated = opt
+            .update(&trainable_params(&mut f.model), &grads, 1e-2)
+            .unwrap();
+        set_params(&mut f.model, updated).unwrap();
+        method.after_step(&mut f.model, &grads, i).unwrap();
+        assert_eq!(
+            method.config_json()["rank_pattern"],
+            patterns[i],
+            "{fixture}: rank pattern after step {i}"
+        );
+    }
+    for (k, v) in trainable_params(&mut f.model) {
+        let err = rel_err(&v, &f.tensors[&format!("after.{k}")]);
+        assert!(
+            err <= TOL,
+            "{fixture}: {k} after 3 steps: relative error {err:e}"
+        );
+    }
+    // Saved as PEFT saves it: the final pattern in the config, the tensors cut to it.
+    let out = tempfile::tempdir().unwrap();
+    method.save(&mut f.model, out.path()).unwrap();
+    let (config, ours) = kaizen::checkpoint::adapter::read(out.path()).unwrap();
+    let dir = root().join("tests/fixtures").join(fixture).join("trained");
+    let (peft_config, peft) = kaizen::checkpoint::adapter::read(&dir).unwrap();
+    assert_eq!(
+        config["rank_pattern"], peft_config["rank_pattern"],
+        "{fixture}"
+    );
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        peft.keys().collect::<Vec<_>>()
+    );
+    for (k, t) in &ours {
+        assert_eq!(t.dims(), peft[k].dims(), "{fixture}: saved {k}");
+        let err = rel_err(t, &peft[k]);
+        assert!(err <= TOL, "{fixture}: saved {k}: relative error {err:e}");
+    }
+}
+
+/// PEFT's trained adapter (rank_pattern applied on load: each layer at its own rank):
+/// its logits and merged logits.
+fn check_adalora_trained(fixture: &str, model: &str) {
+    let f = load(fixture, model);
+    let mut m = kaizen::load(&root().join("tests/fixtures/models").join(model))
+        .unwrap()
+        .model;
+    let dir = root().join("tests/fixtures").join(fixture).join("trained");
+    let info = kaizen::tuners::load_adapter(&mut m, &dir).unwrap();
+    assert_eq!(info.peft_type, "ADALORA");
+    let b = &f.batches[0];
+    let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &Device::Cpu).unwrap();
+    let err = rel_err(
+        &m.forward(&ids, None).unwrap(),
+        &f.tensors["trained_logits.0"],
+    );
+    assert!(
+        err <= TOL,
+        "{fixture}: trained logits: relative error {err:e}"
+    );
+    kaizen::tuners::merge(&mut m).unwrap();
+    let err = rel_err(
+        &m.forward(&ids, None).unwrap(),
+        &f.tensors["trained_merged_logits.0"],
+    );
+    assert!(
+        err <= TOL,
+        "{fixture}: trained merged logits: relative error {err:e}"
+    );
+}
+
+macro_rules! adalora_suite {
+    ($($test:ident => ($fixture:literal, $model:literal)),* $(,)?) => {$(
+        mod $test {
+            use super::*;
+            #[test] fn gradients_with_the_regulariser() { check_adalora_grads($fixture, $model) }
+            #[test] fn logits_and_merge() { check_logits_and_merge($fixture, $model) }
+            #[test] fn adamw_steps_with_rank_allocation() { check_adalora_steps($fixture, $model) }
+            #[test] fn trained_adapter_with_rank_pattern() { check_adalora_trained($fixture, $model) }
+        }
+    )*};
+}
+
+adalora_suite! {
+    adalora_llama_gqa_tied => ("peft/adalora/llama-gqa-tied", "llama-gqa-tied"),
+    adalora_neox_par_bpe => ("peft/adalora/neox-par-bpe", "neox-par-bpe"),
 }

@@ -16,7 +16,7 @@ fn root() -> PathBuf {
 const MODEL: &str = "tests/fixtures/models/llama-gqa-tied";
 
 /// Every method kaizen loads, on the same tiny Llama.
-const ADAPTERS: [(&str, &str); 9] = [
+const ADAPTERS: [(&str, &str); 10] = [
     ("lora", "tests/fixtures/lora/llama-gqa-tied/adapter"),
     ("dora", "tests/fixtures/lora/dora-llama-gqa-tied/adapter"),
     ("ia3", "tests/fixtures/peft/ia3/llama-gqa-tied/adapter"),
@@ -40,6 +40,11 @@ const ADAPTERS: [(&str, &str); 9] = [
     (
         "p-tuning",
         "tests/fixtures/peft/p_tuning/llama-gqa-tied/adapter",
+    ),
+    // PEFT's trained AdaLoRA adapter: each layer at the rank its rank_pattern keeps
+    (
+        "adalora",
+        "tests/fixtures/peft/adalora/llama-gqa-tied/trained",
     ),
 ];
 
@@ -124,7 +129,7 @@ fn greedy(max_new_tokens: usize) -> GenerateConfig {
 
 #[test]
 fn batched_rows_of_every_method_equal_generate_alone() {
-    // 20 requests, at most 6 rows at once: rows leave at different lengths and waiting ones
+    // 22 requests, at most 6 rows at once: rows leave at different lengths and waiting ones
     // join between steps.
     let h = start(6);
     let names: Vec<Option<&str>> = std::iter::once(None)

@@ -101,8 +101,13 @@ pub struct Summary {
 /// Data parallel over `comm`'s ranks: an optimizer step takes `grad_accum * size` micro-batches
 /// in data order, rank r the r-th block of `grad_accum`; each rank sums its NLL gradients, one
 /// all-reduce sums them with the label-token counts over ranks, and every rank then takes the
-/// same clip and optimizer step on the token-weighted mean. Rank 0 alone reads `resume_from`
-/// (its state is broadcast), evaluates, and writes `out`.
+/// same clip and optimizer step on the token-weighted mean. Rank 0 alone reads `resume_from`'s
+/// tensors and optimizer state (broadcast), evaluates, and writes `out`; the method's own state
+/// there (AdaLoRA's allocator, see [`Method::resume`]) every rank reads.
+///
+/// Method hooks: [`Method::regularize`] adds the method's loss term and its gradient once per
+/// step, before clipping; [`Method::after_step`] runs after the optimizer step with the step's
+/// (clipped) gradients, as PEFT's `update_and_allocate` after `optimizer.step()`.
 #[allow(clippy::too_many_arguments)] // the loop's inputs, each named at the one call site
 pub fn train(
     model: &mut Model,
@@ -121,6 +126,10 @@ pub fn train(
     let lead = comm.rank() == 0;
     let mut opt = Optimizer::new(cfg.optimizer);
     opt.loraplus_lr_ratio = cfg.loraplus_lr_ratio;
+    if let Some(dir) = resume_from {
+        // The method's own state (AdaLoRA's allocator), read by every rank: each runs it.
+        method.resume(dir)?;
+    }
     let first_step = match resume_from {
         Some(dir) if lead => load_checkpoint(model, &mut opt, dir)?,
         _ => 0,
@@ -183,7 +192,8 @@ pub fn train(
             )));
         }
         grads.scale(1.0 / sums.tokens as f64)?;
-        let loss = sums.loss_sum / sums.tokens as f64;
+        // The method's own loss term (AdaLoRA's regulariser), once per step, on every rank.
+        let loss = sums.loss_sum / sums.tokens as f64 + method.regularize(model, &mut grads)?;
         // 3. Clip, 4. step with the scheduled learning rate.
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -199,6 +209,7 @@ pub fn train(
             .lr(cfg.lr, cfg.warmup_steps, cfg.total_steps, step);
         let updated = opt.update(&trainable_params(model), &grads, lr)?;
         set_params(model, updated)?;
+        method.after_step(model, &grads, step)?;
         // 5. Log (rank 0): positions of all ranks over this step's time.
         tok_rate = sums.positions as f64 / t0.elapsed().as_secs_f64();
         last_loss = loss;
@@ -468,7 +479,7 @@ fn save_checkpoint(
 ) -> Result<PathBuf> {
     let dir = out.join(format!("checkpoint-{step}"));
     write_dir_atomic(&dir, |tmp| {
-        method.save(model, tmp)?;
+        method.save_resumable(model, tmp)?;
         let mut state = HashMap::new();
         for (k, (m, v)) in opt.state() {
             state.insert(

@@ -19,3 +19,28 @@ pub fn uniform(n: usize, bound: f64, rng: &mut StdRng) -> Vec<f32> {
         .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
         .collect()
 }
+
+/// Inverted dropout's mask for an input of shape `dims`: each value kept with probability
+/// 1 - p and then scaled by 1 / (1 - p), else 0.
+pub fn dropout_mask(
+    dims: &[usize],
+    p: f64,
+    rng: &mut StdRng,
+) -> crate::Result<candle_core::Tensor> {
+    let keep = 1.0 - p;
+    let n: usize = dims.iter().product();
+    let m: Vec<f32> = (0..n)
+        .map(|_| {
+            if rng.random::<f64>() < keep {
+                (1.0 / keep) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(candle_core::Tensor::from_vec(
+        m,
+        dims,
+        &candle_core::Device::Cpu,
+    )?)
+}

@@ -1,6 +1,7 @@
 //! PEFT methods, one folder each. Each reaches a model only through a named linear layer, the KV
 //! cache or the input embeddings; none names an architecture.
 
+pub mod adalora;
 pub mod bottleneck;
 pub mod freeze;
 pub mod full;
@@ -15,12 +16,13 @@ pub mod prefix;
 pub mod prompt;
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use serde_json::Value;
 
 use crate::checkpoint::adapter;
-use crate::nn::{LinearAdapter, Matrix};
+use crate::nn::{Grads, LinearAdapter, Matrix};
 use crate::{Error, Model, Result};
 
 /// A PEFT method with its resolved configuration: what `adapter_config.json` describes.
@@ -49,6 +51,13 @@ pub enum Method {
     LnTuning {
         cfg: ln_tuning::LnTuningConfig,
         targets: Vec<String>,
+    },
+    /// AdaLoRA: SVD-form LoRA whose ranks the allocator reallocates after each step (shared
+    /// by the clones of this method the training loop and the saver hold).
+    AdaLora {
+        cfg: adalora::AdaLoraConfig,
+        targets: Vec<String>,
+        allocator: Arc<Mutex<adalora::RankAllocator>>,
     },
     /// Bottleneck adapters (kaizen's "BOTTLENECK" files, PEFT's envelope).
     Bottleneck {
@@ -85,6 +94,7 @@ impl Method {
             Method::Loha { .. } => "LOHA",
             Method::Lokr { .. } => "LOKR",
             Method::LnTuning { .. } => "LN_TUNING",
+            Method::AdaLora { .. } => "ADALORA",
             Method::Bottleneck { .. } => "BOTTLENECK",
             Method::PromptTuning { .. } => "PROMPT_TUNING",
             Method::PTuningInference { .. } | Method::PTuning { .. } => "P_TUNING",
@@ -118,6 +128,9 @@ impl Method {
             Method::Loha { cfg, targets } => cfg.to_json(targets),
             Method::Lokr { cfg, targets } => cfg.to_json(targets),
             Method::LnTuning { cfg, targets } => cfg.to_json(targets),
+            Method::AdaLora { cfg, targets, .. } => {
+                cfg.to_json(targets, self.rank_pattern().as_ref())
+            }
             Method::PromptTuning { json, .. }
             | Method::PTuningInference { json }
             | Method::PTuning { json }
@@ -130,6 +143,13 @@ impl Method {
     pub fn save(&self, model: &mut Model, dir: &Path) -> Result<()> {
         if let Method::Full(f) = self {
             return f.save(model, dir);
+        }
+        if let Method::AdaLora { .. } = self {
+            let cut = adalora::saved_tensors(
+                crate::train::trainable_params(model),
+                self.rank_pattern().as_ref(),
+            )?;
+            return adapter::write(dir, &self.config_json(), &cut);
         }
         // P-tuning, prefix projection: PEFT's file holds the encoder's output; its weights go
         // beside it.
@@ -152,6 +172,75 @@ impl Method {
             &self.config_json(),
             &crate::train::trainable_params(model),
         )
+    }
+
+    /// A checkpoint a run can resume from: [`Method::save`], but AdaLoRA keeps its full-rank
+    /// tensors (masked values are zero, so the adapter computes the same) and writes its
+    /// allocator's state beside them.
+    pub fn save_resumable(&self, model: &mut Model, dir: &Path) -> Result<()> {
+        let Method::AdaLora {
+            cfg,
+            targets,
+            allocator,
+        } = self
+        else {
+            return self.save(model, dir);
+        };
+        adapter::write(
+            dir,
+            &cfg.to_json(targets, None),
+            &crate::train::trainable_params(model),
+        )?;
+        adalora::lock(allocator)?.save(dir)
+    }
+
+    /// Resuming from a checkpoint [`Method::save_resumable`] wrote: the method's own state.
+    pub fn resume(&self, dir: &Path) -> Result<()> {
+        match self {
+            Method::AdaLora { allocator, .. } => adalora::lock(allocator)?.load(dir),
+            _ => Ok(()),
+        }
+    }
+
+    /// A new AdaLoRA method (its allocator fresh).
+    pub fn adalora(cfg: adalora::AdaLoraConfig, targets: Vec<String>) -> Method {
+        Method::AdaLora {
+            cfg,
+            targets,
+            allocator: Arc::default(),
+        }
+    }
+
+    /// AdaLoRA's current allocation: the allocator's once it has masked, else the loaded one.
+    fn rank_pattern(&self) -> Option<adalora::RankPattern> {
+        match self {
+            Method::AdaLora { cfg, allocator, .. } => allocator
+                .lock()
+                .ok()
+                .and_then(|a| a.rank_pattern.clone())
+                .or_else(|| cfg.rank_pattern.clone()),
+            _ => None,
+        }
+    }
+
+    /// Training: the method's own term of the loss with its gradient added to `grads` (AdaLoRA's
+    /// orthogonality regulariser); 0 for the others. Called once per optimizer step.
+    pub fn regularize(&self, model: &mut Model, grads: &mut Grads) -> Result<f64> {
+        match self {
+            Method::AdaLora { cfg, .. } => adalora::regularize(cfg, model, grads),
+            _ => Ok(0.0),
+        }
+    }
+
+    /// Training: called after optimizer step `step` (0-based) with that step's gradients
+    /// (AdaLoRA's `update_and_allocate`); nothing for the others.
+    pub fn after_step(&self, model: &mut Model, grads: &Grads, step: usize) -> Result<()> {
+        match self {
+            Method::AdaLora { cfg, allocator, .. } => {
+                adalora::lock(allocator)?.after_step(cfg, model, grads, step)
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -217,6 +306,13 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
                 .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
             Method::LnTuning { cfg, targets }
         }
+        "ADALORA" => {
+            let cfg = adalora::AdaLoraConfig::from_json(&config)
+                .map_err(|m| Error::config(&cfg_path, m))?;
+            let targets = adalora::attach(model, &cfg, Some(weights), 0)
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            Method::adalora(cfg, targets)
+        }
         "BOTTLENECK" => {
             let cfg = bottleneck::BottleneckConfig::from_json(&config)
                 .map_err(|m| Error::config(&cfg_path, m))?;
@@ -276,7 +372,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
             return Err(Error::config(
                 &cfg_path,
                 format!(
-                    "peft_type \"{other}\" is not supported (supported: LORA, IA3, LOHA, LOKR, LN_TUNING, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)"
+                    "peft_type \"{other}\" is not supported (supported: LORA, ADALORA, IA3, LOHA, LOKR, LN_TUNING, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)"
                 ),
             ))
         }
@@ -287,6 +383,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
         | Method::Loha { targets, .. }
         | Method::Lokr { targets, .. }
         | Method::LnTuning { targets, .. }
+        | Method::AdaLora { targets, .. }
         | Method::Bottleneck { targets, .. } => targets.clone(),
         Method::PromptTuning { .. }
         | Method::PTuningInference { .. }

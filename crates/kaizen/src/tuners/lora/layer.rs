@@ -5,7 +5,6 @@
 
 use candle_core::Tensor;
 use rand::rngs::StdRng;
-use rand::Rng;
 
 use super::dora;
 use crate::nn::{Grads, Linear, LinearAdapter};
@@ -75,19 +74,11 @@ impl LinearAdapter for LoraLayer {
     ) -> Result<(Tensor, Option<Tensor>)> {
         // Inverted dropout on the LoRA branch only; the saved mask is already scaled by 1/(1-p).
         let mask = match rng {
-            Some(rng) if self.dropout > 0.0 => {
-                let keep = 1.0 - self.dropout;
-                let m: Vec<f32> = (0..x.elem_count())
-                    .map(|_| {
-                        if rng.random::<f64>() < keep {
-                            (1.0 / keep) as f32
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                Some(Tensor::from_vec(m, x.dims(), x.device())?)
-            }
+            Some(rng) if self.dropout > 0.0 => Some(super::super::init::dropout_mask(
+                x.dims(),
+                self.dropout,
+                rng,
+            )?),
             _ => None,
         };
         let xd = match &mask {
