@@ -39,7 +39,7 @@ pub struct CompareArgs {
     /// Comma-separated methods, run in this order.
     #[arg(
         long,
-        default_value = "full,freeze,lora,dora,adalora,ia3,vera,ln-tuning,adapter,prefix,p-tuning,prompt"
+        default_value = "full,freeze,lora,dora,adalora,ia3,vera,loha,lokr,ln-tuning,adapter,prefix,p-tuning,prompt"
     )]
     pub methods: String,
     /// Optimizer steps of every method.
@@ -83,7 +83,7 @@ pub struct Spec {
     pub attention_targets: bool,
 }
 
-pub const SPECS: [Spec; 12] = [
+pub const SPECS: [Spec; 14] = [
     spec("full", 5e-5, "--method full", false),
     spec(
         "freeze",
@@ -106,6 +106,8 @@ pub const SPECS: [Spec; 12] = [
     ),
     spec("ia3", 2e-2, "--method ia3", false),
     spec("vera", 1e-2, "--method vera --r 256", true),
+    spec("loha", 2e-3, "--method loha --r 8 --lora-alpha 16", true),
+    spec("lokr", 2e-3, "--method lokr --r 8 --lora-alpha 16", true),
     spec(
         "ln-tuning",
         2e-2,

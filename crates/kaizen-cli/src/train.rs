@@ -20,7 +20,10 @@ use kaizen::tuners::adalora::{self, AdaLoraConfig};
 use kaizen::tuners::bottleneck::{self, config::parse_non_linearity, BottleneckConfig};
 use kaizen::tuners::ia3::{self, Ia3Config};
 use kaizen::tuners::ln_tuning::{self, LnTuningConfig};
+use kaizen::tuners::loha::{self, LohaConfig};
+use kaizen::tuners::lokr::{self, LokrConfig};
 use kaizen::tuners::lora::{self, LoraConfig, LoraInit};
+use kaizen::tuners::lycoris::LycorisConfig;
 use kaizen::tuners::prefix::{self, PrefixTuningConfig};
 use kaizen::tuners::prompt::{self, p_tuning, PromptInit, PromptTuningConfig};
 use kaizen::tuners::vera::{self, VeraConfig};
@@ -46,7 +49,7 @@ pub struct TrainArgs {
     /// Output directory: adapter, metrics.jsonl, loss.png, run.json, checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PEFT method: lora, adalora (LoRA with a rank budget), ia3, vera, ln-tuning (the norms), prompt, p-tuning, prefix, adapter
+    /// PEFT method: lora, adalora (LoRA with a rank budget), ia3, vera, loha, lokr (LyCORIS), ln-tuning (the norms), prompt, p-tuning, prefix, adapter
     /// (bottleneck adapters), full (every weight) or freeze (LLaMA-Factory's freeze tuning:
     /// chosen layers fully).
     #[arg(long)]
@@ -62,14 +65,28 @@ pub struct TrainArgs {
     /// (`embed_tokens`, `norm`, `lm_head`; names match as substrings, as in LLaMA-Factory).
     #[arg(long)]
     pub freeze_extra_modules: Option<String>,
-    /// LoRA rank (default 8); VeRA: rows of the shared projections (default 256, as PEFT).
+    /// LoRA, LoHa, LoKr rank (default 8); VeRA: rows of the shared projections (default 256, as PEFT).
     #[arg(long)]
     pub r: Option<usize>,
-    /// LoRA alpha (default 8, as PEFT).
-    #[arg(long)]
+    /// LoRA, LoHa, LoKr alpha: the adapter is scaled by alpha / r (default 8, as PEFT). PEFT
+    /// names it `alpha` for LoHa/LoKr, so `--alpha` is accepted as another name.
+    #[arg(long, alias = "alpha")]
+    #[serde(alias = "alpha")]
     pub lora_alpha: Option<f64>,
     #[arg(long)]
     pub lora_dropout: Option<f64>,
+    /// LoHa, LoKr: in training, each output row of ΔW is dropped with this probability.
+    #[arg(long)]
+    pub rank_dropout: Option<f64>,
+    /// LoHa, LoKr: in training, the whole adapter is skipped for a forward with this probability.
+    #[arg(long)]
+    pub module_dropout: Option<f64>,
+    /// LoKr: also split the left Kronecker factor into a rank-r pair.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub decompose_both: Option<bool>,
+    /// LoKr: factorization's divider of the layer's dimensions (default -1: near the square root).
+    #[arg(long, allow_hyphen_values = true)]
+    pub decompose_factor: Option<i64>,
     /// Comma-separated module names, a regex, or all-linear (default: attention query/value).
     #[arg(long)]
     pub target_modules: Option<String>,
@@ -373,7 +390,7 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, target_modules, init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step, feedforward_modules, vera_d_initial, vera_dropout, projection_prng_key, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, init_lora_weights, loftq_iter, convert_to_lora, loraplus_lr_ratio, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
+        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, rank_dropout, module_dropout, decompose_both, decompose_factor, target_modules, init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step, feedforward_modules, vera_d_initial, vera_dropout, projection_prng_key, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, init_lora_weights, loftq_iter, convert_to_lora, loraplus_lr_ratio, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
             adapter_type, reduction_factor, bottleneck_size, non_linearity,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
@@ -428,8 +445,12 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
                 || a.use_dora.is_some()
                 || a.init_lora_weights.is_some()
                 || a.loftq_iter.is_some()
+                || a.rank_dropout.is_some()
+                || a.module_dropout.is_some()
+                || a.decompose_both.is_some()
+                || a.decompose_factor.is_some()
             {
-                bail!("--init-adapter takes its method and config from {}/adapter_config.json; drop --r, --lora-alpha, --target-modules, --use-dora, --init-lora-weights and --loftq-iter", dir.display());
+                bail!("--init-adapter takes its method and config from {}/adapter_config.json; drop --r, --lora-alpha, --target-modules, --use-dora, --init-lora-weights, --loftq-iter, --rank-dropout, --module-dropout, --decompose-both and --decompose-factor", dir.display());
             }
             if a.encoder_hidden_size.is_some() || a.encoder_reparameterization_type.is_some() {
                 bail!("--init-adapter takes the prompt encoder from {}/adapter_config.json; drop --encoder-hidden-size and --encoder-reparameterization-type", dir.display());
@@ -574,6 +595,16 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
             };
             let targets = bottleneck::attach(&mut loaded.model, &cfg, None, seed)?;
             Method::Bottleneck { cfg, targets }
+        }
+        None if method_name == "loha" => {
+            let cfg = loha_config(&a, &model_path);
+            let targets = loha::attach(&mut loaded.model, &cfg, None, seed)?;
+            Method::Loha { cfg, targets }
+        }
+        None if method_name == "lokr" => {
+            let cfg = lokr_config(&a, &model_path);
+            let targets = lokr::attach(&mut loaded.model, &cfg, None, seed)?;
+            Method::Lokr { cfg, targets }
         }
         None if method_name == "adalora" => {
             let d = AdaLoraConfig::default();
@@ -925,6 +956,37 @@ pub struct Flags {
     init: LoraInit,
 }
 
+/// `--method loha` / `lokr`'s shared fields from the flags (PEFT's defaults otherwise).
+fn lycoris_config(a: &TrainArgs, model_path: &Path) -> LycorisConfig {
+    LycorisConfig {
+        targets: LoraConfig {
+            r: a.r.unwrap_or(8),
+            target_modules: a.target_modules.as_deref().map(LoraConfig::parse_targets),
+            base_model_name_or_path: Some(model_path.display().to_string()),
+            ..LoraConfig::default()
+        },
+        alpha: a.lora_alpha.unwrap_or(8.0),
+        rank_dropout: a.rank_dropout.unwrap_or(0.0),
+        module_dropout: a.module_dropout.unwrap_or(0.0),
+    }
+}
+
+fn loha_config(a: &TrainArgs, model_path: &Path) -> LohaConfig {
+    LohaConfig {
+        lycoris: lycoris_config(a, model_path),
+        ..LohaConfig::default()
+    }
+}
+
+fn lokr_config(a: &TrainArgs, model_path: &Path) -> LokrConfig {
+    LokrConfig {
+        lycoris: lycoris_config(a, model_path),
+        decompose_both: a.decompose_both.unwrap_or(false),
+        decompose_factor: a.decompose_factor.unwrap_or(-1),
+        ..LokrConfig::default()
+    }
+}
+
 /// The checks on the flags alone, in one place: `kaizen ui` runs them on its form, so the page
 /// refuses a bad option with the CLI's own message.
 pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
@@ -940,6 +1002,8 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         "adalora",
         "ia3",
         "vera",
+        "loha",
+        "lokr",
         "ln-tuning",
         "prompt",
         "p-tuning",
@@ -959,7 +1023,7 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         bail!("--method {method_name} trains the model itself: give the model to continue from as --model, not --init-adapter");
     }
     let flags_of = [
-        ("--r", a.r.is_some(), "lora, vera"),
+        ("--r", a.r.is_some(), "lora, vera, loha, lokr"),
         ("--vera-d-initial", a.vera_d_initial.is_some(), "vera"),
         ("--vera-dropout", a.vera_dropout.is_some(), "vera"),
         (
@@ -967,7 +1031,15 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
             a.projection_prng_key.is_some(),
             "vera",
         ),
-        ("--lora-alpha", a.lora_alpha.is_some(), "lora, adalora"),
+        (
+            "--lora-alpha",
+            a.lora_alpha.is_some(),
+            "lora, adalora, loha, lokr",
+        ),
+        ("--rank-dropout", a.rank_dropout.is_some(), "loha, lokr"),
+        ("--module-dropout", a.module_dropout.is_some(), "loha, lokr"),
+        ("--decompose-both", a.decompose_both.is_some(), "lokr"),
+        ("--decompose-factor", a.decompose_factor.is_some(), "lokr"),
         ("--lora-dropout", a.lora_dropout.is_some(), "lora, adalora"),
         ("--init-r", a.init_r.is_some(), "adalora"),
         ("--target-r", a.target_r.is_some(), "adalora"),
@@ -986,7 +1058,7 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         (
             "--target-modules",
             a.target_modules.is_some(),
-            "lora, adalora, ia3, vera, ln-tuning",
+            "lora, adalora, ia3, vera, loha, lokr, ln-tuning",
         ),
         (
             "--feedforward-modules",
@@ -1052,6 +1124,12 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         if given && !methods.split(", ").any(|m| m == method_name) {
             bail!("{flag} applies to --method {methods}, not {method_name}");
         }
+    }
+    match method_name.as_str() {
+        _ if a.init_adapter.is_some() => {}
+        "loha" => loha_config(a, &model_path).validate()?,
+        "lokr" => lokr_config(a, &model_path).validate()?,
+        _ => {}
     }
     let precision = crate::infer::parse_precision(
         a.dtype.as_deref(),

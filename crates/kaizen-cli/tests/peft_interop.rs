@@ -21,8 +21,8 @@ fn kaizen_adapters_score_as_in_python_peft() {
     let models = record.as_object().unwrap();
     assert_eq!(
         models.len(),
-        21,
-        "LoRA on each HF fixture model; IA3, VeRA, LN tuning, AdaLoRA, prompt tuning, P-tuning (MLP, LSTM) and prefix tuning on two; DoRA on one; PiSSA and OLoRA (with DoRA) on one each"
+        23,
+        "LoRA on each HF fixture model; IA3, VeRA, LN tuning, AdaLoRA, prompt tuning, P-tuning (MLP, LSTM) and prefix tuning on two; DoRA, LoHa and LoKr on one; PiSSA and OLoRA (with DoRA) on one each"
     );
     for (name, r) in models {
         let model = r["model"].as_str().unwrap();
@@ -158,7 +158,7 @@ fn check_eval_and_greedy(dir: &str, model: &str) {
     );
 }
 
-/// IA3, VeRA, LN-tuning, AdaLoRA and prompt-method adapters made by Python PEFT, and bottleneck adapters made by
+/// IA3, VeRA, LoHa, LoKr, LN-tuning, AdaLoRA and prompt-method adapters made by Python PEFT, and bottleneck adapters made by
 /// gen_bottleneck.py's PyTorch reference: eval loss and greedy ids (KV cache with the virtual
 /// tokens or prefix computed once) as Python computed them.
 #[test]
@@ -172,7 +172,12 @@ fn peft_ia3_and_prompt_adapters_eval_and_generate_as_in_peft() {
             ["llama-gqa-tied", "neox-par-bpe", "gemma3"].map(|m| ("peft/ln_tuning".to_string(), m)),
         )
         .chain(["llama-gqa-tied", "neox-par-bpe"].map(|m| ("peft/adalora".to_string(), m)))
-        .chain(["llama-gqa-tied", "neox-par-bpe"].map(|m| ("peft/vera".to_string(), m)));
+        .chain(["llama-gqa-tied", "neox-par-bpe"].map(|m| ("peft/vera".to_string(), m)))
+        .chain(
+            ["loha", "lokr"].iter().flat_map(|me| {
+                ["llama-gqa-tied", "neox-par-bpe"].map(|m| (format!("peft/{me}"), m))
+            }),
+        );
     for (method, m) in fixtures {
         check_eval_and_greedy(&format!("tests/fixtures/{method}/{m}"), m);
     }

@@ -1782,14 +1782,19 @@ fn ia3_and_prompt_methods_train_evaluate_generate() {
 
 /// Every method on every newer architecture (QK-norm, sandwich norms, sliding windows shorter
 /// than the texts, soft-caps, fused projections): training lowers the held-out loss, the KV-cached
-/// `generate --adapter` runs, and a merged LoRA scores as base + adapter.
+/// `generate --adapter` runs, and a merged LoRA, LoHa or LoKr scores as base + adapter.
 #[test]
 fn every_method_trains_on_every_architecture() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
-    let methods: [(&str, &[&str]); 12] = [
+    let methods: [(&str, &[&str]); 14] = [
         ("lora", &["--target-modules", "all-linear", "--lr", "3e-2"]),
         ("vera", &["--method", "vera", "--r", "16", "--lr", "3e-2"]),
+        ("loha", &["--method", "loha", "--lr", "3e-2"]),
+        (
+            "lokr",
+            &["--method", "lokr", "--decompose-both", "--lr", "3e-2"],
+        ),
         (
             "adalora",
             &[
@@ -1887,21 +1892,9 @@ fn every_method_trains_on_every_architecture() {
                 _ => (model_path(arch), Some(out.as_path())),
             };
             assert_eq!(greedy_ids(&model, adapter).len(), 8, "{name}");
-            if method == "lora" {
+            if matches!(method, "lora" | "loha" | "lokr") {
                 let merged = tmp.path().join(format!("{name}-merged"));
-                let (m, a) = (s(&model), s(&out));
-                kaizen([
-                    "merge",
-                    "--model",
-                    &m,
-                    "--adapter",
-                    &a,
-                    "--out",
-                    &s(&merged),
-                ])
-                .ok();
-                let want = eval_loss(&model, adapter, &data);
-                assert_close(&name, eval_loss(&merged, None, &data), want, 1e-4);
+                merged_scores_as_adapter(arch, &out, &merged, &data, 1e-4);
             }
         }
     }
@@ -2377,25 +2370,8 @@ fn ln_tuning_trains_the_norms_saves_peft_keys_and_merges() {
         .collect();
     want.sort();
     assert_eq!(saved.keys().cloned().collect::<Vec<_>>(), want);
-    let merged = tmp.path().join("merged");
-    let (m, a) = (s(&model_path(LLAMA)), s(&out));
-    kaizen([
-        "merge",
-        "--model",
-        &m,
-        "--adapter",
-        &a,
-        "--out",
-        &s(&merged),
-    ])
-    .ok();
-    let with_adapter = eval_loss(&model_path(LLAMA), Some(&out), &data);
-    assert_close(
-        "merged",
-        eval_loss(&merged, None, &data),
-        with_adapter,
-        1e-5,
-    );
+    let with_adapter =
+        merged_scores_as_adapter(LLAMA, &out, &tmp.path().join("merged"), &data, 1e-5);
     assert!(with_adapter < eval_loss(&model_path(LLAMA), None, &data));
     assert_train_fails(
         NEOX,
@@ -2519,6 +2495,154 @@ fn loraplus_ratio_moves_b_faster_and_is_checked() {
         &["--loraplus-lr-ratio", "-1"],
         &["--loraplus-lr-ratio must be > 0"],
     );
+}
+
+/// `kaizen merge`s `adapter` into `model` at `merged`, which must score on `data` as the model
+/// with the adapter does (`tol` relative); returns that loss.
+fn merged_scores_as_adapter(
+    model: &str,
+    adapter: &Path,
+    merged: &Path,
+    data: &Path,
+    tol: f64,
+) -> f64 {
+    let (m, a) = (s(&model_path(model)), s(adapter));
+    kaizen(["merge", "--model", &m, "--adapter", &a, "--out", &s(merged)]).ok();
+    let with_adapter = eval_loss(&model_path(model), Some(adapter), data);
+    assert_close("merged", eval_loss(merged, None, data), with_adapter, tol);
+    with_adapter
+}
+
+/// `--method loha` / `lokr` (LyCORIS, PEFT's LOHA/LOKR): training with rank and module dropout
+/// saves PEFT's keys, `--resume` reproduces the uninterrupted run (the dropout draws included), a
+/// merged model scores as base + adapter, and a config field out of range is one error naming it.
+#[test]
+fn loha_and_lokr_train_resume_merge_and_check_their_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
+    let targets = ["--target-modules", "q_proj,down_proj"];
+    let runs: [(&str, &[&str], &[&str]); 2] = [
+        (
+            "loha",
+            &[
+                "--method",
+                "loha",
+                "--r",
+                "4",
+                "--alpha",
+                "8",
+                "--module-dropout",
+                "0.3",
+            ],
+            &["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
+        ),
+        (
+            // r 2 < 8 / 2: with --decompose-both both Kronecker factors are rank-2 pairs
+            "lokr",
+            &[
+                "--method",
+                "lokr",
+                "--r",
+                "2",
+                "--lora-alpha",
+                "4",
+                "--decompose-both",
+            ],
+            &["lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"],
+        ),
+    ];
+    for (name, flags, suffixes) in runs {
+        let opts: Vec<&str> = RESUME_OPTS
+            .iter()
+            .chain(flags)
+            .chain(&targets)
+            .chain(&["--rank-dropout", "0.2"])
+            .copied()
+            .collect();
+        let (whole, cut) = (
+            tmp.path().join(name),
+            tmp.path().join(format!("{name}-cut")),
+        );
+        train_ok(LLAMA, &data, &whole, &opts);
+        train_ok(LLAMA, &data, &cut, &opts);
+        for f in ["adapter_model.safetensors", "adapter_config.json"] {
+            std::fs::remove_file(cut.join(f)).unwrap();
+        }
+        train_ok(LLAMA, &data, &cut, &[&opts[..], &["--resume"]].concat());
+        let file = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+        assert!(
+            file(&whole) == file(&cut),
+            "{name}: resumed adapter differs"
+        );
+        let config = read_json(&whole.join("adapter_config.json"));
+        assert_eq!(config["peft_type"], name.to_uppercase());
+        assert_eq!(config["rank_dropout"], 0.2);
+        let saved = read_safetensors(&whole.join("adapter_model.safetensors"));
+        assert_eq!(
+            saved.len(),
+            2 * 2 * suffixes.len(),
+            "{name}: {:?}",
+            saved.keys()
+        );
+        for key in saved.keys() {
+            assert!(
+                suffixes
+                    .iter()
+                    .any(|x| key.ends_with(&format!("_proj.{x}"))),
+                "{name}: {key}"
+            );
+        }
+        let more = tmp.path().join(format!("{name}-more"));
+        train_ok(
+            LLAMA,
+            &data,
+            &more,
+            &["--init-adapter", &s(&whole), "--max-steps", "1"],
+        );
+        assert_eq!(
+            read_json(&more.join("adapter_config.json")),
+            config,
+            "{name}"
+        );
+        let merged = tmp.path().join(format!("{name}-merged"));
+        let with_adapter = merged_scores_as_adapter(LLAMA, &whole, &merged, &data, 1e-5);
+        assert!(
+            with_adapter < eval_loss(&model_path(LLAMA), None, &data),
+            "{name}"
+        );
+    }
+    for (flags, needles) in [
+        (
+            &["--method", "loha", "--r", "0"][..],
+            &["r must be at least 1"][..],
+        ),
+        (
+            &["--method", "lokr", "--rank-dropout", "1"],
+            &["rank_dropout", "[0, 1)"],
+        ),
+        (
+            &["--method", "loha", "--module-dropout", "1.5"],
+            &["module_dropout"],
+        ),
+        (
+            &["--method", "lokr", "--decompose-factor", "0"],
+            &["decompose_factor", "-1"],
+        ),
+        (
+            &["--method", "lokr", "--decompose-factor", "-2"],
+            &["decompose_factor"],
+        ),
+        (
+            &["--method", "loha", "--decompose-both"],
+            &["--decompose-both", "lokr"],
+        ),
+        (
+            &["--rank-dropout", "0.1"],
+            &["--rank-dropout", "loha, lokr"],
+        ),
+    ] {
+        assert_train_fails(LLAMA, None, flags, needles);
+    }
 }
 
 /// `--method adalora` (PEFT's ADALORA): the budget falls from init_r to target_r per layer on
@@ -2708,6 +2832,8 @@ fn runs_that_would_not_fit_are_refused_with_the_estimate_and_a_way_out() {
     for method in [
         "lora",
         "ia3",
+        "loha",
+        "lokr",
         "ln-tuning",
         "prompt",
         "p-tuning",

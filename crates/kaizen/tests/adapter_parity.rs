@@ -1,6 +1,6 @@
 //! Adapter parity with HF PEFT on the committed fixtures (tests/fixtures/lora, made by
 //! scripts/fixtures/gen_lora.py; tests/fixtures/peft/<method>, made by gen_peft_methods.py and
-//! gen_vera.py): a PEFT-made adapter loads with the same logits; the loss of a
+//! gen_vera.py, gen_lycoris.py): a PEFT-made adapter loads with the same logits; the loss of a
 //! two-micro-batch optimizer step, the gradient of every adapter tensor and of the input
 //! embeddings, merged logits, and three AdamW / SGD steps all match within 1e-4 relative error.
 
@@ -356,7 +356,7 @@ p_tuning_suite! {
     p_tuning_llama_gqa_tied_lstm => ("peft/p_tuning/llama-gqa-tied-lstm", "llama-gqa-tied"),
 }
 
-/// IA3 fixtures record AdamW steps only.
+/// IA3 and LyCORIS (LoHa, LoKr) fixtures record AdamW steps only.
 macro_rules! ia3_suite {
     ($($test:ident => ($fixture:literal, $model:literal)),* $(,)?) => {$(
         mod $test {
@@ -375,6 +375,17 @@ ia3_suite! {
     ia3_gemma3 => ("peft/ia3/gemma3", "gemma3"),
     ia3_qwen2 => ("peft/ia3/qwen2", "qwen2"),
     ia3_phi3 => ("peft/ia3/phi3", "phi3"),
+}
+
+// LoHa and LoKr (scripts/fixtures/gen_lycoris.py): merged logits are PEFT's merge_and_unload();
+// LoKr with w1/w2 whole and rank-r, with and without decompose_both, a decompose_factor.
+ia3_suite! {
+    loha_llama_gqa_tied => ("peft/loha/llama-gqa-tied", "llama-gqa-tied"),
+    loha_neox_par_bpe => ("peft/loha/neox-par-bpe", "neox-par-bpe"),
+    lokr_llama_gqa_tied => ("peft/lokr/llama-gqa-tied", "llama-gqa-tied"),
+    lokr_llama_gqa_tied_both => ("peft/lokr/llama-gqa-tied-both", "llama-gqa-tied"),
+    lokr_neox_par_bpe => ("peft/lokr/neox-par-bpe", "neox-par-bpe"),
+    lokr_neox_par_bpe_both => ("peft/lokr/neox-par-bpe-both", "neox-par-bpe"),
 }
 
 /// LoRA+ (tests/fixtures/loraplus, made by scripts/fixtures/gen_loraplus.py with PEFT's

@@ -16,11 +16,16 @@ fn root() -> PathBuf {
 const MODEL: &str = "tests/fixtures/models/llama-gqa-tied";
 
 /// Every method kaizen loads, on the same tiny Llama.
-const ADAPTERS: [(&str, &str); 9] = [
+const ADAPTERS: [(&str, &str); 11] = [
     ("lora", "tests/fixtures/lora/llama-gqa-tied/adapter"),
     ("dora", "tests/fixtures/lora/dora-llama-gqa-tied/adapter"),
     ("ia3", "tests/fixtures/peft/ia3/llama-gqa-tied/adapter"),
     ("vera", "tests/fixtures/peft/vera/llama-gqa-tied/adapter"),
+    ("loha", "tests/fixtures/peft/loha/llama-gqa-tied/adapter"),
+    (
+        "lokr",
+        "tests/fixtures/peft/lokr/llama-gqa-tied-both/adapter",
+    ),
     (
         "bottleneck",
         "tests/fixtures/bottleneck/llama-gqa-tied/adapter",
@@ -125,7 +130,7 @@ fn greedy(max_new_tokens: usize) -> GenerateConfig {
 
 #[test]
 fn batched_rows_of_every_method_equal_generate_alone() {
-    // 18 requests, at most 6 rows at once: rows leave at different lengths and waiting ones
+    // 22 requests, at most 6 rows at once: rows leave at different lengths and waiting ones
     // join between steps.
     let h = start(6);
     let names: Vec<Option<&str>> = std::iter::once(None)

@@ -8,7 +8,10 @@ pub mod full;
 pub mod ia3;
 pub mod init;
 pub mod ln_tuning;
+pub mod loha;
+pub mod lokr;
 pub mod lora;
+pub mod lycoris;
 pub mod prefix;
 pub mod prompt;
 pub mod vera;
@@ -42,6 +45,16 @@ pub enum Method {
         cfg: vera::VeraConfig,
         targets: Vec<String>,
         projections: vera::Projections,
+    },
+    /// LyCORIS LoHa: Hadamard product of two low-rank pairs.
+    Loha {
+        cfg: loha::LohaConfig,
+        targets: Vec<String>,
+    },
+    /// LyCORIS LoKr: Kronecker product of two (optionally low-rank) factors.
+    Lokr {
+        cfg: lokr::LokrConfig,
+        targets: Vec<String>,
     },
     /// LN tuning: the targeted norms train (their trained values replace them when loaded).
     LnTuning {
@@ -88,6 +101,8 @@ impl Method {
             Method::Lora { .. } => "LORA",
             Method::Ia3 { .. } => "IA3",
             Method::Vera { .. } => "VERA",
+            Method::Loha { .. } => "LOHA",
+            Method::Lokr { .. } => "LOKR",
             Method::LnTuning { .. } => "LN_TUNING",
             Method::AdaLora { .. } => "ADALORA",
             Method::Bottleneck { .. } => "BOTTLENECK",
@@ -121,6 +136,8 @@ impl Method {
             } => cfg.to_json(targets, feedforward),
             Method::Bottleneck { cfg, targets } => cfg.to_json(targets),
             Method::Vera { cfg, targets, .. } => cfg.to_json(targets),
+            Method::Loha { cfg, targets } => cfg.to_json(targets),
+            Method::Lokr { cfg, targets } => cfg.to_json(targets),
             Method::LnTuning { cfg, targets } => cfg.to_json(targets),
             Method::AdaLora { cfg, targets, .. } => {
                 cfg.to_json(targets, self.rank_pattern().as_ref())
@@ -298,6 +315,20 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
                 projections,
             }
         }
+        "LOHA" => {
+            let cfg =
+                loha::LohaConfig::from_json(&config).map_err(|m| Error::config(&cfg_path, m))?;
+            let targets = loha::attach(model, &cfg, Some(weights), 0)
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            Method::Loha { cfg, targets }
+        }
+        "LOKR" => {
+            let cfg =
+                lokr::LokrConfig::from_json(&config).map_err(|m| Error::config(&cfg_path, m))?;
+            let targets = lokr::attach(model, &cfg, Some(weights), 0)
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            Method::Lokr { cfg, targets }
+        }
         "LN_TUNING" => {
             let cfg = ln_tuning::LnTuningConfig::from_json(&config)
                 .map_err(|m| Error::config(&cfg_path, m))?;
@@ -371,7 +402,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
             return Err(Error::config(
                 &cfg_path,
                 format!(
-                    "peft_type {} is not supported (supported: LORA, ADALORA, IA3, VERA, LN_TUNING, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)",
+                    "peft_type {} is not supported (supported: LORA, ADALORA, IA3, VERA, LOHA, LOKR, LN_TUNING, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)",
                     kaizen_data::quote(other)
                 ),
             ))
@@ -381,6 +412,8 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
         Method::Lora { targets, .. }
         | Method::Ia3 { targets, .. }
         | Method::Vera { targets, .. }
+        | Method::Loha { targets, .. }
+        | Method::Lokr { targets, .. }
         | Method::LnTuning { targets, .. }
         | Method::AdaLora { targets, .. }
         | Method::Bottleneck { targets, .. } => targets.clone(),
@@ -444,7 +477,8 @@ impl Merged {
 }
 
 /// Folds every adapter into its base weight and bias (LoRA `W += scale * B A`, IA3 scalings,
-/// VeRA `W += (lambda_b B)(lambda_d A)`)
+/// VeRA `W += (lambda_b B)(lambda_d A)`,
+/// LoHa/LoKr `W += ΔW`)
 /// and removes it: zero added inference latency. All-or-nothing: if one layer cannot merge
 /// (a bottleneck adapter's `merged` says why), the model is left unchanged.
 pub fn merge(model: &mut Model) -> Result<Merged> {

@@ -86,7 +86,10 @@ fn layer_index(path: &str) -> Option<usize> {
 }
 
 /// PEFT's `get_pattern_key`: the first pattern `k` with `^(.*\.)?(k)$` matching the path.
-fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Result<Option<T>> {
+pub(crate) fn pattern_value<T: Copy>(
+    patterns: &BTreeMap<String, T>,
+    path: &str,
+) -> Result<Option<T>> {
     for (k, v) in patterns {
         let re = config::compile("pattern key", k, &config::pattern_regex(k))?;
         if re.is_match(path) {
