@@ -177,7 +177,7 @@ fn compare_writes_report_json_charts_and_a_run_per_method() {
 }
 
 /// Every method `compare` knows, in its default order.
-const ALL: [&str; 12] = [
+const ALL: [&str; 14] = [
     "full",
     "freeze",
     "lora",
@@ -186,6 +186,8 @@ const ALL: [&str; 12] = [
     "ia3",
     "vera",
     "ln-tuning",
+    "oft",
+    "boft",
     "adapter",
     "prefix",
     "p-tuning",

@@ -2,6 +2,7 @@
 //! cache or the input embeddings; none names an architecture.
 
 pub mod adalora;
+pub mod boft;
 pub mod bottleneck;
 pub mod freeze;
 pub mod full;
@@ -9,6 +10,7 @@ pub mod ia3;
 pub mod init;
 pub mod ln_tuning;
 pub mod lora;
+pub mod oft;
 pub mod prefix;
 pub mod prompt;
 pub mod vera;
@@ -42,6 +44,16 @@ pub enum Method {
         cfg: vera::VeraConfig,
         targets: Vec<String>,
         projections: vera::Projections,
+    },
+    /// OFT: a block-diagonal rotation of each targeted layer's input.
+    Oft {
+        cfg: oft::OftConfig,
+        targets: Vec<String>,
+    },
+    /// BOFT: butterfly-factorised rotations of each targeted layer's input, scaled outputs.
+    Boft {
+        cfg: boft::BoftConfig,
+        targets: Vec<String>,
     },
     /// LN tuning: the targeted norms train (their trained values replace them when loaded).
     LnTuning {
@@ -90,6 +102,8 @@ impl Method {
             Method::Vera { .. } => "VERA",
             Method::LnTuning { .. } => "LN_TUNING",
             Method::AdaLora { .. } => "ADALORA",
+            Method::Oft { .. } => "OFT",
+            Method::Boft { .. } => "BOFT",
             Method::Bottleneck { .. } => "BOTTLENECK",
             Method::PromptTuning { .. } => "PROMPT_TUNING",
             Method::PTuningInference { .. } | Method::PTuning { .. } => "P_TUNING",
@@ -125,6 +139,8 @@ impl Method {
             Method::AdaLora { cfg, targets, .. } => {
                 cfg.to_json(targets, self.rank_pattern().as_ref())
             }
+            Method::Oft { cfg, targets } => cfg.to_json(targets),
+            Method::Boft { cfg, targets } => cfg.to_json(targets),
             Method::PromptTuning { json, .. }
             | Method::PTuningInference { json }
             | Method::PTuning { json }
@@ -312,6 +328,20 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
                 .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
             Method::adalora(cfg, targets)
         }
+        "OFT" => {
+            let cfg =
+                oft::OftConfig::from_json(&config).map_err(|m| Error::config(&cfg_path, m))?;
+            let targets = oft::attach(model, &cfg, Some(weights), 0)
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            Method::Oft { cfg, targets }
+        }
+        "BOFT" => {
+            let cfg =
+                boft::BoftConfig::from_json(&config).map_err(|m| Error::config(&cfg_path, m))?;
+            let targets = boft::attach(model, &cfg, Some(weights), 0)
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            Method::Boft { cfg, targets }
+        }
         "BOTTLENECK" => {
             let cfg = bottleneck::BottleneckConfig::from_json(&config)
                 .map_err(|m| Error::config(&cfg_path, m))?;
@@ -371,7 +401,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
             return Err(Error::config(
                 &cfg_path,
                 format!(
-                    "peft_type {} is not supported (supported: LORA, ADALORA, IA3, VERA, LN_TUNING, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)",
+                    "peft_type {} is not supported (supported: LORA, ADALORA, IA3, VERA, LN_TUNING, OFT, BOFT, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)",
                     kaizen_data::quote(other)
                 ),
             ))
@@ -383,6 +413,8 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
         | Method::Vera { targets, .. }
         | Method::LnTuning { targets, .. }
         | Method::AdaLora { targets, .. }
+        | Method::Oft { targets, .. }
+        | Method::Boft { targets, .. }
         | Method::Bottleneck { targets, .. } => targets.clone(),
         Method::PromptTuning { .. }
         | Method::PTuningInference { .. }
