@@ -39,7 +39,7 @@ pub struct CompareArgs {
     /// Comma-separated methods, run in this order.
     #[arg(
         long,
-        default_value = "full,freeze,lora,dora,adalora,ia3,vera,loha,lokr,ln-tuning,adapter,prefix,p-tuning,prompt"
+        default_value = "full,freeze,lora,dora,adalora,ia3,vera,loha,lokr,ln-tuning,oft,boft,adapter,prefix,p-tuning,prompt"
     )]
     pub methods: String,
     /// Optimizer steps of every method.
@@ -83,7 +83,7 @@ pub struct Spec {
     pub attention_targets: bool,
 }
 
-pub const SPECS: [Spec; 14] = [
+pub const SPECS: [Spec; 16] = [
     spec("full", 5e-5, "--method full", false),
     spec(
         "freeze",
@@ -113,6 +113,13 @@ pub const SPECS: [Spec; 14] = [
         2e-2,
         "--method ln-tuning --target-modules input_layernorm,post_attention_layernorm",
         false,
+    ),
+    spec("oft", 2e-3, "--method oft --oft-block-size 32", true),
+    spec(
+        "boft",
+        2e-3,
+        "--method boft --boft-block-size 8 --boft-n-butterfly-factor 2",
+        true,
     ),
     spec(
         "adapter",

@@ -17,6 +17,7 @@ use kaizen::train::out_dir::{self, OutDirLock};
 use kaizen::train::schedule::Schedule;
 use kaizen::train::trainer::{self, Event, TrainConfig, TrainData};
 use kaizen::tuners::adalora::{self, AdaLoraConfig};
+use kaizen::tuners::boft::{self, BoftConfig};
 use kaizen::tuners::bottleneck::{self, config::parse_non_linearity, BottleneckConfig};
 use kaizen::tuners::ia3::{self, Ia3Config};
 use kaizen::tuners::ln_tuning::{self, LnTuningConfig};
@@ -24,6 +25,7 @@ use kaizen::tuners::loha::{self, LohaConfig};
 use kaizen::tuners::lokr::{self, LokrConfig};
 use kaizen::tuners::lora::{self, LoraConfig, LoraInit};
 use kaizen::tuners::lycoris::LycorisConfig;
+use kaizen::tuners::oft::{self, OftConfig};
 use kaizen::tuners::prefix::{self, PrefixTuningConfig};
 use kaizen::tuners::prompt::{self, p_tuning, PromptInit, PromptTuningConfig};
 use kaizen::tuners::vera::{self, VeraConfig};
@@ -49,7 +51,7 @@ pub struct TrainArgs {
     /// Output directory: adapter, metrics.jsonl, loss.png, run.json, checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PEFT method: lora, adalora (LoRA with a rank budget), ia3, vera, loha, lokr (LyCORIS), ln-tuning (the norms), prompt, p-tuning, prefix, adapter
+    /// PEFT method: lora, adalora (LoRA with a rank budget), ia3, vera, loha, lokr (LyCORIS), ln-tuning (the norms), oft (orthogonal input rotations), boft (butterfly OFT), prompt, p-tuning, prefix, adapter
     /// (bottleneck adapters), full (every weight) or freeze (LLaMA-Factory's freeze tuning:
     /// chosen layers fully).
     #[arg(long)]
@@ -79,6 +81,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub rank_dropout: Option<f64>,
     /// LoHa, LoKr: in training, the whole adapter is skipped for a forward with this probability.
+    /// OFT: PEFT's multiplicative dropout of whole blocks (stored, but PEFT 0.21's linear layers
+    /// never apply it, so neither does kaizen).
     #[arg(long)]
     pub module_dropout: Option<f64>,
     /// LoKr: also split the left Kronecker factor into a rank-r pair.
@@ -182,6 +186,32 @@ pub struct TrainArgs {
     /// kaizen's RNG, not torch's: the projections are saved in the adapter).
     #[arg(long)]
     pub projection_prng_key: Option<u64>,
+    /// OFT: block width of the input rotation (default 32; give this or --r, which is then the
+    /// number of blocks; either must divide every targeted layer's input width).
+    #[arg(long)]
+    pub oft_block_size: Option<usize>,
+    /// OFT: constrained OFT, each block kept within --eps of the identity.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub coft: Option<bool>,
+    /// OFT with --coft: the constraint's radius (default 6e-5).
+    #[arg(long)]
+    pub eps: Option<f64>,
+    /// OFT: one rotation block shared along the whole width.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub block_share: Option<bool>,
+    /// BOFT: block width (default 4; or give --boft-block-num; either must divide every
+    /// targeted layer's input width).
+    #[arg(long)]
+    pub boft_block_size: Option<usize>,
+    /// BOFT: blocks per butterfly factor (instead of --boft-block-size).
+    #[arg(long)]
+    pub boft_block_num: Option<usize>,
+    /// BOFT: butterfly factors (default 1: block-diagonal OFT; each more doubles the reach).
+    #[arg(long)]
+    pub boft_n_butterfly_factor: Option<usize>,
+    /// BOFT: in training, the fraction of one factor's blocks set to the identity.
+    #[arg(long)]
+    pub boft_dropout: Option<f64>,
     /// IA3: modules whose input (not output) is scaled (default: the MLP output projection).
     #[arg(long)]
     pub feedforward_modules: Option<String>,
@@ -392,6 +422,8 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
         })?;
         or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, rank_dropout, module_dropout, decompose_both, decompose_factor, target_modules, init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step, feedforward_modules, vera_d_initial, vera_dropout, projection_prng_key, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, init_lora_weights, loftq_iter, convert_to_lora, loraplus_lr_ratio, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
             adapter_type, reduction_factor, bottleneck_size, non_linearity,
+            oft_block_size, coft, eps, block_share,
+            boft_block_size, boft_block_num, boft_n_butterfly_factor, boft_dropout,
             init_adapter, optimizer, lr, lr_schedule, warmup_steps, batch_size, grad_accum, max_steps, epochs,
             max_len, max_grad_norm, seed, no_shuffle, eval_every, save_every, val_split, val_data, template, pack);
     }
@@ -461,6 +493,21 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
                 || a.non_linearity.is_some()
             {
                 bail!("--init-adapter takes the bottleneck adapter's shape from {}/adapter_config.json; drop --adapter-type, --reduction-factor, --bottleneck-size and --non-linearity", dir.display());
+            }
+            if a.oft_block_size.is_some()
+                || a.module_dropout.is_some()
+                || a.coft.is_some()
+                || a.eps.is_some()
+                || a.block_share.is_some()
+            {
+                bail!("--init-adapter takes the OFT config from {}/adapter_config.json; drop --oft-block-size, --module-dropout, --coft, --eps and --block-share", dir.display());
+            }
+            if a.boft_block_size.is_some()
+                || a.boft_block_num.is_some()
+                || a.boft_n_butterfly_factor.is_some()
+                || a.boft_dropout.is_some()
+            {
+                bail!("--init-adapter takes the BOFT config from {}/adapter_config.json; drop --boft-block-size, --boft-block-num, --boft-n-butterfly-factor and --boft-dropout", dir.display());
             }
             match kaizen::tuners::load_adapter(&mut loaded.model, dir)?.method {
                 Method::PTuningInference { .. } => bail!(
@@ -655,6 +702,48 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
                 targets,
                 projections,
             }
+        }
+        None if method_name == "oft" => {
+            let d = OftConfig::default();
+            let cfg = OftConfig {
+                r: a.r.unwrap_or(d.r),
+                // --r alone: the blocks count, the width follows (PEFT's r with block size 0).
+                oft_block_size: a.oft_block_size.unwrap_or(if a.r.is_some() {
+                    0
+                } else {
+                    d.oft_block_size
+                }),
+                module_dropout: a.module_dropout.unwrap_or(d.module_dropout),
+                target_modules: a.target_modules.as_deref().map(LoraConfig::parse_targets),
+                coft: a.coft.unwrap_or(d.coft),
+                eps: a.eps.unwrap_or(d.eps),
+                block_share: a.block_share.unwrap_or(d.block_share),
+                base_model_name_or_path: Some(model_path.display().to_string()),
+                ..d
+            };
+            let targets = oft::attach(&mut loaded.model, &cfg, None, seed)?;
+            Method::Oft { cfg, targets }
+        }
+        None if method_name == "boft" => {
+            let d = BoftConfig::default();
+            let cfg = BoftConfig {
+                // --boft-block-num alone: the width follows (PEFT's block size 0).
+                boft_block_size: a.boft_block_size.unwrap_or(if a.boft_block_num.is_some() {
+                    0
+                } else {
+                    d.boft_block_size
+                }),
+                boft_block_num: a.boft_block_num.unwrap_or(d.boft_block_num),
+                boft_n_butterfly_factor: a
+                    .boft_n_butterfly_factor
+                    .unwrap_or(d.boft_n_butterfly_factor),
+                boft_dropout: a.boft_dropout.unwrap_or(d.boft_dropout),
+                target_modules: a.target_modules.as_deref().map(LoraConfig::parse_targets),
+                base_model_name_or_path: Some(model_path.display().to_string()),
+                ..d
+            };
+            let targets = boft::attach(&mut loaded.model, &cfg, None, seed)?;
+            Method::Boft { cfg, targets }
         }
         None if method_name == "ia3" => {
             if a.r.is_some()
@@ -1005,6 +1094,8 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         "loha",
         "lokr",
         "ln-tuning",
+        "oft",
+        "boft",
         "prompt",
         "p-tuning",
         "prefix",
@@ -1023,7 +1114,7 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         bail!("--method {method_name} trains the model itself: give the model to continue from as --model, not --init-adapter");
     }
     let flags_of = [
-        ("--r", a.r.is_some(), "lora, vera, loha, lokr"),
+        ("--r", a.r.is_some(), "lora, vera, loha, lokr, oft"),
         ("--vera-d-initial", a.vera_d_initial.is_some(), "vera"),
         ("--vera-dropout", a.vera_dropout.is_some(), "vera"),
         (
@@ -1037,7 +1128,11 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
             "lora, adalora, loha, lokr",
         ),
         ("--rank-dropout", a.rank_dropout.is_some(), "loha, lokr"),
-        ("--module-dropout", a.module_dropout.is_some(), "loha, lokr"),
+        (
+            "--module-dropout",
+            a.module_dropout.is_some(),
+            "loha, lokr, oft",
+        ),
         ("--decompose-both", a.decompose_both.is_some(), "lokr"),
         ("--decompose-factor", a.decompose_factor.is_some(), "lokr"),
         ("--lora-dropout", a.lora_dropout.is_some(), "lora, adalora"),
@@ -1050,6 +1145,18 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         ("--beta2", a.beta2.is_some(), "adalora"),
         ("--orth-reg-weight", a.orth_reg_weight.is_some(), "adalora"),
         ("--total-step", a.total_step.is_some(), "adalora"),
+        ("--oft-block-size", a.oft_block_size.is_some(), "oft"),
+        ("--coft", a.coft.is_some(), "oft"),
+        ("--eps", a.eps.is_some(), "oft"),
+        ("--block-share", a.block_share.is_some(), "oft"),
+        ("--boft-block-size", a.boft_block_size.is_some(), "boft"),
+        ("--boft-block-num", a.boft_block_num.is_some(), "boft"),
+        (
+            "--boft-n-butterfly-factor",
+            a.boft_n_butterfly_factor.is_some(),
+            "boft",
+        ),
+        ("--boft-dropout", a.boft_dropout.is_some(), "boft"),
         ("--use-rslora", a.use_rslora.is_some(), "lora"),
         ("--use-dora", a.use_dora.is_some(), "lora"),
         ("--init-lora-weights", a.init_lora_weights.is_some(), "lora"),
@@ -1058,7 +1165,7 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
         (
             "--target-modules",
             a.target_modules.is_some(),
-            "lora, adalora, ia3, vera, loha, lokr, ln-tuning",
+            "lora, adalora, ia3, vera, loha, lokr, ln-tuning, oft, boft",
         ),
         (
             "--feedforward-modules",

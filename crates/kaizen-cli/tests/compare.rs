@@ -177,7 +177,7 @@ fn compare_writes_report_json_charts_and_a_run_per_method() {
 }
 
 /// Every method `compare` knows, in its default order.
-const ALL: [&str; 14] = [
+const ALL: [&str; 16] = [
     "full",
     "freeze",
     "lora",
@@ -188,6 +188,8 @@ const ALL: [&str; 14] = [
     "loha",
     "lokr",
     "ln-tuning",
+    "oft",
+    "boft",
     "adapter",
     "prefix",
     "p-tuning",

@@ -21,8 +21,8 @@ fn kaizen_adapters_score_as_in_python_peft() {
     let models = record.as_object().unwrap();
     assert_eq!(
         models.len(),
-        23,
-        "LoRA on each HF fixture model; IA3, VeRA, LN tuning, AdaLoRA, prompt tuning, P-tuning (MLP, LSTM) and prefix tuning on two; DoRA, LoHa and LoKr on one; PiSSA and OLoRA (with DoRA) on one each"
+        27,
+        "LoRA on each HF fixture model; IA3, VeRA, LN tuning, AdaLoRA, OFT, BOFT, prompt tuning, P-tuning (MLP, LSTM) and prefix tuning on two; DoRA, LoHa and LoKr on one; PiSSA and OLoRA (with DoRA) on one each"
     );
     for (name, r) in models {
         let model = r["model"].as_str().unwrap();
@@ -180,6 +180,21 @@ fn peft_ia3_and_prompt_adapters_eval_and_generate_as_in_peft() {
         );
     for (method, m) in fixtures {
         check_eval_and_greedy(&format!("tests/fixtures/{method}/{m}"), m);
+    }
+}
+
+/// OFT and BOFT adapters made by Python PEFT (gen_oft.py): eval loss and greedy ids as PEFT
+/// computed them.
+#[test]
+fn peft_oft_and_boft_adapters_eval_and_generate_as_in_peft() {
+    for (method, fixture, m) in [
+        ("oft", "llama-gqa-tied", "llama-gqa-tied"),
+        ("oft", "neox-par-bpe", "neox-par-bpe"),
+        ("oft", "llama-gqa-tied-share", "llama-gqa-tied"),
+        ("boft", "llama-gqa-tied", "llama-gqa-tied"),
+        ("boft", "neox-par-bpe", "neox-par-bpe"),
+    ] {
+        check_eval_and_greedy(&format!("tests/fixtures/peft/{method}/{fixture}"), m);
     }
 }
 

@@ -1787,7 +1787,7 @@ fn ia3_and_prompt_methods_train_evaluate_generate() {
 fn every_method_trains_on_every_architecture() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
-    let methods: [(&str, &[&str]); 14] = [
+    let methods: [(&str, &[&str]); 16] = [
         ("lora", &["--target-modules", "all-linear", "--lr", "3e-2"]),
         ("vera", &["--method", "vera", "--r", "16", "--lr", "3e-2"]),
         ("loha", &["--method", "loha", "--lr", "3e-2"]),
@@ -1821,6 +1821,23 @@ fn every_method_trains_on_every_architecture() {
         ),
         ("dora", &["--use-dora", "--lr", "3e-2"]),
         ("ia3", &["--method", "ia3", "--lr", "3e-2"]),
+        (
+            "oft",
+            &["--method", "oft", "--oft-block-size", "8", "--lr", "3e-2"],
+        ),
+        (
+            "boft",
+            &[
+                "--method",
+                "boft",
+                "--boft-block-size",
+                "4",
+                "--boft-n-butterfly-factor",
+                "2",
+                "--lr",
+                "3e-2",
+            ],
+        ),
         (
             "prompt",
             &[
@@ -2454,6 +2471,135 @@ fn vera_saves_projections_resumes_and_checks_its_fields() {
     );
 }
 
+/// `--method oft` and `--method boft` (PEFT's OFT, BOFT): train and save PEFT's keys and shapes,
+/// resume to the uninterrupted run's adapter, merge to a model that scores as base + adapter; a
+/// config field out of range is one error naming it.
+#[test]
+fn oft_and_boft_train_resume_merge_and_check_their_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_rows(tmp.path(), "train.jsonl", &repetitive_text_rows(12));
+    let key = "base_model.model.model.layers.0.self_attn.q_proj";
+    // (method, flags, (tensor, shape) on layer 0's q_proj)
+    type Run<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a [usize])]);
+    let runs: [Run; 2] = [
+        (
+            "oft",
+            &[
+                "--method",
+                "oft",
+                "--oft-block-size",
+                "16",
+                "--coft",
+                "--eps",
+                "0.5",
+            ],
+            &[("oft_R.weight", &[4, 120])],
+        ),
+        (
+            "boft",
+            &[
+                "--method",
+                "boft",
+                "--boft-block-size",
+                "8",
+                "--boft-n-butterfly-factor",
+                "2",
+                "--boft-dropout",
+                "0.25",
+            ],
+            &[("boft_R", &[2, 8, 8, 8]), ("boft_s", &[64, 1])],
+        ),
+    ];
+    for (method, flags, tensors) in runs {
+        let (whole, cut) = (
+            tmp.path().join(method),
+            tmp.path().join(format!("{method}-cut")),
+        );
+        let opts = [&RESUME_OPTS[..], flags].concat();
+        train_ok(LLAMA, &data, &whole, &opts);
+        assert_eq!(adapter_config(&whole)["peft_type"], method.to_uppercase());
+        let saved = read_safetensors(&whole.join("adapter_model.safetensors"));
+        for (name, shape) in tensors {
+            assert_eq!(
+                saved[&format!("{key}.{name}")].shape,
+                *shape,
+                "{method}: {name}"
+            );
+        }
+        // Interrupted after checkpoint-3 and resumed: the same adapter, bit for bit.
+        train_ok(LLAMA, &data, &cut, &opts);
+        for f in ["adapter_model.safetensors", "adapter_config.json"] {
+            std::fs::remove_file(cut.join(f)).unwrap();
+        }
+        train_ok(LLAMA, &data, &cut, &[&opts[..], &["--resume"]].concat());
+        let (a, b) = (
+            whole.join("adapter_model.safetensors"),
+            cut.join("adapter_model.safetensors"),
+        );
+        assert!(
+            std::fs::read(a).unwrap() == std::fs::read(b).unwrap(),
+            "{method}: resumed adapter differs"
+        );
+        let merged = tmp.path().join(format!("{method}-merged"));
+        kaizen([
+            "merge",
+            "--model",
+            &s(&model_path(LLAMA)),
+            "--adapter",
+            &s(&whole),
+            "--out",
+            &s(&merged),
+        ])
+        .ok();
+        let with_adapter = eval_loss(&model_path(LLAMA), Some(&whole), &data);
+        assert_close(method, eval_loss(&merged, None, &data), with_adapter, 1e-4);
+        assert!(
+            with_adapter < eval_loss(&model_path(LLAMA), None, &data),
+            "{method}: no gain"
+        );
+    }
+    let fails: [(&[&str], &[&str]); 7] = [
+        (
+            &["--method", "oft", "--oft-block-size", "7"],
+            &["oft_block_size 7", "does not divide", "64"],
+        ),
+        (
+            &["--method", "oft", "--r", "4", "--oft-block-size", "16"],
+            &["r (4)", "oft_block_size (16)", "only one"],
+        ),
+        (
+            &["--method", "oft", "--module-dropout", "1.5"],
+            &["module_dropout", "[0, 1)"],
+        ),
+        (
+            &["--method", "oft", "--coft", "--eps", "0"],
+            &["eps", "> 0"],
+        ),
+        (
+            &["--method", "boft", "--boft-block-size", "6"],
+            &["boft_block_size 6", "does not divide"],
+        ),
+        (
+            &[
+                "--method",
+                "boft",
+                "--boft-block-size",
+                "8",
+                "--boft-n-butterfly-factor",
+                "5",
+            ],
+            &["boft_n_butterfly_factor 5", "too large"],
+        ),
+        (
+            &["--method", "lora", "--boft-block-size", "8"],
+            &["--boft-block-size applies to --method boft"],
+        ),
+    ];
+    for (flags, needles) in fails {
+        assert_train_fails(LLAMA, None, flags, needles);
+    }
+}
+
 /// `--loraplus-lr-ratio`: LoRA+ steps lora_B at --lr times the ratio (parity with PEFT's
 /// optimizer is in kaizen's adapter_parity.rs); run.json records it, and it is refused for other
 /// methods and outside (0, inf).
@@ -2835,6 +2981,8 @@ fn runs_that_would_not_fit_are_refused_with_the_estimate_and_a_way_out() {
         "loha",
         "lokr",
         "ln-tuning",
+        "oft",
+        "boft",
         "prompt",
         "p-tuning",
         "prefix",

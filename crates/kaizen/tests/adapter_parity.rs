@@ -388,6 +388,22 @@ ia3_suite! {
     lokr_neox_par_bpe_both => ("peft/lokr/neox-par-bpe-both", "neox-par-bpe"),
 }
 
+// OFT (scripts/fixtures/gen_oft.py), the same records as IA3: the Cayley-Neumann series (llama,
+// blocks of 8), the exact Cayley transform with COFT's projection (GPT-NeoX, r = 4: the MLP's
+// blocks are projected, the attention's are not), one block shared along the width (7 terms).
+ia3_suite! {
+    oft_llama_gqa_tied => ("peft/oft/llama-gqa-tied", "llama-gqa-tied"),
+    oft_neox_par_bpe_coft_exact => ("peft/oft/neox-par-bpe", "neox-par-bpe"),
+    oft_llama_gqa_tied_block_share => ("peft/oft/llama-gqa-tied-share", "llama-gqa-tied"),
+}
+
+// BOFT (gen_oft.py): blocks of 8 without butterfly (llama); 4 blocks per factor and 2 butterfly
+// factors (GPT-NeoX: PEFT's CUDA path's math, recorded with torch.block_diag for fbd_cuda).
+ia3_suite! {
+    boft_llama_gqa_tied => ("peft/boft/llama-gqa-tied", "llama-gqa-tied"),
+    boft_neox_par_bpe_butterfly => ("peft/boft/neox-par-bpe", "neox-par-bpe"),
+}
+
 /// LoRA+ (tests/fixtures/loraplus, made by scripts/fixtures/gen_loraplus.py with PEFT's
 /// `create_loraplus_optimizer`): from a committed LoRA (and DoRA) adapter, three AdamW steps
 /// with lora_B and the 1-D magnitudes at 16x the learning rate give PEFT's losses and tensors.

@@ -16,9 +16,11 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use kaizen::memory::{self, RunShape};
 use kaizen::nn::Grads;
 use kaizen::train::{micro_batch_backward, Batch};
+use kaizen::tuners::boft::{self, BoftConfig};
 use kaizen::tuners::bottleneck::{self, BottleneckConfig};
 use kaizen::tuners::ia3::{self, Ia3Config};
 use kaizen::tuners::lora::{self, LoraConfig, TargetModules};
+use kaizen::tuners::oft::{self, OftConfig};
 use kaizen::tuners::prefix::{self, PrefixTuningConfig};
 use kaizen::tuners::prompt::{self, PromptInit, PromptTuningConfig};
 use kaizen::tuners::{freeze, full};
@@ -108,6 +110,21 @@ fn attach(model: &mut Model, method: &str) {
             },
         ),
         "ia3" => drop(ia3::attach(model, &Ia3Config::default(), None).unwrap()),
+        "oft" => {
+            let cfg = OftConfig {
+                oft_block_size: 16,
+                ..OftConfig::default()
+            };
+            drop(oft::attach(model, &cfg, None, 3).unwrap())
+        }
+        "boft" => {
+            let cfg = BoftConfig {
+                boft_block_size: 8,
+                boft_n_butterfly_factor: 2,
+                ..BoftConfig::default()
+            };
+            drop(boft::attach(model, &cfg, None, 3).unwrap())
+        }
         "adapter" => {
             drop(bottleneck::attach(model, &BottleneckConfig::default(), None, 3).unwrap())
         }
@@ -142,6 +159,8 @@ fn the_estimate_bounds_what_a_step_allocates_for_every_method() {
         "lora-all+dropout",
         "dora",
         "ia3",
+        "oft",
+        "boft",
         "adapter",
         "prompt",
         "prefix",

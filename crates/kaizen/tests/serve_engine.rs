@@ -16,7 +16,7 @@ fn root() -> PathBuf {
 const MODEL: &str = "tests/fixtures/models/llama-gqa-tied";
 
 /// Every method kaizen loads, on the same tiny Llama.
-const ADAPTERS: [(&str, &str); 11] = [
+const ADAPTERS: [(&str, &str); 13] = [
     ("lora", "tests/fixtures/lora/llama-gqa-tied/adapter"),
     ("dora", "tests/fixtures/lora/dora-llama-gqa-tied/adapter"),
     ("ia3", "tests/fixtures/peft/ia3/llama-gqa-tied/adapter"),
@@ -47,6 +47,8 @@ const ADAPTERS: [(&str, &str); 11] = [
         "adalora",
         "tests/fixtures/peft/adalora/llama-gqa-tied/trained",
     ),
+    ("oft", "tests/fixtures/peft/oft/llama-gqa-tied/adapter"),
+    ("boft", "tests/fixtures/peft/boft/llama-gqa-tied/adapter"),
 ];
 
 fn start(max_rows: usize) -> EngineHandle {

@@ -2,6 +2,7 @@
 //! cache or the input embeddings; none names an architecture.
 
 pub mod adalora;
+pub mod boft;
 pub mod bottleneck;
 pub mod freeze;
 pub mod full;
@@ -12,6 +13,7 @@ pub mod loha;
 pub mod lokr;
 pub mod lora;
 pub mod lycoris;
+pub mod oft;
 pub mod prefix;
 pub mod prompt;
 pub mod vera;
@@ -54,6 +56,16 @@ pub enum Method {
     /// LyCORIS LoKr: Kronecker product of two (optionally low-rank) factors.
     Lokr {
         cfg: lokr::LokrConfig,
+        targets: Vec<String>,
+    },
+    /// OFT: a block-diagonal rotation of each targeted layer's input.
+    Oft {
+        cfg: oft::OftConfig,
+        targets: Vec<String>,
+    },
+    /// BOFT: butterfly-factorised rotations of each targeted layer's input, scaled outputs.
+    Boft {
+        cfg: boft::BoftConfig,
         targets: Vec<String>,
     },
     /// LN tuning: the targeted norms train (their trained values replace them when loaded).
@@ -105,6 +117,8 @@ impl Method {
             Method::Lokr { .. } => "LOKR",
             Method::LnTuning { .. } => "LN_TUNING",
             Method::AdaLora { .. } => "ADALORA",
+            Method::Oft { .. } => "OFT",
+            Method::Boft { .. } => "BOFT",
             Method::Bottleneck { .. } => "BOTTLENECK",
             Method::PromptTuning { .. } => "PROMPT_TUNING",
             Method::PTuningInference { .. } | Method::PTuning { .. } => "P_TUNING",
@@ -142,6 +156,8 @@ impl Method {
             Method::AdaLora { cfg, targets, .. } => {
                 cfg.to_json(targets, self.rank_pattern().as_ref())
             }
+            Method::Oft { cfg, targets } => cfg.to_json(targets),
+            Method::Boft { cfg, targets } => cfg.to_json(targets),
             Method::PromptTuning { json, .. }
             | Method::PTuningInference { json }
             | Method::PTuning { json }
@@ -343,6 +359,20 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
                 .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
             Method::adalora(cfg, targets)
         }
+        "OFT" => {
+            let cfg =
+                oft::OftConfig::from_json(&config).map_err(|m| Error::config(&cfg_path, m))?;
+            let targets = oft::attach(model, &cfg, Some(weights), 0)
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            Method::Oft { cfg, targets }
+        }
+        "BOFT" => {
+            let cfg =
+                boft::BoftConfig::from_json(&config).map_err(|m| Error::config(&cfg_path, m))?;
+            let targets = boft::attach(model, &cfg, Some(weights), 0)
+                .map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+            Method::Boft { cfg, targets }
+        }
         "BOTTLENECK" => {
             let cfg = bottleneck::BottleneckConfig::from_json(&config)
                 .map_err(|m| Error::config(&cfg_path, m))?;
@@ -402,7 +432,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
             return Err(Error::config(
                 &cfg_path,
                 format!(
-                    "peft_type {} is not supported (supported: LORA, ADALORA, IA3, VERA, LOHA, LOKR, LN_TUNING, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)",
+                    "peft_type {} is not supported (supported: LORA, ADALORA, IA3, VERA, LOHA, LOKR, LN_TUNING, OFT, BOFT, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and kaizen's BOTTLENECK)",
                     kaizen_data::quote(other)
                 ),
             ))
@@ -416,6 +446,8 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<AdapterInfo> {
         | Method::Lokr { targets, .. }
         | Method::LnTuning { targets, .. }
         | Method::AdaLora { targets, .. }
+        | Method::Oft { targets, .. }
+        | Method::Boft { targets, .. }
         | Method::Bottleneck { targets, .. } => targets.clone(),
         Method::PromptTuning { .. }
         | Method::PTuningInference { .. }
