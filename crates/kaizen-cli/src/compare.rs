@@ -39,7 +39,7 @@ pub struct CompareArgs {
     /// Comma-separated methods, run in this order.
     #[arg(
         long,
-        default_value = "full,freeze,lora,dora,adalora,ia3,vera,loha,lokr,ln-tuning,oft,boft,adapter,prefix,p-tuning,prompt"
+        default_value = "full,freeze,lora,dora,pissa,olora,adalora,ia3,vera,loha,lokr,ln-tuning,oft,boft,adapter,prefix,p-tuning,prompt"
     )]
     pub methods: String,
     /// Optimizer steps of every method.
@@ -83,7 +83,7 @@ pub struct Spec {
     pub attention_targets: bool,
 }
 
-pub const SPECS: [Spec; 16] = [
+pub const SPECS: [Spec; 18] = [
     spec("full", 5e-5, "--method full", false),
     spec(
         "freeze",
@@ -96,6 +96,18 @@ pub const SPECS: [Spec; 16] = [
         "dora",
         2e-3,
         "--method lora --use-dora --r 16 --lora-alpha 32",
+        true,
+    ),
+    spec(
+        "pissa",
+        2e-3,
+        "--method lora --init-lora-weights pissa --r 16 --lora-alpha 32",
+        true,
+    ),
+    spec(
+        "olora",
+        2e-3,
+        "--method lora --init-lora-weights olora --r 16 --lora-alpha 32",
         true,
     ),
     spec(

@@ -177,11 +177,13 @@ fn compare_writes_report_json_charts_and_a_run_per_method() {
 }
 
 /// Every method `compare` knows, in its default order.
-const ALL: [&str; 16] = [
+const ALL: [&str; 18] = [
     "full",
     "freeze",
     "lora",
     "dora",
+    "pissa",
+    "olora",
     "adalora",
     "ia3",
     "vera",
