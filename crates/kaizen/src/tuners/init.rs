@@ -20,6 +20,22 @@ pub fn uniform(n: usize, bound: f64, rng: &mut StdRng) -> Vec<f32> {
         .collect()
 }
 
+/// Inverted dropout of an adapter branch's input: `(x * mask, mask)` in training (`rng` given and
+/// `p > 0`), else `(x, None)`. The mask is saved for backward, already scaled by 1/(1-p).
+pub fn dropout_input(
+    x: &candle_core::Tensor,
+    p: f64,
+    rng: Option<&mut StdRng>,
+) -> crate::Result<(candle_core::Tensor, Option<candle_core::Tensor>)> {
+    match rng {
+        Some(rng) if p > 0.0 => {
+            let mask = dropout_mask(x.dims(), p, rng)?;
+            Ok(((x * &mask)?, Some(mask)))
+        }
+        _ => Ok((x.clone(), None)),
+    }
+}
+
 /// Inverted dropout's mask for an input of shape `dims`: each value kept with probability
 /// 1 - p and then scaled by 1 / (1 - p), else 0.
 pub fn dropout_mask(

@@ -50,18 +50,7 @@ impl LinearAdapter for AdaLoraLayer {
         if self.rank() == 0 {
             return Ok((y, None)); // a layer a rank pattern emptied
         }
-        let mask = match rng {
-            Some(rng) if self.dropout > 0.0 => Some(super::super::init::dropout_mask(
-                x.dims(),
-                self.dropout,
-                rng,
-            )?),
-            _ => None,
-        };
-        let xd = match &mask {
-            Some(m) => (x * m)?,
-            None => x.clone(),
-        };
+        let (xd, mask) = crate::tuners::init::dropout_input(x, self.dropout, rng)?;
         let h = xd.matmul(&self.a_e()?.t()?)?; // (N, r)
         let delta = (h.matmul(&self.lora_b.t()?)? * self.scale)?; // (N, out)
         Ok(((y + delta)?, mask))

@@ -73,18 +73,7 @@ impl LinearAdapter for LoraLayer {
         rng: Option<&mut StdRng>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         // Inverted dropout on the LoRA branch only; the saved mask is already scaled by 1/(1-p).
-        let mask = match rng {
-            Some(rng) if self.dropout > 0.0 => Some(super::super::init::dropout_mask(
-                x.dims(),
-                self.dropout,
-                rng,
-            )?),
-            _ => None,
-        };
-        let xd = match &mask {
-            Some(m) => (x * m)?,
-            None => x.clone(),
-        };
+        let (xd, mask) = crate::tuners::init::dropout_input(x, self.dropout, rng)?;
         if let Some(mag) = &self.magnitude {
             let xd = mask.is_some().then_some(&xd);
             return Ok((dora::forward(self, mag, base, x, xd)?, mask));

@@ -52,18 +52,7 @@ impl LinearAdapter for VeraLayer {
         x: &Tensor,
         rng: Option<&mut StdRng>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let mask = match rng {
-            Some(rng) if self.dropout > 0.0 => Some(crate::tuners::init::dropout_mask(
-                x.dims(),
-                self.dropout,
-                rng,
-            )?),
-            _ => None,
-        };
-        let xd = match &mask {
-            Some(m) => (x * m)?,
-            None => x.clone(),
-        };
+        let (xd, mask) = crate::tuners::init::dropout_input(x, self.dropout, rng)?;
         let y = base.base_forward(x)?;
         Ok(((y + self.delta(&xd)?)?, mask))
     }
