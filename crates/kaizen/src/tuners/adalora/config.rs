@@ -147,31 +147,17 @@ impl AdaLoraConfig {
                 return Err(format!("\"{key}\": true is not supported for AdaLoRA"));
             }
         }
-        for key in [
-            "modules_to_save",
-            "exclude_modules",
-            "layers_to_transform",
-            "layer_replication",
-            "target_parameters",
-            "trainable_token_indices",
-        ] {
-            if map
-                .get(key)
-                .is_some_and(|v| !v.is_null() && v != &json!([]) && v != &json!({}))
-            {
-                return Err(format!(
-                    "\"{key}\" is set, which kaizen does not support yet"
-                ));
-            }
-        }
-        if let Some(b) = c.str("bias")? {
-            if b != "none" {
-                return Err(format!(
-                    "\"bias\": {} is not supported (only \"none\")",
-                    quote(&b)
-                ));
-            }
-        }
+        crate::tuners::lora::config::refuse_unsupported(
+            map,
+            &[
+                "modules_to_save",
+                "exclude_modules",
+                "layers_to_transform",
+                "layer_replication",
+                "target_parameters",
+                "trainable_token_indices",
+            ],
+        )?;
         let d = AdaLoraConfig::default();
         let rank_pattern = match map.get("rank_pattern") {
             None | Some(Value::Null) => None,

@@ -237,30 +237,16 @@ impl LoraConfig {
                 return Err(format!("\"{key}\": {what} adapters are not supported yet"));
             }
         }
-        for key in [
-            "modules_to_save",
-            "layer_replication",
-            "target_parameters",
-            "exclude_modules",
-            "trainable_token_indices",
-        ] {
-            if map
-                .get(key)
-                .is_some_and(|v| !v.is_null() && v != &json!([]) && v != &json!({}))
-            {
-                return Err(format!(
-                    "\"{key}\" is set, which kaizen does not support yet"
-                ));
-            }
-        }
-        if let Some(b) = c.str("bias")? {
-            if b != "none" {
-                return Err(format!(
-                    "\"bias\": {} is not supported (only \"none\")",
-                    quote(&b)
-                ));
-            }
-        }
+        refuse_unsupported(
+            map,
+            &[
+                "modules_to_save",
+                "layer_replication",
+                "target_parameters",
+                "exclude_modules",
+                "trainable_token_indices",
+            ],
+        )?;
         let r = c.req_size("r", MAX_RANK)?;
         let target_modules = match map.get("target_modules") {
             None | Some(Value::Null) => None,
@@ -416,6 +402,33 @@ pub const MAX_RANK: usize = 1 << 16;
 pub const MAX_ITER: usize = 1000;
 
 /// LoftQ's `loftq_config` (PEFT's `LoftQConfig`: `loftq_bits` 4, `loftq_iter` 1 by default).
+/// PEFT's options beyond the method itself that kaizen does not implement: each of `keys` set to
+/// anything but null, `[]` or `{}`, and a `bias` other than "none", is an error naming the field.
+pub(crate) fn refuse_unsupported(
+    map: &Map<String, Value>,
+    keys: &[&str],
+) -> std::result::Result<(), String> {
+    for key in keys {
+        if map
+            .get(*key)
+            .is_some_and(|v| !v.is_null() && v != &json!([]) && v != &json!({}))
+        {
+            return Err(format!(
+                "\"{key}\" is set, which kaizen does not support yet"
+            ));
+        }
+    }
+    if let Some(b) = Fields(map).str("bias")? {
+        if b != "none" {
+            return Err(format!(
+                "\"bias\": {} is not supported (only \"none\")",
+                quote(&b)
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn loftq_config(map: &Map<String, Value>) -> std::result::Result<LoraInit, String> {
     let Some(Value::Object(lc)) = map.get("loftq_config") else {
         return Err(
