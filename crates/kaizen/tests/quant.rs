@@ -225,6 +225,46 @@ fn products_match_dequantized_matmul() {
     }
 }
 
+/// bf16 products through a quantized W (on AMX each task dequantizes the rectangles of W it
+/// uses) equal the products with the dense bf16 weight that the dequantized matrix rounds to:
+/// bit for bit where both run on AMX (one kernel, one summation order), else to 1e-5. Shapes
+/// with row edges, several token passes (over 512 rows) and K-quant column groups.
+#[test]
+fn bf16_products_equal_the_rounded_dense_weight() {
+    use kaizen::nn::quant::QMatrix;
+    let exact = kaizen::nn::gemm::available_amx();
+    for (rows, cols, n) in [(70, 1024, 37), (33, 768, 600), (300, 2816, 130)] {
+        let w = (Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap() * 0.02).unwrap();
+        for f in ["q8_0", "q4_0", "q4_k", "q6_k", "nf4"] {
+            let f = QFormat::parse(f).unwrap();
+            let q = QMatrix::quantize(&w, f, DType::BF16, "w").unwrap();
+            let dense = Matrix::Dense(q.to_f32().unwrap().to_dtype(DType::BF16).unwrap());
+            let m = Matrix::Quant(std::sync::Arc::new(q));
+            let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu).unwrap();
+            let dy = Tensor::randn(0f32, 1.0, (n, rows), &Device::Cpu).unwrap();
+            for (input, transposed) in [(&x, true), (&dy, false)] {
+                let got = m.product(input, transposed).unwrap();
+                let want = dense.product(input, transposed).unwrap();
+                let err = rel_err(&got, &want);
+                let what = format!("{f} {rows}x{cols} x{n} transposed={transposed}: {err:e}");
+                if exact {
+                    let (got, want) = (got.flatten_all().unwrap(), want.flatten_all().unwrap());
+                    let bits = |t: Tensor| -> Vec<u32> {
+                        t.to_vec1::<f32>()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect()
+                    };
+                    assert!(bits(got) == bits(want), "{what}");
+                } else {
+                    assert!(err <= TOL, "{what}");
+                }
+            }
+        }
+    }
+}
+
 /// `--compute int8`: activations quantized to 8 bits per block cost well under a percent of
 /// the product's scale on Gaussian data (llama.cpp's own trade), on every llama.cpp type; NF4
 /// has no int8 product.

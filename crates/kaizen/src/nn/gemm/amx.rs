@@ -30,8 +30,12 @@ use std::sync::OnceLock;
 use half::bf16;
 
 use super::{avx512, for_each_task, to_bf16, Mat, Out, PackedB, Pair, Weight, NR};
+use crate::nn::quant::QMatrix;
+use crate::Result;
 
 mod direct;
+
+use direct::Source;
 
 /// Rows of C per micro-kernel call (two A tiles).
 const MA: usize = 32;
@@ -280,12 +284,35 @@ pub(super) fn gemm_unpacked<W: Weight>(a: &Mat<f32>, b: &Mat<W>, c: &mut [f32]) 
         rs,
         cs,
     };
-    if b.rs == 1 {
-        direct::gemm_wt(a, &b, c)
+    // In-place views of a bf16 W cannot fail.
+    let done = if b.rs == 1 {
+        direct::gemm_wt(a, Source::Bf16(b.t()), c)
     } else {
-        direct::gemm_w(a, &b, c)
+        direct::gemm_w(a, Source::Bf16(b), c)
+    };
+    done.is_ok()
+}
+
+/// `C = A qᵀ` (`transposed`: the forward `x Wᵀ`) or `C = A q` (the input gradient) for a
+/// quantized W on AMX, each task dequantizing the rectangles of W it uses (`direct.rs`); false,
+/// having done nothing, where AMX is missing.
+pub(super) fn gemm_quant(
+    a: &Mat<f32>,
+    q: &QMatrix,
+    transposed: bool,
+    c: &mut [f32],
+) -> Result<bool> {
+    let (rows, cols) = q.dims();
+    let k = if transposed { cols } else { rows };
+    if !available() || a.rows * rows * cols == 0 {
+        return Ok(false);
     }
-    true
+    assert_eq!(a.cols, k, "gemm: inner dimensions differ");
+    match transposed {
+        true => direct::gemm_wt(a, Source::Quant(q), c)?,
+        false => direct::gemm_w(a, Source::Quant(q), c)?,
+    }
+    Ok(true)
 }
 
 /// [`super::gemm_packed`] for bf16 B on AMX; the caller checked [`available`], the dimensions

@@ -154,6 +154,10 @@ pub fn linear_quant(x: &Tensor, q: &QMatrix, transposed: bool) -> Result<Tensor>
             return gemv_quant(xs, n, q, &mut c);
         }
         let a = Mat::row_major(xs, n, k);
+        #[cfg(target_arch = "x86_64")]
+        if q.compute == DType::BF16 && super::amx::gemm_quant(&a, q, transposed, &mut c)? {
+            return Ok(());
+        }
         match q.compute {
             DType::BF16 => gemm_packed(a, &PackedB::<bf16>::from_quant(q, transposed)?, &mut c),
             _ => gemm_packed(a, &PackedB::<f32>::from_quant(q, transposed)?, &mut c),

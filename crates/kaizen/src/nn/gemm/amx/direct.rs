@@ -1,22 +1,32 @@
-//! AMX products with a row-major bf16 W (the linear layers' frozen weight) that do not pack all
-//! of W into memory before multiplying, which at a few hundred tokens costs as much as the
-//! product itself (W is read, written packed, and read again).
+//! AMX products with the linear layers' frozen weight W that do not pack all of W into memory
+//! before multiplying, which at a few hundred tokens costs as much as the product itself (W is
+//! read, written packed, and read again). W is a [`Source`]: a row-major bf16 matrix read in
+//! place, or a quantized one (`--quantize`, a kept GGUF) of which each task dequantizes the
+//! rectangle it is about to use into a scratch that stays in cache, so a 4-bit W crosses
+//! memory at 4 bits a value.
 //!
 //! - [`gemm_wt`], the forward `x Wᵀ`: computed as `Cᵀ = W xᵀ`. A row of W holds consecutive
-//!   pairs of k, which is what an A tile row is, so W's tiles load in place with W's row length
-//!   as the stride; x (small) is packed as B panels, and each task's block of Cᵀ stays in a
-//!   scratch until it is written to C transposed.
+//!   pairs of k, which is what an A tile row is, so W's tiles load in place (or from the
+//!   dequantized rectangle) with the row length as the stride; x (small) is packed as B
+//!   panels, and each task's block of Cᵀ stays in a scratch until it is written to C
+//!   transposed.
 //! - [`gemm_w`], the input gradient `dy W`: B tiles need rows 2q and 2q+1 of W interleaved, so
 //!   each task packs the 32-column panel it is about to use into a buffer that stays in cache,
-//!   prefetching the next one's rows of W meanwhile; dy is packed once for all tasks.
+//!   prefetching the next one's rows of a bf16 W meanwhile (a quantized W's task dequantizes
+//!   its columns, whole quantization blocks, one depth block at a time); dy is packed once
+//!   for all tasks.
 
 use std::arch::x86_64::*;
+use std::cell::RefCell;
+use std::ops::Range;
 
 use half::bf16;
 use rayon::prelude::*;
 
 use super::{avx512, grow, kernel, pack_a, run, to_bf16, Src, Tiles, KT, MA, SCRATCH, TK};
 use crate::nn::gemm::{Mat, Out, Pair, NR};
+use crate::nn::quant::QMatrix;
+use crate::Result;
 
 /// Depth of [`gemm_wt`]'s blocks (k up to this in one): Cᵀ is revisited once per block.
 const KC_WT: usize = 3072;
@@ -29,20 +39,97 @@ const KC_W: usize = 1024;
 /// Most 32-column panels per task of [`gemm_w`].
 const GROUP: usize = 4;
 
-/// `C = A B` where `B = Wᵀ` for a row-major bf16 W (`b.rs == 1`: B's column j is W's row j,
-/// `b.cs` apart). The caller checked [`super::available`] and that m, n, k > 0.
-pub(in crate::nn::gemm) fn gemm_wt(a: &Mat<f32>, b: &Mat<bf16>, c: &mut [f32]) {
-    let (m, n) = (a.rows, b.cols);
+/// The frozen weight W (rows = output features, cols = input features) as the kernels read it.
+#[derive(Clone, Copy)]
+pub(in crate::nn::gemm) enum Source<'a> {
+    /// Row-major bf16 (`cs == 1`), read in place.
+    Bf16(Mat<'a, bf16>),
+    /// Dequantized rectangle by rectangle, rounded to bf16 to the nearest even as the packed
+    /// path rounds it.
+    Quant(&'a QMatrix),
+}
+
+impl Source<'_> {
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Source::Bf16(w) => (w.rows, w.cols),
+            Source::Quant(q) => q.dims(),
+        }
+    }
+
+    /// Column ranges start on multiples of this (the quantization block).
+    fn unit(&self) -> usize {
+        match self {
+            Source::Bf16(_) => 1,
+            Source::Quant(q) => q.block_size(),
+        }
+    }
+
+    /// Rows `rows` x columns `cols` of W as a row-major bf16 view: in place, or dequantized
+    /// into `scratch`. `cols` starts on a multiple of [`Source::unit`] and is whole blocks or
+    /// ends at the row's end.
+    fn rect<'s>(
+        &'s self,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        scratch: &'s mut Vec<u32>,
+    ) -> Result<Mat<'s, bf16>> {
+        let (nr, nc) = (rows.len(), cols.len());
+        let q = match self {
+            Source::Bf16(w) => {
+                let data = &w.data[rows.start * w.rs + cols.start..];
+                return Ok(Mat {
+                    data,
+                    rows: nr,
+                    cols: nc,
+                    rs: w.rs,
+                    cs: 1,
+                });
+            }
+            Source::Quant(q) => q,
+        };
+        // Rows of whole blocks are an even number of values (blocks are 32 or more).
+        assert!(
+            nc.is_multiple_of(2),
+            "gemm: a quantized row range of odd length"
+        );
+        grow(scratch, nr * nc / 2);
+        DEQ.with_borrow_mut(|row| -> Result<()> {
+            row.resize(nc, 0.0);
+            for (r, dst) in rows.zip(scratch.chunks_mut(nc / 2)) {
+                q.dequantize_into(r, cols.start, row)?;
+                // SAFETY: AMX implies AVX512-BF16 (`available` checks it); `dst` holds the pairs.
+                unsafe { avx512::to_bf16_pairs(row, dst) };
+            }
+            Ok(())
+        })?;
+        // SAFETY: u32 pairs of bf16, little-endian: value 2i is the low half of pair i; u32's
+        // alignment covers bf16's.
+        let data = unsafe { std::slice::from_raw_parts(scratch.as_ptr().cast::<bf16>(), nr * nc) };
+        Ok(Mat::row_major(data, nr, nc))
+    }
+}
+
+thread_local! {
+    static DEQ: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static RECT: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `C = A Wᵀ` (the forward `x Wᵀ`; A has W's cols columns, C W's rows). The caller checked
+/// [`super::available`] and that m, n, k > 0.
+pub(in crate::nn::gemm) fn gemm_wt(a: &Mat<f32>, w: Source, c: &mut [f32]) -> Result<()> {
+    let (m, n) = (a.rows, w.dims().0);
     for i0 in (0..m).step_by(M_WT) {
         let rows = M_WT.min(m - i0);
         let data = &a.data[i0 * a.rs..];
         let a = Mat { data, rows, ..*a };
-        gemm_wt_rows(&a, b, &mut c[i0 * n..(i0 + rows) * n]);
+        gemm_wt_rows(&a, w, &mut c[i0 * n..(i0 + rows) * n])?;
     }
+    Ok(())
 }
 
-fn gemm_wt_rows(a: &Mat<f32>, b: &Mat<bf16>, c: &mut [f32]) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
+fn gemm_wt_rows(a: &Mat<f32>, w: Source, c: &mut [f32]) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, w.dims().0);
     let mp = m.next_multiple_of(MA);
     let steps = k.div_ceil(KT) * TK;
     // x as B panels of 32 tokens over all of k, zero-padded: pair q of token t at q * 32 + t.
@@ -52,15 +139,17 @@ fn gemm_wt_rows(a: &Mat<f32>, b: &Mat<bf16>, c: &mut [f32]) {
         .for_each(|(tp, dst)| pack_x(a, tp * NR, dst));
     let threads = rayon::current_num_threads().max(1);
     let slab = n.div_ceil(threads * 4).next_multiple_of(MA).min(SLAB);
-    let kc = k.div_ceil(k.div_ceil(KC_WT)).next_multiple_of(KT);
+    // Depth blocks: whole chunks of the kernel and whole quantization blocks.
+    let unit = w.unit().max(KT).next_multiple_of(KT);
+    let kc = k.div_ceil(k.div_ceil(KC_WT)).next_multiple_of(unit);
     let out = Out(c.as_mut_ptr());
-    (0..n.div_ceil(slab)).into_par_iter().for_each(|sl| {
+    (0..n.div_ceil(slab)).into_par_iter().try_for_each(|sl| {
         let (out, j0, width) = (out, sl * slab, slab.min(n - sl * slab));
-        SCRATCH.with_borrow_mut(|ct| {
+        SCRATCH.with_borrow_mut(|ct| -> Result<()> {
             grow(ct, width.next_multiple_of(MA) * mp);
             // SAFETY: u32 and f32 have the same size and alignment; any bits are an f32.
             let ct = unsafe { std::slice::from_raw_parts_mut(ct.as_mut_ptr().cast(), ct.len()) };
-            slab_wt(b, &xp, (j0, width), (kc, mp), ct);
+            slab_wt(w, &xp, (j0, width), (kc, mp), ct)?;
             // Cᵀ -> C, 16 tokens at a time so that 16 rows of C are written together.
             for t0 in (0..m).step_by(16) {
                 for r in 0..width {
@@ -71,62 +160,146 @@ fn gemm_wt_rows(a: &Mat<f32>, b: &Mat<bf16>, c: &mut [f32]) {
                     }
                 }
             }
-        });
-    });
+            Ok(())
+        })
+    })
 }
 
 /// Cᵀ rows `j0..j0+width` (W's rows) x all `mp` tokens into `ct` (row stride `mp`).
 fn slab_wt(
-    b: &Mat<bf16>,
+    w: Source,
     xp: &[Pair],
     (j0, width): (usize, usize),
     (kc, mp): (usize, usize),
     ct: &mut [f32],
-) {
-    let (k, ldw) = (b.rows, b.cs);
+) -> Result<()> {
+    let k = w.dims().1;
     let steps = k.div_ceil(KT) * TK;
     let mut tail = [bf16::ZERO; MA * KT];
     let mut edge = Vec::new();
     // SAFETY: the caller checked `available`.
     let _tiles = unsafe { Tiles::load() };
-    for p0 in (0..k).step_by(kc) {
-        let kcb = kc.min(k - p0);
-        let (chunks, full) = (kcb.div_ceil(KT), kcb / KT);
-        for s in (0..width).step_by(MA) {
-            let (r0, nr) = (j0 + s, MA.min(width - s));
-            let row = |r: usize| &b.data[(r0 + r) * ldw + p0..][..kcb];
-            let w_src = if nr == MA {
-                // W's rows in place; a last partial chunk from a zero-padded copy.
-                for r in (0..MA).filter(|_| full < chunks) {
-                    let dst = &mut tail[r * KT..][..KT];
-                    dst.fill(bf16::ZERO);
-                    dst[..kcb - full * KT].copy_from_slice(&row(r)[full * KT..]);
-                }
-                let ptr = b.data[r0 * ldw + p0..].as_ptr().cast();
-                Src::rows(ptr, ldw * 2, full, tail.as_ptr().cast())
-            } else {
-                // Fewer than 32 rows left: a zero-padded copy of them.
-                edge.clear();
-                edge.resize(MA * chunks * KT, bf16::ZERO);
-                for r in 0..nr {
-                    edge[r * chunks * KT..][..kcb].copy_from_slice(row(r));
-                }
-                let ptr = edge.as_ptr().cast();
-                Src::rows(ptr, chunks * 64, chunks, ptr)
-            };
-            for tp in 0..mp / NR {
-                let xb = xp[tp * steps * NR + p0 / 2 * NR..].as_ptr();
-                let x_src = Src::panel(xb, chunks, xb);
-                // SAFETY: tiles configured; W's rows r0..r0+32 hold `full` whole chunks from p0
-                // (the tail or edge copy the rest), x's panel `chunks` chunks from p0 (it is
-                // zero-padded to whole chunks); the 32 x 32 block of `ct` is inside it.
-                unsafe {
-                    let dst = ct.as_mut_ptr().add(s * mp + tp * NR);
-                    kernel(w_src, x_src, chunks, dst, mp, p0 > 0);
+    RECT.with_borrow_mut(|scratch| -> Result<()> {
+        for p0 in (0..k).step_by(kc) {
+            let kcb = kc.min(k - p0);
+            let (chunks, full) = (kcb.div_ceil(KT), kcb / KT);
+            for s in (0..width).step_by(MA) {
+                let (r0, nr) = (j0 + s, MA.min(width - s));
+                let rect = w.rect(r0..r0 + nr, p0..p0 + kcb, scratch)?;
+                let row = |r: usize| &rect.data[r * rect.rs..][..kcb];
+                let w_src = if nr == MA {
+                    // W's rows in place; a last partial chunk from a zero-padded copy.
+                    for r in (0..MA).filter(|_| full < chunks) {
+                        let dst = &mut tail[r * KT..][..KT];
+                        dst.fill(bf16::ZERO);
+                        dst[..kcb - full * KT].copy_from_slice(&row(r)[full * KT..]);
+                    }
+                    let ptr = rect.data.as_ptr().cast();
+                    Src::rows(ptr, rect.rs * 2, full, tail.as_ptr().cast())
+                } else {
+                    // Fewer than 32 rows left: a zero-padded copy of them.
+                    edge.clear();
+                    edge.resize(MA * chunks * KT, bf16::ZERO);
+                    for r in 0..nr {
+                        edge[r * chunks * KT..][..kcb].copy_from_slice(row(r));
+                    }
+                    let ptr = edge.as_ptr().cast();
+                    Src::rows(ptr, chunks * 64, chunks, ptr)
+                };
+                for tp in 0..mp / NR {
+                    let xb = xp[tp * steps * NR + p0 / 2 * NR..].as_ptr();
+                    let x_src = Src::panel(xb, chunks, xb);
+                    // SAFETY: tiles configured; the rect's 32 rows hold `full` whole chunks (the
+                    // tail or edge copy the rest), x's panel `chunks` chunks from p0 (it is
+                    // zero-padded to whole chunks); the 32 x 32 block of `ct` is inside it.
+                    unsafe {
+                        let dst = ct.as_mut_ptr().add(s * mp + tp * NR);
+                        kernel(w_src, x_src, chunks, dst, mp, p0 > 0);
+                    }
                 }
             }
         }
-    }
+        Ok(())
+    })
+}
+
+/// `C = A W` (the input gradient `dy W`; A has W's rows columns, C W's cols). The caller
+/// checked [`super::available`] and that m, n, k > 0.
+pub(in crate::nn::gemm) fn gemm_w(a: &Mat<f32>, w: Source, c: &mut [f32]) -> Result<()> {
+    let (m, (k, n)) = (a.rows, w.dims());
+    let (row_panels, col_panels) = (m.div_ceil(MA), n.div_ceil(NR));
+    let per_panel = k.div_ceil(KT) * MA * TK;
+    let mut ap = vec![0u32; row_panels * per_panel];
+    ap.par_chunks_mut(per_panel)
+        .enumerate()
+        .for_each(|(ip, dst)| pack_a(a, ip * MA, 0, k, dst));
+    let threads = rayon::current_num_threads().max(1);
+    // Each task's columns are whole quantization blocks of a quantized W.
+    let per_unit = w.unit().div_ceil(NR);
+    let group = col_panels
+        .div_ceil(threads * 4)
+        .clamp(1, GROUP)
+        .next_multiple_of(per_unit);
+    let kc = k.div_ceil(k.div_ceil(KC_W)).next_multiple_of(KT);
+    let out = Out(c.as_mut_ptr());
+    (0..col_panels.div_ceil(group))
+        .into_par_iter()
+        .try_for_each(|g| -> Result<()> {
+            let (out, panels) = (out, g * group..((g + 1) * group).min(col_panels));
+            let cols = panels.start * NR..(panels.end * NR).min(n);
+            let mut panel = vec![Pair::default(); kc / 2 * NR];
+            // SAFETY: the caller checked `available`.
+            let _tiles = unsafe { Tiles::load() };
+            // Work items (depth block, column panel) in order; while one runs, the rows of a
+            // bf16 W that the next one packs are prefetched, a share before each kernel call.
+            let items = k.div_ceil(kc) * panels.len();
+            let item = |i: usize| (i / panels.len() * kc, panels.start + i % panels.len());
+            RECT.with_borrow_mut(|scratch| -> Result<()> {
+                let mut rect = None;
+                for i in 0..items {
+                    let (p0, jp) = item(i);
+                    let (kcb, (q0, jq)) = (kc.min(k - p0), item(i + 1));
+                    if jp == panels.start {
+                        rect = Some(w.rect(p0..p0 + kcb, cols.clone(), scratch)?);
+                    }
+                    let r = rect
+                        .as_ref()
+                        .expect("made at the depth block's first panel");
+                    let chunks = kcb.div_ceil(KT);
+                    let dst = &mut panel[..chunks * TK * NR];
+                    // SAFETY: AMX implies AVX512-BF16, which implies AVX512BW; the panel fits.
+                    unsafe { pack_w(r, (jp - panels.start) * NR, 0, kcb, dst) };
+                    let b_src = Src::panel(panel.as_ptr(), chunks, panel.as_ptr());
+                    let ahead = match w {
+                        Source::Bf16(_) if i + 1 < items => kc.min(k - q0),
+                        _ => 0,
+                    };
+                    for ip in 0..row_panels {
+                        if let Source::Bf16(b) = w {
+                            let (lo, hi) = (ahead * ip / row_panels, ahead * (ip + 1) / row_panels);
+                            for p in q0 + lo..q0 + hi {
+                                let at = b.data[p * b.rs + jq * NR..].as_ptr();
+                                // SAFETY: a prefetch has no effect on memory; both ends of the
+                                // row's segment exist.
+                                unsafe {
+                                    _mm_prefetch::<_MM_HINT_T0>(at.cast());
+                                    let last = NR.min(n - jq * NR) - 1;
+                                    _mm_prefetch::<_MM_HINT_T0>(at.add(last).cast());
+                                }
+                            }
+                        }
+                        let ap = ap[ip * per_panel + p0 / KT * MA * TK..].as_ptr();
+                        // SAFETY: tiles configured; A's panel holds `chunks` chunks from p0, the
+                        // panel of W as many; no other task writes columns `panels` of C.
+                        unsafe {
+                            let ops = (Src::packed_a(ap, chunks), b_src, chunks);
+                            run(ops, out, (ip * MA, jp * NR), (m, n), p0 > 0)
+                        };
+                    }
+                }
+                Ok(())
+            })
+        })
 }
 
 /// Tokens `t0..t0+32` (zero past the end) of x over all of k, as a B panel of pairs.
@@ -155,60 +328,6 @@ fn pack_x(a: &Mat<f32>, t0: usize, dst: &mut [Pair]) {
 }
 
 /// `C = A W` for a row-major bf16 W (`b.cs == 1`, rows `b.rs` apart). The caller checked
-/// [`super::available`] and that m, n, k > 0.
-pub(in crate::nn::gemm) fn gemm_w(a: &Mat<f32>, b: &Mat<bf16>, c: &mut [f32]) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    let (row_panels, col_panels) = (m.div_ceil(MA), n.div_ceil(NR));
-    let per_panel = k.div_ceil(KT) * MA * TK;
-    let mut ap = vec![0u32; row_panels * per_panel];
-    ap.par_chunks_mut(per_panel)
-        .enumerate()
-        .for_each(|(ip, dst)| pack_a(a, ip * MA, 0, k, dst));
-    let threads = rayon::current_num_threads().max(1);
-    let group = col_panels.div_ceil(threads * 4).clamp(1, GROUP);
-    let kc = k.div_ceil(k.div_ceil(KC_W)).next_multiple_of(KT);
-    let out = Out(c.as_mut_ptr());
-    (0..col_panels.div_ceil(group))
-        .into_par_iter()
-        .for_each(|g| {
-            let (out, panels) = (out, g * group..((g + 1) * group).min(col_panels));
-            let mut panel = vec![Pair::default(); kc / 2 * NR];
-            // SAFETY: the caller checked `available`.
-            let _tiles = unsafe { Tiles::load() };
-            // Work items (depth block, column panel) in order; while one runs, the rows of W that
-            // the next one packs are prefetched, a share before each kernel call.
-            let items = k.div_ceil(kc) * panels.len();
-            let item = |i: usize| (i / panels.len() * kc, panels.start + i % panels.len());
-            for i in 0..items {
-                let (p0, jp) = item(i);
-                let (kcb, (q0, jq)) = (kc.min(k - p0), item(i + 1));
-                let chunks = kcb.div_ceil(KT);
-                // SAFETY: AMX implies AVX512-BF16, which implies AVX512BW; the panel fits.
-                unsafe { pack_w(b, jp * NR, p0, kcb, &mut panel[..chunks * TK * NR]) };
-                let b_src = Src::panel(panel.as_ptr(), chunks, panel.as_ptr());
-                let ahead = if i + 1 < items { kc.min(k - q0) } else { 0 };
-                for ip in 0..row_panels {
-                    for p in q0 + ahead * ip / row_panels..q0 + ahead * (ip + 1) / row_panels {
-                        let at = b.data[p * b.rs + jq * NR..].as_ptr();
-                        // SAFETY: a prefetch has no effect on memory; both ends of the row's
-                        // segment exist.
-                        unsafe {
-                            _mm_prefetch::<_MM_HINT_T0>(at.cast());
-                            _mm_prefetch::<_MM_HINT_T0>(at.add(NR.min(n - jq * NR) - 1).cast());
-                        }
-                    }
-                    let ap = ap[ip * per_panel + p0 / KT * MA * TK..].as_ptr();
-                    // SAFETY: tiles configured; A's panel holds `chunks` chunks from p0, the panel
-                    // of W as many; no other task writes columns `panels` of C.
-                    unsafe {
-                        let ops = (Src::packed_a(ap, chunks), b_src, chunks);
-                        run(ops, out, (ip * MA, jp * NR), (m, n), p0 > 0)
-                    };
-                }
-            }
-        });
-}
-
 /// Interleaving indices for `vpermt2w`: lane 2i takes the first operand's 16-bit lane
 /// `base + i`, lane 2i + 1 the second operand's.
 const fn interleave(base: i16) -> [i16; 32] {
