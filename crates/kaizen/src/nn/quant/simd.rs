@@ -295,7 +295,7 @@ mod avx512 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::{GgmlDType, QStorage, QTensor};
     use candle_core::{DType, Device, Tensor};
 
     use super::super::{candle_to_float, ggml_to_float, QMatrix};
@@ -378,6 +378,52 @@ mod tests {
             let mut got = vec![f32::NAN; ROWS * COLS];
             assert!(super::to_float(t, &bytes, &mut got), "{t:?}: no kernel ran");
             assert_same_bits(&got, &want, &format!("{t:?}"));
+        }
+    }
+
+    /// Blocks of random bytes, so every code, sub-block scale (negative ones in Q6_K) and high
+    /// bit occurs, f16 scales finite but otherwise random (subnormals included).
+    #[test]
+    fn random_blocks_match_candle_bit_for_bit() {
+        if !super::available() {
+            eprintln!("no AVX-512F on this CPU: the kernels cannot run here");
+            return;
+        }
+        let mut seed = 11u64;
+        for t in TYPES {
+            let (size, bs) = (t.type_size(), t.block_size());
+            // The f16 fields' offsets in a block.
+            let f16s: &[usize] = match t {
+                GgmlDType::Q4_1 | GgmlDType::Q5_1 | GgmlDType::Q4K | GgmlDType::Q5K => &[0, 2],
+                GgmlDType::Q6K => &[208],
+                _ => &[0],
+            };
+            let blocks = 64;
+            let mut bytes: Vec<u8> = (0..blocks * size)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (seed >> 56) as u8
+                })
+                .collect();
+            for block in bytes.chunks_exact_mut(size) {
+                for &at in f16s {
+                    // An all-ones exponent (inf, NaN) made finite.
+                    if block[at + 1] & 0x7c == 0x7c {
+                        block[at + 1] ^= 0x40;
+                    }
+                }
+            }
+            // Through candle's storage, which holds the blocks at their alignment.
+            let storage = QStorage::from_data(bytes.into(), &Device::Cpu, t).unwrap();
+            let q = QTensor::new(storage, (blocks, bs)).unwrap();
+            let bytes = q.data().unwrap();
+            let mut want = vec![0f32; blocks * bs];
+            candle_to_float(t, &bytes, &mut want).unwrap();
+            let mut got = vec![f32::NAN; blocks * bs];
+            assert!(super::to_float(t, &bytes, &mut got), "{t:?}: no kernel ran");
+            assert_same_bits(&got, &want, &format!("{t:?} random blocks"));
         }
     }
 
