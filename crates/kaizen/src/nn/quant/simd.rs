@@ -193,19 +193,30 @@ mod avx512 {
         }
     }
 
-    /// Q4_K's and Q5_K's 8 sub-blocks of 32: (`d * sc`, `dmin * m`) per sub-block, from the
-    /// block's d, dmin (f16 at bytes 0 and 2) and scales (bytes 4..16).
+    /// Q4_K's and Q5_K's 8 sub-blocks of 32: `d * sc_s` in lane `s` and `dmin * m_s` in lane
+    /// `8 + s`, from the block's d, dmin (f16 at bytes 0 and 2) and scales (bytes 4..16). An
+    /// array, so that each use is a broadcast load.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn k_scales(b: &[u8]) -> [(__m512, __m512); 8] {
-        let (d, dmin) = (splat_f16(b, 0), splat_f16(b, 2));
-        std::array::from_fn(|j| {
-            let (sc, m) = scale_min_k4(j, &b[4..16]);
-            (
-                _mm512_mul_ps(d, _mm512_set1_ps(f32::from(sc))),
-                _mm512_mul_ps(dmin, _mm512_set1_ps(f32::from(m))),
-            )
-        })
+    fn k_scales(b: &[u8]) -> [f32; 16] {
+        let mut packed = [0u8; 16];
+        for j in 0..8 {
+            (packed[j], packed[8 + j]) = scale_min_k4(j, &b[4..16]);
+        }
+        let dm = _mm512_mask_blend_ps(0xff00, splat_f16(b, 0), splat_f16(b, 2));
+        let sm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(load16(&packed)));
+        let mut scales = [0f32; 16];
+        store16(&mut scales, _mm512_mul_ps(dm, sm));
+        scales
+    }
+
+    /// Sub-block `s`'s `d_s * q - m_s` for 16 codes `q` (bytes).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn k_values(scales: &[f32; 16], s: usize, q: __m128i) -> __m512 {
+        let (d, m) = (_mm512_set1_ps(scales[s]), _mm512_set1_ps(scales[8 + s]));
+        let q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+        _mm512_sub_ps(_mm512_mul_ps(d, q), m)
     }
 
     /// Q4_K, 144 bytes: d, dmin, 12 bytes of scales, 128 bytes of nibbles: value `64 c + i`
@@ -219,9 +230,7 @@ mod avx512 {
                 for h in 0..2 {
                     let (lo, hi) = nibbles(load16(&b[16 + 32 * c + 16 * h..]));
                     for (half, q) in [lo, hi].into_iter().enumerate() {
-                        let (d, m) = scales[2 * c + half];
-                        let q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
-                        let v = _mm512_sub_ps(_mm512_mul_ps(d, q), m);
+                        let v = k_values(&scales, 2 * c + half, q);
                         store16(&mut y[64 * c + 32 * half + 16 * h..], v);
                     }
                 }
@@ -233,20 +242,18 @@ mod avx512 {
     /// value `64 c + 32 half + i` is bit `2 c + half` of `qh[i]`. `d_s * q - m_s`.
     #[target_feature(enable = "avx512f")]
     pub(super) fn q5_k(src: &[u8], out: &mut [f32]) {
-        let sixteen = _mm512_set1_epi32(16);
+        let sixteen = _mm_set1_epi8(16);
         for (b, y) in src.chunks_exact(176).zip(out.chunks_exact_mut(256)) {
             let scales = k_scales(b);
-            let qh = [0, 1].map(|h| _mm512_cvtepu8_epi32(load16(&b[16 + 16 * h..])));
+            let qh = [load16(&b[16..]), load16(&b[32..])];
             for c in 0..4 {
                 for (h, &qh) in qh.iter().enumerate() {
                     let (lo, hi) = nibbles(load16(&b[48 + 32 * c + 16 * h..]));
                     for (half, q) in [lo, hi].into_iter().enumerate() {
-                        let (d, m) = scales[2 * c + half];
-                        let bit = _mm512_set1_epi32(1 << (2 * c + half));
-                        let q = _mm512_cvtepu8_epi32(q);
-                        let q =
-                            _mm512_mask_add_epi32(q, _mm512_test_epi32_mask(qh, bit), q, sixteen);
-                        let v = _mm512_sub_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q)), m);
+                        let bit = _mm_set1_epi8((1u8 << (2 * c + half)) as i8);
+                        let set = _mm_cmpeq_epi8(_mm_and_si128(qh, bit), bit);
+                        let q = _mm_or_si128(q, _mm_and_si128(set, sixteen));
+                        let v = k_values(&scales, 2 * c + half, q);
                         store16(&mut y[64 * c + 32 * half + 16 * h..], v);
                     }
                 }
@@ -263,9 +270,14 @@ mod avx512 {
     pub(super) fn q6_k(src: &[u8], out: &mut [f32]) {
         let (two_bits, bias) = (_mm_set1_epi8(0x30), _mm_set1_epi8(32));
         for (b, y) in src.chunks_exact(210).zip(out.chunks_exact_mut(256)) {
-            let d = splat_f16(b, 208);
+            // The 16 scales times d, an array so that each use is a broadcast load.
+            let mut scales = [0f32; 16];
+            store16(
+                &mut scales,
+                _mm512_mul_ps(splat_f16(b, 208), i8s(load16(&b[192..]))),
+            );
             for n in 0..2 {
-                let (ql, qh, sc) = (&b[64 * n..], &b[128 + 32 * n..], &b[192 + 8 * n..]);
+                let (ql, qh) = (&b[64 * n..], &b[128 + 32 * n..]);
                 let y = &mut y[128 * n..];
                 for h in 0..2 {
                     let (a_lo, a_hi) = nibbles(load16(&ql[16 * h..]));
@@ -284,7 +296,7 @@ mod avx512 {
                     {
                         let q = _mm_or_si128(low, _mm_and_si128(hb, two_bits));
                         let q = i8s(_mm_sub_epi8(q, bias));
-                        let s = _mm512_mul_ps(d, _mm512_set1_ps(f32::from(sc[h + 2 * t] as i8)));
+                        let s = _mm512_set1_ps(scales[8 * n + h + 2 * t]);
                         store16(&mut y[32 * t + 16 * h..], _mm512_mul_ps(s, q));
                     }
                 }
