@@ -12,7 +12,8 @@
 //!
 //! Candle's block fields are private to it, so blocks are read as bytes in their `repr(C)`
 //! layout, little-endian, as in a GGUF file (offsets in each kernel's comment). Only AVX-512F is
-//! needed (byte work stays in 128-bit registers; 5-bit highs are lane masks, `kmovw`).
+//! needed (byte work stays in 128-bit registers; Q5_0's and Q5_1's fifth bits are lane masks,
+//! Q5_K's byte compares).
 
 use candle_core::quantized::GgmlDType;
 
@@ -48,8 +49,9 @@ pub fn to_float(t: GgmlDType, src: &[u8], out: &mut [f32]) -> bool {
             src.len(),
             out.len()
         );
-        // SAFETY: the CPU has AVX-512F (checked above); each kernel walks whole blocks of its
-        // type, whose count was just checked against both slices.
+        // SAFETY: the CPU has AVX-512F (checked above), the kernels' one precondition: their
+        // reads and writes are bounds-checked slices (the assert above only catches a caller's
+        // mismatch, which `chunks_exact` would otherwise skip in silence).
         unsafe { kernel(src, out) };
         return true;
     }
