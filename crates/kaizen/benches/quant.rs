@@ -1,6 +1,7 @@
 //! Products through a quantized frozen weight against the dense bf16 weight, on one linear layer
 //! of rinna-3.6B's shape (hidden 2816 -> 3 x 2816 fused QKV, and the MLP's 2816 -> 11264), and
-//! each format's dequantization throughput on one thread:
+//! each format's dequantization throughput on one thread (kaizen's AVX-512 kernels beside
+//! candle's scalar `to_float`, whose bits they reproduce) and on all threads:
 //!
 //! ```sh
 //! RAYON_NUM_THREADS=2 cargo bench -p kaizen --bench quant
@@ -13,14 +14,26 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Instant;
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use kaizen::nn::quant::{QFormat, QMatrix};
 use kaizen::nn::Matrix;
 
 fn median_secs(f: impl FnMut()) -> f64 {
     common::median_secs(5, f)
+}
+
+/// `w` in a `--quantize` format, or in a GGUF-only type (`q4_1`, `q5_0`, `q5_1`) as a GGUF
+/// tensor kept quantized.
+fn quantize(w: &Tensor, f: &str) -> QMatrix {
+    let t = match f {
+        "q4_1" => GgmlDType::Q4_1,
+        "q5_0" => GgmlDType::Q5_0,
+        "q5_1" => GgmlDType::Q5_1,
+        _ => return QMatrix::quantize(w, QFormat::parse(f).unwrap(), DType::BF16, "w").unwrap(),
+    };
+    QMatrix::from_gguf(QTensor::quantize(w, t).unwrap(), DType::BF16).unwrap()
 }
 
 fn main() {
@@ -36,24 +49,37 @@ fn main() {
         "bf16".into(),
         Matrix::Dense(w.to_dtype(DType::BF16).unwrap()),
     )];
-    for f in ["q8_0", "q4_0", "q4_k", "q6_k", "nf4"] {
-        let q = QMatrix::quantize(&w, QFormat::parse(f).unwrap(), DType::BF16, "w").unwrap();
-        let start = Instant::now();
+    // Dequantization on one thread, rows into a buffer that stays in L1: kaizen's path (AVX-512
+    // kernels, `nn/quant/simd.rs`) and candle's scalar `to_float`, which it matches bit for bit.
+    let rows = 2000;
+    let per_row = |f: &dyn Fn(usize, &mut [f32])| {
         let mut row = vec![0f32; k];
-        let rows = 2000;
-        for r in 0..rows {
-            q.dequantize_into(r, 0, &mut row).unwrap();
-        }
-        let rate = (rows * k) as f64 / start.elapsed().as_secs_f64() / 1e9;
+        let secs = median_secs(|| (0..rows).for_each(|r| f(r, &mut row)));
+        (rows * k) as f64 / secs / 1e9
+    };
+    for f in [
+        "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "nf4",
+    ] {
+        let q = quantize(&w, f);
+        let rate = per_row(&|r, row| q.dequantize_into(r, 0, row).unwrap());
+        // NF4 has no other path than kaizen's.
+        let scalar = (f != "nf4")
+            .then(|| per_row(&|r, row| q.dequantize_into_scalar(r, 0, row).unwrap()))
+            .map_or("-".into(), |s| format!("{s:.2}"));
         let all = median_secs(|| drop(q.rows_f32(0, n).unwrap()));
         println!(
-            "dequantize {f:5}: {rate:.2} G values/s on one thread, {:.2} G/s for the whole matrix",
+            "dequantize {f:5}: {rate:.2} G values/s on one thread (candle's scalar: {scalar}), \
+             {:.2} G/s for the whole matrix",
             (n * k) as f64 / all / 1e9
         );
-        kinds.push((format!("{f} bf16"), Matrix::Quant(Arc::new(q))));
+    }
+    for f in ["q8_0", "q4_0", "q4_k", "q6_k", "nf4"] {
+        kinds.push((
+            format!("{f} bf16"),
+            Matrix::Quant(Arc::new(quantize(&w, f))),
+        ));
         if f != "nf4" {
-            let mut q =
-                QMatrix::quantize(&w, QFormat::parse(f).unwrap(), DType::BF16, "w").unwrap();
+            let mut q = quantize(&w, f);
             q.int8 = true;
             kinds.push((format!("{f} int8"), Matrix::Quant(Arc::new(q))));
         }

@@ -9,6 +9,7 @@
 
 mod dot;
 pub mod nf4;
+pub mod simd;
 
 use std::fmt;
 
@@ -300,6 +301,17 @@ impl QMatrix {
     /// Row `r`, columns `c0..c0 + out.len()`, dequantized into `out`. `c0` and the end are on
     /// block boundaries (or the end is the row's end).
     pub fn dequantize_into(&self, r: usize, c0: usize, out: &mut [f32]) -> Result<()> {
+        self.dequantize_with(r, c0, out, true)
+    }
+
+    /// [`dequantize_into`](QMatrix::dequantize_into) through candle's scalar
+    /// `GgmlType::to_float` alone, never [`simd`]'s kernels (NF4 as `dequantize_into`): the
+    /// same bits, slower; the reference of the tests and the baseline of the `quant` bench.
+    pub fn dequantize_into_scalar(&self, r: usize, c0: usize, out: &mut [f32]) -> Result<()> {
+        self.dequantize_with(r, c0, out, false)
+    }
+
+    fn dequantize_with(&self, r: usize, c0: usize, out: &mut [f32], simd: bool) -> Result<()> {
         let bs = self.block_size();
         debug_assert!(
             c0.is_multiple_of(bs) && (out.len().is_multiple_of(bs) || c0 + out.len() == self.cols)
@@ -310,7 +322,7 @@ impl QMatrix {
             QData::Ggml(q) => {
                 let bytes = q.data()?;
                 let (b0, nb) = (start / bs, out.len().div_ceil(bs));
-                ggml_to_float(q.dtype(), &bytes, b0, nb, out)?;
+                ggml_to_float(q.dtype(), &bytes, b0, nb, out, simd)?;
             }
         }
         Ok(())
@@ -358,35 +370,60 @@ fn quantize_rows(w: &Tensor, t: GgmlDType) -> Result<QTensor> {
 }
 
 /// Blocks `b0..b0 + nb` of a GGML tensor's bytes, dequantized into `out` (its first
-/// `out.len()` values).
-fn ggml_to_float(t: GgmlDType, bytes: &[u8], b0: usize, nb: usize, out: &mut [f32]) -> Result<()> {
-    fn run<B: GgmlType>(bytes: &[u8], b0: usize, nb: usize, out: &mut [f32]) {
-        let size = std::mem::size_of::<B>();
-        let src = &bytes[b0 * size..(b0 + nb) * size];
+/// `out.len()` values): by [`simd`]'s kernels where the CPU and type have one and `simd` is
+/// set, else by candle's scalar `to_float`; bit for bit the same either way.
+fn ggml_to_float(
+    t: GgmlDType,
+    bytes: &[u8],
+    b0: usize,
+    nb: usize,
+    out: &mut [f32],
+    simd: bool,
+) -> Result<()> {
+    let (bs, size) = (t.block_size(), t.type_size());
+    let src = &bytes[b0 * size..(b0 + nb) * size];
+    let whole = out.len() / bs;
+    let (head, tail) = out.split_at_mut(whole * bs);
+    blocks_to_float(t, &src[..whole * size], head, simd)?;
+    if !tail.is_empty() {
+        // A partial last block: the whole block into a scratch, its first values kept.
+        let mut block = vec![0f32; bs];
+        blocks_to_float(t, &src[whole * size..], &mut block, simd)?;
+        tail.copy_from_slice(&block[..tail.len()]);
+    }
+    Ok(())
+}
+
+/// Whole blocks of `t` (`src`) into `out`, `out.len()` = blocks x block size.
+fn blocks_to_float(t: GgmlDType, src: &[u8], out: &mut [f32], simd: bool) -> Result<()> {
+    if simd && simd::to_float(t, src, out) {
+        return Ok(());
+    }
+    candle_to_float(t, src, out)
+}
+
+/// [`blocks_to_float`] through candle's scalar `GgmlType::to_float`.
+fn candle_to_float(t: GgmlDType, src: &[u8], out: &mut [f32]) -> Result<()> {
+    fn run<B: GgmlType>(src: &[u8], out: &mut [f32]) {
+        let nb = src.len() / std::mem::size_of::<B>();
         assert_eq!(src.as_ptr() as usize % std::mem::align_of::<B>(), 0);
+        assert_eq!(nb * B::BLCK_SIZE, out.len());
         // SAFETY: `src` holds `nb` blocks of B (plain old data: integers and f16s) written by
         // candle's own quantizer or read by its GGUF reader into storage of B, at B's alignment.
         let blocks = unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<B>(), nb) };
-        if out.len() == nb * B::BLCK_SIZE {
-            B::to_float(blocks, out);
-        } else {
-            let mut full = vec![0f32; nb * B::BLCK_SIZE];
-            B::to_float(blocks, &mut full);
-            let n = out.len();
-            out.copy_from_slice(&full[..n]);
-        }
+        B::to_float(blocks, out);
     }
     match t {
-        GgmlDType::Q4_0 => run::<BlockQ4_0>(bytes, b0, nb, out),
-        GgmlDType::Q4_1 => run::<BlockQ4_1>(bytes, b0, nb, out),
-        GgmlDType::Q5_0 => run::<BlockQ5_0>(bytes, b0, nb, out),
-        GgmlDType::Q5_1 => run::<BlockQ5_1>(bytes, b0, nb, out),
-        GgmlDType::Q8_0 => run::<BlockQ8_0>(bytes, b0, nb, out),
-        GgmlDType::Q2K => run::<BlockQ2K>(bytes, b0, nb, out),
-        GgmlDType::Q3K => run::<BlockQ3K>(bytes, b0, nb, out),
-        GgmlDType::Q4K => run::<BlockQ4K>(bytes, b0, nb, out),
-        GgmlDType::Q5K => run::<BlockQ5K>(bytes, b0, nb, out),
-        GgmlDType::Q6K => run::<BlockQ6K>(bytes, b0, nb, out),
+        GgmlDType::Q4_0 => run::<BlockQ4_0>(src, out),
+        GgmlDType::Q4_1 => run::<BlockQ4_1>(src, out),
+        GgmlDType::Q5_0 => run::<BlockQ5_0>(src, out),
+        GgmlDType::Q5_1 => run::<BlockQ5_1>(src, out),
+        GgmlDType::Q8_0 => run::<BlockQ8_0>(src, out),
+        GgmlDType::Q2K => run::<BlockQ2K>(src, out),
+        GgmlDType::Q3K => run::<BlockQ3K>(src, out),
+        GgmlDType::Q4K => run::<BlockQ4K>(src, out),
+        GgmlDType::Q5K => run::<BlockQ5K>(src, out),
+        GgmlDType::Q6K => run::<BlockQ6K>(src, out),
         other => {
             return Err(Error::Input(format!(
                 "GGML type {other:?} is not supported for a kept-quantized matrix"
