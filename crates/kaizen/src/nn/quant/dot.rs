@@ -81,6 +81,14 @@ mod avx512 {
 
     use super::{Q4_1, Q8_0, Q8_1};
 
+    /// Bytes ahead of the current weight block that each block prefetches. The weights stream
+    /// from L3 or memory once per token; a thread works through a contiguous range of rows
+    /// (`QMatrix::int8_product`), so the address ahead is mostly its own next rows' (past
+    /// the range's end the prefetch is wasted, never a fault). On the 2-core VM of
+    /// BENCHMARKS.md, shared with other jobs, a Q4_1 stream ran 2-3x faster with it (4 KiB
+    /// ahead) than with the hardware prefetchers alone.
+    const PREFETCH: usize = 4096;
+
     /// The two f16 at `p` as f32.
     #[inline(always)]
     unsafe fn halves(p: *const u8) -> (f32, f32) {
@@ -107,6 +115,7 @@ mod avx512 {
         let mut mins = 0f32;
         for b in 0..blocks {
             let (wp, xp) = (w.as_ptr().add(b * Q4_1), x.as_ptr().add(b * Q8_1));
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH).cast());
             let (dw, mw) = halves(wp);
             let (dx, sx) = halves(xp);
             let q = _mm_loadu_si128(wp.add(4).cast());
@@ -133,6 +142,7 @@ mod avx512 {
         let mut acc = _mm256_setzero_ps();
         for b in 0..blocks {
             let (wp, xp) = (w.as_ptr().add(b * Q8_0), x.as_ptr().add(b * Q8_0));
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH).cast());
             let d = _mm256_set1_ps(halves(wp).0 * halves(xp).0);
             let qw = _mm256_loadu_si256(wp.add(2).cast());
             let qx = _mm256_loadu_si256(xp.add(2).cast());
