@@ -407,3 +407,36 @@ fn ggml_to_float(t: GgmlDType, bytes: &[u8], b0: usize, nb: usize, out: &mut [f3
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every output of `int8_product` is its own weight row's dot with its own activation row,
+    /// for one row of x (written in place) and several (through cᵀ), across the edges of the
+    /// threads' row ranges (203 rows: a partial last range).
+    #[test]
+    fn int8_product_is_each_rows_dot() {
+        let (rows, cols) = (203, 64);
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+        let mut q = QMatrix::quantize(&w, QFormat::Ggml(GgmlDType::Q8_0), DType::F32, "w").unwrap();
+        q.int8 = true;
+        let mut wq = vec![BlockQ8_0::zeros(); rows * cols / 32];
+        BlockQ8_0::from_float(&w.flatten_all().unwrap().to_vec1().unwrap(), &mut wq);
+        for m in [1, 3] {
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| (i * 7919 % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let mut c = vec![f32::NAN; m * rows];
+            q.int8_product(&x, m, &mut c).unwrap();
+            for (i, (xi, ci)) in x.chunks(cols).zip(c.chunks(rows)).enumerate() {
+                let mut xq = vec![BlockQ8_0::zeros(); cols / 32];
+                BlockQ8_0::from_float(xi, &mut xq);
+                for (j, (wj, got)) in wq.chunks(cols / 32).zip(ci).enumerate() {
+                    let want = dot::q8_0_q8_0(cols, wj, &xq);
+                    assert_eq!(got.to_bits(), want.to_bits(), "m {m}: c[{i}, {j}]");
+                }
+            }
+        }
+    }
+}
