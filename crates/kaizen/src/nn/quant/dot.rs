@@ -19,26 +19,19 @@ const Q8_1: usize = 36;
 /// Bytes of a Q8_0 block: d (f16), 32 signed bytes.
 const Q8_0: usize = 34;
 
-/// Whether the CPU runs the [`avx512`] kernels.
-fn has_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512vnni")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("f16c")
-            && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// Blocks `A` and `B` as bytes, after checking both hold `n / 32` blocks of the sizes given.
-fn as_bytes<'a, A, B>(
+/// When the CPU runs the [`avx512`] kernels: the blocks `A` and `B` as bytes, after checking
+/// both hold `n / 32` blocks of the sizes given.
+#[cfg(target_arch = "x86_64")]
+fn vnni_bytes<'a, A, B>(
     n: usize,
     w: &'a [A],
     x: &'a [B],
     (sa, sb): (usize, usize),
-) -> (&'a [u8], &'a [u8]) {
+) -> Option<(&'a [u8], &'a [u8])> {
+    use std::arch::is_x86_feature_detected as has;
+    if !(has!("avx512vnni") && has!("avx512vl") && has!("f16c") && has!("fma")) {
+        return None;
+    }
     assert!(
         w.len() >= n / 32 && x.len() >= n / 32,
         "int8 dot: fewer blocks than n / 32"
@@ -46,20 +39,19 @@ fn as_bytes<'a, A, B>(
     assert!(size_of::<A>() == sa && size_of::<B>() == sb);
     // SAFETY: the blocks are `repr(C)` plain bytes of the sizes asserted above.
     unsafe {
-        (
+        Some((
             std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), w.len() * sa),
             std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), x.len() * sb),
-        )
+        ))
     }
 }
 
 /// `Σ_b` of one weight row's Q4_1 blocks against one activation row's Q8_1 blocks.
 pub fn q4_1_q8_1(n: usize, w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if has_vnni() {
-        let (wb, xb) = as_bytes(n, w, x, (Q4_1, Q8_1));
-        // SAFETY: the CPU has the features the kernel is compiled for.
-        return unsafe { avx512::q4_1_q8_1(n / 32, wb, xb) };
+    if let Some((w, x)) = vnni_bytes(n, w, x, (Q4_1, Q8_1)) {
+        // SAFETY: `vnni_bytes` found the features the kernel is compiled for.
+        return unsafe { avx512::q4_1_q8_1(n / 32, w, x) };
     }
     BlockQ4_1::vec_dot(n, w, x)
 }
@@ -67,10 +59,9 @@ pub fn q4_1_q8_1(n: usize, w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
 /// `Σ_b` of one weight row's Q8_0 blocks against one activation row's Q8_0 blocks.
 pub fn q8_0_q8_0(n: usize, w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if has_vnni() {
-        let (wb, xb) = as_bytes(n, w, x, (Q8_0, Q8_0));
-        // SAFETY: the CPU has the features the kernel is compiled for.
-        return unsafe { avx512::q8_0_q8_0(n / 32, wb, xb) };
+    if let Some((w, x)) = vnni_bytes(n, w, x, (Q8_0, Q8_0)) {
+        // SAFETY: `vnni_bytes` found the features the kernel is compiled for.
+        return unsafe { avx512::q8_0_q8_0(n / 32, w, x) };
     }
     BlockQ8_0::vec_dot(n, w, x)
 }
