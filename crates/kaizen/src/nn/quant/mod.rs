@@ -195,9 +195,10 @@ impl QMatrix {
 
     /// `c (m, rows) = x (m, cols) · selfᵀ` with each row of x quantized once per block to 8
     /// bits and integer dot products per weight row (candle's ports of ggml's `vec_dot`, and
-    /// [`dot`]'s where candle's is scalar: the activation blocks are Q8_0, Q8_1 or Q8_K as the
-    /// weight type pairs them), weight rows split
-    /// across rayon's threads. Only for [`has_int8`](QMatrix::has_int8).
+    /// [`dot`]'s where candle's is scalar or has no VNNI: the activation blocks are Q8_0, Q8_1
+    /// or Q8_K as the weight type pairs them). The weight rows are split into a few contiguous
+    /// ranges per rayon thread (ggml's chunking), so each thread streams its weights in order.
+    /// Only for [`has_int8`](QMatrix::has_int8).
     pub fn int8_product(&self, x: &[f32], m: usize, c: &mut [f32]) -> Result<()> {
         type Dot<B> = fn(usize, &[B], &[<B as GgmlType>::VecDotType]) -> f32;
         fn run<B: GgmlType>(
@@ -209,22 +210,33 @@ impl QMatrix {
         ) {
             let kb = k / B::BLCK_SIZE;
             assert_eq!(bytes.len(), n * kb * std::mem::size_of::<B>());
+            assert_eq!((x.len(), c.len()), (m * k, m * n));
             // SAFETY: as in `ggml_to_float`: n * kb whole blocks of B at B's alignment.
             let w = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<B>(), n * kb) };
             let mut xq = vec![B::VecDotType::zeros(); m * kb];
             for (row, q) in x.chunks(k).zip(xq.chunks_mut(kb)) {
                 B::VecDotType::from_float(row, q);
             }
-            let mut ct = vec![0f32; n * m]; // (n, m): each task owns whole weight rows
-            ct.par_chunks_mut(m).enumerate().for_each(|(j, out)| {
-                let wj = &w[j * kb..(j + 1) * kb];
-                for (o, xi) in out.iter_mut().zip(xq.chunks(kb)) {
-                    *o = dot(k, wj, xi);
-                }
-            });
-            for j in 0..n {
-                for i in 0..m {
-                    c[i * n + j] = ct[j * m + i];
+            // Each task owns a range of whole weight rows: of c itself when m is 1 (decoding),
+            // else of cᵀ (n, m), transposed after.
+            let mut ct = if m == 1 { vec![] } else { vec![0f32; n * m] };
+            let out = if m == 1 { &mut *c } else { &mut ct[..] };
+            let rows = n.div_ceil(4 * rayon::current_num_threads()).max(16);
+            out.par_chunks_mut(rows * m)
+                .enumerate()
+                .for_each(|(t, out)| {
+                    let w = &w[t * rows * kb..];
+                    for (wj, out) in w.chunks(kb).zip(out.chunks_mut(m)) {
+                        for (o, xi) in out.iter_mut().zip(xq.chunks(kb)) {
+                            *o = dot(k, wj, xi);
+                        }
+                    }
+                });
+            if m > 1 {
+                for j in 0..n {
+                    for i in 0..m {
+                        c[i * n + j] = ct[j * m + i];
+                    }
                 }
             }
         }
@@ -240,7 +252,7 @@ impl QMatrix {
             GgmlDType::Q4_1 => run::<BlockQ4_1>(&bytes, a, x, c, dot::q4_1_q8_1),
             GgmlDType::Q5_0 => run::<BlockQ5_0>(&bytes, a, x, c, BlockQ5_0::vec_dot),
             GgmlDType::Q5_1 => run::<BlockQ5_1>(&bytes, a, x, c, BlockQ5_1::vec_dot),
-            GgmlDType::Q8_0 => run::<BlockQ8_0>(&bytes, a, x, c, BlockQ8_0::vec_dot),
+            GgmlDType::Q8_0 => run::<BlockQ8_0>(&bytes, a, x, c, dot::q8_0_q8_0),
             GgmlDType::Q2K => run::<BlockQ2K>(&bytes, a, x, c, BlockQ2K::vec_dot),
             GgmlDType::Q3K => run::<BlockQ3K>(&bytes, a, x, c, BlockQ3K::vec_dot),
             GgmlDType::Q4K => run::<BlockQ4K>(&bytes, a, x, c, BlockQ4K::vec_dot),
@@ -431,4 +443,37 @@ fn candle_to_float(t: GgmlDType, src: &[u8], out: &mut [f32]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every output of `int8_product` is its own weight row's dot with its own activation row,
+    /// for one row of x (written in place) and several (through cᵀ), across the edges of the
+    /// threads' row ranges (203 rows: a partial last range).
+    #[test]
+    fn int8_product_is_each_rows_dot() {
+        let (rows, cols) = (203, 64);
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+        let mut q = QMatrix::quantize(&w, QFormat::Ggml(GgmlDType::Q8_0), DType::F32, "w").unwrap();
+        q.int8 = true;
+        let mut wq = vec![BlockQ8_0::zeros(); rows * cols / 32];
+        BlockQ8_0::from_float(&w.flatten_all().unwrap().to_vec1().unwrap(), &mut wq);
+        for m in [1, 3] {
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| (i * 7919 % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let mut c = vec![f32::NAN; m * rows];
+            q.int8_product(&x, m, &mut c).unwrap();
+            for (i, (xi, ci)) in x.chunks(cols).zip(c.chunks(rows)).enumerate() {
+                let mut xq = vec![BlockQ8_0::zeros(); cols / 32];
+                BlockQ8_0::from_float(xi, &mut xq);
+                for (j, (wj, got)) in wq.chunks(cols / 32).zip(ci).enumerate() {
+                    let want = dot::q8_0_q8_0(cols, wj, &xq);
+                    assert_eq!(got.to_bits(), want.to_bits(), "m {m}: c[{i}, {j}]");
+                }
+            }
+        }
+    }
 }
