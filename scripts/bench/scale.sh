@@ -125,7 +125,7 @@ for c in "${CONFIGS[@]}"; do
         python3 scripts/bench/scale_run.py row --row "$r" --model "$MODEL" --data "$DATA" \
             --batch "${c%x*}" --seq "${c#*x}" --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" \
             --mem-gb "$MEM_GB" --scratch "$TMP/$c" --python "$PY" --kaizen "$KAIZEN" "${FORCE_FLAG[@]}" \
-            --kaizen-extra "${KAIZEN_EXTRA:-}" \
+            --kaizen-extra="${KAIZEN_EXTRA:-}" \
             >>"$RESULTS" \
             || die "scale_run.py row $r $c crashed"
     done
