@@ -3141,8 +3141,9 @@ fn quantized_base_trains_evaluates_and_merges() {
         "q4_0",
     ])
     .ok();
+    let resident = info.lines().find(|l| l.starts_with("resident:")).unwrap();
     assert!(
-        info.contains("Q4_0") && info.contains("(1 matrices)") && !info.contains("BF16"),
+        resident.contains("Q4_0 0.000 GB (1 matrices)") && !resident.contains("BF16"),
         "{info}"
     );
 
