@@ -9,8 +9,9 @@
 #     tiny-llama).
 #   Environment: STEPS (4) optimizer steps per row, of which WARMUP (1) untimed; THREADS (2);
 #   MEM_GB (24) the memory budget in GB (1e9 bytes); ROWS (all) a comma-separated subset of
-#   torch-f32,torch-bf16,torch-bnb4,kaizen-f32,kaizen-bf16,kaizen-q8_0,kaizen-q4_k,kaizen-nf4;
-#   FORCE=1 runs rows whose estimate exceeds the memory available now (not the budget);
+#   torch-f32,torch-bf16,torch-bnb4,kaizen-f32,kaizen-bf16,kaizen-q8_0,kaizen-q4_k,kaizen-nf4,
+#   kaizen-q4_k_m; KAIZEN_EXTRA more `kaizen train` flags for every kaizen row (e.g.
+#   --gradient-checkpointing; shown in the rows' labels); FORCE=1 runs rows whose estimate exceeds the memory available now (not the budget);
 #   PYTHON (.venv-bench/bin/python) with torch, transformers, peft, bitsandbytes;
 #   KAIZEN_BIN (default: cargo build --release and target/release/kaizen).
 #   e.g. PYTHON=/work/pyenv/bin/python bash scripts/bench/scale.sh tiny 1x64 2x32
@@ -25,6 +26,8 @@
 #   pytorch+peft+bnb nf4       --mode bnb4: BitsAndBytesConfig(load_in_4bit, nf4, compute bf16)
 #   kaizen f32 / bf16          kaizen train --dtype f32 / --dtype bf16
 #   kaizen q8_0 / q4_k / nf4   kaizen train --quantize TYPE --dtype bf16
+#   kaizen q4_k_m              --quantize q4_k --quantize-embeddings q4_k,q6_k: the table and head
+#                              too, in llama.cpp's Q4_K_M types (not in ROWS' default list)
 # All: LoRA r=8 alpha=16 dropout 0 on the attention projections (GPT-NeoX query_key_value; Llama
 # q_proj,k_proj,v_proj,o_proj), AdamW lr 1e-4 constant, clip 1.0, no gradient checkpointing.
 # Data: a seeded JSONL of pseudo-word {"text"} lines (scale_run.py data), tokenized with the
@@ -53,8 +56,9 @@ STEPS="${STEPS:-4}"
 WARMUP="${WARMUP:-1}"
 THREADS="${THREADS:-2}"
 MEM_GB="${MEM_GB:-24}"
-ALL_ROWS="torch-f32,torch-bf16,torch-bnb4,kaizen-f32,kaizen-bf16,kaizen-q8_0,kaizen-q4_k,kaizen-nf4"
-ROWS="${ROWS:-$ALL_ROWS}"
+DEFAULT_ROWS="torch-f32,torch-bf16,torch-bnb4,kaizen-f32,kaizen-bf16,kaizen-q8_0,kaizen-q4_k,kaizen-nf4"
+ALL_ROWS="$DEFAULT_ROWS,kaizen-q4_k_m"
+ROWS="${ROWS:-$DEFAULT_ROWS}"
 PY="${PYTHON:-.venv-bench/bin/python}"
 CACHE="${KAIZEN_CACHE:-cache}"
 
@@ -121,6 +125,7 @@ for c in "${CONFIGS[@]}"; do
         python3 scripts/bench/scale_run.py row --row "$r" --model "$MODEL" --data "$DATA" \
             --batch "${c%x*}" --seq "${c#*x}" --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" \
             --mem-gb "$MEM_GB" --scratch "$TMP/$c" --python "$PY" --kaizen "$KAIZEN" "${FORCE_FLAG[@]}" \
+            --kaizen-extra="${KAIZEN_EXTRA:-}" \
             >>"$RESULTS" \
             || die "scale_run.py row $r $c crashed"
     done

@@ -9,6 +9,7 @@ only (runs under the system python3).
 
     scale_run.py row --row ROW --model DIR --data D --batch B --seq T --steps N --warmup W
                      --threads K --mem-gb G --scratch DIR [--python PY] [--kaizen BIN] [--force]
+                     [--kaizen-extra 'FLAGS']
         One benchmark row, ROW one of ROWS below. Prints exactly one JSON line: the row's result,
         or {"row", "skipped": why} / {"row", "error": why} (the exit status is 0 either way, so a
         failing row never stops the driver).
@@ -39,6 +40,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -48,25 +50,28 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 GB = 1e9
 
-# row id -> (label, impl, mode): mode is scale_torch.py's --mode, or kaizen's (dtype, quantize).
+# row id -> (label, impl, mode): mode is scale_torch.py's --mode, or kaizen's (dtype, quantize,
+# quantize-embeddings).
 ROWS = {
     "torch-f32": ("pytorch+peft f32", "pytorch", "f32"),
     "torch-bf16": ("pytorch+peft bf16", "pytorch", "bf16"),
     "torch-bnb4": ("pytorch+peft+bnb nf4", "pytorch", "bnb4"),
-    "kaizen-f32": ("kaizen f32", "kaizen", ("f32", None)),
-    "kaizen-bf16": ("kaizen bf16", "kaizen", ("bf16", None)),
-    "kaizen-q8_0": ("kaizen q8_0", "kaizen", ("bf16", "q8_0")),
-    "kaizen-q4_k": ("kaizen q4_k", "kaizen", ("bf16", "q4_k")),
-    "kaizen-nf4": ("kaizen nf4", "kaizen", ("bf16", "nf4")),
+    "kaizen-f32": ("kaizen f32", "kaizen", ("f32", None, None)),
+    "kaizen-bf16": ("kaizen bf16", "kaizen", ("bf16", None, None)),
+    "kaizen-q8_0": ("kaizen q8_0", "kaizen", ("bf16", "q8_0", None)),
+    "kaizen-q4_k": ("kaizen q4_k", "kaizen", ("bf16", "q4_k", None)),
+    "kaizen-nf4": ("kaizen nf4", "kaizen", ("bf16", "nf4", None)),
+    # llama.cpp's Q4_K_M types for the table and head: --quantize-embeddings q4_k,q6_k.
+    "kaizen-q4_k_m": ("kaizen q4_k_m", "kaizen", ("bf16", "q4_k", "q4_k,q6_k")),
 }
 # Bytes per frozen linear weight (quantized blocks: q8_0 34 B / 32, q4_k 144 B / 256, NF4 4 bits
 # + one f32 absmax per 64).
-QBYTES = {"q8_0": 34 / 32, "q4_k": 144 / 256, "nf4": 0.5 + 4 / 64, "bnb4": 0.5 + 4 / 64}
+QBYTES = {"q8_0": 34 / 32, "q4_k": 144 / 256, "q6_k": 210 / 256, "nf4": 0.5 + 4 / 64, "bnb4": 0.5 + 4 / 64}
 TARGETS = {"gpt_neox": ["query_key_value"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 # First-step loss reference of each row (same model numerics: the rows should agree closely).
 LOSS_REF = {"torch-f32": None, "torch-bf16": "torch-f32", "torch-bnb4": "torch-bf16",
             "kaizen-f32": "torch-f32", "kaizen-bf16": "torch-bf16", "kaizen-q8_0": "torch-bf16",
-            "kaizen-q4_k": "torch-bf16", "kaizen-nf4": "torch-bnb4"}
+            "kaizen-q4_k": "torch-bf16", "kaizen-nf4": "torch-bnb4", "kaizen-q4_k_m": "torch-bf16"}
 
 
 def die(msg):
@@ -112,7 +117,8 @@ def estimate(cfg, row, batch, seq):
     """Estimated peak anonymous memory of a row in bytes, and the parts (GB) as a string.
 
     weights: linear x bytes(mode) + embedding/head/norms x bytes(base dtype); bnb leaves the head
-      unquantized; kaizen's quantized rows are assumed to keep embedding and head in bf16.
+      unquantized; kaizen's quantized rows keep embedding and head in bf16 unless the row quantizes
+      them too (kaizen-q4_k_m: Q4_K table, Q6_K head).
     activations (saved for backward) per token and layer: PyTorch (16 d + 3-4 ff) elements of the
       compute dtype + the f32 copies of the LoRA inputs; kaizen (8 d + 3 ff) f32 elements
       (calibrated on memory.sh's SmolLM2 runs: kaizen +0.75 GB per 1k tokens at 30 layers,
@@ -135,10 +141,11 @@ def estimate(cfg, row, batch, seq):
         act = tok * L * ((16 * d + n_ff * ff) * eb + (ntarget * d * 4 if mode != "f32" else 0))
         overhead = 1.2 * GB
     else:
-        dtype, quant = mode
+        dtype, quant, embq = mode
         rest = 4 if dtype == "f32" else 2
         wb = QBYTES[quant] if quant else rest
-        weights = lin * wb + (emb + head + other) * rest
+        eq, hq = (QBYTES[t] for t in embq.split(",")) if embq else (rest, rest)
+        weights = lin * wb + emb * eq + head * hq + other * rest
         act = tok * L * (8 * d + 3 * ff) * 4
         eb = 4
         overhead = 0.4 * GB
@@ -255,6 +262,8 @@ def tail(path, n=1500):
 
 def cmd_row(a):
     label, impl, mode = ROWS[a.row]
+    if impl == "kaizen" and a.kaizen_extra.strip():
+        label = f"{label} {a.kaizen_extra.strip()}"
     base = {"row": a.row, "label": label, "impl": impl, "batch_size": a.batch, "max_len": a.seq}
     try:
         cfg = json.load(open(os.path.join(a.model, "config.json")))
@@ -281,7 +290,7 @@ def cmd_row(a):
                "--target-modules", targets]
         env = dict(os.environ)
     else:
-        dtype, quant = mode
+        dtype, quant, embq = mode
         out = os.path.join(a.scratch, f"{a.row}-run")
         cmd = [a.kaizen, "train", "--model", a.model, "--data", a.data, "--out", out, "--overwrite",
                "--max-len", str(a.seq), "--pack", "--batch-size", str(a.batch), "--r", "8",
@@ -290,6 +299,9 @@ def cmd_row(a):
                "--max-steps", str(a.steps), "--no-shuffle", "--dtype", dtype]
         if quant:
             cmd += ["--quantize", quant]
+        if embq:
+            cmd += ["--quantize-embeddings", embq]
+        cmd += shlex.split(a.kaizen_extra)
         env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
     print(f"scale_run: {label} {a.batch}x{a.seq}: estimate {est / GB:.1f} GB, watchdog at {limit / GB:.1f} GB ...",
           file=sys.stderr, flush=True)
@@ -324,7 +336,7 @@ def parse_torch(base, so):
 
 
 def parse_kaizen(base, a, out, se, mode):
-    dtype, quant = mode
+    dtype, quant, embq = mode
     try:
         run = json.load(open(os.path.join(out, "run.json")))
         logs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if l.strip()]
@@ -334,6 +346,9 @@ def parse_kaizen(base, a, out, se, mode):
         return {**base, "error": f"asked for --dtype {dtype}, run.json records {run.get('dtype')!r}"}
     if quant and run.get("quantize") != quant:
         return {**base, "error": f"asked for --quantize {quant}, run.json records {run.get('quantize')!r}"}
+    if run.get("quantize_embeddings") != embq:
+        return {**base, "error": f"asked for --quantize-embeddings {embq}, run.json records "
+                                 f"{run.get('quantize_embeddings')!r}"}
     logs = [r for r in logs if "loss" in r]
     if len(logs) != a.steps:
         return {**base, "error": f"metrics.jsonl has {len(logs)} step lines, expected {a.steps}"}
@@ -446,6 +461,7 @@ def main():
     r.add_argument("--python", default=sys.executable)
     r.add_argument("--kaizen", default=os.environ.get("KAIZEN_BIN", "target/release/kaizen"))
     r.add_argument("--force", action="store_true")
+    r.add_argument("--kaizen-extra", default="", help="more kaizen train flags for kaizen rows (shell words)")
     t = sub.add_parser("table")
     t.add_argument("file")
     t.add_argument("--shape", required=True)

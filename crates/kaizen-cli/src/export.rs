@@ -96,7 +96,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let p = crate::infer::parse_precision(Some("f32"), a.quantize.as_deref(), None)?;
+    let p = crate::infer::parse_precision(Some("f32"), a.quantize.as_deref(), None, None)?;
     let (mut m, info) = crate::infer::load(src, a.adapter.as_deref(), p)
         .with_context(|| format!("cannot load model {}", src.display()))?;
     // Fail on an architecture llama.cpp lacks before merging.

@@ -115,6 +115,8 @@ pub struct PrecisionArgs {
     /// keeps its quantized tensors in their own types.
     #[arg(long)]
     pub quantize: Option<String>,
+    #[arg(long, value_name = "TYPE[,HEAD_TYPE]", help = QUANTIZE_EMBEDDINGS_HELP)]
+    pub quantize_embeddings: Option<String>,
     /// `int8`: forward products through a llama.cpp-type quantized base (--quantize q8_0,
     /// q4_0, q4_k, ..., or a quantized GGUF) quantize the activations to 8 bits per block and
     /// take integer dot products, as llama.cpp does; input gradients still use --dtype.
@@ -122,11 +124,19 @@ pub struct PrecisionArgs {
     pub compute: Option<String>,
 }
 
+/// `--quantize-embeddings`' help, shared by train and the commands that load a base.
+pub const QUANTIZE_EMBEDDINGS_HELP: &str = "With --quantize: also keep the embedding table and \
+    the LM head quantized, the table as TYPE and the head as HEAD_TYPE (default TYPE), e.g. \
+    q4_k,q6_k as in llama.cpp's Q4_K_M files (transformers' load_in_4bit, and --quantize alone, \
+    keep both in --dtype). A tied head is the table. For a base that stays frozen: not with \
+    --method full or freeze.";
+
 impl PrecisionArgs {
     pub fn parse(&self) -> Result<Precision> {
         parse_precision(
             self.dtype.as_deref(),
             self.quantize.as_deref(),
+            self.quantize_embeddings.as_deref(),
             self.compute.as_deref(),
         )
     }
@@ -141,15 +151,24 @@ pub fn parse_dtype(dtype: Option<&str>) -> Result<DType> {
     })
 }
 
-/// `--dtype`, `--quantize` and `--compute`: how the frozen base is held and multiplied. A
-/// quantized base computes in bf16 unless `--dtype f32` (QLoRA's usual compute dtype; f32
-/// multiplies the dequantized weights exactly).
+/// `--dtype`, `--quantize`, `--quantize-embeddings` and `--compute`: how the frozen base is held
+/// and multiplied. A quantized base computes in bf16 unless `--dtype f32` (QLoRA's usual compute
+/// dtype; f32 multiplies the dequantized weights exactly).
 pub fn parse_precision(
     dtype: Option<&str>,
     quantize: Option<&str>,
+    quantize_embeddings: Option<&str>,
     compute: Option<&str>,
 ) -> Result<Precision> {
     let quantize = quantize.map(QFormat::parse).transpose()?;
+    let quantize_embeddings = match (quantize_embeddings, quantize) {
+        (None, _) => None,
+        (Some(s), None) => bail!(
+            "--quantize-embeddings {s} quantizes the embedding table and head beside the blocks: \
+             add --quantize (e.g. --quantize q4_k --quantize-embeddings q4_k,q6_k)"
+        ),
+        (Some(s), Some(_)) => Some(parse_embedding_formats(s)?),
+    };
     let default = if quantize.is_some() { "bf16" } else { "f32" };
     let int8 = match compute {
         None => false,
@@ -167,8 +186,25 @@ pub fn parse_precision(
     Ok(Precision {
         dtype: parse_dtype(Some(dtype.unwrap_or(default)))?,
         quantize,
+        quantize_embeddings,
         int8,
     })
+}
+
+/// `TYPE` or `TYPE,HEAD_TYPE` of `--quantize-embeddings`: [table, head].
+fn parse_embedding_formats(s: &str) -> Result<[QFormat; 2]> {
+    let named = |t: &str| {
+        QFormat::parse(t.trim()).map_err(|e| {
+            anyhow::anyhow!(
+                "--quantize-embeddings {s}: {e} (TYPE or TYPE,HEAD_TYPE, e.g. q4_k,q6_k)"
+            )
+        })
+    };
+    match s.split(',').collect::<Vec<_>>()[..] {
+        [t] => Ok([named(t)?; 2]),
+        [t, h] => Ok([named(t)?, named(h)?]),
+        _ => bail!("--quantize-embeddings {s}: expected TYPE or TYPE,HEAD_TYPE (e.g. q4_k,q6_k)"),
+    }
 }
 
 /// Loads the model (base weights held as `p` says) and, if given, attaches the adapter

@@ -64,7 +64,7 @@ pub fn merge(a: MergeArgs) -> Result<()> {
     };
     // The base as it was trained (quantized), computed in f32: merging is exact in f32, so the
     // losses below differ only by what the written dtype rounds.
-    let p = crate::infer::parse_precision(Some("f32"), a.quantize.as_deref(), None)?;
+    let p = crate::infer::parse_precision(Some("f32"), a.quantize.as_deref(), None, None)?;
     let (mut m, _) = crate::infer::load(src, None, p)
         .with_context(|| format!("cannot load model {}", src.display()))?;
     let info = match &a.adapter {

@@ -158,6 +158,8 @@ pub struct TrainArgs {
     /// tensors in their own types. Not with --method full.
     #[arg(long)]
     pub quantize: Option<String>,
+    #[arg(long, value_name = "TYPE[,HEAD_TYPE]", help = crate::infer::QUANTIZE_EMBEDDINGS_HELP)]
+    pub quantize_embeddings: Option<String>,
     /// `int8`: forward products through a llama.cpp-type quantized base (--quantize q8_0,
     /// q4_0, q4_k, ..., or a quantized GGUF) quantize the activations to 8 bits per block and
     /// take integer dot products, as llama.cpp does; input gradients still use --dtype.
@@ -349,6 +351,8 @@ struct Run {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     quantize: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    quantize_embeddings: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     compute: Option<String>,
 }
 
@@ -420,7 +424,7 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
             let msg = e.message().lines().next().unwrap_or("invalid").to_string();
             anyhow::anyhow!("{}:{line}: {msg}", path.display())
         })?;
-        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, rank_dropout, module_dropout, decompose_both, decompose_factor, target_modules, init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step, feedforward_modules, vera_d_initial, vera_dropout, projection_prng_key, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, init_lora_weights, loftq_iter, convert_to_lora, loraplus_lr_ratio, prefix_projection, gradient_checkpointing, dtype, quantize, compute, max_memory,
+        or_file!(a, file; model, data, out, method, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules, r, lora_alpha, lora_dropout, rank_dropout, module_dropout, decompose_both, decompose_factor, target_modules, init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step, feedforward_modules, vera_d_initial, vera_dropout, projection_prng_key, num_virtual_tokens, encoder_hidden_size, encoder_reparameterization_type, prompt_tuning_init, prompt_tuning_init_text, use_rslora, use_dora, init_lora_weights, loftq_iter, convert_to_lora, loraplus_lr_ratio, prefix_projection, gradient_checkpointing, dtype, quantize, quantize_embeddings, compute, max_memory,
             adapter_type, reduction_factor, bottleneck_size, non_linearity,
             oft_block_size, coft, eps, block_share,
             boft_block_size, boft_block_num, boft_n_butterfly_factor, boft_dropout,
@@ -892,6 +896,10 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
         gradient_checkpointing: loaded.model.gradient_checkpointing,
         dtype: format!("{dtype:?}").to_lowercase(),
         quantize: a.quantize.as_ref().map(|q| q.to_ascii_lowercase()),
+        quantize_embeddings: a
+            .quantize_embeddings
+            .as_ref()
+            .map(|q| q.to_ascii_lowercase()),
         compute: a.compute.clone(),
     };
     // Before the first step: every rank trains the same run, then rank 0 alone takes --out.
@@ -1241,8 +1249,10 @@ pub fn check_flags(a: &TrainArgs) -> Result<Flags> {
     let precision = crate::infer::parse_precision(
         a.dtype.as_deref(),
         a.quantize.as_deref(),
+        a.quantize_embeddings.as_deref(),
         a.compute.as_deref(),
     )?;
+    // (--quantize-embeddings needs --quantize: parse_precision refused it alone.)
     if trains_weights && (precision.dtype != kaizen::DType::F32 || precision.quantize.is_some()) {
         bail!("--method {method_name} trains weights of the model in f32; drop --dtype and --quantize (they store a frozen base)");
     }

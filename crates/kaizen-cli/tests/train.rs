@@ -3130,6 +3130,22 @@ fn quantized_base_trains_evaluates_and_merges() {
     ])
     .ok();
     assert!(info.contains("NF4") && info.contains("resident"), "{info}");
+    // --quantize-embeddings: the tied table (and so the head) in Q4_0 beside Q8_0 blocks.
+    let info = kaizen([
+        "inspect",
+        "--model",
+        &s(&model_path(LLAMA)),
+        "--quantize",
+        "q8_0",
+        "--quantize-embeddings",
+        "q4_0",
+    ])
+    .ok();
+    let resident = info.lines().find(|l| l.starts_with("resident:")).unwrap();
+    assert!(
+        resident.contains("Q4_0 0.000 GB (1 matrices)") && !resident.contains("BF16"),
+        "{info}"
+    );
 
     let merged = tmp.path().join("merged");
     let stdout = kaizen([
@@ -3160,7 +3176,7 @@ fn quantized_base_trains_evaluates_and_merges() {
     assert!(tensors.values().all(|t| t.dtype == "BF16"));
 
     // Gemma 3's fixture has 96-wide MLP rows: not whole 64-value NF4 blocks.
-    let cases: [(&str, &[&str], &[&str]); 5] = [
+    let cases: [(&str, &[&str], &[&str]); 7] = [
         (
             "gemma3",
             &["--quantize", "nf4"],
@@ -3181,6 +3197,21 @@ fn quantized_base_trains_evaluates_and_merges() {
             LLAMA,
             &["--method", "full", "--quantize", "q8_0"],
             &["--method full", "--quantize"],
+        ),
+        (
+            LLAMA,
+            &["--quantize-embeddings", "q4_0"],
+            &["--quantize-embeddings q4_0", "add --quantize"],
+        ),
+        (
+            LLAMA,
+            &[
+                "--quantize",
+                "q8_0",
+                "--quantize-embeddings",
+                "q4_0,q8_0,q6_k",
+            ],
+            &["TYPE,HEAD_TYPE"],
         ),
     ];
     for (model, extra, needles) in cases {

@@ -60,6 +60,10 @@ pub fn load_as(path: &Path, dtype: DType) -> Result<Loaded> {
 pub struct Precision {
     pub dtype: DType,
     pub quantize: Option<QFormat>,
+    /// `--quantize-embeddings`: the embedding table's and the LM head's formats (llama.cpp's
+    /// Q4_K_M files: Q4_K and Q6_K); None keeps them in `dtype`, as transformers'
+    /// `load_in_4bit`. A tied head is the table, in its format.
+    pub quantize_embeddings: Option<[QFormat; 2]>,
     /// `--compute int8`: forward products through llama.cpp-type quantized matrices quantize
     /// the activations to 8 bits and take integer dot products (as llama.cpp computes); input
     /// gradients still dequantize to `dtype`.
@@ -71,6 +75,7 @@ impl Default for Precision {
         Precision {
             dtype: DType::F32,
             quantize: None,
+            quantize_embeddings: None,
             int8: false,
         }
     }
@@ -88,6 +93,7 @@ pub fn load_within(path: &Path, p: Precision, budget: Option<u64>) -> Result<Loa
     let mut ck = checkpoint::open(path)?;
     ck.weights.matrices = p.dtype;
     ck.weights.quantize = p.quantize;
+    ck.weights.quantize_embeddings = p.quantize_embeddings;
     ck.weights.int8 = p.int8;
     if let Some(have) = budget {
         check_weights_fit(path, &mut ck, have)?;
@@ -109,9 +115,9 @@ pub fn load_within(path: &Path, p: Precision, budget: Option<u64>) -> Result<Loa
 }
 
 fn check_weights_fit(path: &Path, ck: &mut checkpoint::Checkpoint, have: u64) -> Result<()> {
-    let layers = ck.config.architecture.spec().names.layers;
+    let names = &ck.config.architecture.spec().names;
     let w = &mut ck.weights;
-    let need = w.resident_estimate(layers);
+    let need = w.resident_estimate(names);
     if need <= have {
         return Ok(());
     }
@@ -121,7 +127,7 @@ fn check_weights_fit(path: &Path, ck: &mut checkpoint::Checkpoint, have: u64) ->
         w.matrices = DType::BF16;
         smaller.push(format!(
             "--dtype bf16 (about {})",
-            memory::gib(w.resident_estimate(layers))
+            memory::gib(w.resident_estimate(names))
         ));
     }
     if quantize.is_none() {
@@ -133,7 +139,7 @@ fn check_weights_fit(path: &Path, ck: &mut checkpoint::Checkpoint, have: u64) ->
         );
         smaller.push(format!(
             "--quantize nf4 (about {})",
-            memory::gib(w.resident_estimate(layers))
+            memory::gib(w.resident_estimate(names))
         ));
     }
     let held = quantize.map_or(format!("{dtype:?}").to_uppercase(), |q| format!("{q}"));

@@ -164,23 +164,21 @@ pub fn estimate(model: &mut Model, shape: &RunShape) -> Estimate {
     let layers = c.num_hidden_layers as u64;
     let skip = model.tied_head().then(|| model.lm_head_name().to_string());
     let head_name = model.lm_head_name().to_string();
-    // Stored bytes; values that train (full fine-tuning); the largest matrix in its compute
-    // dtype (packed for a product) and the frozen head (packed once per batch).
-    let (mut weights, mut full_values, mut packed, mut frozen_head) = (0u64, 0u64, 0u64, 0u64);
+    // Stored bytes; values that train (full fine-tuning); the largest linear layer in its
+    // compute dtype (packed for a product; embeddings are looked up, never packed).
+    let (mut weights, mut full_values, mut packed) = (0u64, 0u64, 0u64);
     let mut largest_trained = 0u64;
     for (path, mut part) in model.parts_mut() {
         if Some(&path) == skip.as_ref() {
             continue;
         }
-        let matrix = match &part {
-            Part::Linear(l) => Some(&l.weight),
-            Part::Embedding(e) => Some(&e.weight),
-            Part::Norm(_) => None,
+        let compute_bytes = match &part {
+            Part::Linear(l) if path != head_name => {
+                let (r, c) = l.weight.dims2();
+                (r * c) as u64 * l.weight.compute_dtype().size_in_bytes() as u64
+            }
+            _ => 0,
         };
-        let compute_bytes = matrix.map(|m| {
-            let (r, c) = m.dims2();
-            (r * c) as u64 * compute_size(m)
-        });
         let stored = part.weight_storage().map(|(_, b)| b as u64);
         let trains = part.trainable_mut().is_some();
         let dense: u64 = part
@@ -197,13 +195,10 @@ pub fn estimate(model: &mut Model, shape: &RunShape) -> Estimate {
             full_values += dense;
             largest_trained = largest_trained.max(dense);
         }
-        if let Some(b) = compute_bytes {
-            match path == head_name && !trains {
-                true => frozen_head = b,
-                false => packed = packed.max(b),
-            }
-        }
+        packed = packed.max(compute_bytes);
     }
+    // The head's products: packed once per batch, in slabs, or through the layer (nn/loss.rs).
+    let head = crate::nn::loss::head_workspace(model.lm_head());
     // An adapter's tensors, their gradients and moments; full fine-tuning's weights are counted
     // above, their gradients and moments here.
     let moments = if shape.adam { 8 } else { 0 };
@@ -229,10 +224,9 @@ pub fn estimate(model: &mut Model, shape: &RunShape) -> Estimate {
     };
     // Backward of one layer: its output gradient, input gradient and the MLP's gradients; the
     // model's input, output and their gradients; the head's logits chunk (256 rows) and its
-    // gradient; the frozen head packed once per batch, and a matrix packed for a product.
-    let workspace = 4 * (tokens * (2 * h + 3 * f) + layer + tokens * 4 * h + 2 * 256 * v)
-        + frozen_head
-        + packed;
+    // gradient; what the head's products hold, and a matrix packed for a product.
+    let workspace =
+        4 * (tokens * (2 * h + 3 * f) + layer + tokens * 4 * h + 2 * 256 * v) + head + packed;
     // Full fine-tuning: a weight's gradient as computed, the sum it is added into (a tied
     // table's two), and AdamW's temporaries, for the largest weight (the embeddings).
     let workspace = workspace + 3 * 4 * largest_trained;
@@ -245,14 +239,6 @@ pub fn estimate(model: &mut Model, shape: &RunShape) -> Estimate {
         trainable,
         activations,
         workspace,
-    }
-}
-
-/// Bytes per value a matrix computes in: its dtype when dense, its compute dtype when quantized.
-fn compute_size(m: &Matrix) -> u64 {
-    match m {
-        Matrix::Dense(t) => t.dtype().size_in_bytes() as u64,
-        Matrix::Quant(q) => q.compute.size_in_bytes() as u64,
     }
 }
 

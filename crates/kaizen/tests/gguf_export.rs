@@ -315,6 +315,7 @@ fn gpt_neox_round_trips_through_gguf() {
     let p = Precision {
         dtype: DType::F32,
         quantize: Some(QFormat::parse("q8_0").unwrap()),
+        quantize_embeddings: None,
         int8: false,
     };
     let kept = kaizen::load_with(&out, p).unwrap().model;

@@ -238,17 +238,30 @@ fn gradient_checkpointing_and_smaller_batches_lower_the_estimate() {
 fn weights_are_estimated_before_loading_as_they_load() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let q = |s: &str| Some(QFormat::parse(s).unwrap());
+    let both = |t: &str, h: &str| Some([q(t).unwrap(), q(h).unwrap()]);
     let cases = [
-        ("llama-gqa-tied", DType::F32, None),
-        ("llama-gqa-tied", DType::BF16, None),
-        ("llama-gqa-tied", DType::BF16, q("q8_0")),
-        ("llama-gqa-tied", DType::BF16, q("nf4")),
-        ("llama-gqa-tied", DType::F32, q("q4_k")),
-        ("neox-par-bpe", DType::BF16, None),
-        ("llama-gguf", DType::F32, None),
-        ("llama-gguf", DType::BF16, q("q4_0")),
+        ("llama-gqa-tied", DType::F32, None, None),
+        ("llama-gqa-tied", DType::BF16, None, None),
+        ("llama-gqa-tied", DType::BF16, q("q8_0"), None),
+        ("llama-gqa-tied", DType::BF16, q("nf4"), None),
+        ("llama-gqa-tied", DType::F32, q("q4_k"), None),
+        (
+            "llama-gqa-tied",
+            DType::BF16,
+            q("q8_0"),
+            both("q4_0", "q4_0"),
+        ),
+        (
+            "llama-mha-linear",
+            DType::BF16,
+            q("q8_0"),
+            both("q4_0", "q8_0"),
+        ),
+        ("neox-par-bpe", DType::BF16, None, None),
+        ("llama-gguf", DType::F32, None, None),
+        ("llama-gguf", DType::BF16, q("q4_0"), None),
     ];
-    for (name, dtype, quantize) in cases {
+    for (name, dtype, quantize, quantize_embeddings) in cases {
         let dir = fixture(name);
         let path = match name.ends_with("gguf") {
             true => std::fs::read_dir(&dir)
@@ -261,11 +274,14 @@ fn weights_are_estimated_before_loading_as_they_load() {
         let mut ck = kaizen::checkpoint::open(&path).unwrap();
         ck.weights.matrices = dtype;
         ck.weights.quantize = quantize;
-        let layers = ck.config.architecture.spec().names.layers;
-        let before = ck.weights.resident_estimate(layers);
+        ck.weights.quantize_embeddings = quantize_embeddings;
+        let before = ck
+            .weights
+            .resident_estimate(&ck.config.architecture.spec().names);
         let p = Precision {
             dtype,
             quantize,
+            quantize_embeddings,
             int8: false,
         };
         let mut model = kaizen::load_with(&path, p).unwrap().model;
@@ -276,7 +292,10 @@ fn weights_are_estimated_before_loading_as_they_load() {
             adam: true,
         };
         let after = memory::estimate(&mut model, &shape).weights;
-        assert_eq!(before, after, "{name} {dtype:?} {quantize:?}");
+        assert_eq!(
+            before, after,
+            "{name} {dtype:?} {quantize:?} {quantize_embeddings:?}"
+        );
     }
 }
 

@@ -42,6 +42,7 @@ fn check_as(name: &str, model: Option<&str>, quantize: Option<&str>) {
     let p = kaizen::Precision {
         dtype: kaizen::DType::F32,
         quantize: quantize.map(|q| kaizen::QFormat::parse(q).unwrap()),
+        quantize_embeddings: None,
         int8: false,
     };
     let m = kaizen::load_with(&path, p).unwrap_or_else(|e| panic!("{name}: {e}"));

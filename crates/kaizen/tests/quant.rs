@@ -26,10 +26,15 @@ fn load(model: &str, dtype: DType, quantize: Option<&str>) -> kaizen::Model {
     let p = Precision {
         dtype,
         quantize: quantize.map(|q| QFormat::parse(q).unwrap()),
+        quantize_embeddings: None,
         int8: false,
     };
+    load_as(model, p)
+}
+
+fn load_as(model: &str, p: Precision) -> kaizen::Model {
     kaizen::load_with(&root().join("tests/fixtures/models").join(model), p)
-        .unwrap_or_else(|e| panic!("{model} {quantize:?}: {e}"))
+        .unwrap_or_else(|e| panic!("{model} {p:?}: {e}"))
         .model
 }
 
@@ -81,7 +86,23 @@ fn grads_of(m: &kaizen::Model, batches: &[kaizen::train::Batch]) -> (f64, Grads)
 /// loss and every adapter gradient.
 fn check(model: &str, quantize: &str, dtype: DType, adapter: Option<&str>) {
     let what = format!("{model} --quantize {quantize} --dtype {dtype:?}");
-    let mut q = load(model, dtype, Some(quantize));
+    check_loaded(
+        load(model, dtype, Some(quantize)),
+        model,
+        dtype,
+        adapter,
+        &what,
+    )
+}
+
+/// [`check`] on a quantized model loaded as the caller chose.
+fn check_loaded(
+    mut q: kaizen::Model,
+    model: &str,
+    dtype: DType,
+    adapter: Option<&str>,
+    what: &str,
+) {
     let mut d = dense_twin(&mut q, model, dtype);
     let ids: Vec<u32> = (1..40).map(|i| (i * 7 % 50) as u32 + 3).collect();
     let err = rel_err(
@@ -154,11 +175,46 @@ fn gguf_k_quants_kept() {
     check("llama-gguf/model.gguf", "q8_0", DType::F32, None);
 }
 
+/// `--quantize-embeddings`: the table and the untied head are held in the requested types (the
+/// blocks in --quantize's), and LoRA trains on the result exactly as on its dense twin.
+#[test]
+fn embeddings_and_head_quantized_on_request() {
+    let model = "llama-mha-linear";
+    let q = |s: &str| QFormat::parse(s).unwrap();
+    for (dtype, [table, head]) in [
+        (DType::F32, ["q4_0", "q8_0"]),
+        (DType::BF16, ["nf4", "nf4"]),
+    ] {
+        let p = Precision {
+            dtype,
+            quantize: Some(q("q8_0")),
+            quantize_embeddings: Some([q(table), q(head)]),
+            int8: false,
+        };
+        let mut m = load_as(model, p);
+        let label = |s: &str| q(s).to_string();
+        assert_eq!(m.decoder.embed.weight.label(), label(table));
+        assert_eq!(m.lm_head().weight.label(), label(head));
+        for (path, l) in m.linears_mut() {
+            if !path.starts_with("lm_head") {
+                assert_eq!(l.weight.label(), "Q8_0", "{path}");
+            }
+        }
+        let what = format!("{model} --quantize q8_0 --quantize-embeddings {table},{head}");
+        check_loaded(m, model, dtype, Some(model), &what);
+    }
+    // Without the option both stay in the load dtype.
+    let m = load(model, DType::BF16, Some("q8_0"));
+    assert_eq!(m.decoder.embed.weight.label(), "BF16");
+    assert_eq!(m.lm_head().weight.label(), "BF16");
+}
+
 #[test]
 fn a_row_not_in_whole_blocks_is_one_clear_error() {
     let p = Precision {
         dtype: DType::F32,
         quantize: Some(QFormat::parse("nf4").unwrap()),
+        quantize_embeddings: None,
         int8: false,
     };
     let e = kaizen::load_with(&root().join("tests/fixtures/models/gemma3"), p)

@@ -20,6 +20,7 @@ use candle_core::{DType, Tensor};
 use kaizen_data::{quote, Tokenizer};
 
 use crate::config::ModelConfig;
+use crate::models::arch::Names;
 use crate::nn::quant::{QFormat, QMatrix};
 use crate::nn::{Linear, Matrix};
 use crate::{Error, Result};
@@ -129,6 +130,18 @@ struct Entry {
     load: Loader,
 }
 
+/// What a frozen matrix is to the model, which decides its quantization
+/// ([`Weights::take_matrix`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Role {
+    /// A linear layer inside the blocks.
+    Block,
+    /// The token embedding table.
+    Embedding,
+    /// The output head (untied).
+    Head,
+}
+
 /// Tensors of a checkpoint keyed by HF name. Loading is strict: a model takes each tensor it
 /// needs with its expected shape, and [`Weights::finish`] fails if anything is left over.
 pub struct Weights {
@@ -141,6 +154,9 @@ pub struct Weights {
     /// `--quantize`: the linear layers inside the blocks are quantized as they are read, one
     /// at a time; a GGUF's quantized tensors keep their own types.
     pub quantize: Option<QFormat>,
+    /// `--quantize-embeddings`: the embedding table's and the LM head's formats (a tied head is
+    /// the table); without it they keep the load dtype, as transformers' `load_in_4bit`.
+    pub quantize_embeddings: Option<[QFormat; 2]>,
     /// `--compute int8` for the quantized matrices.
     pub int8: bool,
 }
@@ -152,6 +168,7 @@ impl Weights {
             entries: BTreeMap::new(),
             matrices: DType::F32,
             quantize: None,
+            quantize_embeddings: None,
             int8: false,
         }
     }
@@ -172,11 +189,22 @@ impl Weights {
     }
 
     /// The bytes the weights will hold once loaded as [`Weights::take`] and
-    /// [`Weights::take_matrix`] store them (`layers`: the blocks' name prefix, whose matrices
-    /// `--quantize` quantizes), for the memory guard before anything is read.
-    pub fn resident_estimate(&self, layers: &str) -> u64 {
+    /// [`Weights::take_matrix`] store them (`names`: the architecture's, which say what the
+    /// blocks, the embedding table and the head are), for the memory guard before anything is
+    /// read.
+    pub fn resident_estimate(&self, names: &Names) -> u64 {
         let dense = self.matrices.size_in_bytes() as u64;
-        let prefix = format!("{layers}.");
+        let prefix = format!("{}.", names.layers);
+        let (embed, head) = (
+            format!("{}.weight", names.embed),
+            format!("{}.weight", names.head),
+        );
+        let role = |name: &str| match name {
+            _ if name.starts_with(&prefix) => Some(Role::Block),
+            _ if name == embed => Some(Role::Embedding),
+            _ if name == head => Some(Role::Head),
+            _ => None,
+        };
         self.entries
             .iter()
             .filter(|(name, _)| !name.starts_with("gguf:"))
@@ -185,9 +213,10 @@ impl Weights {
                 let [rows, cols] = e.shape[..] else {
                     return 4 * n;
                 };
-                let quantized = match (self.quantize, e.quantized_bytes) {
-                    (Some(_), Some(b)) => Some(b),
-                    (Some(f), None) if name.starts_with(&prefix) => f.matrix_bytes(rows, cols),
+                let format = role(name).and_then(|r| self.format_for(r));
+                let quantized = match (self.quantize, e.quantized_bytes, format) {
+                    (Some(_), Some(b), _) => Some(b),
+                    (_, _, Some(f)) => f.matrix_bytes(rows, cols),
                     _ => None,
                 };
                 quantized.unwrap_or(dense * n)
@@ -213,16 +242,25 @@ impl Weights {
         }
     }
 
+    /// The format a float matrix in `role` is quantized to: `--quantize` for the blocks' linear
+    /// layers, `--quantize-embeddings` for the embedding table and the head.
+    fn format_for(&self, role: Role) -> Option<QFormat> {
+        match role {
+            Role::Block => self.quantize,
+            Role::Embedding => self.quantize_embeddings.map(|[e, _]| e),
+            Role::Head => self.quantize_embeddings.map(|[_, h]| h),
+        }
+    }
+
     /// A frozen 2-D matrix (out, in). Under `--quantize`, a GGUF's quantized tensor stays as it
-    /// is, and a float one is quantized when it is a linear layer inside the blocks
-    /// (`in_block`: embeddings and the LM head keep the load dtype, as transformers'
-    /// `load_in_4bit`).
-    pub fn take_matrix(&mut self, name: &str, shape: &[usize], in_block: bool) -> Result<Matrix> {
+    /// is, and a float one is quantized as its `role` says ([`Weights::format_for`]: the
+    /// embedding table and the head keep the load dtype unless `--quantize-embeddings`).
+    pub fn take_matrix(&mut self, name: &str, shape: &[usize], role: Role) -> Result<Matrix> {
         let load = self.entry(name, shape)?;
         let keep = self.quantize.map(|_| self.matrices);
-        let mut q = match (load(keep)?, self.quantize) {
+        let mut q = match (load(keep)?, self.format_for(role)) {
             (Matrix::Quant(q), _) => q,
-            (Matrix::Dense(t), Some(format)) if in_block => std::sync::Arc::new(
+            (Matrix::Dense(t), Some(format)) => std::sync::Arc::new(
                 QMatrix::quantize(&t, format, self.matrices, name)
                     .map_err(|e| Error::checkpoint(&self.path, e.to_string()))?,
             ),
@@ -274,7 +312,7 @@ impl Weights {
     /// Takes `{name}.weight` (out, in) and, if `bias`, `{name}.bias` (out,) as a frozen linear
     /// layer inside the blocks (quantized under `--quantize`).
     pub fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let weight = self.take_matrix(&format!("{name}.weight"), &[out, inp], true)?;
+        let weight = self.take_matrix(&format!("{name}.weight"), &[out, inp], Role::Block)?;
         let bias = match bias {
             true => Some(self.take(&format!("{name}.bias"), &[out])?),
             false => None,

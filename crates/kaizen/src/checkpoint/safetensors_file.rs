@@ -1,14 +1,15 @@
 //! Reading a safetensors file one tensor at a time with positioned reads, instead of mapping
 //! it: a mapped file's touched pages count in the process's resident memory until it is
 //! unmapped, so loading through a map held the file's bytes beside the model built from them
-//! (a bf16 model peaked at twice its size). Each tensor's bytes are read into a buffer that
-//! becomes the tensor; the file's bytes stay in the page cache, outside the process.
+//! (a bf16 model peaked at twice its size). Each tensor's bytes are decoded, a chunk at a time,
+//! into the tensor's own buffer; the file's bytes stay in the page cache, outside the process.
 //!
 //! The format: an 8-byte little-endian header length, a JSON header `{name: {dtype, shape,
 //! data_offsets: [begin, end]}, "__metadata__": {...}}`, then the data. The header is checked
 //! against the file's length before anything is read: an untrusted file cannot make us
 //! allocate more than it holds.
 
+use std::array::from_fn;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -149,17 +150,42 @@ pub fn read(path: &Path, e: &Entry) -> Result<Tensor> {
         )
     })?;
     let f = File::open(path).map_err(|err| Error::io(path, err))?;
-    let mut bytes = vec![0u8; (e.end - e.begin) as usize];
-    f.read_exact_at(&mut bytes, e.begin).map_err(|err| {
-        Error::checkpoint(
-            path,
-            format!("cannot read tensor {}: {err}", quote(&e.name)),
-        )
-    })?;
-    Ok(Tensor::from_raw_buffer(
-        &bytes,
-        dtype,
-        &e.shape,
-        &Device::Cpu,
-    )?)
+    let read = |at: u64, buf: &mut [u8]| {
+        f.read_exact_at(buf, e.begin + at).map_err(|err| {
+            Error::checkpoint(
+                path,
+                format!("cannot read tensor {}: {err}", quote(&e.name)),
+            )
+        })
+    };
+    let t = match dtype {
+        DType::BF16 => values(e, read, |b| half::bf16::from_le_bytes(from_fn(|i| b[i])))?,
+        DType::F16 => values(e, read, |b| half::f16::from_le_bytes(from_fn(|i| b[i])))?,
+        DType::F32 => values(e, read, |b| f32::from_le_bytes(from_fn(|i| b[i])))?,
+        _ => values(e, read, |b| f64::from_le_bytes(from_fn(|i| b[i])))?,
+    };
+    Ok(t)
+}
+
+/// Bytes read at once by [`values`].
+const READ_CHUNK: usize = 16 << 20;
+
+/// The tensor of `e`, its values decoded from the file `READ_CHUNK` bytes at a time straight
+/// into the tensor's own buffer: a tensor made from one buffer of all its bytes would hold them
+/// twice while it is made (2.1 GB beside the model for Llama 3's bf16 embedding table).
+fn values<T: candle_core::WithDType>(
+    e: &Entry,
+    read: impl Fn(u64, &mut [u8]) -> Result<()>,
+    decode: impl Fn(&[u8]) -> T,
+) -> Result<Tensor> {
+    let size = std::mem::size_of::<T>();
+    let len = (e.end - e.begin) as usize;
+    let mut out = Vec::with_capacity(len / size);
+    let mut buf = vec![0u8; READ_CHUNK.min(len)];
+    for at in (0..len).step_by(READ_CHUNK) {
+        let chunk = &mut buf[..READ_CHUNK.min(len - at)];
+        read(at as u64, chunk)?;
+        out.extend(chunk.chunks_exact(size).map(&decode));
+    }
+    Ok(Tensor::from_vec(out, e.shape.as_slice(), &Device::Cpu)?)
 }

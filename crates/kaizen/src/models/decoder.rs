@@ -11,7 +11,7 @@ use super::arch::{ArchSpec, MlpKind, NormKind, QkvLayout};
 use super::mlp::{Mlp, MlpTape, Proj};
 use super::self_attn::{AttnTape, Past, Qkv, SelfAttn};
 use super::{backward_layers, forward_layers, KvPair, Part, Saved};
-use crate::checkpoint::Weights;
+use crate::checkpoint::{Role, Weights};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::nn::attention::AttnSpec;
 use crate::nn::norm::NormCache;
@@ -251,14 +251,14 @@ impl Decoder {
             .map(|i| l.block(i))
             .collect::<Result<Vec<_>>>()?;
         let embed =
-            l.w.take_matrix(&format!("{}.weight", n.embed), &[v, h], false)?;
+            l.w.take_matrix(&format!("{}.weight", n.embed), &[v, h], Role::Embedding)?;
         let lm_head = if c.tie_word_embeddings {
             // Some tied checkpoints still carry a copy of the head; it must equal the embeddings.
             l.w.take_opt(&format!("{}.weight", n.head), &[v, h])?;
             Linear::new(embed.clone(), None)
         } else {
             Linear::new(
-                l.w.take_matrix(&format!("{}.weight", n.head), &[v, h], false)?,
+                l.w.take_matrix(&format!("{}.weight", n.head), &[v, h], Role::Head)?,
                 None,
             )
         };

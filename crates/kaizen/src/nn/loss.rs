@@ -7,7 +7,7 @@ use candle_core::{Tensor, D};
 
 use super::gemm::PackedLinear;
 use super::math::exp;
-use super::{Grads, Linear};
+use super::{Grads, Linear, Matrix};
 use crate::Result;
 
 /// Labels equal to this are not scored (HF's ignore index).
@@ -49,26 +49,25 @@ pub fn head_loss_backward(
         return Ok((0.0, 0, dh));
     }
     let mut sum = 0.0f64;
-    // A plain frozen head is packed once for all chunks (kaizen's kernels); an adapted,
-    // biased or trained one goes through the layer.
-    let packed = match (&head.adapter, &head.bias, &head.trainable) {
-        (None, None, None) => PackedLinear::new(&head.weight)?,
-        _ => None,
-    };
+    let path = HeadPath::of(head)?;
     let vocab = head.out_features();
     for chunk in rows.chunks(CHUNK_ROWS) {
         let idx = Tensor::from_slice(chunk, chunk.len(), h.device())?;
         let labels: Vec<u32> = chunk.iter().map(|&r| targets[r as usize] as u32).collect();
         let hr = h.index_select(&idx, 0)?; // (c, hidden)
-        let mut logits = match &packed {
-            Some(p) => p.forward_vec(&hr)?,
-            None => head.forward(&hr)?.flatten_all()?.to_vec1()?,
+        let mut logits = match &path {
+            HeadPath::Packed(p) => p.forward_vec(&hr)?,
+            HeadPath::Slabs => slab_logits(&head.weight, &hr, slab_rows(&head.weight))?,
+            HeadPath::Layer => head.forward(&hr)?.flatten_all()?.to_vec1()?,
         }; // (c, V) row-major
         sum += softmax_xent_in_place(&mut logits, vocab, &labels, loss_scale, softcap);
         let dlogits = logits; // now (softmax - onehot) * scale
-        let dhr = match &packed {
-            Some(p) => p.backward_rows(&dlogits, chunk.len())?,
-            None => {
+        let dhr = match &path {
+            HeadPath::Packed(p) => p.backward_rows(&dlogits, chunk.len())?,
+            HeadPath::Slabs => {
+                slab_input_grad(&head.weight, &dlogits, chunk.len(), slab_rows(&head.weight))?
+            }
+            HeadPath::Layer => {
                 let dlogits = Tensor::from_vec(dlogits, (chunk.len(), vocab), h.device())?;
                 if let Some(path) = &head.trainable {
                     grads.add(&format!("{path}.weight"), dlogits.t()?.matmul(&hr)?)?;
@@ -79,6 +78,121 @@ pub fn head_loss_backward(
         dh = dh.index_add(&idx, &dhr, 0)?; // rows of (c, hidden)
     }
     Ok((sum, rows.len(), dh))
+}
+
+/// A plain frozen head whose two packings (the forward's `Wᵀ` and the input gradient's `W`)
+/// together take at most this many bytes is packed once for all chunks of a batch. A larger one
+/// (Llama 3's 128,256 x 4096 head: 2.1 GB packed in bf16, more than the rest of a checkpointed
+/// step's activations) is multiplied in slabs of rows instead, each packed when it is used: the
+/// head is packed twice per chunk instead of twice per batch, and never held whole a second time.
+const PACK_ONCE_BYTES: u64 = 256 << 20;
+
+/// Head values multiplied at once in the slab path (4,096 rows at hidden 4096: 32 MiB in bf16).
+const SLAB_VALUES: usize = 16 << 20;
+
+/// How [`head_loss_backward`] multiplies through the head.
+#[derive(Clone, Copy, PartialEq)]
+enum Plan {
+    /// Packed once per batch (a small plain frozen head, on kaizen's kernels).
+    Packed,
+    /// A large plain frozen head, in slabs of rows.
+    Slabs,
+    /// Through the layer: an adapted, biased or trained head.
+    Layer,
+}
+
+fn plan(head: &Linear) -> Plan {
+    let plain = head.adapter.is_none() && head.bias.is_none() && head.trainable.is_none();
+    match (plain, packed_bytes(head) <= PACK_ONCE_BYTES) {
+        (false, _) => Plan::Layer,
+        (true, false) => Plan::Slabs,
+        (true, true) => Plan::Packed,
+    }
+}
+
+enum HeadPath {
+    Packed(PackedLinear),
+    Slabs,
+    Layer,
+}
+
+impl HeadPath {
+    fn of(head: &Linear) -> Result<Self> {
+        Ok(match plan(head) {
+            Plan::Layer => HeadPath::Layer,
+            Plan::Slabs => HeadPath::Slabs,
+            // No kernels for the head's dtype on this CPU: through the layer.
+            Plan::Packed => {
+                PackedLinear::new(&head.weight)?.map_or(HeadPath::Layer, HeadPath::Packed)
+            }
+        })
+    }
+}
+
+/// Bytes of the head's two packings in its compute precision.
+fn packed_bytes(head: &Linear) -> u64 {
+    let (rows, cols) = head.weight.dims2();
+    2 * (rows * cols) as u64 * head.weight.compute_dtype().size_in_bytes() as u64
+}
+
+/// Bytes the head's products hold at once besides the logits chunk, for the memory estimate
+/// (`memory.rs`): both packings when packed once, a slab (dequantized to f32 when quantized,
+/// then stored and packed in the compute precision), or one packing of the whole weight per
+/// product through the layer.
+pub fn head_workspace(head: &Linear) -> u64 {
+    let (rows, cols) = head.weight.dims2();
+    let size = head.weight.compute_dtype().size_in_bytes() as u64;
+    match plan(head) {
+        Plan::Packed => packed_bytes(head),
+        Plan::Slabs => SLAB_VALUES.min(rows * cols) as u64 * (4 + 2 * size),
+        Plan::Layer => (rows * cols) as u64 * size,
+    }
+}
+
+/// Rows of W per slab.
+fn slab_rows(w: &Matrix) -> usize {
+    (SLAB_VALUES / w.dims2().1.max(1)).max(1)
+}
+
+/// (c, V) row-major logits `hr Wᵀ`, `slab` rows of W at a time.
+fn slab_logits(w: &Matrix, hr: &Tensor, slab: usize) -> Result<Vec<f32>> {
+    let c = hr.dim(0)?;
+    let vocab = w.dims2().0;
+    let mut logits = vec![0f32; c * vocab];
+    for r0 in (0..vocab).step_by(slab) {
+        let n = slab.min(vocab - r0);
+        let part = Matrix::Dense(w.row_slab(r0, n)?).product(hr, true)?; // (c, n)
+        let part = part.flatten_all()?.to_vec1::<f32>()?;
+        for (row, p) in logits.chunks_mut(vocab).zip(part.chunks(n)) {
+            row[r0..r0 + n].copy_from_slice(p);
+        }
+    }
+    Ok(logits)
+}
+
+/// `dlogits W` (c, hidden) for (c, V) row-major `dlogits`, summed over slabs of W's rows.
+fn slab_input_grad(w: &Matrix, dlogits: &[f32], c: usize, slab: usize) -> Result<Tensor> {
+    let (vocab, cols) = w.dims2();
+    let mut dh: Option<Tensor> = None;
+    for r0 in (0..vocab).step_by(slab) {
+        let n = slab.min(vocab - r0);
+        let part: Vec<f32> = dlogits
+            .chunks(vocab)
+            .flat_map(|row| &row[r0..r0 + n])
+            .copied()
+            .collect();
+        let part = Tensor::from_vec(part, (c, n), &candle_core::Device::Cpu)?;
+        let d = Matrix::Dense(w.row_slab(r0, n)?).product(&part, false)?; // (c, hidden)
+        dh = Some(match dh {
+            Some(acc) => (acc + d)?,
+            None => d,
+        });
+    }
+    Ok(dh.unwrap_or(Tensor::zeros(
+        (c, cols),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )?))
 }
 
 /// Fused, row-parallel softmax cross-entropy over row-major (c, V) logits: returns the summed
@@ -136,4 +250,55 @@ fn xent_row(row: &mut [f32], y: u32, scale: f64) -> f64 {
     row.iter_mut().for_each(|x| *x *= inv);
     row[y as usize] -= scale as f32;
     z.ln() - shifted_y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::quant::{QFormat, QMatrix};
+    use candle_core::{DType, Device};
+
+    /// The slab path computes what one product over the whole head computes, dense (f32, bf16)
+    /// and quantized, with slabs that do not divide the vocabulary.
+    #[test]
+    fn slabs_match_the_whole_product() {
+        let dev = Device::Cpu;
+        let (vocab, hidden, c) = (75, 64, 5);
+        let w = Tensor::randn(0f32, 1.0, (vocab, hidden), &dev).unwrap();
+        let hr = Tensor::randn(0f32, 1.0, (c, hidden), &dev).unwrap();
+        let dl = Tensor::randn(0f32, 1.0, (c, vocab), &dev).unwrap();
+        let q8 = QFormat::parse("q8_0").unwrap();
+        let heads = [
+            Matrix::Dense(w.clone()),
+            Matrix::Dense(w.to_dtype(DType::BF16).unwrap()),
+            Matrix::Quant(std::sync::Arc::new(
+                QMatrix::quantize(&w, q8, DType::F32, "w").unwrap(),
+            )),
+        ];
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            let m = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
+            assert!(d <= 1e-5 * m, "{what}: max difference {d} (scale {m})");
+        };
+        for m in heads {
+            let whole = m.product(&hr, true).unwrap().flatten_all().unwrap();
+            let dwhole = m.product(&dl, false).unwrap().flatten_all().unwrap();
+            let dl = dl.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for slab in [1, 7, vocab, 2 * vocab] {
+                let what = format!("{} slab {slab}", m.label());
+                let logits = slab_logits(&m, &hr, slab).unwrap();
+                close(&logits, &whole.to_vec1().unwrap(), &what);
+                let dh = slab_input_grad(&m, &dl, c, slab).unwrap();
+                close(
+                    &dh.flatten_all().unwrap().to_vec1().unwrap(),
+                    &dwhole.to_vec1().unwrap(),
+                    &what,
+                );
+            }
+        }
+    }
 }

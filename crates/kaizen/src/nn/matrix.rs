@@ -44,6 +44,14 @@ impl Matrix {
         }
     }
 
+    /// The precision products compute in: the dtype when dense, the compute dtype when quantized.
+    pub fn compute_dtype(&self) -> DType {
+        match self {
+            Matrix::Dense(t) => t.dtype(),
+            Matrix::Quant(q) => q.compute,
+        }
+    }
+
     /// An f32 copy (dequantized, or widened from bf16).
     pub fn to_f32(&self) -> Result<Tensor> {
         match self {
@@ -71,11 +79,22 @@ impl Matrix {
     /// A dense `w` (f32, e.g. a merged weight) stored as this matrix would compute with it:
     /// the same dtype when dense, the compute dtype when quantized.
     pub fn like(&self, w: Tensor) -> Result<Matrix> {
-        let dtype = match self {
-            Matrix::Dense(t) => t.dtype(),
-            Matrix::Quant(q) => q.compute,
-        };
-        Ok(Matrix::Dense(w.to_dtype(dtype)?))
+        Ok(Matrix::Dense(w.to_dtype(self.compute_dtype())?))
+    }
+
+    /// Rows `r0..r0 + n` as a dense tensor in the compute precision (a view when dense; a
+    /// quantized matrix dequantizes just those rows): a slab of a large matrix to multiply
+    /// with, without a copy of the whole.
+    pub fn row_slab(&self, r0: usize, n: usize) -> Result<Tensor> {
+        match self {
+            Matrix::Dense(t) => Ok(t.narrow(0, r0, n)?),
+            Matrix::Quant(q) => {
+                let cols = q.dims().1;
+                let rows =
+                    Tensor::from_vec(q.rows_f32(r0, n)?, (n, cols), &candle_core::Device::Cpu)?;
+                Ok(rows.to_dtype(q.compute)?)
+            }
+        }
     }
 
     /// Rows `ids` as f32: (ids.len(), cols). The embedding lookup.

@@ -363,7 +363,8 @@ const QUANTIZE_ROWS: usize = 64;
 /// rows are whole blocks, so the chunks' bytes concatenate to the whole matrix's.
 fn quantize_rows(w: &Tensor, t: GgmlDType) -> Result<QTensor> {
     let (rows, cols) = w.dims2()?;
-    let w = w.to_dtype(DType::F32)?;
+    // Each chunk is widened to f32 alone: an f32 copy of the whole matrix (2.1 GB for Llama 3's
+    // embedding table) would set the peak of loading.
     let parts: Vec<Vec<u8>> = (0..rows)
         .step_by(QUANTIZE_ROWS)
         .collect::<Vec<_>>()
@@ -372,7 +373,11 @@ fn quantize_rows(w: &Tensor, t: GgmlDType) -> Result<QTensor> {
             // A fresh tensor: candle's quantizer reads its input's storage from the start,
             // whatever the view's offset.
             let n = QUANTIZE_ROWS.min(rows - r0);
-            let values = w.narrow(0, r0, n)?.flatten_all()?.to_vec1::<f32>()?;
+            let values = w
+                .narrow(0, r0, n)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             let chunk = Tensor::from_vec(values, (n, cols), &Device::Cpu)?;
             Ok(QTensor::quantize(&chunk, t)?.data()?.into_owned())
         })
