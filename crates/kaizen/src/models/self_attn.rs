@@ -5,10 +5,12 @@
 
 use candle_core::Tensor;
 use rand::rngs::StdRng;
+use rayon::prelude::*;
 
 use super::arch::QkvLayout;
 use super::{split_prefix_grad, with_prefix, KvPair};
 use crate::nn::attention::{attention_t, causal_attention_backward, AttnCache, AttnSpec};
+use crate::nn::gemm::with_slice;
 use crate::nn::linear::LinearCache;
 use crate::nn::norm::NormCache;
 use crate::nn::{Grads, KvCache, Linear, Norm, Rotary};
@@ -238,7 +240,7 @@ impl SelfAttn {
             }
             (Qkv::Fused(l, layout), ProjCache::Fused(c)) => {
                 let d = match layout {
-                    QkvLayout::Interleaved => flat(&Tensor::cat(&[dq, dk, dv], 3)?)?,
+                    QkvLayout::Interleaved => interleave([dq, dk, dv])?,
                     _ => Tensor::cat(&[flat(&dq)?, flat(&dk)?, flat(&dv)?], 2)?,
                 };
                 l.backward(c, &d, grads)
@@ -248,6 +250,38 @@ impl SelfAttn {
             )),
         }
     }
+}
+
+/// q, k, v gradients, each (B, T, H, hd) in any layout (here views of (B, H, T, hd)) ->
+/// (B, T, H [q; k; v]), GPT-NeoX's fused projection, in one parallel pass (candle's `cat` of
+/// the transposed views copied element by element).
+fn interleave(parts: [Tensor; 3]) -> Result<Tensor> {
+    let (b, t, h, hd) = parts[0].dims4()?;
+    // (B, H, T, hd) contiguous: no copy when the part is a transposed contiguous tensor.
+    let heads = parts.map(|p| p.transpose(1, 2).and_then(|p| p.contiguous()));
+    let [q, k, v] = heads;
+    let (q, k, v) = (q?, k?, v?);
+    let row = 3 * hd;
+    let mut out = vec![0f32; b * t * h * row];
+    with_slice::<f32, _>(&q, |q| {
+        with_slice::<f32, _>(&k, |k| {
+            with_slice::<f32, _>(&v, |v| {
+                // One (batch, token) row of H heads x [q; k; v] at a time.
+                out.par_chunks_mut(h * row)
+                    .enumerate()
+                    .for_each(|(bt, dst)| {
+                        let (bi, ti) = (bt / t, bt % t);
+                        for (hi, dst) in dst.chunks_mut(row).enumerate() {
+                            let at = ((bi * h + hi) * t + ti) * hd;
+                            for (j, src) in [q, k, v].into_iter().enumerate() {
+                                dst[j * hd..(j + 1) * hd].copy_from_slice(&src[at..at + hd]);
+                            }
+                        }
+                    })
+            })
+        })
+    })???;
+    Ok(Tensor::from_vec(out, (b, t, h * row), q.device())?)
 }
 
 /// x: (B, T, n, hd) -> QK-norm if any, as (B, n, T, hd) contiguous.

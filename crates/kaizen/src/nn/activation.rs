@@ -1,73 +1,106 @@
-//! Element-wise activations named by HF's `hidden_act`, with their derivatives.
+//! Element-wise activations named by HF's `hidden_act`, with their derivatives. GELU (both
+//! forms) and SiLU run as one fused parallel pass each way on [`super::math`]'s vectorised
+//! `erf`/`exp` (candle's `gelu_erf` is a libm call per element, and its backward composed of
+//! candle ops is six passes over a (tokens, intermediate) tensor).
+
+use std::f32::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
 
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::math::sigmoid;
+use super::math::{erf, exp, sigmoid, tanh};
 use crate::config::Activation;
 use crate::Result;
 
+/// `1 / sqrt(2 pi)`, the standard normal density at 0.
+const INV_SQRT_2PI: f32 = FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5;
+/// `sqrt(2 / pi)` and the cubic coefficient of the tanh approximation of GELU.
+const TANH_C: f32 = FRAC_2_SQRT_PI * FRAC_1_SQRT_2;
+const TANH_A: f32 = 0.044715;
+
 pub fn apply(act: Activation, x: &Tensor) -> Result<Tensor> {
     Ok(match act {
-        Activation::Gelu => x.gelu_erf()?,
-        Activation::GeluTanh => x.gelu()?,
+        Activation::Gelu => map(x, None, |x, _| gelu(x))?,
+        Activation::GeluTanh => map(x, None, |x, _| 0.5 * x * (1.0 + tanh(gelu_tanh_u(x))))?,
         Activation::Relu => x.relu()?,
-        Activation::Silu => x.silu()?,
+        Activation::Silu => map(x, None, |x, _| x * sigmoid(x))?,
     })
 }
 
 /// dy * act'(x)
 pub fn backward(act: Activation, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    let d = match act {
-        Activation::Gelu => {
-            // 0.5 (1 + erf(x / sqrt 2)) + x * exp(-x^2 / 2) / sqrt(2 pi)
-            let cdf = ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5;
-            let pdf = ((x.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * std::f64::consts::PI).sqrt()))?;
-            (cdf? + (x * pdf)?)?
-        }
-        Activation::GeluTanh => {
-            // y = 0.5 x (1 + tanh(u)), u = c (x + 0.044715 x^3)
-            let c = (2.0 / std::f64::consts::PI).sqrt();
-            let u = ((x + (x.powf(3.0)? * 0.044715)?)? * c)?;
-            let t = u.tanh()?;
-            let du = ((x.sqr()? * (3.0 * 0.044715))? + 1.0)? * c;
-            let sech2 = (t.sqr()?.neg()? + 1.0)?;
-            (((t + 1.0)? * 0.5)? + ((x * 0.5)? * sech2)?.mul(&du?)?)?
-        }
-        Activation::Relu => x.gt(0.0)?.to_dtype(x.dtype())?,
-        Activation::Silu => {
-            // dy * s (1 + x (1 - s)), s = sigmoid(x): one fused parallel pass.
-            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let mut d: Vec<f32> = dy.flatten_all()?.to_vec1()?;
-            d.par_chunks_mut(4096)
-                .zip(xs.par_chunks(4096))
-                .for_each(|(d, x)| {
-                    for (d, &x) in d.iter_mut().zip(x) {
-                        let s = sigmoid(x);
-                        *d *= s * (1.0 + x * (1.0 - s));
-                    }
-                });
-            return Ok(Tensor::from_vec(d, dy.dims(), dy.device())?);
-        }
-    };
-    Ok((dy * d)?)
+    Ok(match act {
+        Activation::Relu => (dy * x.gt(0.0)?.to_dtype(x.dtype())?)?,
+        _ => map(x, Some(dy), |x, dy| dy * derivative(act, x))?,
+    })
 }
 
-/// Gated MLP (SwiGLU): `act(gate) * up`, one fused parallel pass for SiLU.
-pub fn glu(act: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if act != Activation::Silu {
-        return Ok((apply(act, gate)? * up)?);
+/// `0.5 x (1 + erf(x / sqrt 2))`
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))
+}
+
+/// `sqrt(2 / pi) (x + 0.044715 x^3)`
+#[inline(always)]
+fn gelu_tanh_u(x: f32) -> f32 {
+    TANH_C * (x + TANH_A * x * x * x)
+}
+
+/// act'(x)
+#[inline(always)]
+fn derivative(act: Activation, x: f32) -> f32 {
+    match act {
+        // 0.5 (1 + erf(x / sqrt 2)) + x * exp(-x^2 / 2) / sqrt(2 pi)
+        Activation::Gelu => {
+            0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)) + x * exp(-0.5 * x * x) * INV_SQRT_2PI
+        }
+        // y = 0.5 x (1 + tanh(u)): 0.5 (1 + t) + 0.5 x (1 - t^2) u'
+        Activation::GeluTanh => {
+            let t = tanh(gelu_tanh_u(x));
+            let du = TANH_C * (1.0 + 3.0 * TANH_A * x * x);
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+        }
+        Activation::Relu => f32::from(x > 0.0),
+        // s (1 + x (1 - s)), s = sigmoid(x)
+        Activation::Silu => {
+            let s = sigmoid(x);
+            s * (1.0 + x * (1.0 - s))
+        }
     }
-    let g: Vec<f32> = gate.flatten_all()?.to_vec1()?;
-    let mut p: Vec<f32> = up.flatten_all()?.to_vec1()?;
-    p.par_chunks_mut(4096)
-        .zip(g.par_chunks(4096))
-        .for_each(|(p, g)| {
-            for (p, &x) in p.iter_mut().zip(g) {
-                *p *= x * sigmoid(x);
-            }
-        });
-    Ok(Tensor::from_vec(p, up.dims(), up.device())?)
+}
+
+/// `f(x, y)` element by element over f32 tensors of one shape (`y` absent: `f(x, 0)`), in one
+/// parallel pass into a new tensor.
+fn map(x: &Tensor, y: Option<&Tensor>, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Tensor> {
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let mut out = match y {
+        Some(y) => y.flatten_all()?.to_vec1()?,
+        None => vec![0f32; xs.len()],
+    };
+    out.par_chunks_mut(4096)
+        .zip(xs.par_chunks(4096))
+        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x, *o)));
+    Ok(Tensor::from_vec(out, x.dims(), x.device())?)
+}
+
+/// Gated MLP (SwiGLU, GeGLU): `act(gate) * up` in one parallel pass.
+pub fn glu(act: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if act == Activation::Relu {
+        return Ok((gate.relu()? * up)?);
+    }
+    map(gate, Some(up), |x, u| u * act_value(act, x))
+}
+
+/// act(x) for the fused passes.
+#[inline(always)]
+fn act_value(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::Gelu => gelu(x),
+        Activation::GeluTanh => 0.5 * x * (1.0 + tanh(gelu_tanh_u(x))),
+        Activation::Relu => x.max(0.0),
+        Activation::Silu => x * sigmoid(x),
+    }
 }
 
 /// Backward of [`glu`]: (d_gate, d_up) from the product's gradient; the activation is
@@ -78,9 +111,9 @@ pub fn glu_backward(
     up: &Tensor,
     d_prod: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    if act != Activation::Silu {
+    if act == Activation::Relu {
         let d_gate = backward(act, gate, &(d_prod * up)?)?;
-        return Ok((d_gate, (d_prod * apply(act, gate)?)?));
+        return Ok((d_gate, (d_prod * gate.relu()?)?));
     }
     let (g, u): (Vec<f32>, Vec<f32>) =
         (gate.flatten_all()?.to_vec1()?, up.flatten_all()?.to_vec1()?);
@@ -93,9 +126,8 @@ pub fn glu_backward(
         .for_each(|((dg, du), (g, u))| {
             for i in 0..dg.len() {
                 let (x, dp) = (g[i], dg[i]);
-                let s = sigmoid(x);
-                du[i] = dp * (x * s);
-                dg[i] = dp * u[i] * (s * (1.0 + x * (1.0 - s)));
+                du[i] = dp * act_value(act, x);
+                dg[i] = dp * u[i] * derivative(act, x);
             }
         });
     let dev = d_prod.device();
@@ -103,4 +135,111 @@ pub fn glu_backward(
         Tensor::from_vec(d_gate, d_prod.dims(), dev)?,
         Tensor::from_vec(d_up, d_prod.dims(), dev)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+
+    /// act(x) and act'(x) in f64 through candle's own ops (exact erf/tanh), the reference.
+    fn reference(act: Activation, x: &Tensor) -> (Tensor, Tensor) {
+        let x = x.to_dtype(DType::F64).unwrap();
+        let pi = std::f64::consts::PI;
+        let (y, d) = match act {
+            Activation::Gelu => {
+                let cdf =
+                    (((&x / 2f64.sqrt()).unwrap().erf().unwrap() + 1.0).unwrap() * 0.5).unwrap();
+                let pdf = ((x.sqr().unwrap() * -0.5).unwrap().exp().unwrap()
+                    * (1.0 / (2.0 * pi).sqrt()))
+                .unwrap();
+                ((&x * &cdf).unwrap(), (cdf + (&x * pdf).unwrap()).unwrap())
+            }
+            Activation::GeluTanh => {
+                let c = (2.0 / pi).sqrt();
+                let u = ((&x + (x.powf(3.0).unwrap() * 0.044715).unwrap()).unwrap() * c).unwrap();
+                let t = u.tanh().unwrap();
+                let du =
+                    (((x.sqr().unwrap() * (3.0 * 0.044715)).unwrap() + 1.0).unwrap() * c).unwrap();
+                let sech2 = (t.sqr().unwrap().neg().unwrap() + 1.0).unwrap();
+                let half = ((&t + 1.0).unwrap() * 0.5).unwrap();
+                let y = (&x * &half).unwrap();
+                let d = (&half + ((&x * 0.5).unwrap() * sech2).unwrap().mul(&du).unwrap());
+                (y, d.unwrap())
+            }
+            Activation::Silu => {
+                let s = (x.neg().unwrap().exp().unwrap() + 1.0)
+                    .unwrap()
+                    .recip()
+                    .unwrap();
+                let one_minus = (s.neg().unwrap() + 1.0).unwrap();
+                let d = (&s * ((&x * one_minus).unwrap() + 1.0).unwrap()).unwrap();
+                ((&x * &s).unwrap(), d)
+            }
+            Activation::Relu => (
+                x.relu().unwrap(),
+                x.gt(0.0).unwrap().to_dtype(DType::F64).unwrap(),
+            ),
+        };
+        (y, d)
+    }
+
+    fn worst(a: &Tensor, b: &Tensor) -> f64 {
+        let (a, b): (Vec<f64>, Vec<f64>) = (
+            a.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap(),
+            b.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        a.iter()
+            .zip(&b)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+            .fold(0.0, f64::max)
+    }
+
+    /// Every activation's fused forward, backward and gated forms against the f64 reference,
+    /// on values from -12 to 12 (both tails and the steep middle).
+    #[test]
+    fn fused_passes_match_exact_math() {
+        let n = 48_001;
+        let xs: Vec<f32> = (0..n)
+            .map(|i| -12.0 + 24.0 * i as f32 / (n - 1) as f32)
+            .collect();
+        let x = Tensor::from_vec(xs, (n,), &Device::Cpu).unwrap();
+        let dy = (Tensor::ones((n,), DType::F32, &Device::Cpu).unwrap() * 0.75).unwrap();
+        let up = (&x * 0.5).unwrap();
+        for act in [
+            Activation::Gelu,
+            Activation::GeluTanh,
+            Activation::Silu,
+            Activation::Relu,
+        ] {
+            let (y, d) = reference(act, &x);
+            let y_err = worst(&apply(act, &x).unwrap(), &y);
+            let d_err = worst(
+                &backward(act, &x, &dy).unwrap(),
+                &(d.clone() * 0.75).unwrap(),
+            );
+            assert!(
+                y_err < 2e-6 && d_err < 2e-6,
+                "{act:?}: forward {y_err}, backward {d_err}"
+            );
+            // The gated forms multiply the activation's error by `up` (|up| <= 6 here).
+            let tol = 6.0 * 2e-6;
+            let up64 = up.to_dtype(DType::F64).unwrap();
+            let prod = glu(act, &x, &up).unwrap();
+            let g_err = worst(&prod, &(&y * &up64).unwrap());
+            let (dg, du) = glu_backward(act, &x, &up, &dy).unwrap();
+            let dg_err = worst(&dg, &((d * 0.75).unwrap() * &up64).unwrap());
+            let du_err = worst(&du, &(y * 0.75).unwrap());
+            assert!(
+                g_err < tol && dg_err < tol && du_err < 2e-6,
+                "{act:?}: glu {g_err}, d_gate {dg_err}, d_up {du_err}"
+            );
+        }
+    }
 }

@@ -168,7 +168,7 @@ fn product<W: Weight>(a: Mat<f32>, b: &PackedB<W>) -> Vec<f32> {
 }
 
 /// Runs `f` on a contiguous CPU tensor's elements.
-pub(super) fn with_slice<T: candle_core::WithDType, R>(
+pub(crate) fn with_slice<T: candle_core::WithDType, R>(
     t: &Tensor,
     f: impl FnOnce(&[T]) -> R,
 ) -> Result<R> {

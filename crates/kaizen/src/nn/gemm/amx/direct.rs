@@ -175,45 +175,56 @@ fn slab_wt(
 ) -> Result<()> {
     let k = w.dims().1;
     let steps = k.div_ceil(KT) * TK;
-    let mut tail = [bf16::ZERO; MA * KT];
-    let mut edge = Vec::new();
+    let groups = width.div_ceil(MA);
+    // Per group of 32 W rows: a zero-padded copy of its last, partial chunk (or of all of it
+    // when the group has fewer than 32 rows).
+    let mut copies: Vec<Vec<bf16>> = vec![Vec::new(); groups];
     // SAFETY: the caller checked `available`.
     let _tiles = unsafe { Tiles::load() };
     RECT.with_borrow_mut(|scratch| -> Result<()> {
         for p0 in (0..k).step_by(kc) {
             let kcb = kc.min(k - p0);
             let (chunks, full) = (kcb.div_ceil(KT), kcb / KT);
-            for s in (0..width).step_by(MA) {
-                let (r0, nr) = (j0 + s, MA.min(width - s));
-                let rect = w.rect(r0..r0 + nr, p0..p0 + kcb, scratch)?;
-                let row = |r: usize| &rect.data[r * rect.rs..][..kcb];
-                let w_src = if nr == MA {
-                    // W's rows in place; a last partial chunk from a zero-padded copy.
-                    for r in (0..MA).filter(|_| full < chunks) {
-                        let dst = &mut tail[r * KT..][..KT];
-                        dst.fill(bf16::ZERO);
-                        dst[..kcb - full * KT].copy_from_slice(&row(r)[full * KT..]);
+            // The slab's rows over this depth block (in place, or dequantized): 128 rows of
+            // up to 3072 k stay in L2 while every token panel passes over them. Walking the
+            // token panels inside the row groups instead streamed all of x (512 tokens: 3 MB,
+            // more than L2) once per group.
+            let rect = w.rect(j0..j0 + width, p0..p0 + kcb, scratch)?;
+            let row = |r: usize| &rect.data[r * rect.rs..][..kcb];
+            let srcs: Vec<Src> = (0..groups)
+                .zip(copies.iter_mut())
+                .map(|(g, copy)| {
+                    let (r0, nr) = (g * MA, MA.min(width - g * MA));
+                    copy.clear();
+                    if nr == MA {
+                        // W's rows in place; a last partial chunk from a zero-padded copy.
+                        copy.resize(MA * KT, bf16::ZERO);
+                        for r in (0..MA).filter(|_| full < chunks) {
+                            copy[r * KT..][..kcb - full * KT]
+                                .copy_from_slice(&row(r0 + r)[full * KT..]);
+                        }
+                        let ptr = rect.data[r0 * rect.rs..].as_ptr().cast();
+                        Src::rows(ptr, rect.rs * 2, full, copy.as_ptr().cast())
+                    } else {
+                        // Fewer than 32 rows left: a zero-padded copy of them.
+                        copy.resize(MA * chunks * KT, bf16::ZERO);
+                        for r in 0..nr {
+                            copy[r * chunks * KT..][..kcb].copy_from_slice(row(r0 + r));
+                        }
+                        let ptr = copy.as_ptr().cast();
+                        Src::rows(ptr, chunks * 64, chunks, ptr)
                     }
-                    let ptr = rect.data.as_ptr().cast();
-                    Src::rows(ptr, rect.rs * 2, full, tail.as_ptr().cast())
-                } else {
-                    // Fewer than 32 rows left: a zero-padded copy of them.
-                    edge.clear();
-                    edge.resize(MA * chunks * KT, bf16::ZERO);
-                    for r in 0..nr {
-                        edge[r * chunks * KT..][..kcb].copy_from_slice(row(r));
-                    }
-                    let ptr = edge.as_ptr().cast();
-                    Src::rows(ptr, chunks * 64, chunks, ptr)
-                };
-                for tp in 0..mp / NR {
-                    let xb = xp[tp * steps * NR + p0 / 2 * NR..].as_ptr();
-                    let x_src = Src::panel(xb, chunks, xb);
-                    // SAFETY: tiles configured; the rect's 32 rows hold `full` whole chunks (the
-                    // tail or edge copy the rest), x's panel `chunks` chunks from p0 (it is
+                })
+                .collect();
+            for tp in 0..mp / NR {
+                let xb = xp[tp * steps * NR + p0 / 2 * NR..].as_ptr();
+                let x_src = Src::panel(xb, chunks, xb);
+                for (g, &w_src) in srcs.iter().enumerate() {
+                    // SAFETY: tiles configured; each group's 32 rows hold `full` whole chunks
+                    // (its copy the rest), x's panel `chunks` chunks from p0 (it is
                     // zero-padded to whole chunks); the 32 x 32 block of `ct` is inside it.
                     unsafe {
-                        let dst = ct.as_mut_ptr().add(s * mp + tp * NR);
+                        let dst = ct.as_mut_ptr().add(g * MA * mp + tp * NR);
                         kernel(w_src, x_src, chunks, dst, mp, p0 > 0);
                     }
                 }
