@@ -165,7 +165,7 @@ mod tests {
                 let sech2 = (t.sqr().unwrap().neg().unwrap() + 1.0).unwrap();
                 let half = ((&t + 1.0).unwrap() * 0.5).unwrap();
                 let y = (&x * &half).unwrap();
-                let d = (&half + ((&x * 0.5).unwrap() * sech2).unwrap().mul(&du).unwrap());
+                let d = &half + ((&x * 0.5).unwrap() * sech2).unwrap().mul(&du).unwrap();
                 (y, d.unwrap())
             }
             Activation::Silu => {
