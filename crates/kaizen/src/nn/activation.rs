@@ -8,10 +8,13 @@ use std::f32::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use super::gemm::with_slice;
 use super::math::{erf, exp, sigmoid, tanh};
 use crate::config::Activation;
 use crate::Result;
 
+/// Elements per parallel task.
+const CHUNK: usize = 4096;
 /// `1 / sqrt(2 pi)`, the standard normal density at 0.
 const INV_SQRT_2PI: f32 = FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5;
 /// `sqrt(2 / pi)` and the cubic coefficient of the tanh approximation of GELU.
@@ -71,16 +74,27 @@ fn derivative(act: Activation, x: f32) -> f32 {
 }
 
 /// `f(x, y)` element by element over f32 tensors of one shape (`y` absent: `f(x, 0)`), in one
-/// parallel pass into a new tensor.
+/// parallel pass that reads both in place and writes a new tensor.
 fn map(x: &Tensor, y: Option<&Tensor>, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Tensor> {
-    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    let mut out = match y {
-        Some(y) => y.flatten_all()?.to_vec1()?,
-        None => vec![0f32; xs.len()],
-    };
-    out.par_chunks_mut(4096)
-        .zip(xs.par_chunks(4096))
-        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x, *o)));
+    let x = x.contiguous()?;
+    let mut out = vec![0f32; x.elem_count()];
+    with_slice::<f32, _>(&x, |xs| match y {
+        Some(y) => with_slice::<f32, _>(&y.contiguous()?, |ys| {
+            out.par_chunks_mut(CHUNK)
+                .zip(xs.par_chunks(CHUNK).zip(ys.par_chunks(CHUNK)))
+                .for_each(|(o, (x, y))| {
+                    for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                        *o = f(x, y);
+                    }
+                })
+        }),
+        None => {
+            out.par_chunks_mut(CHUNK)
+                .zip(xs.par_chunks(CHUNK))
+                .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x, 0.0)));
+            Ok(())
+        }
+    })??;
     Ok(Tensor::from_vec(out, x.dims(), x.device())?)
 }
 
@@ -115,21 +129,26 @@ pub fn glu_backward(
         let d_gate = backward(act, gate, &(d_prod * up)?)?;
         return Ok((d_gate, (d_prod * gate.relu()?)?));
     }
-    let (g, u): (Vec<f32>, Vec<f32>) =
-        (gate.flatten_all()?.to_vec1()?, up.flatten_all()?.to_vec1()?);
-    let mut d_gate: Vec<f32> = d_prod.flatten_all()?.to_vec1()?;
+    let (gate, up, d_prod) = (gate.contiguous()?, up.contiguous()?, d_prod.contiguous()?);
+    let mut d_gate = vec![0f32; d_prod.elem_count()];
     let mut d_up = vec![0f32; d_gate.len()];
-    d_gate
-        .par_chunks_mut(4096)
-        .zip(d_up.par_chunks_mut(4096))
-        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-        .for_each(|((dg, du), (g, u))| {
-            for i in 0..dg.len() {
-                let (x, dp) = (g[i], dg[i]);
-                du[i] = dp * act_value(act, x);
-                dg[i] = dp * u[i] * derivative(act, x);
-            }
-        });
+    with_slice::<f32, _>(&gate, |g| {
+        with_slice::<f32, _>(&up, |u| {
+            with_slice::<f32, _>(&d_prod, |dp| {
+                d_gate
+                    .par_chunks_mut(CHUNK)
+                    .zip(d_up.par_chunks_mut(CHUNK))
+                    .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+                    .zip(dp.par_chunks(CHUNK))
+                    .for_each(|(((dg, du), (g, u)), dp)| {
+                        for i in 0..dg.len() {
+                            du[i] = dp[i] * act_value(act, g[i]);
+                            dg[i] = dp[i] * u[i] * derivative(act, g[i]);
+                        }
+                    })
+            })
+        })
+    })???;
     let dev = d_prod.device();
     Ok((
         Tensor::from_vec(d_gate, d_prod.dims(), dev)?,

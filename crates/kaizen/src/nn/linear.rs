@@ -5,9 +5,11 @@
 
 use std::fmt::Debug;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
+use rayon::prelude::*;
 
+use super::gemm::with_slice;
 use super::{Grads, Matrix};
 use crate::Result;
 
@@ -113,10 +115,44 @@ impl Linear {
 
     /// `wx (N, out) + bias`: the frozen layer's output from its product.
     pub fn add_bias(&self, wx: Tensor) -> Result<Tensor> {
-        Ok(match &self.bias {
-            Some(b) => wx.broadcast_add(b)?,
-            None => wx,
-        })
+        self.output(wx, None)
+    }
+
+    /// `wx + bias + h bᵀ`: the frozen layer's output from its product `wx` (..., out), plus a
+    /// rank-r term when given (`h` (N, r), `b` (out, r): LoRA's `(x Aᵀ s) Bᵀ`), in one
+    /// parallel pass over the rows; the rank-r product is never materialised (candle's matmul
+    /// and two adds were three passes over (N, out) and two more tensors of its size).
+    pub fn output(&self, wx: Tensor, low_rank: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+        let out = wx.dims().last().copied().unwrap_or(0);
+        if (self.bias.is_none() && low_rank.is_none()) || wx.elem_count() == 0 || out == 0 {
+            return Ok(wx);
+        }
+        let f32s = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let bias = self.bias.as_ref().map(f32s).transpose()?;
+        // h (N, r) and bᵀ (r, out), rows of bᵀ added to each output row scaled by h's.
+        let (h, bt, rank) = match low_rank {
+            Some((h, b)) => (f32s(h)?, f32s(&b.t()?)?, b.dim(1)?),
+            None => (Vec::new(), Vec::new(), 0),
+        };
+        let wx = wx.to_dtype(DType::F32)?.contiguous()?;
+        let mut y = vec![0f32; wx.elem_count()];
+        with_slice::<f32, _>(&wx, |wx| {
+            y.par_chunks_mut(out)
+                .zip(wx.par_chunks(out))
+                .enumerate()
+                .for_each(|(i, (y, wx))| {
+                    y.copy_from_slice(wx);
+                    if let Some(b) = &bias {
+                        y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                    }
+                    for (&s, bt) in h[i * rank..(i + 1) * rank].iter().zip(bt.chunks(out)) {
+                        y.iter_mut().zip(bt).for_each(|(y, b)| *y += s * b);
+                    }
+                })
+        })?;
+        Ok(Tensor::from_vec(y, wx.dims(), wx.device())?)
     }
 
     /// Input gradient of the frozen layer alone: dy (N, out) -> dx (N, in). No weight gradient.

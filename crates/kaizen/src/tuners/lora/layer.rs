@@ -78,13 +78,12 @@ impl LinearAdapter for LoraLayer {
             let xd = mask.is_some().then_some(&xd);
             return Ok((dora::forward(self, mag, base, x, xd)?, mask));
         }
-        let y = base.base_forward(x)?;
         if mask.is_none() && x.dim(0)? <= DECODE_ROWS {
-            return Ok((self.add_delta_rows(x, y)?, None));
+            return Ok((self.add_delta_rows(x, base.base_forward(x)?)?, None));
         }
         let h = (xd.matmul(&self.lora_a.t()?)? * self.scale)?; // (N, r), scaled while small
-        let delta = h.matmul(&self.lora_b.t()?)?; // (N, out)
-        Ok(((y + delta)?, mask))
+        let wx = base.weight.product(x, true)?;
+        Ok((base.output(wx, Some((&h, &self.lora_b)))?, mask))
     }
 
     fn backward(
