@@ -11,10 +11,9 @@
 //!   panels, and each task's block of Cᵀ stays in a scratch until it is written to C
 //!   transposed.
 //! - [`gemm_w`], the input gradient `dy W`: B tiles need rows 2q and 2q+1 of W interleaved, so
-//!   each task packs the 32-column panel it is about to use into a buffer that stays in cache,
-//!   prefetching the next one's rows of a bf16 W meanwhile (a quantized W's task dequantizes
-//!   its columns, whole quantization blocks, one depth block at a time); dy is packed once
-//!   for all tasks.
+//!   each task packs the 32-column panel it is about to use into a buffer that stays in cache
+//!   (a quantized W's task dequantizes its columns, whole quantization blocks, one depth block
+//!   at a time); dy is packed once for all tasks.
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -150,19 +149,78 @@ fn gemm_wt_rows(a: &Mat<f32>, w: Source, c: &mut [f32]) -> Result<()> {
             // SAFETY: u32 and f32 have the same size and alignment; any bits are an f32.
             let ct = unsafe { std::slice::from_raw_parts_mut(ct.as_mut_ptr().cast(), ct.len()) };
             slab_wt(w, &xp, (j0, width), (kc, mp), ct)?;
-            // Cᵀ -> C, 16 tokens at a time so that 16 rows of C are written together.
+            // Cᵀ -> C in 16 x 16 blocks (transposed in registers); the edges one by one.
             for t0 in (0..m).step_by(16) {
-                for r in 0..width {
-                    for (t, &v) in ct[r * mp + t0..][..16.min(m - t0)].iter().enumerate() {
-                        // SAFETY: row t0 + t < m and column j0 + r < n of C, a column of this
-                        // task's slab, which no other task writes.
-                        unsafe { *out.0.add((t0 + t) * n + j0 + r) = v };
+                for r0 in (0..width).step_by(16) {
+                    let src = ct[r0 * mp + t0..].as_ptr();
+                    // SAFETY: rows t0.. < m and columns j0 + r0.. < j0 + width of C, columns of
+                    // this task's slab, which no other task writes; the block of `ct` (rows
+                    // r0..r0+16 < width rounded up to 32, tokens t0..t0+16 <= mp) is inside it.
+                    unsafe {
+                        let dst = out.0.add(t0 * n + j0 + r0);
+                        if t0 + 16 <= m && r0 + 16 <= width {
+                            transpose16(src, mp, dst, n);
+                        } else {
+                            for r in 0..16.min(width - r0) {
+                                for t in 0..16.min(m - t0) {
+                                    *dst.add(t * n + r) = *src.add(r * mp + t);
+                                }
+                            }
+                        }
                     }
                 }
             }
             Ok(())
         })
     })
+}
+
+/// The 16 x 16 block at `src` (rows `ls` floats apart) transposed into `dst` (rows `ld` apart):
+/// 32-bit, then 64-bit interleaves within 128-bit lanes, then a 4 x 4 transpose of the lanes.
+///
+/// # Safety
+/// AVX-512F; both blocks are inside their buffers.
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
+    let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * ls)));
+    // t[2i], t[2i+1]: rows 2i, 2i+1 interleaved (columns 4L, 4L+1 and 4L+2, 4L+3 of lane L).
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // q[4g + c]: lane L holds rows 4g..4g+4 at column 4L + c.
+    let q: [__m512; 16] = std::array::from_fn(|i| {
+        let (g, c) = (i / 4, i % 4);
+        let (a, b) = (
+            _mm512_castps_pd(t[4 * g + c / 2]),
+            _mm512_castps_pd(t[4 * g + c / 2 + 2]),
+        );
+        _mm512_castpd_ps(if c % 2 == 0 {
+            _mm512_unpacklo_pd(a, b)
+        } else {
+            _mm512_unpackhi_pd(a, b)
+        })
+    });
+    for c in 0..4 {
+        let v = [q[c], q[4 + c], q[8 + c], q[12 + c]];
+        let u0 = _mm512_shuffle_f32x4::<0b01_00_01_00>(v[0], v[1]);
+        let u1 = _mm512_shuffle_f32x4::<0b11_10_11_10>(v[0], v[1]);
+        let u2 = _mm512_shuffle_f32x4::<0b01_00_01_00>(v[2], v[3]);
+        let u3 = _mm512_shuffle_f32x4::<0b11_10_11_10>(v[2], v[3]);
+        let rows = [
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(u0, u2),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(u0, u2),
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(u1, u3),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(u1, u3),
+        ];
+        for (l, row) in rows.into_iter().enumerate() {
+            _mm512_storeu_ps(dst.add((4 * l + c) * ld), row);
+        }
+    }
 }
 
 /// Cᵀ rows `j0..j0+width` (W's rows) x all `mp` tokens into `ct` (row stride `mp`).
@@ -261,51 +319,29 @@ pub(in crate::nn::gemm) fn gemm_w(a: &Mat<f32>, w: Source, c: &mut [f32]) -> Res
             let mut panel = vec![Pair::default(); kc / 2 * NR];
             // SAFETY: the caller checked `available`.
             let _tiles = unsafe { Tiles::load() };
-            // Work items (depth block, column panel) in order; while one runs, the rows of a
-            // bf16 W that the next one packs are prefetched, a share before each kernel call.
-            let items = k.div_ceil(kc) * panels.len();
-            let item = |i: usize| (i / panels.len() * kc, panels.start + i % panels.len());
+            // (Prefetching the rows of W that the next panel packs, a share before each kernel
+            // call, made this slower.)
             RECT.with_borrow_mut(|scratch| -> Result<()> {
-                let mut rect = None;
-                for i in 0..items {
-                    let (p0, jp) = item(i);
-                    let (kcb, (q0, jq)) = (kc.min(k - p0), item(i + 1));
-                    if jp == panels.start {
-                        rect = Some(w.rect(p0..p0 + kcb, cols.clone(), scratch)?);
-                    }
-                    let r = rect
-                        .as_ref()
-                        .expect("made at the depth block's first panel");
+                for p0 in (0..k).step_by(kc) {
+                    let kcb = kc.min(k - p0);
+                    let rect = w.rect(p0..p0 + kcb, cols.clone(), scratch)?;
                     let chunks = kcb.div_ceil(KT);
-                    let dst = &mut panel[..chunks * TK * NR];
-                    // SAFETY: AMX implies AVX512-BF16, which implies AVX512BW; the panel fits.
-                    unsafe { pack_w(r, (jp - panels.start) * NR, 0, kcb, dst) };
-                    let b_src = Src::panel(panel.as_ptr(), chunks, panel.as_ptr());
-                    let ahead = match w {
-                        Source::Bf16(_) if i + 1 < items => kc.min(k - q0),
-                        _ => 0,
-                    };
-                    for ip in 0..row_panels {
-                        if let Source::Bf16(b) = w {
-                            let (lo, hi) = (ahead * ip / row_panels, ahead * (ip + 1) / row_panels);
-                            for p in q0 + lo..q0 + hi {
-                                let at = b.data[p * b.rs + jq * NR..].as_ptr();
-                                // SAFETY: a prefetch has no effect on memory; both ends of the
-                                // row's segment exist.
-                                unsafe {
-                                    _mm_prefetch::<_MM_HINT_T0>(at.cast());
-                                    let last = NR.min(n - jq * NR) - 1;
-                                    _mm_prefetch::<_MM_HINT_T0>(at.add(last).cast());
-                                }
-                            }
+                    for jp in panels.clone() {
+                        let dst = &mut panel[..chunks * TK * NR];
+                        // SAFETY: AMX implies AVX512-BF16, which implies AVX512BW; the panel
+                        // fits.
+                        unsafe { pack_w(&rect, (jp - panels.start) * NR, 0, kcb, dst) };
+                        let b_src = Src::panel(panel.as_ptr(), chunks, panel.as_ptr());
+                        for ip in 0..row_panels {
+                            let ap = ap[ip * per_panel + p0 / KT * MA * TK..].as_ptr();
+                            // SAFETY: tiles configured; A's panel holds `chunks` chunks from
+                            // p0, the panel of W as many; no other task writes columns
+                            // `panels` of C.
+                            unsafe {
+                                let ops = (Src::packed_a(ap, chunks), b_src, chunks);
+                                run(ops, out, (ip * MA, jp * NR), (m, n), p0 > 0)
+                            };
                         }
-                        let ap = ap[ip * per_panel + p0 / KT * MA * TK..].as_ptr();
-                        // SAFETY: tiles configured; A's panel holds `chunks` chunks from p0, the
-                        // panel of W as many; no other task writes columns `panels` of C.
-                        unsafe {
-                            let ops = (Src::packed_a(ap, chunks), b_src, chunks);
-                            run(ops, out, (ip * MA, jp * NR), (m, n), p0 > 0)
-                        };
                     }
                 }
                 Ok(())
