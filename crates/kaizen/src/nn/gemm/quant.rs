@@ -2,8 +2,10 @@
 //! dequantized into a scratch (rows in parallel, whole quantization blocks at a time) and packed
 //! from there into the same panels a dense weight packs into, so the micro-kernels, the LM
 //! head's reuse of a packed B and the thread split are those of the dense path. Depth blocks
-//! start on quantization-block boundaries. Few rows (decoding) take a matrix-vector path that
-//! dequantizes one weight row at a time.
+//! start on quantization-block boundaries. With AMX and bf16 compute, products go to
+//! `amx::gemm_quant` instead, whose tasks each dequantize only the rectangle of W they use into
+//! a cache-resident scratch (`amx/direct.rs`). Few rows (decoding) take a matrix-vector path
+//! that dequantizes one weight row at a time.
 
 use std::cell::RefCell;
 
