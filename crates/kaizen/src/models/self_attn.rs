@@ -258,8 +258,7 @@ impl SelfAttn {
 fn interleave(parts: [Tensor; 3]) -> Result<Tensor> {
     let (b, t, h, hd) = parts[0].dims4()?;
     // (B, H, T, hd) contiguous: no copy when the part is a transposed contiguous tensor.
-    let heads = parts.map(|p| p.transpose(1, 2).and_then(|p| p.contiguous()));
-    let [q, k, v] = heads;
+    let [q, k, v] = parts.map(|p| p.transpose(1, 2).and_then(|p| p.contiguous()));
     let (q, k, v) = (q?, k?, v?);
     let row = 3 * hd;
     let mut out = vec![0f32; b * t * h * row];
