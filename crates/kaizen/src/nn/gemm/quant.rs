@@ -152,6 +152,9 @@ pub fn linear_quant(x: &Tensor, q: &QMatrix, transposed: bool) -> Result<Tensor>
         if transposed && q.int8 && q.has_int8() {
             return q.int8_product(xs, n, &mut c);
         }
+        if !transposed && q.int8 && q.int8_input_grad(xs, n, &mut c)? {
+            return Ok(());
+        }
         if transposed && takes(n, q.compute == DType::BF16) {
             return gemv_quant(xs, n, q, &mut c);
         }

@@ -8,6 +8,7 @@
 //! row range, and any column range that starts and ends on a block boundary, dequantizes alone.
 
 mod dot;
+mod int8;
 pub mod nf4;
 pub mod simd;
 
@@ -136,7 +137,8 @@ pub struct QMatrix {
     data: QData,
     pub compute: DType,
     /// `--compute int8`: forward products `x Wᵀ` quantize x per block to 8 bits and take
-    /// integer dot products, as llama.cpp does (llama.cpp block types only).
+    /// integer dot products, as llama.cpp does (llama.cpp block types only); input gradients
+    /// `dy W` of many rows run on 8-bit codes too ([`int8::product_t`]).
     pub int8: bool,
 }
 
@@ -198,6 +200,8 @@ impl QMatrix {
     /// [`dot`]'s where candle's is scalar or has no VNNI: the activation blocks are Q8_0, Q8_1
     /// or Q8_K as the weight type pairs them). The weight rows are split into a few contiguous
     /// ranges per rayon thread (ggml's chunking), so each thread streams its weights in order.
+    /// From [`int8::MIN_ROWS`] rows of x on, the 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1,
+    /// Q8_0) take [`int8`]'s blocked product instead: the same terms, summed in another order.
     /// Only for [`has_int8`](QMatrix::has_int8).
     pub fn int8_product(&self, x: &[f32], m: usize, c: &mut [f32]) -> Result<()> {
         type Dot<B> = fn(usize, &[B], &[<B as GgmlType>::VecDotType]) -> f32;
@@ -247,6 +251,12 @@ impl QMatrix {
         };
         let bytes = q.data()?;
         let a = (m, self.cols, self.rows);
+        if let Some(layout) = int8::Layout::of(q.dtype()) {
+            if m >= int8::MIN_ROWS && int8::available() {
+                int8::product(layout, &bytes, a, x, c);
+                return Ok(());
+            }
+        }
         match q.dtype() {
             GgmlDType::Q4_0 => run::<BlockQ4_0>(&bytes, a, x, c, BlockQ4_0::vec_dot),
             GgmlDType::Q4_1 => run::<BlockQ4_1>(&bytes, a, x, c, dot::q4_1_q8_1),
@@ -265,6 +275,16 @@ impl QMatrix {
             }
         }
         Ok(())
+    }
+
+    /// `c (m, cols) = dy (m, rows) · self` on 8-bit codes ([`int8::product_t`]) when that
+    /// path applies (enough rows of dy, a CPU with AVX512-VNNI, rows a multiple of 32);
+    /// otherwise false, nothing written.
+    pub fn int8_input_grad(&self, dy: &[f32], m: usize, c: &mut [f32]) -> Result<bool> {
+        if m < int8::MIN_ROWS || !int8::available() {
+            return Ok(false);
+        }
+        int8::product_t(self, dy, m, c)
     }
 
     /// The matrix whose row `i` is this one's row `perm[i]`.

@@ -1,0 +1,775 @@
+//! The blocked int8 product behind `--compute int8` when x has many rows (training's forward
+//! `x Wᵀ`, a prompt's prefill): `c (m, n) = x (m, k) · Wᵀ` for W in one of llama.cpp's 32-value
+//! block types, on AVX512-VNNI `vpdpbusd` (64 8-bit multiply-adds per instruction, twice
+//! `vdpbf16ps`'s).
+//!
+//! Every such block is `w = a q + o` with 32 small integers q, a scale a and (Q4_1, Q5_1) an
+//! offset o. x is quantized per row and 32-value block exactly as ggml quantizes activations for
+//! that type (Q8_0, or Q8_1 whose `s = d Σ q` carries the offset's term), so each block adds
+//! `Σ q_x q_w · (a d_x) + o s_x` to an output, the terms of ggml's `vec_dot`; only the order of
+//! the f32 additions differs.
+//!
+//! Scheme: each rayon task takes a panel of 32 rows of W (32 columns of c), decodes it once
+//! into the kernel's order (below), and runs every 4 rows of x against it in a 4 x 32 register
+//! tile: per block, eight `vpdpbusd` steps into integer accumulators, then one convert and one
+//! fused multiply-add per accumulator into the f32 tile. `vpdpbusd` multiplies unsigned bytes by
+//! signed ones, so x's codes are stored plus 128 and each block's integer accumulator starts at
+//! `-128 Σ q_w` (kept with the panel), which cancels the shift exactly.
+
+use std::cell::RefCell;
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+use rayon::prelude::*;
+
+use super::QMatrix;
+use crate::Result;
+
+/// Values per quantization block.
+const QK: usize = 32;
+/// Rows of W per panel (columns of c per tile): two 16-lane registers.
+const NR: usize = 32;
+/// Rows of x per tile.
+const MR: usize = 4;
+/// Bytes of one block of a panel: the 32 x 32 codes, step `s` (4 depths) of lane `l` at bytes
+/// `128 s + 4 l ..+ 4`; then per lane the i32 start `-128 Σ q`, the f32 scale a and offset o.
+const REC: usize = QK * NR + 3 * 4 * NR;
+/// Fewer rows of x than this take the per-row dot products (decoding): a panel is decoded
+/// once per product, which only pays over several rows.
+pub const MIN_ROWS: usize = 8;
+
+/// A llama.cpp block type this product takes, by how its 32 codes are stored.
+#[derive(Clone, Copy, Debug)]
+pub enum Layout {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+}
+
+impl Layout {
+    pub fn of(t: GgmlDType) -> Option<Self> {
+        Some(match t {
+            GgmlDType::Q4_0 => Layout::Q4_0,
+            GgmlDType::Q4_1 => Layout::Q4_1,
+            GgmlDType::Q5_0 => Layout::Q5_0,
+            GgmlDType::Q5_1 => Layout::Q5_1,
+            GgmlDType::Q8_0 => Layout::Q8_0,
+            _ => return None,
+        })
+    }
+
+    /// Bytes per block.
+    fn size(self) -> usize {
+        match self {
+            Layout::Q4_0 => 18,
+            Layout::Q4_1 => 20,
+            Layout::Q5_0 => 22,
+            Layout::Q5_1 => 24,
+            Layout::Q8_0 => 34,
+        }
+    }
+
+    /// Whether blocks carry an offset (x is then quantized as Q8_1, with its sums).
+    fn offset(self) -> bool {
+        matches!(self, Layout::Q4_1 | Layout::Q5_1)
+    }
+
+    /// One block's codes into `q`; returns its (scale, offset).
+    fn decode(self, b: &[u8], q: &mut [i8; QK]) -> (f32, f32) {
+        let half = |i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+        let nibbles = |qs: &[u8], q: &mut [i8; QK], high: u32, bias: i8| {
+            for j in 0..QK / 2 {
+                let (h0, h1) = (((high >> j) << 4) & 0x10, (high >> (j + 12)) & 0x10);
+                q[j] = ((qs[j] & 0x0F) | h0 as u8) as i8 - bias;
+                q[j + QK / 2] = ((qs[j] >> 4) | h1 as u8) as i8 - bias;
+            }
+        };
+        let high = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        match self {
+            Layout::Q8_0 => {
+                for (q, &v) in q.iter_mut().zip(&b[2..2 + QK]) {
+                    *q = v as i8;
+                }
+                (half(0), 0.0)
+            }
+            Layout::Q4_0 => {
+                nibbles(&b[2..], q, 0, 8);
+                (half(0), 0.0)
+            }
+            Layout::Q4_1 => {
+                nibbles(&b[4..], q, 0, 0);
+                (half(0), half(2))
+            }
+            Layout::Q5_0 => {
+                nibbles(&b[6..], q, high(2), 16);
+                (half(0), 0.0)
+            }
+            Layout::Q5_1 => {
+                nibbles(&b[8..], q, high(4), 0);
+                (half(0), half(2))
+            }
+        }
+    }
+}
+
+/// Whether this CPU runs the kernel.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx512f") && has!("avx512bw") && has!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// x quantized for the kernel: rows padded to a multiple of [`MR`] (zero codes and scales),
+/// codes plus 128 row-major, and per (row, block) the scale `d` and (Q8_1) `s = d Σ q`.
+struct Acts {
+    codes: Vec<u8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+/// x's rows quantized as ggml's `quantize_row_q8_0` (or `_q8_1`, `with_sums`) does, bit for bit:
+/// per block `d = amax / 127`, codes `round(x / d)` (half away from zero), d stored as f16, and
+/// Q8_1's `s = f16(Σ q) · d` in f16 arithmetic.
+fn quantize_acts(x: &[f32], m: usize, k: usize, with_sums: bool) -> Acts {
+    let (kb, rows) = (k / QK, m.next_multiple_of(MR));
+    let mut acts = Acts {
+        codes: vec![128; rows * k],
+        d: vec![0.0; rows * kb],
+        s: vec![0.0; rows * kb],
+    };
+    let per_row = acts
+        .codes
+        .par_chunks_mut(k)
+        .zip(acts.d.par_chunks_mut(kb))
+        .zip(acts.s.par_chunks_mut(kb));
+    per_row
+        .zip(x.par_chunks(k))
+        .for_each(|(((codes, d), s), row)| {
+            // SAFETY: `product` checked `available`; the slices hold k codes and kb scales.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                avx512::quantize_row(row, codes, d, with_sums.then_some(s))
+            }
+        });
+    acts
+}
+
+/// Decodes W's rows `j0..j0 + NR` (zero past `n`) into `dst` (`kb` blocks of [`REC`] bytes).
+fn pack_panel(layout: Layout, w: &[u8], (j0, n, kb): (usize, usize, usize), dst: &mut [u8]) {
+    dst.fill(0);
+    let size = layout.size();
+    let mut q = [0i8; QK];
+    for l in 0..NR.min(n - j0) {
+        let row = &w[(j0 + l) * kb * size..][..kb * size];
+        for (blk, rec) in row.chunks_exact(size).zip(dst.chunks_exact_mut(REC)) {
+            let (a, o) = layout.decode(blk, &mut q);
+            for (s, four) in q.chunks_exact(4).enumerate() {
+                for (t, &v) in four.iter().enumerate() {
+                    rec[128 * s + 4 * l + t] = v as u8;
+                }
+            }
+            let start = -128 * q.iter().map(|&v| v as i32).sum::<i32>();
+            let tail = &mut rec[QK * NR..];
+            tail[4 * l..4 * l + 4].copy_from_slice(&start.to_le_bytes());
+            tail[4 * (NR + l)..4 * (NR + l) + 4].copy_from_slice(&a.to_le_bytes());
+            tail[4 * (2 * NR + l)..4 * (2 * NR + l) + 4].copy_from_slice(&o.to_le_bytes());
+        }
+    }
+}
+
+/// Raw pointer to c shared by the tasks; each writes its own columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint column panels of c, which outlives the parallel section.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// Element `i` of c (a method, so closures capture the whole `Out`).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+thread_local! {
+    static PANEL: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `c (m, n) = x (m, k) · Wᵀ`, W's `n` rows in `w` as blocks of `layout`. The caller checks
+/// [`available`]; k is a multiple of 32 and `w` holds `n k / 32` blocks.
+pub fn product(
+    layout: Layout,
+    w: &[u8],
+    (m, k, n): (usize, usize, usize),
+    x: &[f32],
+    c: &mut [f32],
+) {
+    assert!(available(), "int8 product: the CPU lacks AVX512-VNNI");
+    let kb = k / QK;
+    assert!(k == kb * QK && w.len() >= n * kb * layout.size());
+    assert!(x.len() >= m * k && c.len() >= m * n);
+    let acts = quantize_acts(&x[..m * k], m, k, layout.offset());
+    let pack = |j0, panel: &mut [u8]| {
+        pack_panel(layout, w, (j0, n, kb), panel);
+        Ok(())
+    };
+    run(&acts, (m, kb, n), (1, layout.offset()), c, pack).expect("decoding never fails");
+}
+
+/// `c (m, k) = dy (m, n) · W (n, k)`, the input gradient through the frozen W, any type: dy is
+/// quantized as the forward's x (Q8_0), and W's columns, dequantized 32 x 32 at a time, are
+/// quantized again per 32-row block along the depth (round to nearest, an f32 scale per block:
+/// SwitchBack's int8 input gradient, with blocks). Returns false (nothing written) when W's
+/// row count is not a multiple of 32: the caller's other path then runs.
+pub fn product_t(q: &QMatrix, dy: &[f32], m: usize, c: &mut [f32]) -> Result<bool> {
+    assert!(available(), "int8 product: the CPU lacks AVX512-VNNI");
+    let (n, k) = q.dims();
+    let kb = n / QK;
+    if n != kb * QK {
+        return Ok(false);
+    }
+    assert!(dy.len() >= m * n && c.len() >= m * k);
+    let acts = quantize_acts(&dy[..m * n], m, n, false);
+    // Tasks take whole quantization blocks of columns (one panel for 32-value blocks, eight for
+    // K-quants), each dequantized once per depth block.
+    let width = q.block_size().max(NR);
+    let group = width / NR;
+    let pack = |c0: usize, panels: &mut [u8]| -> Result<()> {
+        TILE.with(|buf| {
+            let mut tile = buf.borrow_mut();
+            tile.resize(QK * width, 0.0);
+            for rb in 0..kb {
+                for (r, row) in tile.chunks_mut(width).enumerate() {
+                    q.dequantize_into(rb * QK + r, c0, row)?;
+                }
+                for (p, panel) in panels.chunks_mut(kb * REC).take(group).enumerate() {
+                    let rec = &mut panel[rb * REC..(rb + 1) * REC];
+                    // SAFETY: `available`; the tile holds 32 rows of `width` values and the
+                    // record REC bytes.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        avx512::requantize(tile[p * NR..].as_ptr(), width, rec)
+                    };
+                }
+            }
+            Ok(())
+        })
+    };
+    run(&acts, (m, kb, k), (group, false), c, pack)?;
+    Ok(true)
+}
+
+thread_local! {
+    static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The driver of both products: rayon tasks of `group` panels (`NR` columns of c each, from
+/// column `group · NR · task`), each packed by `pack(first column, panels)` and run against
+/// every [`MR`] rows of the quantized left operand.
+fn run(
+    acts: &Acts,
+    (m, kb, n): (usize, usize, usize),
+    (group, offset): (usize, bool),
+    c: &mut [f32],
+    pack: impl Fn(usize, &mut [u8]) -> Result<()> + Sync,
+) -> Result<()> {
+    let out = Out(c.as_mut_ptr());
+    let k = kb * QK;
+    (0..n.div_ceil(group * NR))
+        .into_par_iter()
+        .try_for_each(|g| {
+            PANEL.with(|buf| {
+                let mut panels = buf.borrow_mut();
+                panels.resize(group * kb * REC, 0);
+                pack(g * group * NR, &mut panels)?;
+                let mut tile = [0f32; MR * NR];
+                for (p, panel) in panels.chunks(kb * REC).enumerate() {
+                    let j0 = (g * group + p) * NR;
+                    if j0 >= n {
+                        break;
+                    }
+                    let cols = NR.min(n - j0);
+                    for i0 in (0..m).step_by(MR) {
+                        let rows = MR.min(m - i0);
+                        let a = (
+                            &acts.codes[i0 * k..],
+                            &acts.d[i0 * kb..],
+                            &acts.s[i0 * kb..],
+                        );
+                        // SAFETY: `available` was checked; the operand's padded rows
+                        // i0..i0+MR and the panel hold kb blocks; c's tile is inside c
+                        // (rows < m, columns < n), and only this task writes columns
+                        // j0..j0+NR.
+                        unsafe {
+                            if rows == MR && cols == NR {
+                                tile_kernel(offset, kb, a, panel, out.at(i0 * n + j0), n);
+                            } else {
+                                tile_kernel(offset, kb, a, panel, tile.as_mut_ptr(), NR);
+                                for r in 0..rows {
+                                    let dst = std::slice::from_raw_parts_mut(
+                                        out.at((i0 + r) * n + j0),
+                                        cols,
+                                    );
+                                    dst.copy_from_slice(&tile[r * NR..r * NR + cols]);
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })
+        })
+}
+
+/// # Safety
+/// [`available`]; `a` holds [`MR`] rows of `kb` blocks, `panel` `kb` records; `c` a
+/// `MR x NR` tile with row stride `ldc`.
+unsafe fn tile_kernel(
+    offset: bool,
+    kb: usize,
+    (codes, d, s): (&[u8], &[f32], &[f32]),
+    panel: &[u8],
+    c: *mut f32,
+    ldc: usize,
+) {
+    assert!(codes.len() >= MR * kb * QK && d.len() >= MR * kb && s.len() >= MR * kb);
+    assert!(panel.len() >= kb * REC);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let args = (
+            kb,
+            codes.as_ptr(),
+            d.as_ptr(),
+            s.as_ptr(),
+            panel.as_ptr(),
+            c,
+            ldc,
+        );
+        if offset {
+            avx512::kernel::<true>(args)
+        } else {
+            avx512::kernel::<false>(args)
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("int8 product: callers check available() first")
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::{MR, NR, QK, REC};
+
+    /// One row of x into codes plus 128 and per-block scales (see `quantize_acts`).
+    ///
+    /// # Safety
+    /// AVX-512F and BW; `codes` holds `row.len()` bytes, `d` (and `s`) `row.len() / 32` values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn quantize_row(
+        row: &[f32],
+        codes: &mut [u8],
+        d: &mut [f32],
+        s: Option<&mut [f32]>,
+    ) {
+        let kb = row.len() / QK;
+        assert!(codes.len() >= kb * QK && d.len() >= kb);
+        let mut sums = s;
+        for b in 0..kb {
+            let (src, dst) = (row.as_ptr().add(b * QK), codes.as_mut_ptr().add(b * QK));
+            let v = [_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16))];
+            let amax =
+                _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+            let scale = amax / 127.0;
+            let inv = _mm512_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+            let mut total = _mm512_setzero_si512();
+            for (h, &v) in v.iter().enumerate() {
+                let q = _mm512_cvttps_epi32(round_away(_mm512_mul_ps(v, inv)));
+                total = _mm512_add_epi32(total, q);
+                let bytes = _mm_xor_si128(_mm512_cvtsepi32_epi8(q), _mm_set1_epi8(-128));
+                _mm_storeu_si128(dst.add(16 * h).cast(), bytes);
+            }
+            let half = f16::from_f32(scale);
+            d[b] = half.to_f32();
+            if let Some(s) = sums.as_deref_mut() {
+                s[b] = (f16::from_f32(_mm512_reduce_add_epi32(total) as f32) * half).to_f32();
+            }
+        }
+    }
+
+    /// A 32 x 32 f32 tile (row stride `ld`) into one panel record: column l of the tile is
+    /// lane l, its 32 rows the block's depth, quantized with `scale = amax / 127` per column.
+    ///
+    /// # Safety
+    /// AVX-512F and BW; `t` holds 32 rows of `ld >= 32` values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn requantize(t: *const f32, ld: usize, rec: &mut [u8]) {
+        assert!(rec.len() >= REC);
+        let at = |r: usize, h: usize| _mm512_loadu_ps(t.add(r * ld + 16 * h));
+        let mut amax = [_mm512_setzero_ps(); 2];
+        for r in 0..QK {
+            for (h, m) in amax.iter_mut().enumerate() {
+                *m = _mm512_max_ps(*m, _mm512_abs_ps(at(r, h)));
+            }
+        }
+        let dst = rec.as_mut_ptr();
+        let tail = dst.add(QK * NR);
+        let mut sum = [_mm512_setzero_si512(); 2];
+        for (h, &m) in amax.iter().enumerate() {
+            let scale = _mm512_div_ps(m, _mm512_set1_ps(127.0));
+            let nonzero = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(scale, _mm512_setzero_ps());
+            let inv = _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(1.0), scale);
+            for st in 0..QK / 4 {
+                let mut word = _mm512_setzero_si512();
+                for b in 0..4 {
+                    let q = _mm512_cvttps_epi32(round_away(_mm512_mul_ps(at(4 * st + b, h), inv)));
+                    sum[h] = _mm512_add_epi32(sum[h], q);
+                    let byte = _mm512_and_si512(q, _mm512_set1_epi32(0xFF));
+                    word = _mm512_or_si512(
+                        word,
+                        _mm512_sllv_epi32(byte, _mm512_set1_epi32(8 * b as i32)),
+                    );
+                }
+                _mm512_storeu_si512(dst.add(128 * st + 64 * h).cast(), word);
+            }
+            let start = _mm512_mullo_epi32(sum[h], _mm512_set1_epi32(-128));
+            _mm512_storeu_si512(tail.add(64 * h).cast(), start);
+            _mm512_storeu_ps(tail.add(4 * NR + 64 * h).cast(), scale);
+            _mm512_storeu_ps(tail.add(8 * NR + 64 * h).cast(), _mm512_setzero_ps());
+        }
+    }
+
+    /// `f32::round` lane by lane: to the nearest integer, halves away from zero.
+    #[inline(always)]
+    unsafe fn round_away(v: __m512) -> __m512 {
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+        let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(
+            _mm512_abs_ps(_mm512_sub_ps(v, t)),
+            _mm512_set1_ps(0.5),
+        );
+        let one = _mm512_or_ps(_mm512_set1_ps(1.0), _mm512_and_ps(v, _mm512_set1_ps(-0.0)));
+        _mm512_mask_add_ps(t, up, t, one)
+    }
+
+    type Args = (
+        usize,
+        *const u8,
+        *const f32,
+        *const f32,
+        *const u8,
+        *mut f32,
+        usize,
+    );
+
+    /// One `MR x NR` tile over `kb` blocks (see the module's scheme); `OFFSET` adds `o s_x`.
+    ///
+    /// # Safety
+    /// As [`super::tile_kernel`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn kernel<const OFFSET: bool>((kb, x, d, s, w, c, ldc): Args) {
+        let k = kb * QK;
+        let mut f = [[_mm512_setzero_ps(); 2]; MR];
+        for b in 0..kb {
+            let rec = w.add(b * REC);
+            let tail = rec.add(QK * NR);
+            let start = [
+                _mm512_loadu_si512(tail.cast()),
+                _mm512_loadu_si512(tail.add(64).cast()),
+            ];
+            let mut acc = [start; MR];
+            for st in 0..QK / 4 {
+                let w0 = _mm512_loadu_si512(rec.add(128 * st).cast());
+                let w1 = _mm512_loadu_si512(rec.add(128 * st + 64).cast());
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let four = x
+                        .add(r * k + b * QK + 4 * st)
+                        .cast::<i32>()
+                        .read_unaligned();
+                    let a = _mm512_set1_epi32(four);
+                    acc[0] = _mm512_dpbusd_epi32(acc[0], a, w0);
+                    acc[1] = _mm512_dpbusd_epi32(acc[1], a, w1);
+                }
+            }
+            let scale = [
+                _mm512_loadu_ps(tail.add(4 * NR).cast()),
+                _mm512_loadu_ps(tail.add(4 * NR + 64).cast()),
+            ];
+            for (r, (f, acc)) in f.iter_mut().zip(&acc).enumerate() {
+                let dx = _mm512_set1_ps(*d.add(r * kb + b));
+                for h in 0..2 {
+                    let sc = _mm512_mul_ps(scale[h], dx);
+                    f[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h]), sc, f[h]);
+                }
+            }
+            if OFFSET {
+                let off = [
+                    _mm512_loadu_ps(tail.add(8 * NR).cast()),
+                    _mm512_loadu_ps(tail.add(8 * NR + 64).cast()),
+                ];
+                for (r, f) in f.iter_mut().enumerate() {
+                    let sx = _mm512_set1_ps(*s.add(r * kb + b));
+                    for h in 0..2 {
+                        f[h] = _mm512_fmadd_ps(off[h], sx, f[h]);
+                    }
+                }
+            }
+        }
+        for (r, f) in f.iter().enumerate() {
+            _mm512_storeu_ps(c.add(r * ldc), f[0]);
+            _mm512_storeu_ps(c.add(r * ldc + 16), f[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::nn::quant::{QData, QFormat, QMatrix};
+
+    const TYPES: [GgmlDType; 5] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+    ];
+
+    fn values(len: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut seed = seed;
+        (0..len)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    fn quantized(t: GgmlDType, w: &[f32], rows: usize, cols: usize) -> QMatrix {
+        let w = Tensor::from_vec(w.to_vec(), (rows, cols), &Device::Cpu).unwrap();
+        let mut q = QMatrix::quantize(&w, QFormat::Ggml(t), DType::F32, "w").unwrap();
+        q.int8 = true;
+        q
+    }
+
+    /// `a q + o` of every decoded block is candle's dequantized value, exactly.
+    #[test]
+    fn decode_is_ggml_dequantize() {
+        let (rows, cols) = (3, 128);
+        // Shifted weights: Q4_1 / Q5_1 blocks with non-zero minima.
+        let w: Vec<f32> = values(rows * cols, 7, 1.0)
+            .iter()
+            .map(|v| v + 0.3)
+            .collect();
+        for t in TYPES {
+            let q = quantized(t, &w, rows, cols);
+            let QData::Ggml(g) = &q.data else {
+                unreachable!()
+            };
+            let bytes = g.data().unwrap();
+            let layout = Layout::of(t).unwrap();
+            assert_eq!(layout.size(), t.type_size());
+            let want = q.rows_f32(0, rows).unwrap();
+            let mut codes = [0i8; QK];
+            for (blk, want) in bytes.chunks_exact(layout.size()).zip(want.chunks(QK)) {
+                let (a, o) = layout.decode(blk, &mut codes);
+                for (&c, &v) in codes.iter().zip(want) {
+                    // Equal as numbers: candle's `q d` may be -0 where `q d + 0` is +0.
+                    assert_eq!(c as f32 * a + o, v, "{t:?}");
+                }
+            }
+        }
+    }
+
+    /// The activation codes and scales are ggml's quantizers' (candle's ports), bit for bit,
+    /// halves and the extreme codes included.
+    #[test]
+    fn activations_are_ggml_quantized() {
+        use candle_core::quantized::k_quants::{BlockQ8_0, BlockQ8_1, GgmlType};
+        if !available() {
+            eprintln!("skipped: no AVX512-VNNI");
+            return;
+        }
+        let (m, k) = (5, 256);
+        let mut x = values(m * k, 9, 4.0);
+        // Exact halves after scaling: amax 127 makes d 1 and the codes the values themselves.
+        x[0] = 127.0;
+        for (i, v) in x[1..32].iter_mut().enumerate() {
+            *v = i as f32 - 15.5;
+        }
+        x[32..64].fill(0.0);
+        for with_sums in [false, true] {
+            let acts = quantize_acts(&x, m, k, with_sums);
+            assert_eq!(acts.codes.len(), 8 * k, "rows padded to a multiple of 4");
+            for (i, row) in x.chunks(k).enumerate() {
+                let (want_q, want_d, want_s): (Vec<i8>, Vec<f32>, Vec<f32>) = if with_sums {
+                    let mut b = vec![BlockQ8_1::zeros(); k / QK];
+                    BlockQ8_1::from_float(row, &mut b);
+                    // SAFETY: repr(C) blocks of two f16 then 32 i8.
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts(b.as_ptr().cast::<u8>(), b.len() * 36)
+                    };
+                    let h = |c: &[u8], i| f16::from_le_bytes([c[i], c[i + 1]]).to_f32();
+                    (
+                        bytes
+                            .chunks(36)
+                            .flat_map(|c| c[4..].iter().map(|&v| v as i8))
+                            .collect(),
+                        bytes.chunks(36).map(|c| h(c, 0)).collect(),
+                        bytes.chunks(36).map(|c| h(c, 2)).collect(),
+                    )
+                } else {
+                    let mut b = vec![BlockQ8_0::zeros(); k / QK];
+                    BlockQ8_0::from_float(row, &mut b);
+                    // SAFETY: repr(C) blocks of one f16 then 32 i8.
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts(b.as_ptr().cast::<u8>(), b.len() * 34)
+                    };
+                    (
+                        bytes
+                            .chunks(34)
+                            .flat_map(|c| c[2..].iter().map(|&v| v as i8))
+                            .collect(),
+                        bytes
+                            .chunks(34)
+                            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                            .collect(),
+                        vec![0.0; k / QK],
+                    )
+                };
+                let got_q: Vec<i8> = acts.codes[i * k..(i + 1) * k]
+                    .iter()
+                    .map(|&c| (c ^ 0x80) as i8)
+                    .collect();
+                assert_eq!(got_q, want_q, "row {i}");
+                assert_eq!(
+                    &acts.d[i * k / QK..(i + 1) * k / QK],
+                    &want_d[..],
+                    "row {i}"
+                );
+                if with_sums {
+                    assert_eq!(
+                        &acts.s[i * k / QK..(i + 1) * k / QK],
+                        &want_s[..],
+                        "row {i}"
+                    );
+                }
+            }
+            assert!(acts.codes[m * k..].iter().all(|&c| c == 128));
+        }
+    }
+
+    /// The blocked product against each row's ggml `vec_dot` (the one-row path), for every
+    /// type, with edges in both directions (m not a multiple of 4, n not of 32): the same
+    /// products in another f32 order, so within a few epsilons of `Σ |w x|`.
+    #[test]
+    fn product_matches_row_dots() {
+        if !available() {
+            eprintln!("skipped: no AVX512-VNNI");
+            return;
+        }
+        let (m, k, n) = (11, 128, 45);
+        let w: Vec<f32> = values(n * k, 3, 1.0).iter().map(|v| v + 0.2).collect();
+        let x = values(m * k, 4, 3.0);
+        for t in TYPES {
+            let q = quantized(t, &w, n, k);
+            let mut got = vec![f32::NAN; m * n];
+            q.int8_product(&x, m, &mut got).unwrap();
+            for (i, xi) in x.chunks(k).enumerate() {
+                let mut want = vec![0f32; n];
+                q.int8_product(xi, 1, &mut want).unwrap();
+                for (j, want) in want.iter().enumerate() {
+                    let size: f32 = (0..k).map(|p| (w[j * k + p] * xi[p]).abs()).sum();
+                    let g = got[i * n + j];
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (size + 1.0),
+                        "{t:?} c[{i}, {j}]: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The input gradient `dy W` on requantized codes against the exact product with the
+    /// dequantized W (f64), for a 32-value, a 64-value (NF4) and a 256-value (Q4_K) block type:
+    /// each element within the bound of its two roundings (per term `amax_dy amax_W` times
+    /// `1/254` for each operand's half step, `1/2048` for dy's f16 scale), and the whole within
+    /// 1% relative RMS (a misplaced lane or block would be near 100%). A W whose row count is
+    /// not whole 32-row blocks is declined.
+    #[test]
+    fn input_grad_within_quantization_error() {
+        if !available() {
+            eprintln!("skipped: no AVX512-VNNI");
+            return;
+        }
+        let (m, n, k) = (13, 96, 512);
+        let w = values(n * k, 5, 1.0);
+        let dy = values(m * n, 6, 0.5);
+        let formats = [
+            QFormat::Ggml(GgmlDType::Q8_0),
+            QFormat::Ggml(GgmlDType::Q4_1),
+            QFormat::Ggml(GgmlDType::Q4K),
+            QFormat::Nf4 {
+                double_quant: false,
+            },
+        ];
+        for format in formats {
+            let t = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
+            let q = QMatrix::quantize(&t, format, DType::F32, "w").unwrap();
+            let wd = q.rows_f32(0, n).unwrap();
+            let mut got = vec![f32::NAN; m * k];
+            assert!(q.int8_input_grad(&dy, m, &mut got).unwrap(), "{format}");
+            let (mut err2, mut ref2) = (0f64, 0f64);
+            for i in 0..m {
+                for c in 0..k {
+                    let (mut want, mut bound) = (0f64, 0f64);
+                    for b in 0..n / QK {
+                        let rows = b * QK..(b + 1) * QK;
+                        let ad = rows
+                            .clone()
+                            .map(|j| dy[i * n + j].abs())
+                            .fold(0f32, f32::max);
+                        let aw = rows
+                            .clone()
+                            .map(|j| wd[j * k + c].abs())
+                            .fold(0f32, f32::max);
+                        bound += QK as f64 * (ad * aw) as f64 * (2.0 / 254.0 + 1.0 / 2048.0);
+                        for j in rows {
+                            want += dy[i * n + j] as f64 * wd[j * k + c] as f64;
+                        }
+                    }
+                    let g = got[i * k + c] as f64;
+                    assert!(
+                        (g - want).abs() <= bound * 1.01 + 1e-5,
+                        "{format} c[{i}, {c}]: {g} vs {want}"
+                    );
+                    err2 += (g - want).powi(2);
+                    ref2 += want.powi(2);
+                }
+            }
+            assert!(
+                (err2 / ref2).sqrt() < 0.01,
+                "{format}: relative RMS {}",
+                (err2 / ref2).sqrt()
+            );
+        }
+        let t = Tensor::from_vec(w[..40 * k].to_vec(), (40, k), &Device::Cpu).unwrap();
+        let q = QMatrix::quantize(&t, QFormat::Ggml(GgmlDType::Q8_0), DType::F32, "w").unwrap();
+        assert!(!q
+            .int8_input_grad(&dy[..m * 40], m, &mut vec![0.0; m * k])
+            .unwrap());
+    }
+}
