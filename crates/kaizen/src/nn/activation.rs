@@ -2,6 +2,11 @@
 //! forms) and SiLU run as one fused parallel pass each way on [`super::math`]'s vectorised
 //! `erf`/`exp` (candle's `gelu_erf` is a libm call per element, and its backward composed of
 //! candle ops is six passes over a (tokens, intermediate) tensor).
+//!
+//! Each activation is a type ([`Act`]) and each pass a loop generic over it, so the element
+//! function is known where the loop is compiled: it inlines, and the loop vectorises. The
+//! loops are compiled twice, for the build's baseline and for AVX-512 (picked at run time):
+//! the baseline x86-64 target has only 4-lane SSE.
 
 use std::f32::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
 
@@ -21,83 +26,104 @@ const INV_SQRT_2PI: f32 = FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5;
 const TANH_C: f32 = FRAC_2_SQRT_PI * FRAC_1_SQRT_2;
 const TANH_A: f32 = 0.044715;
 
+/// A smooth activation: its value and derivative.
+trait Act: Send + Sync + 'static {
+    fn value(x: f32) -> f32;
+    fn derivative(x: f32) -> f32;
+}
+
+/// `0.5 x (1 + erf(x / sqrt 2))`
+struct Gelu;
+/// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`
+struct GeluTanh;
+/// `x sigmoid(x)`
+struct Silu;
+
+impl Act for Gelu {
+    #[inline(always)]
+    fn value(x: f32) -> f32 {
+        0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))
+    }
+
+    /// `0.5 (1 + erf(x / sqrt 2)) + x exp(-x^2 / 2) / sqrt(2 pi)`
+    #[inline(always)]
+    fn derivative(x: f32) -> f32 {
+        0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)) + x * exp(-0.5 * x * x) * INV_SQRT_2PI
+    }
+}
+
+impl GeluTanh {
+    /// `sqrt(2 / pi) (x + 0.044715 x^3)`
+    #[inline(always)]
+    fn u(x: f32) -> f32 {
+        TANH_C * (x + TANH_A * x * x * x)
+    }
+}
+
+impl Act for GeluTanh {
+    #[inline(always)]
+    fn value(x: f32) -> f32 {
+        0.5 * x * (1.0 + tanh(Self::u(x)))
+    }
+
+    /// y = 0.5 x (1 + tanh(u)): 0.5 (1 + t) + 0.5 x (1 - t^2) u'
+    #[inline(always)]
+    fn derivative(x: f32) -> f32 {
+        let t = tanh(Self::u(x));
+        let du = TANH_C * (1.0 + 3.0 * TANH_A * x * x);
+        0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    }
+}
+
+impl Act for Silu {
+    #[inline(always)]
+    fn value(x: f32) -> f32 {
+        x * sigmoid(x)
+    }
+
+    /// `s (1 + x (1 - s))`, s = sigmoid(x)
+    #[inline(always)]
+    fn derivative(x: f32) -> f32 {
+        let s = sigmoid(x);
+        s * (1.0 + x * (1.0 - s))
+    }
+}
+
+/// `$body` with `$a` the type of the smooth activation `$act` (ReLU is candle's, handled first
+/// by every caller).
+macro_rules! with_act {
+    ($act:expr, $a:ident => $body:expr) => {
+        match $act {
+            Activation::Gelu => {
+                type $a = Gelu;
+                $body
+            }
+            Activation::GeluTanh => {
+                type $a = GeluTanh;
+                $body
+            }
+            Activation::Silu => {
+                type $a = Silu;
+                $body
+            }
+            Activation::Relu => unreachable!("ReLU runs on candle's ops"),
+        }
+    };
+}
+
 pub fn apply(act: Activation, x: &Tensor) -> Result<Tensor> {
-    // One closure per activation rather than `act_value(act, x)`: a constant activation lets
-    // each pass vectorise (a match per element kept the backward scalar).
-    Ok(match act {
-        Activation::Gelu => map(x, None, |x, _| gelu(x))?,
-        Activation::GeluTanh => map(x, None, |x, _| 0.5 * x * (1.0 + tanh(gelu_tanh_u(x))))?,
-        Activation::Relu => x.relu()?,
-        Activation::Silu => map(x, None, |x, _| x * sigmoid(x))?,
-    })
+    if act == Activation::Relu {
+        return Ok(x.relu()?);
+    }
+    with_act!(act, A => map::<Value<A>>(x, None))
 }
 
 /// dy * act'(x)
 pub fn backward(act: Activation, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    Ok(match act {
-        Activation::Relu => (dy * x.gt(0.0)?.to_dtype(x.dtype())?)?,
-        _ => map(x, Some(dy), |x, dy| dy * derivative(act, x))?,
-    })
-}
-
-/// `0.5 x (1 + erf(x / sqrt 2))`
-#[inline(always)]
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))
-}
-
-/// `sqrt(2 / pi) (x + 0.044715 x^3)`
-#[inline(always)]
-fn gelu_tanh_u(x: f32) -> f32 {
-    TANH_C * (x + TANH_A * x * x * x)
-}
-
-/// act'(x)
-#[inline(always)]
-fn derivative(act: Activation, x: f32) -> f32 {
-    match act {
-        // 0.5 (1 + erf(x / sqrt 2)) + x * exp(-x^2 / 2) / sqrt(2 pi)
-        Activation::Gelu => {
-            0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)) + x * exp(-0.5 * x * x) * INV_SQRT_2PI
-        }
-        // y = 0.5 x (1 + tanh(u)): 0.5 (1 + t) + 0.5 x (1 - t^2) u'
-        Activation::GeluTanh => {
-            let t = tanh(gelu_tanh_u(x));
-            let du = TANH_C * (1.0 + 3.0 * TANH_A * x * x);
-            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
-        }
-        Activation::Relu => f32::from(x > 0.0),
-        // s (1 + x (1 - s)), s = sigmoid(x)
-        Activation::Silu => {
-            let s = sigmoid(x);
-            s * (1.0 + x * (1.0 - s))
-        }
+    if act == Activation::Relu {
+        return Ok((dy * x.gt(0.0)?.to_dtype(x.dtype())?)?);
     }
-}
-
-/// `f(x, y)` element by element over f32 tensors of one shape (`y` absent: `f(x, 0)`), in one
-/// parallel pass that reads both in place and writes a new tensor.
-fn map(x: &Tensor, y: Option<&Tensor>, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let mut out = vec![0f32; x.elem_count()];
-    with_slice::<f32, _>(&x, |xs| match y {
-        Some(y) => with_slice::<f32, _>(&y.contiguous()?, |ys| {
-            out.par_chunks_mut(CHUNK)
-                .zip(xs.par_chunks(CHUNK).zip(ys.par_chunks(CHUNK)))
-                .for_each(|(o, (x, y))| {
-                    for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-                        *o = f(x, y);
-                    }
-                })
-        }),
-        None => {
-            out.par_chunks_mut(CHUNK)
-                .zip(xs.par_chunks(CHUNK))
-                .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x, 0.0)));
-            Ok(())
-        }
-    })??;
-    Ok(Tensor::from_vec(out, x.dims(), x.device())?)
+    with_act!(act, A => map::<Grad<A>>(x, Some(dy)))
 }
 
 /// Gated MLP (SwiGLU, GeGLU): `act(gate) * up` in one parallel pass.
@@ -105,18 +131,7 @@ pub fn glu(act: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if act == Activation::Relu {
         return Ok((gate.relu()? * up)?);
     }
-    map(gate, Some(up), |x, u| u * act_value(act, x))
-}
-
-/// act(x) for the fused passes.
-#[inline(always)]
-fn act_value(act: Activation, x: f32) -> f32 {
-    match act {
-        Activation::Gelu => gelu(x),
-        Activation::GeluTanh => 0.5 * x * (1.0 + tanh(gelu_tanh_u(x))),
-        Activation::Relu => x.max(0.0),
-        Activation::Silu => x * sigmoid(x),
-    }
+    with_act!(act, A => map::<Gated<A>>(gate, Some(up)))
 }
 
 /// Backward of [`glu`]: (d_gate, d_up) from the product's gradient; the activation is
@@ -131,9 +146,92 @@ pub fn glu_backward(
         let d_gate = backward(act, gate, &(d_prod * up)?)?;
         return Ok((d_gate, (d_prod * gate.relu()?)?));
     }
+    with_act!(act, A => glu_grads::<A>(gate, up, d_prod))
+}
+
+/// An element-wise pass `f(x, y)`.
+trait Pass: Send + Sync + 'static {
+    fn at(x: f32, y: f32) -> f32;
+}
+
+/// act(x)
+struct Value<A>(std::marker::PhantomData<A>);
+/// y act'(x)
+struct Grad<A>(std::marker::PhantomData<A>);
+/// y act(x)
+struct Gated<A>(std::marker::PhantomData<A>);
+
+impl<A: Act> Pass for Value<A> {
+    #[inline(always)]
+    fn at(x: f32, _: f32) -> f32 {
+        A::value(x)
+    }
+}
+
+impl<A: Act> Pass for Grad<A> {
+    #[inline(always)]
+    fn at(x: f32, y: f32) -> f32 {
+        y * A::derivative(x)
+    }
+}
+
+impl<A: Act> Pass for Gated<A> {
+    #[inline(always)]
+    fn at(x: f32, y: f32) -> f32 {
+        y * A::value(x)
+    }
+}
+
+/// Whether the AVX-512 copies of the loops run.
+fn wide() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx512f") && has!("avx512dq") && has!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `P::at(x, y)` element by element over f32 tensors of one shape (`y` absent: x again), in one
+/// parallel pass that reads both in place and writes a new tensor.
+fn map<P: Pass>(x: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let y = y.map(Tensor::contiguous).transpose()?;
+    let mut out = vec![0f32; x.elem_count()];
+    let wide = wide();
+    with_slice::<f32, _>(&x, |xs| {
+        with_slice::<f32, _>(y.as_ref().unwrap_or(&x), |ys| {
+            out.par_chunks_mut(CHUNK)
+                .zip(xs.par_chunks(CHUNK).zip(ys.par_chunks(CHUNK)))
+                .for_each(|(o, (x, y))| {
+                    #[cfg(target_arch = "x86_64")]
+                    if wide {
+                        // SAFETY: `wide` found the features.
+                        return unsafe { avx512::pass::<P>(o, x, y) };
+                    }
+                    pass::<P>(o, x, y)
+                })
+        })
+    })??;
+    Ok(Tensor::from_vec(out, x.dims(), x.device())?)
+}
+
+#[inline(always)]
+fn pass<P: Pass>(o: &mut [f32], x: &[f32], y: &[f32]) {
+    for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+        *o = P::at(x, y);
+    }
+}
+
+/// `(dp u act'(g), dp act(g))` in one pass.
+fn glu_grads<A: Act>(gate: &Tensor, up: &Tensor, d_prod: &Tensor) -> Result<(Tensor, Tensor)> {
     let (gate, up, d_prod) = (gate.contiguous()?, up.contiguous()?, d_prod.contiguous()?);
     let mut d_gate = vec![0f32; d_prod.elem_count()];
     let mut d_up = vec![0f32; d_gate.len()];
+    let wide = wide();
     with_slice::<f32, _>(&gate, |g| {
         with_slice::<f32, _>(&up, |u| {
             with_slice::<f32, _>(&d_prod, |dp| {
@@ -143,10 +241,12 @@ pub fn glu_backward(
                     .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
                     .zip(dp.par_chunks(CHUNK))
                     .for_each(|(((dg, du), (g, u)), dp)| {
-                        for i in 0..dg.len() {
-                            du[i] = dp[i] * act_value(act, g[i]);
-                            dg[i] = dp[i] * u[i] * derivative(act, g[i]);
+                        #[cfg(target_arch = "x86_64")]
+                        if wide {
+                            // SAFETY: `wide` found the features.
+                            return unsafe { avx512::glu_pass::<A>((dg, du), (g, u, dp)) };
                         }
+                        glu_pass::<A>((dg, du), (g, u, dp))
                     })
             })
         })
@@ -156,6 +256,36 @@ pub fn glu_backward(
         Tensor::from_vec(d_gate, d_prod.dims(), dev)?,
         Tensor::from_vec(d_up, d_prod.dims(), dev)?,
     ))
+}
+
+#[inline(always)]
+fn glu_pass<A: Act>((dg, du): (&mut [f32], &mut [f32]), (g, u, dp): (&[f32], &[f32], &[f32])) {
+    let n = dg.len();
+    let (du, g, u, dp) = (&mut du[..n], &g[..n], &u[..n], &dp[..n]);
+    for i in 0..n {
+        du[i] = dp[i] * A::value(g[i]);
+        dg[i] = dp[i] * u[i] * A::derivative(g[i]);
+    }
+}
+
+/// The loops above compiled for AVX-512 (their element functions inline into them).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Act, Pass};
+
+    /// # Safety
+    /// AVX-512F, DQ and FMA present.
+    #[target_feature(enable = "avx512f,avx512dq,fma")]
+    pub unsafe fn pass<P: Pass>(o: &mut [f32], x: &[f32], y: &[f32]) {
+        super::pass::<P>(o, x, y)
+    }
+
+    /// # Safety
+    /// AVX-512F, DQ and FMA present.
+    #[target_feature(enable = "avx512f,avx512dq,fma")]
+    pub unsafe fn glu_pass<A: Act>(d: (&mut [f32], &mut [f32]), s: (&[f32], &[f32], &[f32])) {
+        super::glu_pass::<A>(d, s)
+    }
 }
 
 #[cfg(test)]

@@ -119,7 +119,7 @@ pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        has!("avx512f") && has!("avx512bw") && has!("avx512vnni")
+        has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -374,8 +374,8 @@ mod avx512 {
     /// One row of x into codes plus 128 and per-block scales (see `quantize_acts`).
     ///
     /// # Safety
-    /// AVX-512F and BW; `codes` holds `row.len()` bytes, `d` (and `s`) `row.len() / 32` values.
-    #[target_feature(enable = "avx512f,avx512bw")]
+    /// AVX-512F, BW and DQ; `codes` holds `row.len()` bytes, `d` (and `s`) `row.len() / 32` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq")]
     pub unsafe fn quantize_row(
         row: &[f32],
         codes: &mut [u8],
@@ -411,8 +411,8 @@ mod avx512 {
     /// lane l, its 32 rows the block's depth, quantized with `scale = amax / 127` per column.
     ///
     /// # Safety
-    /// AVX-512F and BW; `t` holds 32 rows of `ld >= 32` values.
-    #[target_feature(enable = "avx512f,avx512bw")]
+    /// AVX-512F, BW and DQ; `t` holds 32 rows of `ld >= 32` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq")]
     pub unsafe fn requantize(t: *const f32, ld: usize, rec: &mut [u8]) {
         assert!(rec.len() >= REC);
         let at = |r: usize, h: usize| _mm512_loadu_ps(t.add(r * ld + 16 * h));
