@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rayon::prelude::*;
 
-use super::gemm::with_slice;
+use super::gemm::{with_slice, PackCache};
 use super::{Grads, Matrix};
 use crate::Result;
 
@@ -73,6 +73,8 @@ pub struct Linear {
     /// Full fine-tuning: the HF module path its gradients are kept under (`<path>.weight`,
     /// `<path>.bias`); None = frozen, the default.
     pub trainable: Option<String>,
+    /// The weight's packings when it is an LM head multiplied many rows at a time (`loss.rs`).
+    pub head_pack: PackCache,
 }
 
 /// What [`Linear::backward`] needs from the forward.
@@ -90,6 +92,7 @@ impl Linear {
             bias,
             adapter: None,
             trainable: None,
+            head_pack: PackCache::default(),
         }
     }
 

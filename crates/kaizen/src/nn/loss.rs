@@ -3,6 +3,8 @@
 //! (tokens x vocab) logits never exist at once, and the gradient w.r.t. the hidden states comes
 //! out of the same pass.
 
+use std::sync::Arc;
+
 use candle_core::{Tensor, D};
 
 use super::gemm::PackedLinear;
@@ -51,19 +53,29 @@ pub fn head_loss_backward(
     let mut sum = 0.0f64;
     let path = HeadPath::of(head)?;
     let vocab = head.out_features();
+    // One logits buffer for all chunks: a (256, vocab) chunk is past the allocator's mmap
+    // threshold, so each fresh one would be faulted in page by page.
+    let mut buf = Vec::new();
     for chunk in rows.chunks(CHUNK_ROWS) {
         let idx = Tensor::from_slice(chunk, chunk.len(), h.device())?;
         let labels: Vec<u32> = chunk.iter().map(|&r| targets[r as usize] as u32).collect();
         let hr = h.index_select(&idx, 0)?; // (c, hidden)
         let mut logits = match &path {
-            HeadPath::Packed(p) => p.forward_vec(&hr)?,
+            HeadPath::Packed(p) => {
+                p.forward_into(&hr, &mut buf)?;
+                std::mem::take(&mut buf)
+            }
             HeadPath::Slabs => slab_logits(&head.weight, &hr, slab_rows(&head.weight))?,
             HeadPath::Layer => head.forward(&hr)?.flatten_all()?.to_vec1()?,
         }; // (c, V) row-major
         sum += softmax_xent_in_place(&mut logits, vocab, &labels, loss_scale, softcap);
         let dlogits = logits; // now (softmax - onehot) * scale
         let dhr = match &path {
-            HeadPath::Packed(p) => p.backward_rows(&dlogits, chunk.len())?,
+            HeadPath::Packed(p) => {
+                let dhr = p.backward_rows(&dlogits, chunk.len())?;
+                buf = dlogits;
+                dhr
+            }
             HeadPath::Slabs => {
                 slab_input_grad(&head.weight, &dlogits, chunk.len(), slab_rows(&head.weight))?
             }
@@ -111,7 +123,7 @@ fn plan(head: &Linear) -> Plan {
 }
 
 enum HeadPath {
-    Packed(PackedLinear),
+    Packed(Arc<PackedLinear>),
     Slabs,
     Layer,
 }
@@ -122,9 +134,10 @@ impl HeadPath {
             Plan::Layer => HeadPath::Layer,
             Plan::Slabs => HeadPath::Slabs,
             // No kernels for the head's dtype on this CPU: through the layer.
-            Plan::Packed => {
-                PackedLinear::new(&head.weight)?.map_or(HeadPath::Layer, HeadPath::Packed)
-            }
+            Plan::Packed => head
+                .head_pack
+                .get(&head.weight)?
+                .map_or(HeadPath::Layer, HeadPath::Packed),
         })
     }
 }

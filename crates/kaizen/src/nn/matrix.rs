@@ -26,6 +26,15 @@ impl From<Tensor> for Matrix {
 }
 
 impl Matrix {
+    /// Whether `other` is this very matrix: the same tensor, or the same shared quantized one.
+    pub fn same(&self, other: &Matrix) -> bool {
+        match (self, other) {
+            (Matrix::Dense(a), Matrix::Dense(b)) => a.id() == b.id(),
+            (Matrix::Quant(a), Matrix::Quant(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     pub fn dims2(&self) -> (usize, usize) {
         match self {
             Matrix::Dense(t) => {

@@ -36,7 +36,7 @@ mod tests;
 use pack::{pack_f32, pack_pairs, to_bf16};
 pub use quant::linear_quant;
 pub(crate) use tensor::with_slice;
-pub use tensor::{linear_bf16, linear_f32, PackedLinear};
+pub use tensor::{linear_bf16, linear_f32, PackCache, PackedLinear};
 
 /// Rows of C per micro-kernel call.
 const MR: usize = 14;

@@ -1,6 +1,8 @@
 //! Tensor entry points: the linear layers' products with a frozen weight, the packed LM head,
 //! and the bf16 matrix-vector path for decoding.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use candle_core::{DType, Storage, Tensor};
 use half::bf16;
 
@@ -133,15 +135,15 @@ impl PackedLinear {
         })
     }
 
-    /// x (N, in) -> x wᵀ (N, out), row-major.
-    pub fn forward_vec(&self, x: &Tensor) -> Result<Vec<f32>> {
+    /// x (N, in) -> x wᵀ (N, out), row-major, into `out` (resized; its allocation reused).
+    pub fn forward_into(&self, x: &Tensor, out: &mut Vec<f32>) -> Result<()> {
         let (n, k) = x.dims2()?;
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         with_slice::<f32, _>(&x, |xs| {
             let a = Mat::row_major(xs, n, k);
             match self {
-                PackedLinear::F32(p) => product(a, &p.fwd),
-                PackedLinear::Bf16(p) => product(a, &p.fwd),
+                PackedLinear::F32(p) => product_into(a, &p.fwd, out),
+                PackedLinear::Bf16(p) => product_into(a, &p.fwd, out),
             }
         })
     }
@@ -162,9 +164,44 @@ impl PackedLinear {
 }
 
 fn product<W: Weight>(a: Mat<f32>, b: &PackedB<W>) -> Vec<f32> {
-    let mut c = vec![0f32; a.rows * b.n];
-    gemm_packed(a, b, &mut c);
+    let mut c = Vec::new();
+    product_into(a, b, &mut c);
     c
+}
+
+fn product_into<W: Weight>(a: Mat<f32>, b: &PackedB<W>, c: &mut Vec<f32>) {
+    c.resize(a.rows * b.n, 0.0);
+    gemm_packed(a, b, c);
+}
+
+/// A head's [`PackedLinear`], kept from one batch to the next while the weight stays the same
+/// one (the same tensor, or the same shared quantized matrix): a frozen head is packed once
+/// per run, not once per step (and its packings' pages are not handed back to the system and
+/// faulted in again each step).
+#[derive(Default)]
+pub struct PackCache(Mutex<Option<(Matrix, Arc<PackedLinear>)>>);
+
+impl std::fmt::Debug for PackCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("PackCache")
+    }
+}
+
+impl PackCache {
+    /// `w`'s packings (None where the CPU lacks the kernels for it), packed on first use.
+    pub fn get(&self, w: &Matrix) -> Result<Option<Arc<PackedLinear>>> {
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((m, p)) = &*slot {
+            if m.same(w) {
+                return Ok(Some(p.clone()));
+            }
+        }
+        // The old packings go before the new ones are made.
+        *slot = None;
+        let packed = PackedLinear::new(w)?.map(Arc::new);
+        *slot = packed.clone().map(|p| (w.clone(), p));
+        Ok(packed)
+    }
 }
 
 /// Runs `f` on a contiguous CPU tensor's elements.
