@@ -322,24 +322,33 @@ fn bf16_products_equal_the_rounded_dense_weight() {
 }
 
 /// `--compute int8`: activations quantized to 8 bits per block cost well under a percent of
-/// the product's scale on Gaussian data (llama.cpp's own trade), on every llama.cpp type; NF4
-/// has no int8 product.
+/// the product's scale on Gaussian data (llama.cpp's own trade), on every llama.cpp type, and
+/// so does the input gradient on 8-bit codes of dy and W; NF4 has no int8 product.
 #[test]
 fn int8_products_stay_close() {
     use kaizen::nn::quant::QMatrix;
-    let (rows, cols, n) = (96, 512, 7);
+    let (rows, cols) = (96, 512);
     let w = (Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap() * 0.02).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu).unwrap();
     for f in ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k"] {
         let mut q = QMatrix::quantize(&w, QFormat::parse(f).unwrap(), DType::F32, "w").unwrap();
         assert!(q.has_int8());
-        let exact = x.matmul(&q.to_f32().unwrap().t().unwrap()).unwrap();
+        let wd = q.to_f32().unwrap();
         q.int8 = true;
-        let got = Matrix::Quant(std::sync::Arc::new(q))
-            .product(&x, true)
-            .unwrap();
-        let err = rel_err(&got, &exact);
-        assert!(err > 0.0 && err <= 2e-2, "{f}: int8 relative error {err:e}");
+        let q = Matrix::Quant(std::sync::Arc::new(q));
+        // 7 rows: per-row dot products; 40: the blocked product (and its input gradient).
+        for n in [7, 40] {
+            let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu).unwrap();
+            let got = q.product(&x, true).unwrap();
+            let err = rel_err(&got, &x.matmul(&wd.t().unwrap()).unwrap());
+            assert!(err > 0.0 && err <= 2e-2, "{f}, {n} rows: int8 relative error {err:e}");
+            if n < 8 {
+                continue; // a few rows' input gradient is not int8's
+            }
+            let dy = Tensor::randn(0f32, 1.0, (n, rows), &Device::Cpu).unwrap();
+            let got = q.product(&dy, false).unwrap();
+            let err = rel_err(&got, &dy.matmul(&wd).unwrap());
+            assert!(err > 0.0 && err <= 2e-2, "{f}, {n} rows: int8 input gradient error {err:e}");
+        }
     }
     let nf4 = QMatrix::quantize(&w, QFormat::parse("nf4").unwrap(), DType::F32, "w").unwrap();
     assert!(!nf4.has_int8());
