@@ -340,14 +340,20 @@ fn int8_products_stay_close() {
             let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu).unwrap();
             let got = q.product(&x, true).unwrap();
             let err = rel_err(&got, &x.matmul(&wd.t().unwrap()).unwrap());
-            assert!(err > 0.0 && err <= 2e-2, "{f}, {n} rows: int8 relative error {err:e}");
+            assert!(
+                err > 0.0 && err <= 2e-2,
+                "{f}, {n} rows: int8 relative error {err:e}"
+            );
             if n < 8 {
                 continue; // a few rows' input gradient is not int8's
             }
             let dy = Tensor::randn(0f32, 1.0, (n, rows), &Device::Cpu).unwrap();
             let got = q.product(&dy, false).unwrap();
             let err = rel_err(&got, &dy.matmul(&wd).unwrap());
-            assert!(err > 0.0 && err <= 2e-2, "{f}, {n} rows: int8 input gradient error {err:e}");
+            assert!(
+                err > 0.0 && err <= 2e-2,
+                "{f}, {n} rows: int8 input gradient error {err:e}"
+            );
         }
     }
     let nf4 = QMatrix::quantize(&w, QFormat::parse("nf4").unwrap(), DType::F32, "w").unwrap();

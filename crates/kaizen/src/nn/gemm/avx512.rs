@@ -1,6 +1,8 @@
 //! The AVX-512 micro-kernels (f32 FMA, bf16 `vdpbf16ps`) and the bf16 rounding of A.
 
-use super::{MR, NR};
+use half::bf16;
+
+use super::{Mat, Pair, MR, NR};
 use std::arch::x86_64::*;
 
 /// f32 micro-kernel: 14 rows x 2 registers of 16 columns = 28 accumulators.
@@ -85,5 +87,148 @@ unsafe fn store(acc: [[__m512; 2]; MR], c: *mut f32, ldc: usize, add: bool) {
             };
             _mm512_storeu_ps(dst, v);
         }
+    }
+}
+
+/// The 16 x 16 block at `src` (rows `ls` floats apart) transposed into `dst` (rows `ld` apart):
+/// 32-bit, then 64-bit interleaves within 128-bit lanes, then a 4 x 4 transpose of the lanes.
+///
+/// # Safety
+/// AVX-512F; both blocks are inside their buffers.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn transpose16(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
+    let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * ls)));
+    // t[2i], t[2i+1]: rows 2i, 2i+1 interleaved (columns 4L, 4L+1 and 4L+2, 4L+3 of lane L).
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // q[4g + c]: lane L holds rows 4g..4g+4 at column 4L + c.
+    let q: [__m512; 16] = std::array::from_fn(|i| {
+        let (g, c) = (i / 4, i % 4);
+        let (a, b) = (
+            _mm512_castps_pd(t[4 * g + c / 2]),
+            _mm512_castps_pd(t[4 * g + c / 2 + 2]),
+        );
+        _mm512_castpd_ps(if c % 2 == 0 {
+            _mm512_unpacklo_pd(a, b)
+        } else {
+            _mm512_unpackhi_pd(a, b)
+        })
+    });
+    for c in 0..4 {
+        let v = [q[c], q[4 + c], q[8 + c], q[12 + c]];
+        let u0 = _mm512_shuffle_f32x4::<0b01_00_01_00>(v[0], v[1]);
+        let u1 = _mm512_shuffle_f32x4::<0b11_10_11_10>(v[0], v[1]);
+        let u2 = _mm512_shuffle_f32x4::<0b01_00_01_00>(v[2], v[3]);
+        let u3 = _mm512_shuffle_f32x4::<0b11_10_11_10>(v[2], v[3]);
+        let rows = [
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(u0, u2),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(u0, u2),
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(u1, u3),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(u1, u3),
+        ];
+        for (l, row) in rows.into_iter().enumerate() {
+            _mm512_storeu_ps(dst.add((4 * l + c) * ld), row);
+        }
+    }
+}
+
+/// [`super::Weight::pack`] for a bf16 B whose rows are contiguous along k (W's rows in `x Wᵀ`):
+/// each lane's pairs are neighbours in one row of `m`, so the panel is a transpose of 32-bit
+/// words, done 16 x 16 at a time ([`transpose16`]); the edges as `pack_pairs` does them.
+/// Needs an even row stride (pairs then never straddle a 32-bit boundary between rows).
+pub fn pack_pair_rows(
+    m: &Mat<bf16>,
+    r0: usize,
+    width: usize,
+    p0: usize,
+    kc: usize,
+    dst: &mut [Pair],
+) {
+    assert!(m.cs == 1 && m.rs % 2 == 0 && super::available());
+    let rows = width.min(m.rows - r0);
+    let (steps, whole) = (kc.div_ceil(2), kc / 2);
+    let (rb, qb) = (rows / 16 * 16, whole / 16 * 16);
+    assert!(dst.len() >= steps * width && p0 + kc <= m.cols);
+    assert!(rows == 0 || (r0 + rows - 1) * m.rs + p0 + kc <= m.data.len());
+    let base = m.data.as_ptr();
+    for r in (0..rb).step_by(16) {
+        for q in (0..qb).step_by(16) {
+            // SAFETY: AVX-512F (asserted); the block reads rows r0+r..+16, values
+            // p0+2q..+32 < p0+kc of each (inside `m.data`, asserted), and writes steps
+            // q..q+16 of lanes r..r+16 (inside `dst`).
+            unsafe {
+                let src = base.add((r0 + r) * m.rs + p0 + 2 * q).cast::<f32>();
+                let out = dst.as_mut_ptr().add(q * width + r).cast::<f32>();
+                transpose16(src, m.rs / 2, out, width);
+            }
+        }
+    }
+    let value = |r: usize, p: usize| {
+        if p < kc {
+            m.at(r0 + r, p0 + p)
+        } else {
+            bf16::ZERO
+        }
+    };
+    for r in 0..rows {
+        let first = if r < rb { qb } else { 0 };
+        for q in first..steps {
+            dst[q * width + r] = Pair([value(r, 2 * q), value(r, 2 * q + 1)]);
+        }
+    }
+    for q in 0..steps {
+        dst[q * width + rows..(q + 1) * width].fill(Pair::default());
+    }
+}
+
+/// [`super::Weight::pack`] for a bf16 B whose columns are contiguous (W in `dy W`): each step
+/// interleaves two of W's rows, 16 lanes at a time (zero-extended low halves, high halves
+/// shifted in).
+pub fn pack_pair_cols(
+    m: &Mat<bf16>,
+    r0: usize,
+    width: usize,
+    p0: usize,
+    kc: usize,
+    dst: &mut [Pair],
+) {
+    assert!(m.rs == 1 && super::available());
+    let rows = width.min(m.rows - r0);
+    let steps = kc.div_ceil(2);
+    assert!(dst.len() >= steps * width && p0 + kc <= m.cols);
+    let whole = rows / 16 * 16;
+    for q in 0..steps {
+        let out = &mut dst[q * width..(q + 1) * width];
+        let lo = &m.data[(p0 + 2 * q) * m.cs + r0..][..rows];
+        let hi = (2 * q + 1 < kc).then(|| &m.data[(p0 + 2 * q + 1) * m.cs + r0..][..rows]);
+        // SAFETY: AVX-512F (asserted); `whole` <= rows values of `lo` and `hi`, pairs of `out`.
+        unsafe { interleave(&lo[..whole], hi.map(|h| &h[..whole]), &mut out[..whole]) };
+        for j in whole..rows {
+            out[j] = Pair([lo[j], hi.map_or(bf16::ZERO, |h| h[j])]);
+        }
+        out[rows..].fill(Pair::default());
+    }
+}
+
+/// `out[j] = (lo[j], hi[j])` (hi absent: zero) for whole groups of 16.
+///
+/// # Safety
+/// AVX-512F; all three hold the same multiple of 16 elements.
+#[target_feature(enable = "avx512f")]
+unsafe fn interleave(lo: &[bf16], hi: Option<&[bf16]>, out: &mut [Pair]) {
+    for j in (0..out.len()).step_by(16) {
+        let low = _mm512_cvtepu16_epi32(_mm256_loadu_si256(lo.as_ptr().add(j).cast()));
+        let high = match hi {
+            Some(hi) => _mm512_cvtepu16_epi32(_mm256_loadu_si256(hi.as_ptr().add(j).cast())),
+            None => _mm512_setzero_si512(),
+        };
+        let v = _mm512_or_si512(low, _mm512_slli_epi32::<16>(high));
+        _mm512_storeu_si512(out.as_mut_ptr().add(j).cast(), v);
     }
 }

@@ -159,7 +159,7 @@ fn gemm_wt_rows(a: &Mat<f32>, w: Source, c: &mut [f32]) -> Result<()> {
                     unsafe {
                         let dst = out.0.add(t0 * n + j0 + r0);
                         if t0 + 16 <= m && r0 + 16 <= width {
-                            transpose16(src, mp, dst, n);
+                            crate::nn::gemm::avx512::transpose16(src, mp, dst, n);
                         } else {
                             for r in 0..16.min(width - r0) {
                                 for t in 0..16.min(m - t0) {
@@ -173,54 +173,6 @@ fn gemm_wt_rows(a: &Mat<f32>, w: Source, c: &mut [f32]) -> Result<()> {
             Ok(())
         })
     })
-}
-
-/// The 16 x 16 block at `src` (rows `ls` floats apart) transposed into `dst` (rows `ld` apart):
-/// 32-bit, then 64-bit interleaves within 128-bit lanes, then a 4 x 4 transpose of the lanes.
-///
-/// # Safety
-/// AVX-512F; both blocks are inside their buffers.
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose16(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
-    let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * ls)));
-    // t[2i], t[2i+1]: rows 2i, 2i+1 interleaved (columns 4L, 4L+1 and 4L+2, 4L+3 of lane L).
-    let t: [__m512; 16] = std::array::from_fn(|i| {
-        let (a, b) = (r[i & !1], r[i | 1]);
-        if i % 2 == 0 {
-            _mm512_unpacklo_ps(a, b)
-        } else {
-            _mm512_unpackhi_ps(a, b)
-        }
-    });
-    // q[4g + c]: lane L holds rows 4g..4g+4 at column 4L + c.
-    let q: [__m512; 16] = std::array::from_fn(|i| {
-        let (g, c) = (i / 4, i % 4);
-        let (a, b) = (
-            _mm512_castps_pd(t[4 * g + c / 2]),
-            _mm512_castps_pd(t[4 * g + c / 2 + 2]),
-        );
-        _mm512_castpd_ps(if c % 2 == 0 {
-            _mm512_unpacklo_pd(a, b)
-        } else {
-            _mm512_unpackhi_pd(a, b)
-        })
-    });
-    for c in 0..4 {
-        let v = [q[c], q[4 + c], q[8 + c], q[12 + c]];
-        let u0 = _mm512_shuffle_f32x4::<0b01_00_01_00>(v[0], v[1]);
-        let u1 = _mm512_shuffle_f32x4::<0b11_10_11_10>(v[0], v[1]);
-        let u2 = _mm512_shuffle_f32x4::<0b01_00_01_00>(v[2], v[3]);
-        let u3 = _mm512_shuffle_f32x4::<0b11_10_11_10>(v[2], v[3]);
-        let rows = [
-            _mm512_shuffle_f32x4::<0b10_00_10_00>(u0, u2),
-            _mm512_shuffle_f32x4::<0b11_01_11_01>(u0, u2),
-            _mm512_shuffle_f32x4::<0b10_00_10_00>(u1, u3),
-            _mm512_shuffle_f32x4::<0b11_01_11_01>(u1, u3),
-        ];
-        for (l, row) in rows.into_iter().enumerate() {
-            _mm512_storeu_ps(dst.add((4 * l + c) * ld), row);
-        }
-    }
 }
 
 /// Cᵀ rows `j0..j0+width` (W's rows) x all `mp` tokens into `ct` (row stride `mp`).
