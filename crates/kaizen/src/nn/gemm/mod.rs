@@ -18,6 +18,7 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::{Mutex, PoisonError};
 
 use half::bf16;
 use rayon::prelude::*;
@@ -158,6 +159,41 @@ pub trait Weight: Copy + Send + Sync + 'static {
         ldc: usize,
         add: bool,
     );
+    /// Freed buffers of packed blocks of this type ([`block_buffer`]).
+    fn pool() -> &'static Mutex<Vec<Vec<Self::Packed>>>;
+}
+
+/// Bytes of freed packed blocks kept for reuse. A frozen weight is packed again for every
+/// product; fresh buffers of several MB would each be zeroed (and faulted in) first, which at
+/// the 3.6B shape cost as much as a tenth of a step.
+const POOL_BYTES: usize = 128 << 20;
+
+/// A buffer for `len` packed values: a freed one when one is large enough (its old contents
+/// are all overwritten by the packing), else a new one.
+fn block_buffer<W: Weight>(len: usize) -> Vec<W::Packed> {
+    let mut pool = W::pool().lock().unwrap_or_else(PoisonError::into_inner);
+    match pool.iter().position(|b| b.capacity() >= len) {
+        Some(i) => {
+            let mut b = pool.swap_remove(i);
+            b.resize(len, W::Packed::default());
+            b
+        }
+        None => vec![W::Packed::default(); len],
+    }
+}
+
+impl<W: Weight> Drop for PackedB<W> {
+    fn drop(&mut self) {
+        let mut pool = W::pool().lock().unwrap_or_else(PoisonError::into_inner);
+        let size = size_of::<W::Packed>();
+        let mut held: usize = pool.iter().map(|b| b.capacity() * size).sum();
+        for b in self.blocks.drain(..) {
+            if held + b.capacity() * size <= POOL_BYTES {
+                held += b.capacity() * size;
+                pool.push(b);
+            }
+        }
+    }
 }
 
 impl Weight for f32 {
@@ -184,6 +220,11 @@ impl Weight for f32 {
         avx512::kernel_f32(steps, a, b, c, ldc, add);
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("gemm: callers check available() first");
+    }
+
+    fn pool() -> &'static Mutex<Vec<Vec<f32>>> {
+        static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+        &POOL
     }
 }
 
@@ -244,6 +285,11 @@ impl Weight for bf16 {
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("gemm: callers check available_bf16() first");
     }
+
+    fn pool() -> &'static Mutex<Vec<Vec<Pair>>> {
+        static POOL: Mutex<Vec<Vec<Pair>>> = Mutex::new(Vec::new());
+        &POOL
+    }
 }
 
 /// Raw pointer to C shared by the threads; each writes a disjoint set of tiles.
@@ -279,7 +325,7 @@ impl<W: Weight> PackedB<W> {
             for p0 in (0..k).step_by(kc_block) {
                 let kc = kc_block.min(k - p0);
                 let steps = kc.div_ceil(W::KSTEP);
-                let mut data = vec![W::Packed::default(); col_panels * steps * NR];
+                let mut data = block_buffer::<W>(col_panels * steps * NR);
                 data.par_chunks_mut(steps * NR)
                     .enumerate()
                     .for_each(|(jp, dst)| W::pack(&bt, j0 + jp * NR, NR, p0, kc, dst));

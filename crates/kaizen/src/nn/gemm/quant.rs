@@ -16,7 +16,9 @@ use rayon::prelude::*;
 use super::gemv::{by_weight_rows, dots, takes};
 use super::pack::{pack_f32, pack_pairs, to_bf16};
 use super::tensor::with_slice;
-use super::{available, available_bf16, gemm_packed, Mat, PackedB, Weight, KC, NC, NR};
+use super::{
+    available, available_bf16, block_buffer, gemm_packed, Mat, PackedB, Weight, KC, NC, NR,
+};
 use crate::nn::quant::QMatrix;
 use crate::Result;
 
@@ -70,7 +72,7 @@ impl<W: FromF32> PackedB<W> {
             for p0 in (0..k).step_by(kc_block) {
                 let kc = kc_block.min(k - p0);
                 let steps = kc.div_ceil(W::KSTEP);
-                let mut data = vec![W::Packed::default(); nc.div_ceil(NR) * steps * NR];
+                let mut data = block_buffer::<W>(nc.div_ceil(NR) * steps * NR);
                 data.par_chunks_mut(group * steps * NR)
                     .enumerate()
                     .try_for_each(|(g, dst)| {
