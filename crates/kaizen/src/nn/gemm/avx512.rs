@@ -150,7 +150,7 @@ pub fn pack_pair_rows(
     kc: usize,
     dst: &mut [Pair],
 ) {
-    assert!(m.cs == 1 && m.rs % 2 == 0 && super::available());
+    assert!(m.cs == 1 && m.rs.is_multiple_of(2) && super::available());
     let rows = width.min(m.rows - r0);
     let (steps, whole) = (kc.div_ceil(2), kc / 2);
     let (rb, qb) = (rows / 16 * 16, whole / 16 * 16);

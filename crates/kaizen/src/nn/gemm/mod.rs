@@ -240,7 +240,7 @@ impl Weight for bf16 {
     fn pack(m: &Mat<bf16>, r0: usize, width: usize, p0: usize, kc: usize, dst: &mut [Pair]) {
         #[cfg(target_arch = "x86_64")]
         if available() {
-            if m.cs == 1 && m.rs % 2 == 0 {
+            if m.cs == 1 && m.rs.is_multiple_of(2) {
                 return avx512::pack_pair_rows(m, r0, width, p0, kc, dst);
             }
             if m.rs == 1 {
