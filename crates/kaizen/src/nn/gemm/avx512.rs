@@ -39,15 +39,43 @@ pub unsafe fn kernel_bf16(
     ldc: usize,
     add: bool,
 ) {
+    bf16_tile(steps, (a, 1, MR), b, c, ldc, add)
+}
+
+/// [`kernel_bf16`] with A's `MR` rows read in place, `lda` words apart, one word (a pair of
+/// neighbours along the row) per step: W's rows in the direct forward (`direct.rs`).
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub unsafe fn kernel_bf16_rows(
+    steps: usize,
+    (a, lda): (*const u32, usize),
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
+    bf16_tile(steps, (a, lda, 1), b, c, ldc, add)
+}
+
+/// The bf16 tile with A's word for row r at step p at `a[r * row + p * step]`.
+#[inline(always)]
+unsafe fn bf16_tile(
+    steps: usize,
+    (a, row, step): (*const u32, usize, usize),
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for p in 0..steps {
         let b0 = _mm512_loadu_si512(b.add(p * NR).cast());
         let b1 = _mm512_loadu_si512(b.add(p * NR + 16).cast());
         let b0 = std::mem::transmute::<__m512i, __m512bh>(b0);
         let b1 = std::mem::transmute::<__m512i, __m512bh>(b1);
-        let ap = a.add(p * MR);
+        let ap = a.add(p * step);
         for (r, acc) in acc.iter_mut().enumerate() {
-            let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*ap.add(r) as i32));
+            let word = ap.add(r * row).read_unaligned();
+            let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(word as i32));
             acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
             acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
         }

@@ -27,6 +27,8 @@ use rayon::prelude::*;
 mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod direct;
 mod gemv;
 mod pack;
 mod quant;
@@ -299,6 +301,13 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+impl Out {
+    /// Element `i` of C (a method, so closures capture the whole `Out`).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 thread_local! {
     static PACK_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -345,7 +354,7 @@ impl<W: Weight> PackedB<W> {
 /// (f32) or [`available_bf16`] (bf16) first.
 pub fn gemm<W: Weight>(a: Mat<f32>, b: Mat<W>, c: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if amx::gemm_unpacked(&a, &b, c) {
+    if amx::gemm_unpacked(&a, &b, c) || direct::gemm_wt(&a, &b, c) {
         return;
     }
     gemm_packed(a, &PackedB::new(b), c)

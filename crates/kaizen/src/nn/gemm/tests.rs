@@ -91,6 +91,9 @@ fn linear_bf16_matches_rounded_f32() {
 }
 
 /// bf16: exact against a naive product of the same bf16-rounded inputs (f32 accumulation).
+/// Even k takes the direct forward (`direct.rs`: W read in place), here with ragged token
+/// panels, a short last row tile, several depth blocks and a 16 x 16 transposed write; odd k
+/// the packed path.
 #[test]
 fn bf16_matches_rounded_naive() {
     if !available_bf16() {
@@ -102,7 +105,14 @@ fn bf16_matches_rounded_naive() {
             .map(|&x| bf16::from_f32(x).to_f32())
             .collect::<Vec<_>>()
     };
-    for &(m, k, n) in &[(1, 1, 1), (15, 129, 33), (70, 301, 100), (28, 256, 64)] {
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (15, 129, 33),
+        (70, 301, 100),
+        (28, 256, 64),
+        (70, 1300, 45),
+        (33, 64, 14),
+    ] {
         let (x, w) = (data(m * k, 3), data(n * k, 4));
         let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let (xr, wr) = (round(&x), round(&w));
