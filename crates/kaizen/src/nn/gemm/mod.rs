@@ -294,16 +294,18 @@ impl Weight for bf16 {
     }
 }
 
-/// Raw pointer to C shared by the threads; each writes a disjoint set of tiles.
+/// Raw pointer to C shared by the threads; each writes a disjoint set of tiles (also the int8
+/// product's, `quant/int8.rs`).
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint tiles of C (see `gemm`), and C outlives the parallel section.
+pub(crate) struct Out(pub(crate) *mut f32);
+// SAFETY: tasks write disjoint tiles of C (see `gemm` and `int8::run`), and C outlives the
+// parallel section.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
     /// Element `i` of C (a method, so closures capture the whole `Out`).
-    fn at(self, i: usize) -> *mut f32 {
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
     }
 }

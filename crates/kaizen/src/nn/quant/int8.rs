@@ -23,6 +23,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::QMatrix;
+use crate::nn::gemm::Out;
 use crate::Result;
 
 /// Values per quantization block.
@@ -182,20 +183,6 @@ fn pack_panel(layout: Layout, w: &[u8], (j0, n, kb): (usize, usize, usize), dst:
             tail[4 * (NR + l)..4 * (NR + l) + 4].copy_from_slice(&a.to_le_bytes());
             tail[4 * (2 * NR + l)..4 * (2 * NR + l) + 4].copy_from_slice(&o.to_le_bytes());
         }
-    }
-}
-
-/// Raw pointer to c shared by the tasks; each writes its own columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint column panels of c, which outlives the parallel section.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// Element `i` of c (a method, so closures capture the whole `Out`).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
     }
 }
 
