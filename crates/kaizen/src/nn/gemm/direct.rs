@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::pack::{pack_pairs, to_bf16};
+use super::pack::{as_bf16, bf16_pairs, pack_pairs, to_bf16};
 use super::{available_bf16, avx512, kc_block, Mat, Out, Pair, Weight, MR, NR};
 
 thread_local! {
@@ -54,13 +54,24 @@ pub(super) fn gemm_wt<W: Weight>(a: &Mat<f32>, b: &Mat<W>, c: &mut [f32]) -> boo
         .step_by(kcb)
         .map(|p0| (p0, kcb.min(k - p0)))
         .collect();
+    let mut pairs = Vec::new();
+    let x = match a.cs == 1 && a.rs == k {
+        true => {
+            bf16_pairs(&a.data[..m * k], &mut pairs);
+            Some(Mat::row_major(as_bf16(&pairs), m, k))
+        }
+        false => None,
+    };
     let packed: Vec<Vec<Pair>> = blocks
         .par_iter()
         .map(|&(p0, kc)| {
             let steps = kc / 2;
             let mut xp = vec![Pair::default(); panels * steps * NR];
             for (t, dst) in xp.chunks_mut(steps * NR).enumerate() {
-                pack_pairs(a, t * NR, NR, p0, kc, dst, to_bf16);
+                match &x {
+                    Some(x) => bf16::pack(x, t * NR, NR, p0, kc, dst),
+                    None => pack_pairs(a, t * NR, NR, p0, kc, dst, to_bf16),
+                }
             }
             xp
         })

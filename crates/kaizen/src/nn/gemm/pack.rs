@@ -52,6 +52,29 @@ pub(super) fn pack_f32(
     }
 }
 
+/// `src` rounded to bf16 (nearest even) as pairs of neighbours, one `u32` each (an odd last
+/// value pairs with zero), 32 values at a time where the CPU has AVX512-BF16; [`as_bf16`] reads
+/// them back as values. The packers then take their bf16 fast paths for f32 data.
+pub(super) fn bf16_pairs(src: &[f32], dst: &mut Vec<u32>) {
+    dst.resize(src.len().div_ceil(2), 0);
+    #[cfg(target_arch = "x86_64")]
+    if super::available_bf16() {
+        // SAFETY: the CPU has AVX512-BF16; `dst` holds ceil(len / 2) pairs.
+        return unsafe { super::avx512::to_bf16_pairs(src, dst) };
+    }
+    for (d, two) in dst.iter_mut().zip(src.chunks(2)) {
+        let hi = two.get(1).map_or(0, |&v| to_bf16(v).to_bits() as u32);
+        *d = to_bf16(two[0]).to_bits() as u32 | (hi << 16);
+    }
+}
+
+/// Pairs from [`bf16_pairs`] as their bf16 values, in order.
+pub(super) fn as_bf16(pairs: &[u32]) -> &[bf16] {
+    // SAFETY: a u32 is two bf16s' bytes, and its alignment exceeds bf16's; on a little-endian
+    // CPU (kaizen's kernels are x86-64's) its low half, the pair's first value, comes first.
+    unsafe { std::slice::from_raw_parts(pairs.as_ptr().cast(), 2 * pairs.len()) }
+}
+
 /// f32 -> bf16, round to nearest even (NaN stays NaN for the quiet NaNs floats produce).
 #[inline(always)]
 pub(super) fn to_bf16(x: f32) -> bf16 {

@@ -14,28 +14,49 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::gemv::{by_weight_rows, dots, takes};
-use super::pack::{pack_f32, pack_pairs, to_bf16};
+use super::pack::{as_bf16, bf16_pairs, pack_f32, to_bf16};
 use super::tensor::with_slice;
 use super::{
-    available, available_bf16, block_buffer, gemm_packed, Mat, PackedB, Weight, KC, NC, NR,
+    available, available_bf16, block_buffer, gemm_packed, Mat, PackedB, Pair, Weight, KC, NC, NR,
 };
 use crate::nn::quant::QMatrix;
 use crate::Result;
 
 /// A packed element type that can be packed from f32 values.
 pub trait FromF32: Weight {
-    fn pack_from(m: &Mat<f32>, r0: usize, width: usize, kc: usize, dst: &mut [Self::Packed]);
+    /// Packs all of `m`'s rows, `NR` to a panel, over its `kc` columns.
+    fn pack_from(m: Mat<f32>, kc: usize, dst: &mut [Self::Packed]);
 }
 
 impl FromF32 for f32 {
-    fn pack_from(m: &Mat<f32>, r0: usize, width: usize, kc: usize, dst: &mut [f32]) {
-        pack_f32(m, r0, width, 0, kc, dst)
+    fn pack_from(m: Mat<f32>, kc: usize, dst: &mut [f32]) {
+        for (jp, d) in dst.chunks_mut(kc * NR).enumerate() {
+            pack_f32(&m, jp * NR, NR, 0, kc, d);
+        }
     }
 }
 
+thread_local! {
+    static PAIRS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
 impl FromF32 for bf16 {
-    fn pack_from(m: &Mat<f32>, r0: usize, width: usize, kc: usize, dst: &mut [super::Pair]) {
-        pack_pairs(m, r0, width, 0, kc, dst, to_bf16)
+    /// Rounded to bf16 first, all at once, then packed by the bf16 weight's packers.
+    fn pack_from(m: Mat<f32>, kc: usize, dst: &mut [Pair]) {
+        PAIRS.with(|pairs| {
+            let mut pairs = pairs.borrow_mut();
+            bf16_pairs(m.data, &mut pairs);
+            let m = Mat {
+                data: as_bf16(&pairs),
+                rows: m.rows,
+                cols: m.cols,
+                rs: m.rs,
+                cs: m.cs,
+            };
+            for (jp, d) in dst.chunks_mut(kc.div_ceil(2) * NR).enumerate() {
+                bf16::pack(&m, jp * NR, NR, 0, kc, d);
+            }
+        })
     }
 }
 
@@ -120,10 +141,7 @@ fn pack_group<W: FromF32>(
             }
             Mat::row_major(&buf, kc, width).t()
         };
-        let panel = kc.div_ceil(W::KSTEP) * NR;
-        for (jp, d) in dst.chunks_mut(panel).enumerate() {
-            W::pack_from(&bt, jp * NR, NR, kc, d);
-        }
+        W::pack_from(bt, kc, dst);
         Ok(())
     })
 }
