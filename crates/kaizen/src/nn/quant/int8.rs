@@ -39,7 +39,9 @@ const REC: usize = QK * NR + 3 * 4 * NR;
 /// once per product, which only pays over several rows.
 pub const MIN_ROWS: usize = 8;
 
-/// A llama.cpp block type this product takes, by how its 32 codes are stored.
+/// A llama.cpp block type this product takes, by how its codes are stored: 32 to a block, or
+/// (Q4_K, Q5_K) 256 in eight sub-blocks of 32, each `(d sc) q - dmin m`, which is Q4_1's and
+/// Q5_1's form with 6-bit scales and minima.
 #[derive(Clone, Copy, Debug)]
 pub enum Layout {
     Q4_0,
@@ -47,6 +49,8 @@ pub enum Layout {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q4K,
+    Q5K,
 }
 
 impl Layout {
@@ -57,6 +61,8 @@ impl Layout {
             GgmlDType::Q5_0 => Layout::Q5_0,
             GgmlDType::Q5_1 => Layout::Q5_1,
             GgmlDType::Q8_0 => Layout::Q8_0,
+            GgmlDType::Q4K => Layout::Q4K,
+            GgmlDType::Q5K => Layout::Q5K,
             _ => return None,
         })
     }
@@ -69,16 +75,61 @@ impl Layout {
             Layout::Q5_0 => 22,
             Layout::Q5_1 => 24,
             Layout::Q8_0 => 34,
+            Layout::Q4K => 144,
+            Layout::Q5K => 176,
+        }
+    }
+
+    /// Values per block: 32, or a K-quant's 256.
+    fn values(self) -> usize {
+        match self {
+            Layout::Q4K | Layout::Q5K => 8 * QK,
+            _ => QK,
         }
     }
 
     /// Whether blocks carry an offset (x is then quantized as Q8_1, with its sums).
     fn offset(self) -> bool {
-        matches!(self, Layout::Q4_1 | Layout::Q5_1)
+        matches!(
+            self,
+            Layout::Q4_1 | Layout::Q5_1 | Layout::Q4K | Layout::Q5K
+        )
     }
 
-    /// One block's codes into `q`; returns its (scale, offset).
-    fn decode(self, b: &[u8], q: &mut [i8; QK]) -> (f32, f32) {
+    /// One block's [`values`](Self::values) codes into `q`, and the (scale, offset) of each 32
+    /// of them into `ab`.
+    fn decode(self, b: &[u8], q: &mut [i8], ab: &mut [(f32, f32)]) {
+        if let Layout::Q4K | Layout::Q5K = self {
+            return self.decode_k(b, q, ab);
+        }
+        ab[0] = self.decode_32(b, (&mut q[..QK]).try_into().unwrap());
+    }
+
+    /// A Q4_K or Q5_K block (ggml's `dequantize_row_q4_K`, `_q5_K`): d and dmin (f16 at bytes 0
+    /// and 2), 12 bytes of packed scales, (Q5_K) 32 bytes of fifth bits, 128 bytes of nibbles.
+    /// Sub-block `j` reads the low (even j) or high (odd j) nibbles of bytes `32 (j / 2)..+32`,
+    /// and bit j of `qh` above them.
+    fn decode_k(self, b: &[u8], q: &mut [i8], ab: &mut [(f32, f32)]) {
+        let half = |i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+        let (d, dmin) = (half(0), half(2));
+        let (qh, qs) = match self {
+            Layout::Q5K => (Some(&b[16..48]), &b[48..176]),
+            _ => (None, &b[16..144]),
+        };
+        for (j, (q, ab)) in q.chunks_exact_mut(QK).zip(ab).enumerate() {
+            let (sc, m) = super::simd::scale_min_k4(j, &b[4..16]);
+            *ab = (d * sc as f32, -(dmin * m as f32));
+            let bytes = &qs[QK * (j / 2)..][..QK];
+            for (l, q) in q.iter_mut().enumerate() {
+                let low = (bytes[l] >> (4 * (j % 2))) & 0x0F;
+                let high = qh.map_or(0, |h| ((h[l] >> j) & 1) << 4);
+                *q = (low | high) as i8;
+            }
+        }
+    }
+
+    /// A 32-value block's codes into `q`; returns its (scale, offset).
+    fn decode_32(self, b: &[u8], q: &mut [i8; QK]) -> (f32, f32) {
         let half = |i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
         let nibbles = |qs: &[u8], q: &mut [i8; QK], high: u32, bias: i8| {
             for j in 0..QK / 2 {
@@ -111,6 +162,7 @@ impl Layout {
                 nibbles(&b[8..], q, high(4), 0);
                 (half(0), half(2))
             }
+            Layout::Q4K | Layout::Q5K => unreachable!("K-quants decode in `decode_k`"),
         }
     }
 }
@@ -166,22 +218,29 @@ fn quantize_acts(x: &[f32], m: usize, k: usize, with_sums: bool) -> Acts {
 /// Decodes W's rows `j0..j0 + NR` (zero past `n`) into `dst` (`kb` blocks of [`REC`] bytes).
 fn pack_panel(layout: Layout, w: &[u8], (j0, n, kb): (usize, usize, usize), dst: &mut [u8]) {
     dst.fill(0);
-    let size = layout.size();
-    let mut q = [0i8; QK];
+    let (size, sub) = (layout.size(), layout.values() / QK);
+    let (mut codes, mut ab) = ([0i8; 8 * QK], [(0f32, 0f32); 8]);
+    let row_bytes = kb / sub * size;
     for l in 0..NR.min(n - j0) {
-        let row = &w[(j0 + l) * kb * size..][..kb * size];
-        for (blk, rec) in row.chunks_exact(size).zip(dst.chunks_exact_mut(REC)) {
-            let (a, o) = layout.decode(blk, &mut q);
-            for (s, four) in q.chunks_exact(4).enumerate() {
-                for (t, &v) in four.iter().enumerate() {
-                    rec[128 * s + 4 * l + t] = v as u8;
+        let row = &w[(j0 + l) * row_bytes..][..row_bytes];
+        for (blk, recs) in row.chunks_exact(size).zip(dst.chunks_exact_mut(sub * REC)) {
+            layout.decode(blk, &mut codes, &mut ab);
+            let blocks = codes
+                .chunks_exact(QK)
+                .zip(&ab)
+                .zip(recs.chunks_exact_mut(REC));
+            for ((q, &(a, o)), rec) in blocks {
+                for (s, four) in q.chunks_exact(4).enumerate() {
+                    for (t, &v) in four.iter().enumerate() {
+                        rec[128 * s + 4 * l + t] = v as u8;
+                    }
                 }
+                let start = -128 * q.iter().map(|&v| v as i32).sum::<i32>();
+                let tail = &mut rec[QK * NR..];
+                tail[4 * l..4 * l + 4].copy_from_slice(&start.to_le_bytes());
+                tail[4 * (NR + l)..4 * (NR + l) + 4].copy_from_slice(&a.to_le_bytes());
+                tail[4 * (2 * NR + l)..4 * (2 * NR + l) + 4].copy_from_slice(&o.to_le_bytes());
             }
-            let start = -128 * q.iter().map(|&v| v as i32).sum::<i32>();
-            let tail = &mut rec[QK * NR..];
-            tail[4 * l..4 * l + 4].copy_from_slice(&start.to_le_bytes());
-            tail[4 * (NR + l)..4 * (NR + l) + 4].copy_from_slice(&a.to_le_bytes());
-            tail[4 * (2 * NR + l)..4 * (2 * NR + l) + 4].copy_from_slice(&o.to_le_bytes());
         }
     }
 }
@@ -201,7 +260,8 @@ pub fn product(
 ) {
     assert!(available(), "int8 product: the CPU lacks AVX512-VNNI");
     let kb = k / QK;
-    assert!(k == kb * QK && w.len() >= n * kb * layout.size());
+    let blocks = k / layout.values();
+    assert!(k == blocks * layout.values() && w.len() >= n * blocks * layout.size());
     assert!(x.len() >= m * k && c.len() >= m * n);
     let acts = quantize_acts(&x[..m * k], m, k, layout.offset());
     let pack = |j0, panel: &mut [u8]| {
@@ -525,6 +585,7 @@ mod tests {
     use super::*;
     use crate::nn::quant::{QData, QFormat, QMatrix};
 
+    const K_TYPES: [GgmlDType; 2] = [GgmlDType::Q4K, GgmlDType::Q5K];
     const TYPES: [GgmlDType; 5] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
@@ -555,13 +616,13 @@ mod tests {
     /// `a q + o` of every decoded block is candle's dequantized value, exactly.
     #[test]
     fn decode_is_ggml_dequantize() {
-        let (rows, cols) = (3, 128);
-        // Shifted weights: Q4_1 / Q5_1 blocks with non-zero minima.
+        let (rows, cols) = (3, 512);
+        // Shifted weights: Q4_1 / Q5_1 / K-quant blocks with non-zero minima.
         let w: Vec<f32> = values(rows * cols, 7, 1.0)
             .iter()
             .map(|v| v + 0.3)
             .collect();
-        for t in TYPES {
+        for t in TYPES.into_iter().chain(K_TYPES) {
             let q = quantized(t, &w, rows, cols);
             let QData::Ggml(g) = &q.data else {
                 unreachable!()
@@ -570,12 +631,14 @@ mod tests {
             let layout = Layout::of(t).unwrap();
             assert_eq!(layout.size(), t.type_size());
             let want = q.rows_f32(0, rows).unwrap();
-            let mut codes = [0i8; QK];
-            for (blk, want) in bytes.chunks_exact(layout.size()).zip(want.chunks(QK)) {
-                let (a, o) = layout.decode(blk, &mut codes);
-                for (&c, &v) in codes.iter().zip(want) {
+            let (mut codes, mut ab) = ([0i8; 8 * QK], [(0f32, 0f32); 8]);
+            let per_block = want.chunks(layout.values());
+            for (blk, want) in bytes.chunks_exact(layout.size()).zip(per_block) {
+                layout.decode(blk, &mut codes, &mut ab);
+                for (i, (&c, &v)) in codes.iter().zip(want).enumerate() {
+                    let (a, o) = ab[i / QK];
                     // Equal as numbers: candle's `q d` may be -0 where `q d + 0` is +0.
-                    assert_eq!(c as f32 * a + o, v, "{t:?}");
+                    assert_eq!(c as f32 * a + o, v, "{t:?} value {i}");
                 }
             }
         }
@@ -684,6 +747,61 @@ mod tests {
                     assert!(
                         (g - want).abs() <= 1e-5 * (size + 1.0),
                         "{t:?} c[{i}, {j}]: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Q4_K and Q5_K, whose one-row path pairs them with Q8_K activations (256-value blocks),
+    /// take the Q8_1 activations of Q4_1 here: against the exact product of x and the
+    /// dequantized W (f64), each element within the bound of the activations' rounding (per
+    /// 32-value block `Σ|w| amax_x (1/254 + 2^-11)`: half a step and d's f16 rounding; and the
+    /// offset's `|o| 32 amax_x 2^-10` for `s`'s two f16 roundings), plus f32 summation.
+    #[test]
+    fn k_quant_product_within_activation_rounding() {
+        if !available() {
+            eprintln!("skipped: no AVX512-VNNI");
+            return;
+        }
+        let (m, k, n) = (11, 512, 45);
+        let w: Vec<f32> = values(n * k, 3, 1.0).iter().map(|v| v + 0.2).collect();
+        let x = values(m * k, 4, 3.0);
+        for t in K_TYPES {
+            let q = quantized(t, &w, n, k);
+            let wd = q.rows_f32(0, n).unwrap();
+            let QData::Ggml(g) = &q.data else {
+                unreachable!()
+            };
+            let bytes = g.data().unwrap();
+            let layout = Layout::of(t).unwrap();
+            let mut offsets = vec![0f32; n * k / QK];
+            let (mut codes, mut ab) = ([0i8; 8 * QK], [(0f32, 0f32); 8]);
+            for (blk, o) in bytes.chunks_exact(layout.size()).zip(offsets.chunks_mut(8)) {
+                layout.decode(blk, &mut codes, &mut ab);
+                for (o, &(_, off)) in o.iter_mut().zip(&ab) {
+                    *o = off;
+                }
+            }
+            let mut got = vec![f32::NAN; m * n];
+            q.int8_product(&x, m, &mut got).unwrap();
+            for (i, xi) in x.chunks(k).enumerate() {
+                for (j, wj) in wd.chunks(k).enumerate() {
+                    let exact: f64 = xi.iter().zip(wj).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let mut bound = 0f64;
+                    for (b, (xb, wb)) in xi.chunks(QK).zip(wj.chunks(QK)).enumerate() {
+                        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                        let size: f64 = wb.iter().map(|v| v.abs() as f64).sum();
+                        let o = offsets[j * k / QK + b].abs() as f64;
+                        bound +=
+                            size * amax * (1.0 / 254.0 + 1.0 / 2048.0) + o * 32.0 * amax / 1024.0;
+                    }
+                    let size: f64 = xi.iter().zip(wj).map(|(a, b)| (a * b).abs() as f64).sum();
+                    bound += 1e-5 * (size + 1.0);
+                    let g = got[i * n + j] as f64;
+                    assert!(
+                        (g - exact).abs() <= bound,
+                        "{t:?} c[{i}, {j}]: {g} vs {exact} (bound {bound})"
                     );
                 }
             }

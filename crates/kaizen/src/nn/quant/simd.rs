@@ -59,9 +59,25 @@ pub fn to_float(t: GgmlDType, src: &[u8], out: &mut [f32]) -> bool {
     false
 }
 
+/// A K-quant's 6-bit scale and min of sub-block `j` from its 12 packed bytes (ggml's
+/// `get_scale_min_k4`).
+#[inline]
+pub(super) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+
+    use super::scale_min_k4;
 
     /// The f16 at `b[at..at + 2]` as f32, in all 16 lanes.
     #[inline]
@@ -178,20 +194,6 @@ mod avx512 {
                 let v = _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
                 store16(&mut y[16 * h..], _mm512_add_ps(v, m));
             }
-        }
-    }
-
-    /// A K-quant's 6-bit scale and min of sub-block `j` from its 12 packed bytes (ggml's
-    /// `get_scale_min_k4`).
-    #[inline]
-    fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
-        if j < 4 {
-            (s[j] & 63, s[j + 4] & 63)
-        } else {
-            (
-                (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4),
-                (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-            )
         }
     }
 
