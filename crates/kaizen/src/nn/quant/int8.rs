@@ -231,9 +231,8 @@ fn pack_panel(layout: Layout, w: &[u8], (j0, n, kb): (usize, usize, usize), dst:
                 .zip(recs.chunks_exact_mut(REC));
             for ((q, &(a, o)), rec) in blocks {
                 for (s, four) in q.chunks_exact(4).enumerate() {
-                    for (t, &v) in four.iter().enumerate() {
-                        rec[128 * s + 4 * l + t] = v as u8;
-                    }
+                    let word = [four[0] as u8, four[1] as u8, four[2] as u8, four[3] as u8];
+                    rec[128 * s + 4 * l..][..4].copy_from_slice(&word);
                 }
                 let start = -128 * q.iter().map(|&v| v as i32).sum::<i32>();
                 let tail = &mut rec[QK * NR..];
