@@ -51,18 +51,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GB = 1e9
 
 # row id -> (label, impl, mode): mode is scale_torch.py's --mode, or kaizen's (dtype, quantize,
-# quantize-embeddings).
+# quantize-embeddings, compute).
 ROWS = {
     "torch-f32": ("pytorch+peft f32", "pytorch", "f32"),
     "torch-bf16": ("pytorch+peft bf16", "pytorch", "bf16"),
     "torch-bnb4": ("pytorch+peft+bnb nf4", "pytorch", "bnb4"),
-    "kaizen-f32": ("kaizen f32", "kaizen", ("f32", None, None)),
-    "kaizen-bf16": ("kaizen bf16", "kaizen", ("bf16", None, None)),
-    "kaizen-q8_0": ("kaizen q8_0", "kaizen", ("bf16", "q8_0", None)),
-    "kaizen-q4_k": ("kaizen q4_k", "kaizen", ("bf16", "q4_k", None)),
-    "kaizen-nf4": ("kaizen nf4", "kaizen", ("bf16", "nf4", None)),
+    "kaizen-f32": ("kaizen f32", "kaizen", ("f32", None, None, None)),
+    "kaizen-bf16": ("kaizen bf16", "kaizen", ("bf16", None, None, None)),
+    "kaizen-q8_0": ("kaizen q8_0", "kaizen", ("bf16", "q8_0", None, None)),
+    "kaizen-q4_k": ("kaizen q4_k", "kaizen", ("bf16", "q4_k", None, None)),
+    "kaizen-nf4": ("kaizen nf4", "kaizen", ("bf16", "nf4", None, None)),
+    # --compute int8: integer products through the quantized base.
+    "kaizen-q8_0-int8": ("kaizen q8_0 int8", "kaizen", ("bf16", "q8_0", None, "int8")),
+    "kaizen-q4_k-int8": ("kaizen q4_k int8", "kaizen", ("bf16", "q4_k", None, "int8")),
     # llama.cpp's Q4_K_M types for the table and head: --quantize-embeddings q4_k,q6_k.
-    "kaizen-q4_k_m": ("kaizen q4_k_m", "kaizen", ("bf16", "q4_k", "q4_k,q6_k")),
+    "kaizen-q4_k_m": ("kaizen q4_k_m", "kaizen", ("bf16", "q4_k", "q4_k,q6_k", None)),
 }
 # Bytes per frozen linear weight (quantized blocks: q8_0 34 B / 32, q4_k 144 B / 256, NF4 4 bits
 # + one f32 absmax per 64).
@@ -71,7 +74,8 @@ TARGETS = {"gpt_neox": ["query_key_value"], "llama": ["q_proj", "k_proj", "v_pro
 # First-step loss reference of each row (same model numerics: the rows should agree closely).
 LOSS_REF = {"torch-f32": None, "torch-bf16": "torch-f32", "torch-bnb4": "torch-bf16",
             "kaizen-f32": "torch-f32", "kaizen-bf16": "torch-bf16", "kaizen-q8_0": "torch-bf16",
-            "kaizen-q4_k": "torch-bf16", "kaizen-nf4": "torch-bnb4", "kaizen-q4_k_m": "torch-bf16"}
+            "kaizen-q4_k": "torch-bf16", "kaizen-nf4": "torch-bnb4", "kaizen-q4_k_m": "torch-bf16",
+            "kaizen-q8_0-int8": "torch-bf16", "kaizen-q4_k-int8": "torch-bf16"}
 
 
 def die(msg):
@@ -141,7 +145,7 @@ def estimate(cfg, row, batch, seq):
         act = tok * L * ((16 * d + n_ff * ff) * eb + (ntarget * d * 4 if mode != "f32" else 0))
         overhead = 1.2 * GB
     else:
-        dtype, quant, embq = mode
+        dtype, quant, embq, _ = mode
         rest = 4 if dtype == "f32" else 2
         wb = QBYTES[quant] if quant else rest
         eq, hq = (QBYTES[t] for t in embq.split(",")) if embq else (rest, rest)
@@ -290,7 +294,7 @@ def cmd_row(a):
                "--target-modules", targets]
         env = dict(os.environ)
     else:
-        dtype, quant, embq = mode
+        dtype, quant, embq, compute = mode
         out = os.path.join(a.scratch, f"{a.row}-run")
         cmd = [a.kaizen, "train", "--model", a.model, "--data", a.data, "--out", out, "--overwrite",
                "--max-len", str(a.seq), "--pack", "--batch-size", str(a.batch), "--r", "8",
@@ -301,6 +305,8 @@ def cmd_row(a):
             cmd += ["--quantize", quant]
         if embq:
             cmd += ["--quantize-embeddings", embq]
+        if compute:
+            cmd += ["--compute", compute]
         cmd += shlex.split(a.kaizen_extra)
         env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
     print(f"scale_run: {label} {a.batch}x{a.seq}: estimate {est / GB:.1f} GB, watchdog at {limit / GB:.1f} GB ...",
@@ -336,7 +342,7 @@ def parse_torch(base, so):
 
 
 def parse_kaizen(base, a, out, se, mode):
-    dtype, quant, embq = mode
+    dtype, quant, embq, compute = mode
     try:
         run = json.load(open(os.path.join(out, "run.json")))
         logs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if l.strip()]
@@ -346,6 +352,8 @@ def parse_kaizen(base, a, out, se, mode):
         return {**base, "error": f"asked for --dtype {dtype}, run.json records {run.get('dtype')!r}"}
     if quant and run.get("quantize") != quant:
         return {**base, "error": f"asked for --quantize {quant}, run.json records {run.get('quantize')!r}"}
+    if compute and run.get("compute") != compute:
+        return {**base, "error": f"asked for --compute {compute}, run.json records {run.get('compute')!r}"}
     if run.get("quantize_embeddings") != embq:
         return {**base, "error": f"asked for --quantize-embeddings {embq}, run.json records "
                                  f"{run.get('quantize_embeddings')!r}"}

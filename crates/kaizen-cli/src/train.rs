@@ -162,7 +162,8 @@ pub struct TrainArgs {
     pub quantize_embeddings: Option<String>,
     /// `int8`: forward products through a llama.cpp-type quantized base (--quantize q8_0,
     /// q4_0, q4_k, ..., or a quantized GGUF) quantize the activations to 8 bits per block and
-    /// take integer dot products, as llama.cpp does; input gradients still use --dtype.
+    /// take integer dot products, as llama.cpp does; input gradients of 8 or more rows run
+    /// on 8-bit codes too (W requantized per 32-row block).
     #[arg(long)]
     pub compute: Option<String>,
     /// Bottleneck adapters: houlsby (after attention and MLP outputs, default) or pfeiffer (after
