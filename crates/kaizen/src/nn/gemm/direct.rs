@@ -4,23 +4,103 @@
 //! lie in memory ([`avx512::kernel_bf16_rows`]); only xᵀ, small beside W, is packed into the
 //! usual 32-token bf16 panels. The packed path read W once to pack it and again to multiply;
 //! this one streams it once, every 14-row tile staying in L1 while all the token panels of a
-//! depth block pass.
+//! depth block pass. A quantized W ([`Source::Quant`]) is dequantized 14 rows by one depth
+//! block at a time into such a tile, so it too crosses memory once, in its own bits.
 //!
 //! Each rayon task owns a range of W's rows (columns of C): it accumulates its `Cᵀ` rows over
 //! the depth blocks in a scratch, then writes them into C transposed, 16 x 16 at a time.
 
 use std::any::TypeId;
 use std::cell::RefCell;
+use std::ops::Range;
 
 use half::bf16;
 use rayon::prelude::*;
 
 use super::pack::{as_bf16, bf16_pairs, pack_pairs, to_bf16};
-use super::{available_bf16, avx512, kc_block, Mat, Out, Pair, Weight, MR, NR};
+use super::{available_bf16, avx512, kc_block, Mat, Out, Pair, Weight, KC, MR, NR};
+use crate::nn::quant::QMatrix;
+use crate::Result;
 
 thread_local! {
     static CT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static EDGE: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
+    static EDGE: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static DEQ: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The frozen weight W (rows = output features, cols = input features) as the kernels read it.
+#[derive(Clone, Copy)]
+pub(super) enum Source<'a> {
+    /// Row-major bf16 (`cs == 1`), read in place.
+    Bf16(Mat<'a, bf16>),
+    /// Dequantized rectangle by rectangle, rounded to bf16 to the nearest even as the packed
+    /// path rounds it.
+    Quant(&'a QMatrix),
+}
+
+impl Source<'_> {
+    pub(super) fn dims(&self) -> (usize, usize) {
+        match self {
+            Source::Bf16(w) => (w.rows, w.cols),
+            Source::Quant(q) => q.dims(),
+        }
+    }
+
+    /// Column ranges start on multiples of this (the quantization block).
+    pub(super) fn unit(&self) -> usize {
+        match self {
+            Source::Bf16(_) => 1,
+            Source::Quant(q) => q.block_size(),
+        }
+    }
+
+    /// Rows `rows` x columns `cols` of W as a row-major bf16 view: in place, or dequantized
+    /// into `scratch` (as pairs, rows `cols.len() / 2` apart; AVX512-BF16 is the caller's to
+    /// check). `cols` starts on a multiple of [`Source::unit`] and is whole blocks or
+    /// ends at the row's end.
+    pub(super) fn rect<'s>(
+        &'s self,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        scratch: &'s mut Vec<u32>,
+    ) -> Result<Mat<'s, bf16>> {
+        let (nr, nc) = (rows.len(), cols.len());
+        let q = match self {
+            Source::Bf16(w) => {
+                let data = &w.data[rows.start * w.rs + cols.start..];
+                return Ok(Mat {
+                    data,
+                    rows: nr,
+                    cols: nc,
+                    rs: w.rs,
+                    cs: 1,
+                });
+            }
+            Source::Quant(q) => q,
+        };
+        // Rows of whole blocks are an even number of values (blocks are 32 or more).
+        assert!(
+            nc.is_multiple_of(2),
+            "gemm: a quantized row range of odd length"
+        );
+        if scratch.len() < nr * nc / 2 {
+            scratch.resize(nr * nc / 2, 0);
+        }
+        DEQ.with_borrow_mut(|row| -> Result<()> {
+            row.resize(nc, 0.0);
+            for (r, dst) in rows.zip(scratch.chunks_mut(nc / 2)) {
+                q.dequantize_into(r, cols.start, row)?;
+                // SAFETY: the callers (the AMX and AVX512-BF16 paths) checked AVX512-BF16 (AMX
+                // implies it); `dst` holds the pairs.
+                unsafe { avx512::to_bf16_pairs(row, dst) };
+            }
+            Ok(())
+        })?;
+        // SAFETY: u32 pairs of bf16, little-endian: value 2i is the low half of pair i; u32's
+        // alignment covers bf16's.
+        let data = unsafe { std::slice::from_raw_parts(scratch.as_ptr().cast::<bf16>(), nr * nc) };
+        Ok(Mat::row_major(data, nr, nc))
+    }
 }
 
 /// `C (m, n) = A (m, k) B (k, n)` for `B = Wᵀ`, W a row-major bf16 (n, k) with an even row
@@ -37,23 +117,52 @@ pub(super) fn gemm_wt<W: Weight>(a: &Mat<f32>, b: &Mat<W>, c: &mut [f32]) -> boo
         return false;
     }
     assert_eq!(b.rows, k, "gemm: inner dimensions differ");
-    assert!(c.len() >= m * n, "gemm: output too short");
     let ldw = b.cs;
     assert!(
         (n - 1) * ldw + k <= b.data.len(),
         "gemm: W's data too short"
     );
     // SAFETY: W is bf16 (the same type id): the slice is reinterpreted as itself.
-    let w: &[bf16] = unsafe { std::slice::from_raw_parts(b.data.as_ptr().cast(), b.data.len()) };
+    let data: &[bf16] = unsafe { std::slice::from_raw_parts(b.data.as_ptr().cast(), b.data.len()) };
+    let w = Mat {
+        data,
+        rows: n,
+        cols: k,
+        rs: ldw,
+        cs: 1,
+    };
+    wt(a, Source::Bf16(w), kc_block(k), c).expect("in-place reads of a bf16 W do not fail");
+    true
+}
 
+/// `C (m, n) = A (m, k) qᵀ` for a quantized W (n, k) with products in bf16; false, having done
+/// nothing, without AVX512-BF16. Depth blocks are whole quantization blocks.
+pub(super) fn gemm_quant_wt(a: &Mat<f32>, q: &QMatrix, c: &mut [f32]) -> Result<bool> {
+    let (n, k) = q.dims();
+    if !available_bf16() || a.rows * k * n == 0 || !k.is_multiple_of(2) {
+        return Ok(false);
+    }
+    assert_eq!(a.cols, k, "gemm: inner dimensions differ");
+    let unit = q.block_size().max(2);
+    let most = (KC / unit).max(1) * unit;
+    let kcb = k.div_ceil(k.div_ceil(most)).next_multiple_of(unit);
+    wt(a, Source::Quant(q), kcb, c)?;
+    Ok(true)
+}
+
+/// The product of [`gemm_wt`] and [`gemm_quant_wt`], depth blocks of `kcb` (even).
+fn wt(a: &Mat<f32>, w: Source, kcb: usize, c: &mut [f32]) -> Result<()> {
+    let (m, k) = (a.rows, a.cols);
+    let n = w.dims().0;
+    assert!(c.len() >= m * n, "gemm: output too short");
     // xᵀ in 32-token panels per depth block: block p holds `panels` panels of `steps(p)` steps.
-    let kcb = kc_block(k);
     let panels = m.div_ceil(NR);
     let mp = panels * NR;
     let blocks: Vec<(usize, usize)> = (0..k)
         .step_by(kcb)
         .map(|p0| (p0, kcb.min(k - p0)))
         .collect();
+    // x rounded to bf16 once (32 values at a time), then packed by the bf16 packer.
     let mut pairs = Vec::new();
     let x = match a.cs == 1 && a.rs == k {
         true => {
@@ -81,54 +190,77 @@ pub(super) fn gemm_wt<W: Weight>(a: &Mat<f32>, b: &Mat<W>, c: &mut [f32]) -> boo
     let threads = rayon::current_num_threads().max(1);
     let group = tiles.div_ceil(threads * 4).clamp(1, 16);
     let out = Out(c.as_mut_ptr());
-    (0..tiles.div_ceil(group)).into_par_iter().for_each(|g| {
-        let t0 = g * group;
-        let t1 = (t0 + group).min(tiles);
-        CT.with(|ct| {
-            EDGE.with(|edge| {
-                let mut ct = ct.borrow_mut();
-                ct.resize((t1 - t0) * MR * mp, 0.0);
-                let mut edge = edge.borrow_mut();
-                for (&(p0, kc), xp) in blocks.iter().zip(&packed) {
-                    let steps = kc / 2;
-                    for t in t0..t1 {
-                        let j0 = t * MR;
-                        // A full tile reads W in place; the last, short one a zero-padded copy.
-                        let (rows, lda) = if j0 + MR <= n {
-                            (&w[j0 * ldw..], ldw)
-                        } else {
-                            edge.clear();
-                            edge.resize(MR * k, bf16::ZERO);
-                            for (r, row) in edge.chunks_mut(k).take(n - j0).enumerate() {
-                                row.copy_from_slice(&w[(j0 + r) * ldw..][..k]);
+    (0..tiles.div_ceil(group))
+        .into_par_iter()
+        .try_for_each(|g| {
+            let t0 = g * group;
+            let t1 = (t0 + group).min(tiles);
+            CT.with_borrow_mut(|ct| {
+                EDGE.with_borrow_mut(|edge| -> Result<()> {
+                    ct.resize((t1 - t0) * MR * mp, 0.0);
+                    for (&(p0, kc), xp) in blocks.iter().zip(&packed) {
+                        let steps = kc / 2;
+                        for t in t0..t1 {
+                            let (a_ptr, lda) = tile(&w, t * MR, (p0, kc), edge)?;
+                            for (tp, bp) in xp.chunks(steps * NR).enumerate() {
+                                let dst = &mut ct[((t - t0) * MR) * mp + tp * NR..];
+                                // SAFETY: AVX512-BF16 (checked by both callers); A's 14 rows hold
+                                // kc / 2 words each, `lda` words apart (`tile`); the panel holds
+                                // `steps` steps; the tile's 14 rows of 32 lie in `ct` (MR rows per
+                                // tile, mp columns).
+                                unsafe {
+                                    avx512::kernel_bf16_rows(
+                                        steps,
+                                        (a_ptr, lda),
+                                        bp.as_ptr().cast(),
+                                        dst.as_mut_ptr(),
+                                        mp,
+                                        p0 > 0,
+                                    )
+                                };
                             }
-                            (&edge[..], k)
-                        };
-                        let a_ptr = rows[p0..].as_ptr().cast::<u32>();
-                        for (tp, bp) in xp.chunks(steps * NR).enumerate() {
-                            let dst = &mut ct[((t - t0) * MR) * mp + tp * NR..];
-                            // SAFETY: AVX512-BF16 (checked); A's 14 rows hold kc values from
-                            // p0 (W: (n - 1) ldw + k in bounds, asserted, or the padded copy),
-                            // read as kc / 2 words each; the panel holds `steps` steps; the
-                            // tile's 14 rows of 32 lie in `ct` (MR rows per tile, mp columns).
-                            unsafe {
-                                avx512::kernel_bf16_rows(
-                                    steps,
-                                    (a_ptr, lda / 2),
-                                    bp.as_ptr().cast(),
-                                    dst.as_mut_ptr(),
-                                    mp,
-                                    p0 > 0,
-                                )
-                            };
                         }
                     }
-                }
-                write_transposed(&ct, mp, (m, n), (t0 * MR, (t1 * MR).min(n)), out);
+                    write_transposed(ct, mp, (m, n), (t0 * MR, (t1 * MR).min(n)), out);
+                    Ok(())
+                })
             })
         })
-    });
-    true
+}
+
+/// W's rows `j0..j0 + MR` over depth `p0..p0 + kc` as bf16 pairs: the first word and the row
+/// stride in words. A whole bf16 tile is read in place; the last, short one and a quantized
+/// W's tiles are written to `edge`, zero-padded to MR rows.
+fn tile(
+    w: &Source,
+    j0: usize,
+    (p0, kc): (usize, usize),
+    edge: &mut Vec<u32>,
+) -> Result<(*const u32, usize)> {
+    let n = w.dims().0;
+    let half = kc / 2;
+    if let Source::Bf16(w) = w {
+        if j0 + MR <= n {
+            return Ok((w.data[j0 * w.rs + p0..].as_ptr().cast(), w.rs / 2));
+        }
+    }
+    let rows = j0..(j0 + MR).min(n);
+    edge.clear();
+    edge.resize(MR * half, 0);
+    match w {
+        Source::Bf16(w) => {
+            for (r, dst) in rows.zip(edge.chunks_mut(half)) {
+                let row = &w.data[r * w.rs + p0..][..kc];
+                for (d, two) in dst.iter_mut().zip(row.chunks_exact(2)) {
+                    *d = two[0].to_bits() as u32 | (two[1].to_bits() as u32) << 16;
+                }
+            }
+        }
+        Source::Quant(_) => {
+            w.rect(rows, p0..p0 + kc, edge)?;
+        }
+    }
+    Ok((edge.as_ptr(), half))
 }
 
 /// C's columns `j0..j1` (rows `j0..j1` of Cᵀ, held in `ct` from row 0 with stride `mp`),

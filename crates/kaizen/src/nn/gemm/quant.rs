@@ -2,10 +2,13 @@
 //! dequantized into a scratch (rows in parallel, whole quantization blocks at a time) and packed
 //! from there into the same panels a dense weight packs into, so the micro-kernels, the LM
 //! head's reuse of a packed B and the thread split are those of the dense path. Depth blocks
-//! start on quantization-block boundaries. With AMX and bf16 compute, products go to
+//! start on quantization-block boundaries; in bf16, the scratch is rounded 32 values at a time
+//! and packed by the bf16 weight's packers. With AMX and bf16 compute, products go to
 //! `amx::gemm_quant` instead, whose tasks each dequantize only the rectangle of W they use into
-//! a cache-resident scratch (`amx/direct.rs`). Few rows (decoding) take a matrix-vector path
-//! that dequantizes one weight row at a time.
+//! a cache-resident scratch (`amx/direct.rs`); without AMX, the bf16 forward `x Wᵀ` runs on
+//! `direct.rs`, 14 rows of W dequantized into an L1 tile at a time (the input gradient `dy W`
+//! stays on the packed panels). Few rows (decoding) take a matrix-vector path that
+//! dequantizes one weight row at a time.
 
 use std::cell::RefCell;
 
@@ -180,8 +183,13 @@ pub fn linear_quant(x: &Tensor, q: &QMatrix, transposed: bool) -> Result<Tensor>
         }
         let a = Mat::row_major(xs, n, k);
         #[cfg(target_arch = "x86_64")]
-        if q.compute == DType::BF16 && super::amx::gemm_quant(&a, q, transposed, &mut c)? {
-            return Ok(());
+        if q.compute == DType::BF16 {
+            if super::amx::gemm_quant(&a, q, transposed, &mut c)? {
+                return Ok(());
+            }
+            if transposed && super::direct::gemm_quant_wt(&a, q, &mut c)? {
+                return Ok(());
+            }
         }
         match q.compute {
             DType::BF16 => gemm_packed(a, &PackedB::<bf16>::from_quant(q, transposed)?, &mut c),

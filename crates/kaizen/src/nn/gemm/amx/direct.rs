@@ -17,14 +17,13 @@
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
-use std::ops::Range;
 
 use half::bf16;
 use rayon::prelude::*;
 
 use super::{avx512, grow, kernel, pack_a, run, to_bf16, Src, Tiles, KT, MA, SCRATCH, TK};
+pub(in crate::nn::gemm) use crate::nn::gemm::direct::Source;
 use crate::nn::gemm::{Mat, Out, Pair, NR};
-use crate::nn::quant::QMatrix;
 use crate::Result;
 
 /// Depth of [`gemm_wt`]'s blocks (k up to this in one): Cᵀ is revisited once per block.
@@ -38,79 +37,7 @@ const KC_W: usize = 1024;
 /// Most 32-column panels per task of [`gemm_w`].
 const GROUP: usize = 4;
 
-/// The frozen weight W (rows = output features, cols = input features) as the kernels read it.
-#[derive(Clone, Copy)]
-pub(in crate::nn::gemm) enum Source<'a> {
-    /// Row-major bf16 (`cs == 1`), read in place.
-    Bf16(Mat<'a, bf16>),
-    /// Dequantized rectangle by rectangle, rounded to bf16 to the nearest even as the packed
-    /// path rounds it.
-    Quant(&'a QMatrix),
-}
-
-impl Source<'_> {
-    fn dims(&self) -> (usize, usize) {
-        match self {
-            Source::Bf16(w) => (w.rows, w.cols),
-            Source::Quant(q) => q.dims(),
-        }
-    }
-
-    /// Column ranges start on multiples of this (the quantization block).
-    fn unit(&self) -> usize {
-        match self {
-            Source::Bf16(_) => 1,
-            Source::Quant(q) => q.block_size(),
-        }
-    }
-
-    /// Rows `rows` x columns `cols` of W as a row-major bf16 view: in place, or dequantized
-    /// into `scratch`. `cols` starts on a multiple of [`Source::unit`] and is whole blocks or
-    /// ends at the row's end.
-    fn rect<'s>(
-        &'s self,
-        rows: Range<usize>,
-        cols: Range<usize>,
-        scratch: &'s mut Vec<u32>,
-    ) -> Result<Mat<'s, bf16>> {
-        let (nr, nc) = (rows.len(), cols.len());
-        let q = match self {
-            Source::Bf16(w) => {
-                let data = &w.data[rows.start * w.rs + cols.start..];
-                return Ok(Mat {
-                    data,
-                    rows: nr,
-                    cols: nc,
-                    rs: w.rs,
-                    cs: 1,
-                });
-            }
-            Source::Quant(q) => q,
-        };
-        // Rows of whole blocks are an even number of values (blocks are 32 or more).
-        assert!(
-            nc.is_multiple_of(2),
-            "gemm: a quantized row range of odd length"
-        );
-        grow(scratch, nr * nc / 2);
-        DEQ.with_borrow_mut(|row| -> Result<()> {
-            row.resize(nc, 0.0);
-            for (r, dst) in rows.zip(scratch.chunks_mut(nc / 2)) {
-                q.dequantize_into(r, cols.start, row)?;
-                // SAFETY: AMX implies AVX512-BF16 (`available` checks it); `dst` holds the pairs.
-                unsafe { avx512::to_bf16_pairs(row, dst) };
-            }
-            Ok(())
-        })?;
-        // SAFETY: u32 pairs of bf16, little-endian: value 2i is the low half of pair i; u32's
-        // alignment covers bf16's.
-        let data = unsafe { std::slice::from_raw_parts(scratch.as_ptr().cast::<bf16>(), nr * nc) };
-        Ok(Mat::row_major(data, nr, nc))
-    }
-}
-
 thread_local! {
-    static DEQ: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static RECT: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
