@@ -88,6 +88,11 @@ fn main() {
         own_f32.map_or("-".into(), |r| format!("{r:.0}")),
         own_bf16.map_or("-".into(), |r| format!("{r:.0}"))
     );
+    if let Some((bf16, int8)) = instruction_peaks() {
+        println!(
+            "Instruction peaks ({threads} threads, registers only): vdpbf16ps {bf16:.0} GFLOP/s, vpdpbusd {int8:.0} GOP/s"
+        );
+    }
     println!();
     println!("| kernel | GFLOP | candle f32 | kaizen f32 | kaizen bf16 | best f32 / f32 ceiling | bf16 / bf16 ceiling |");
     println!("|---|---|---|---|---|---|---|");
@@ -206,6 +211,53 @@ fn main() {
         rates[1],
         &ceil,
     );
+}
+
+/// What no product can pass on this CPU: the bf16 (`vdpbf16ps`, 64 FLOP each) and int8
+/// (`vpdpbusd`, 128 operations each) dot-product instructions on twelve independent register
+/// accumulators per thread, all threads at once; None without AVX512-BF16 and VNNI.
+fn instruction_peaks() -> Option<(f64, f64)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        use std::hint::black_box;
+        if !(gemm::available_bf16() && is_x86_feature_detected!("avx512vnni")) {
+            return None;
+        }
+        const STEPS: usize = 4_000_000;
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        fn bf16() -> f32 {
+            let one = _mm512_set1_epi32(0x3f80_3f80);
+            // SAFETY: a bit pattern reinterpreted as 32 bf16 values.
+            let v = unsafe { std::mem::transmute::<__m512i, __m512bh>(black_box(one)) };
+            let mut acc = [_mm512_setzero_ps(); 12];
+            for _ in 0..STEPS {
+                for a in acc.iter_mut() {
+                    *a = _mm512_dpbf16_ps(*a, v, v);
+                }
+            }
+            acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+        }
+        #[target_feature(enable = "avx512f,avx512vnni")]
+        fn int8() -> i32 {
+            let v = black_box(_mm512_set1_epi32(0x0101_0101));
+            let mut acc = [_mm512_setzero_si512(); 12];
+            for _ in 0..STEPS {
+                for a in acc.iter_mut() {
+                    *a = _mm512_dpbusd_epi32(*a, v, v);
+                }
+            }
+            acc.iter().map(|&a| _mm512_reduce_add_epi32(a)).sum()
+        }
+        let threads = rayon::current_num_threads() as f64;
+        let ops = 12.0 * STEPS as f64 * threads;
+        // SAFETY: the CPU has AVX512-BF16 and VNNI (checked above).
+        let t = median_secs(|| drop(rayon::broadcast(|_| black_box(unsafe { bf16() }))));
+        let t8 = median_secs(|| drop(rayon::broadcast(|_| black_box(unsafe { int8() }))));
+        Some((ops * 64.0 / t / 1e9, ops * 128.0 / t8 / 1e9))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
 }
 
 fn flat(t: &Tensor) -> Vec<f32> {
