@@ -18,7 +18,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::pack::{as_bf16, bf16_pairs, pack_pairs, to_bf16};
-use super::{available_bf16, avx512, kc_block, Mat, Out, Pair, Weight, KC, MR, NR};
+use super::{available_bf16, avx512, kc_block, Mat, Out, Pair, Weight, MR, NR};
 use crate::nn::quant::QMatrix;
 use crate::Result;
 
@@ -143,9 +143,7 @@ pub(super) fn gemm_quant_wt(a: &Mat<f32>, q: &QMatrix, c: &mut [f32]) -> Result<
         return Ok(false);
     }
     assert_eq!(a.cols, k, "gemm: inner dimensions differ");
-    let unit = q.block_size().max(2);
-    let most = (KC / unit).max(1) * unit;
-    let kcb = k.div_ceil(k.div_ceil(most)).next_multiple_of(unit);
+    let kcb = super::quant::kc_block_quant(k, q.block_size().max(2));
     wt(a, Source::Quant(q), kcb, c)?;
     Ok(true)
 }

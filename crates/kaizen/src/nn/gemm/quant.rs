@@ -63,6 +63,13 @@ impl FromF32 for bf16 {
     }
 }
 
+/// Depth blocks of a quantized W: equal blocks of at most KC, each a whole number of
+/// quantization blocks of `unit` values.
+pub(super) fn kc_block_quant(k: usize, unit: usize) -> usize {
+    let most = (KC / unit).max(1) * unit;
+    k.div_ceil(k.div_ceil(most).max(1)).next_multiple_of(unit)
+}
+
 /// Whether kaizen's kernels run products in `compute` precision on this CPU.
 pub(super) fn kernels_for(compute: DType) -> bool {
     match compute {
@@ -80,10 +87,7 @@ impl<W: FromF32> PackedB<W> {
         } else {
             (rows, cols)
         };
-        // Equal depth blocks of at most KC, each a whole number of quantization blocks.
-        let unit = q.block_size().max(W::KSTEP);
-        let most = (KC / unit).max(1) * unit;
-        let kc_block = k.div_ceil(k.div_ceil(most).max(1)).next_multiple_of(unit);
+        let kc_block = kc_block_quant(k, q.block_size().max(W::KSTEP));
         // Panels per task: whole quantization blocks of B's columns when they run along W's
         // rows (the input gradient), one panel when they are W's rows (the forward).
         let group = match transposed {
