@@ -243,8 +243,10 @@ fn tile(
         }
     }
     let rows = j0..(j0 + MR).min(n);
-    edge.clear();
+    let filled = rows.len() * half;
     edge.resize(MR * half, 0);
+    // Rows past n are zero; the rows below are overwritten whole.
+    edge[filled..].fill(0);
     match w {
         Source::Bf16(w) => {
             for (r, dst) in rows.zip(edge.chunks_mut(half)) {

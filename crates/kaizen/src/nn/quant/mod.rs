@@ -201,7 +201,8 @@ impl QMatrix {
     /// or Q8_K as the weight type pairs them). The weight rows are split into a few contiguous
     /// ranges per rayon thread (ggml's chunking), so each thread streams its weights in order.
     /// From [`int8::MIN_ROWS`] rows of x on, the 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1,
-    /// Q8_0) take [`int8`]'s blocked product instead: the same terms, summed in another order.
+    /// Q8_0) take [`int8`]'s blocked product instead: the same terms, summed in another order;
+    /// so do Q4_K and Q5_K, with x as Q8_1 per 32 values instead of this path's Q8_K.
     /// Only for [`has_int8`](QMatrix::has_int8).
     pub fn int8_product(&self, x: &[f32], m: usize, c: &mut [f32]) -> Result<()> {
         type Dot<B> = fn(usize, &[B], &[<B as GgmlType>::VecDotType]) -> f32;
