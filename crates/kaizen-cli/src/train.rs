@@ -149,7 +149,9 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
     /// Store the frozen base weights in bf16 (f32 or bf16; default f32): half their memory, and
-    /// bf16 matrix products accumulating in f32. Adapters and optimizer state stay f32.
+    /// bf16 matrix products accumulating in f32. Training also keeps the activations saved for
+    /// backward in bf16, as PyTorch's bf16 model does (half the tape). Adapters and optimizer
+    /// state stay f32.
     #[arg(long)]
     pub dtype: Option<String>,
     /// QLoRA: keep the frozen linear layers quantized in memory: q8_0, q4_0, q4_k, q5_k, q6_k

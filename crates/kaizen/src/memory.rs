@@ -88,9 +88,11 @@ pub fn available() -> Option<u64> {
     Some(cgroup.map_or(kib * 1024, |c| c.min(kib * 1024)))
 }
 
-/// f32 values kept per token by each layer's training tape, and by the layer's linear inputs,
-/// for one layer of `model` (the layers are alike but for which carry adapters: the largest).
-fn tape_per_token(model: &mut Model) -> u64 {
+/// Bytes kept per token by each layer's training tape, and by the layer's linear inputs, for one
+/// layer of `model` (the layers are alike but for which carry adapters: the largest): as held
+/// (activations in the tape's dtype, per-row statistics and what adapters save in f32), and as
+/// backward widens one layer's tape to f32.
+fn tape_per_token(model: &mut Model) -> (u64, u64) {
     let c = model.config().clone();
     let spec = c.architecture.spec();
     let (h, f) = (c.hidden_size as u64, c.intermediate_size as u64);
@@ -98,14 +100,13 @@ fn tape_per_token(model: &mut Model) -> u64 {
     let (q, kv) = (heads * c.head_dim as u64, kv_heads * c.head_dim as u64);
     // Each norm keeps its normalised input (and a reciprocal std per row); the next layer reads
     // the norm's output (kept below when a linear layer needs its input).
-    let norms = if spec.sandwich { 4 } else { 2 } * (h + 1)
-        + if c.qk_norm {
-            q + kv + heads + kv_heads
-        } else {
-            0
-        };
+    let norms = if spec.sandwich { 4 } else { 2 };
+    let (norms, norm_stats) = match c.qk_norm {
+        true => (norms * h + q + kv, norms + heads + kv_heads),
+        false => (norms * h, norms),
+    };
     // Attention: q, k, v, its output and a log-sum-exp per head and row.
-    let attention = 2 * q + 2 * kv + heads;
+    let attention = 2 * q + 2 * kv;
     let mlp = match spec.mlp {
         crate::models::arch::MlpKind::Plain => f,
         _ => 2 * f,
@@ -136,21 +137,21 @@ fn tape_per_token(model: &mut Model) -> u64 {
         e.0.insert(input);
         e.1 += saved;
     }
-    let inputs = per_layer
+    let (inputs, saved) = per_layer
         .values()
         .map(|(kept, saved)| {
-            kept.iter()
-                .map(|k| match *k {
-                    "attn-in" | "mlp-in" => h,
-                    "attn-out" => q,
-                    _ => f,
-                })
-                .sum::<u64>()
-                + saved
+            let inputs = kept.iter().map(|k| match *k {
+                "attn-in" | "mlp-in" => h,
+                "attn-out" => q,
+                _ => f,
+            });
+            (inputs.sum::<u64>(), *saved)
         })
-        .max()
-        .unwrap_or(0);
-    norms + attention + mlp + inputs
+        .max_by_key(|(inputs, saved)| inputs + saved)
+        .unwrap_or((0, 0));
+    let (activations, f32s) = (norms + attention + mlp + inputs, norm_stats + heads + saved);
+    let held = activations * model.decoder.tape.size_in_bytes() as u64 + 4 * f32s;
+    (held, 4 * (activations + f32s))
 }
 
 /// The estimated peak of training `model` (its method attached) in `shape`.
@@ -216,17 +217,19 @@ pub fn estimate(model: &mut Model, shape: &RunShape) -> Estimate {
     // Virtual tokens lengthen every sequence; a prefix only the keys and values.
     let t = (shape.seq_len + model.num_virtual_tokens()) as u64;
     let tokens = shape.batch_size as u64 * t;
-    let layer = tape_per_token(model) * tokens;
-    let activations = 4 * match shape.gradient_checkpointing {
+    let (held, widened) = tape_per_token(model);
+    let (layer, widened) = (held * tokens, widened * tokens);
+    let activations = match shape.gradient_checkpointing {
         // Each layer's input, and one layer's tape recomputed in backward.
-        true => layers * tokens * h + layer,
+        true => 4 * layers * tokens * h + layer,
         false => layers * layer,
     };
-    // Backward of one layer: its output gradient, input gradient and the MLP's gradients; the
-    // model's input, output and their gradients; the head's logits chunk (256 rows) and its
-    // gradient; what the head's products hold, and a matrix packed for a product.
+    // Backward of one layer: its output gradient, input gradient and the MLP's gradients, its
+    // tape widened to f32 (a part at a time; counted whole); the model's input, output and their gradients; the head's logits
+    // chunk (256 rows) and its gradient; what the head's products hold, and a matrix packed for
+    // a product.
     let workspace =
-        4 * (tokens * (2 * h + 3 * f) + layer + tokens * 4 * h + 2 * 256 * v) + head + packed;
+        4 * (tokens * (2 * h + 3 * f) + tokens * 4 * h + 2 * 256 * v) + widened + head + packed;
     // Full fine-tuning: a weight's gradient as computed, the sum it is added into (a tied
     // table's two), and AdamW's temporaries, for the largest weight (the embeddings).
     let workspace = workspace + 3 * 4 * largest_trained;

@@ -203,6 +203,52 @@ fn the_estimate_bounds_what_a_step_allocates_for_every_method() {
     );
 }
 
+/// `--dtype bf16` keeps the tape in bf16: a step allocates less than with the same model's tape in
+/// f32, and the estimate, which counts the tape in its dtype, still bounds it.
+#[test]
+fn a_bf16_tape_lowers_the_step_and_the_estimate_bounds_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (b, t) = (4, 128);
+    for method in ["lora", "dora", "prefix", "full"] {
+        let mut model = kaizen::load_as(&fixture("llama-gqa-tied"), DType::BF16)
+            .unwrap()
+            .model;
+        attach(&mut model, method);
+        let mut step = |tape: DType| {
+            model.decoder.tape = tape;
+            let shape = RunShape {
+                batch_size: b,
+                seq_len: t,
+                gradient_checkpointing: false,
+                adam: true,
+            };
+            let est = memory::estimate(&mut model, &shape);
+            let got = measured_step(&model, &batch(&model, b, t)) as u64;
+            (
+                got,
+                est.activations + est.workspace + est.trainable,
+                est.activations,
+            )
+        };
+        let (half, f32s) = (step(DType::BF16), step(DType::F32));
+        eprintln!("{method}: bf16 tape {half:?}, f32 tape {f32s:?} (peak, bound, activations)");
+        assert!(
+            half.0 < f32s.0,
+            "{method}: bf16 tape {half:?} vs f32 {f32s:?}"
+        );
+        assert!(
+            half.2 < f32s.2,
+            "{method}: bf16 tape {half:?} vs f32 {f32s:?}"
+        );
+        assert!(
+            half.0 <= half.1 && half.1 <= 3 * half.0,
+            "{method}: bf16 tape's peak {} B, bound {} B",
+            half.0,
+            half.1
+        );
+    }
+}
+
 #[test]
 fn gradient_checkpointing_and_smaller_batches_lower_the_estimate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

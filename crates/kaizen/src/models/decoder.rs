@@ -4,7 +4,7 @@
 //! soft-capping. The architecture's [`ArchSpec`] says which parts and names to use; each part's
 //! backward exists once. Struct fields are roles; the checkpoint's names come from the spec.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 
 use super::arch::{ArchSpec, MlpKind, NormKind, QkvLayout};
@@ -15,7 +15,7 @@ use crate::checkpoint::{Role, Weights};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::nn::attention::AttnSpec;
 use crate::nn::norm::NormCache;
-use crate::nn::{Embedding, Grads, KvCache, LayerNorm, Linear, Norm, RmsNorm, Rotary};
+use crate::nn::{Embedding, Grads, KvCache, LayerNorm, Linear, Norm, Recast, RmsNorm, Rotary};
 use crate::Result;
 
 pub struct Block {
@@ -43,6 +43,9 @@ pub struct Decoder {
     pub norm: Norm,
     /// Shares the embedding table when tied.
     pub lm_head: Linear,
+    /// The dtype training keeps each layer's saved activations in: the frozen matrices'
+    /// (`--dtype bf16`: bf16, see [`Recast`]).
+    pub tape: DType,
 }
 
 /// Saved activations of one layer for backward.
@@ -61,7 +64,35 @@ pub struct Tape {
     final_norm: NormCache,
 }
 
+impl BlockTape {
+    fn recast(&self, r: &mut Recast) -> Result<Self> {
+        Ok(BlockTape {
+            attn_norm: self.attn_norm.recast(r)?,
+            attn: self.attn.recast(r)?,
+            attn_post: NormCache::recast_opt(&self.attn_post, r)?,
+            mlp_norm: self.mlp_norm.recast(r)?,
+            mlp: self.mlp.recast(r)?,
+            mlp_post: NormCache::recast_opt(&self.mlp_post, r)?,
+        })
+    }
+}
+
 impl Block {
+    /// Training's forward: [`Block::forward`] with the tape in `tape`'s dtype.
+    fn forward_train(
+        &self,
+        x: &Tensor,
+        kv: Option<&KvPair>,
+        rng: Option<&mut StdRng>,
+        tape: DType,
+    ) -> Result<(Tensor, BlockTape)> {
+        let (y, t) = self.forward(x, Past::Prefix(kv), rng)?;
+        match tape {
+            DType::F32 => Ok((y, t)),
+            dtype => Ok((y, t.recast(&mut Recast::to(dtype))?)),
+        }
+    }
+
     /// x: (B, T, hidden) -> (B, T, hidden), and the tape (dropped in inference).
     fn forward(
         &self,
@@ -101,14 +132,19 @@ impl Block {
         dy: &Tensor,
         grads: &mut Grads,
     ) -> Result<(Tensor, Option<KvPair>)> {
+        // Each part's tape widened to f32 as it is used and freed after (a bf16 tape): the MLP's
+        // is gone before attention's is made.
+        let f32 = || Recast::to(DType::F32);
         let d_m = Norm::backward_opt(
             self.mlp_post_norm.as_ref(),
-            t.mlp_post.as_ref(),
+            NormCache::recast_opt(&t.mlp_post, &mut f32())?.as_ref(),
             dy.clone(),
             grads,
         )?;
-        let d_n2 = self.mlp.backward(&t.mlp, &d_m, grads)?;
-        let d_mlp_in = self.mlp_norm.backward(&t.mlp_norm, &d_n2, grads)?;
+        let d_n2 = self.mlp.backward(&t.mlp.recast(&mut f32())?, &d_m, grads)?;
+        let d_mlp_in = self
+            .mlp_norm
+            .backward(&t.mlp_norm.recast(&mut f32())?, &d_n2, grads)?;
         // Parallel: y = x + attn + m, the MLP reads x. Sequential: h = x + attn, y = h + m.
         let (d_a, d_direct) = if self.parallel {
             (dy.clone(), (dy + &d_mlp_in)?)
@@ -118,12 +154,17 @@ impl Block {
         };
         let d_a = Norm::backward_opt(
             self.attn_post_norm.as_ref(),
-            t.attn_post.as_ref(),
+            NormCache::recast_opt(&t.attn_post, &mut f32())?.as_ref(),
             d_a,
             grads,
         )?;
-        let (d_n1, d_prefix) = self.attn.backward(&t.attn, &d_a, grads)?;
-        let dx = (d_direct + self.attn_norm.backward(&t.attn_norm, &d_n1, grads)?)?;
+        let (d_n1, d_prefix) = self
+            .attn
+            .backward(&t.attn.recast(&mut f32())?, &d_a, grads)?;
+        let d_n1 = self
+            .attn_norm
+            .backward(&t.attn_norm.recast(&mut f32())?, &d_n1, grads)?;
+        let dx = (d_direct + d_n1)?;
         Ok((dx, d_prefix))
     }
 }
@@ -271,6 +312,7 @@ impl Decoder {
             lm_head,
             spec,
             config: c.clone(),
+            tape: l.w.matrices,
         })
     }
 
@@ -351,7 +393,7 @@ impl Decoder {
     ) -> Result<(Tensor, Tape)> {
         let (x, layers) =
             forward_layers(&self.layers, x, prefix, checkpoint, rng, |l, x, kv, r| {
-                l.forward(x, Past::Prefix(kv), r)
+                l.forward_train(x, kv, r, self.tape)
             })?;
         let (h, final_norm) = self.norm.forward_t(&x)?;
         Ok((h, Tape { layers, final_norm }))
@@ -373,7 +415,7 @@ impl Decoder {
             prefix,
             dx,
             grads,
-            |l, x, kv, r| l.forward(x, Past::Prefix(kv), r),
+            |l, x, kv, r| l.forward_train(x, kv, r, self.tape),
             |l, t, dy, g| l.backward(t, dy, g),
         )
     }

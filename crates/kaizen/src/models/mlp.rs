@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 
 use crate::config::Activation;
 use crate::nn::linear::LinearCache;
-use crate::nn::{activation, Grads, Linear};
+use crate::nn::{activation, Grads, Linear, Recast};
 use crate::Result;
 
 pub enum Proj {
@@ -29,6 +29,25 @@ pub struct MlpTape {
     /// Plain: the pre-activation (B, T, ffn). Gated: gate and up (B, T, ffn).
     pre: Vec<Tensor>,
     down: LinearCache,
+}
+
+impl MlpTape {
+    /// The saved activations in `r`'s dtype.
+    pub fn recast(&self, r: &mut Recast) -> Result<Self> {
+        Ok(MlpTape {
+            caches: self
+                .caches
+                .iter()
+                .map(|c| c.recast(r))
+                .collect::<Result<_>>()?,
+            pre: self
+                .pre
+                .iter()
+                .map(|p| r.tensor(p))
+                .collect::<Result<_>>()?,
+            down: self.down.recast(r)?,
+        })
+    }
 }
 
 impl Mlp {

@@ -13,7 +13,7 @@ use crate::nn::attention::{attention_t, causal_attention_backward, AttnCache, At
 use crate::nn::gemm::with_slice;
 use crate::nn::linear::LinearCache;
 use crate::nn::norm::NormCache;
-use crate::nn::{Grads, KvCache, Linear, Norm, Rotary};
+use crate::nn::{Grads, KvCache, Linear, Norm, Recast, Rotary};
 use crate::Result;
 
 /// The q, k and v projections as the checkpoint stores them.
@@ -78,6 +78,25 @@ pub struct AttnTape {
     /// None after batched decoding (inference only).
     attn: Option<AttnCache>,
     o: LinearCache,
+}
+
+impl AttnTape {
+    /// The saved activations in `r`'s dtype.
+    pub fn recast(&self, r: &mut Recast) -> Result<Self> {
+        Ok(AttnTape {
+            start: self.start,
+            proj: match &self.proj {
+                ProjCache::Split(c) => {
+                    ProjCache::Split([c[0].recast(r)?, c[1].recast(r)?, c[2].recast(r)?])
+                }
+                ProjCache::Fused(c) => ProjCache::Fused(c.recast(r)?),
+            },
+            q_norm: NormCache::recast_opt(&self.q_norm, r)?,
+            k_norm: NormCache::recast_opt(&self.k_norm, r)?,
+            attn: self.attn.as_ref().map(|a| a.recast(r)).transpose()?,
+            o: self.o.recast(r)?,
+        })
+    }
 }
 
 impl SelfAttn {

@@ -29,6 +29,7 @@ use candle_core::{DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::math::exp;
+use super::Recast;
 use crate::{Error, Result};
 
 /// Query rows per tile.
@@ -72,6 +73,20 @@ pub struct AttnCache {
     /// Log-sum-exp of each query row's scaled, capped, masked scores: (B, H, T).
     lse: Tensor,
     spec: AttnSpec,
+}
+
+impl AttnCache {
+    /// q, k, v and the output in `r`'s dtype; the log-sum-exp stays f32.
+    pub fn recast(&self, r: &mut Recast) -> Result<Self> {
+        Ok(AttnCache {
+            q: r.tensor(&self.q)?,
+            k: r.tensor(&self.k)?,
+            v: r.tensor(&self.v)?,
+            o: r.tensor(&self.o)?,
+            lse: self.lse.clone(),
+            spec: self.spec,
+        })
+    }
 }
 
 /// q: (B, H, T, hd), k/v: (B, KVH, S, hd) with H a multiple of KVH -> (B, H, T, hd).

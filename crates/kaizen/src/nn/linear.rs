@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rayon::prelude::*;
 
 use super::gemm::{with_slice, PackCache};
-use super::{Grads, Matrix};
+use super::{Grads, Matrix, Recast};
 use crate::Result;
 
 /// A trainable method wrapped around a frozen linear layer. The adapter runs the whole layer:
@@ -83,6 +83,17 @@ pub struct LinearCache {
     x: Option<Tensor>,
     saved: Option<Tensor>,
     in_dims: Vec<usize>,
+}
+
+impl LinearCache {
+    /// The kept input in `r`'s dtype; what the adapter saved stays as it is.
+    pub fn recast(&self, r: &mut Recast) -> Result<Self> {
+        Ok(LinearCache {
+            x: r.opt(&self.x)?,
+            saved: self.saved.clone(),
+            in_dims: self.in_dims.clone(),
+        })
+    }
 }
 
 impl Linear {

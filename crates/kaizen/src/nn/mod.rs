@@ -13,6 +13,7 @@ pub mod math;
 pub mod matrix;
 pub mod norm;
 pub mod quant;
+pub mod recast;
 pub mod rotary;
 
 pub use embedding::Embedding;
@@ -21,4 +22,5 @@ pub use kv_cache::KvCache;
 pub use linear::{Linear, LinearAdapter};
 pub use matrix::Matrix;
 pub use norm::{LayerNorm, Norm, RmsNorm};
+pub use recast::Recast;
 pub use rotary::Rotary;

@@ -6,7 +6,7 @@
 use candle_core::{Tensor, D};
 use rayon::prelude::*;
 
-use super::Grads;
+use super::{Grads, Recast};
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -26,6 +26,21 @@ pub struct NormCache {
     xhat: Tensor,
     /// (..., 1)
     rstd: Tensor,
+}
+
+impl NormCache {
+    /// The normalised input in `r`'s dtype; 1/std stays f32.
+    pub fn recast(&self, r: &mut Recast) -> Result<Self> {
+        Ok(NormCache {
+            xhat: r.tensor(&self.xhat)?,
+            rstd: self.rstd.clone(),
+        })
+    }
+
+    /// [`NormCache::recast`] of an optional norm's cache.
+    pub fn recast_opt(c: &Option<NormCache>, r: &mut Recast) -> Result<Option<NormCache>> {
+        c.as_ref().map(|c| c.recast(r)).transpose()
+    }
 }
 
 impl LayerNorm {

@@ -83,23 +83,31 @@ unsafe fn bf16_tile(
     store(acc, c, ldc, add);
 }
 
-/// `src` (f32) -> bf16 pairs (k, k+1) as u32 lanes, round to nearest even; an odd last value
-/// pairs with zero. `dst.len() == src.len().div_ceil(2)`.
+/// `src` (f32) -> bf16 at `dst` (room for `src.len()` values, which need not be initialised),
+/// round to nearest even, 32 values at a time.
 #[target_feature(enable = "avx512f,avx512bf16")]
-pub unsafe fn to_bf16_pairs(src: &[f32], dst: &mut [u32]) {
+pub unsafe fn to_bf16(src: &[f32], dst: *mut bf16) {
     let whole = src.len() / 32;
     for c in 0..whole {
         let lo = _mm512_loadu_ps(src.as_ptr().add(32 * c));
         let hi = _mm512_loadu_ps(src.as_ptr().add(32 * c + 16));
         let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-        _mm512_storeu_si512(dst.as_mut_ptr().add(16 * c).cast(), v);
+        _mm512_storeu_si512(dst.add(32 * c).cast(), v);
     }
-    for (q, d) in dst.iter_mut().enumerate().skip(16 * whole) {
-        let lo = super::to_bf16(src[2 * q]).to_bits() as u32;
-        let hi = src
-            .get(2 * q + 1)
-            .map_or(0, |&v| super::to_bf16(v).to_bits() as u32);
-        *d = lo | (hi << 16);
+    for (i, &s) in src.iter().enumerate().skip(32 * whole) {
+        dst.add(i).write(super::to_bf16(s));
+    }
+}
+
+/// `src` (f32) -> bf16 pairs (k, k+1) as u32 lanes, round to nearest even; an odd last value
+/// pairs with zero. `dst.len() == src.len().div_ceil(2)`.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub unsafe fn to_bf16_pairs(src: &[f32], dst: &mut [u32]) {
+    // A u32 is two bf16s' bytes; on x86-64 its low half, the pair's first value, comes first.
+    let values = std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<bf16>(), 2 * dst.len());
+    to_bf16(src, values.as_mut_ptr());
+    if src.len() % 2 == 1 {
+        values[src.len()] = bf16::ZERO;
     }
 }
 

@@ -36,6 +36,7 @@ mod tensor;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use pack::round_bf16;
 use pack::{pack_f32, pack_pairs, to_bf16};
 pub use quant::linear_quant;
 pub(crate) use tensor::with_slice;

@@ -1,6 +1,8 @@
 //! Packing panels of A and B for the micro-kernel: `dst[step * width + lane]`, zero-padded,
 //! with contiguous fast paths for both orientations of a row-major matrix.
 
+use std::mem::MaybeUninit;
+
 use half::bf16;
 
 use super::{Mat, Pair};
@@ -57,15 +59,28 @@ pub(super) fn pack_f32(
 /// them back as values. The packers then take their bf16 fast paths for f32 data.
 pub(super) fn bf16_pairs(src: &[f32], dst: &mut Vec<u32>) {
     dst.resize(src.len().div_ceil(2), 0);
+    // SAFETY: a u32 is two bf16s' bytes and its alignment exceeds bf16's.
+    let values =
+        unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<bf16>(), 2 * dst.len()) };
+    values[src.len()..].fill(bf16::ZERO);
+    // SAFETY: a bf16 slice is a valid MaybeUninit<bf16> one, and only values are written to it.
+    round_bf16(src, unsafe {
+        &mut *(&mut values[..src.len()] as *mut [bf16] as *mut _)
+    });
+}
+
+/// `src` rounded to bf16 (nearest even) into `dst` (as long, not necessarily initialised), 32
+/// values at a time where the CPU has AVX512-BF16.
+pub(crate) fn round_bf16(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+    assert_eq!(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
     if super::available_bf16() {
-        // SAFETY: the CPU has AVX512-BF16; `dst` holds ceil(len / 2) pairs.
-        return unsafe { super::avx512::to_bf16_pairs(src, dst) };
+        // SAFETY: the CPU has AVX512-BF16; `dst` has room for `src.len()` values.
+        return unsafe { super::avx512::to_bf16(src, dst.as_mut_ptr().cast()) };
     }
-    for (d, two) in dst.iter_mut().zip(src.chunks(2)) {
-        let hi = two.get(1).map_or(0, |&v| to_bf16(v).to_bits() as u32);
-        *d = to_bf16(two[0]).to_bits() as u32 | (hi << 16);
-    }
+    dst.iter_mut().zip(src).for_each(|(d, &s)| {
+        d.write(to_bf16(s));
+    });
 }
 
 /// Pairs from [`bf16_pairs`] as their bf16 values, in order.
