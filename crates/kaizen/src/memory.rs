@@ -220,8 +220,9 @@ pub fn estimate(model: &mut Model, shape: &RunShape) -> Estimate {
     let (held, widened) = tape_per_token(model);
     let (layer, widened) = (held * tokens, widened * tokens);
     let activations = match shape.gradient_checkpointing {
-        // Each layer's input, and one layer's tape recomputed in backward.
-        true => 4 * layers * tokens * h + layer,
+        // Each layer's input, and one layer's tape recomputed in backward (in f32: rounding a
+        // tape that lives for one layer saves nothing).
+        true => 4 * layers * tokens * h + widened,
         false => layers * layer,
     };
     // Backward of one layer: its output gradient, input gradient and the MLP's gradients, its

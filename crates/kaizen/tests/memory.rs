@@ -204,7 +204,8 @@ fn the_estimate_bounds_what_a_step_allocates_for_every_method() {
 }
 
 /// `--dtype bf16` keeps the tape in bf16: a step allocates less than with the same model's tape in
-/// f32, and the estimate, which counts the tape in its dtype, still bounds it.
+/// f32, and the estimate, which counts the tape in its dtype, still bounds it; with gradient
+/// checkpointing too (the recomputed layer's tape then stays f32).
 #[test]
 fn a_bf16_tape_lowers_the_step_and_the_estimate_bounds_it() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -214,12 +215,12 @@ fn a_bf16_tape_lowers_the_step_and_the_estimate_bounds_it() {
             .unwrap()
             .model;
         attach(&mut model, method);
-        let mut step = |tape: DType| {
-            model.decoder.tape = tape;
+        let mut step = |tape: DType, gc: bool| {
+            (model.decoder.tape, model.gradient_checkpointing) = (tape, gc);
             let shape = RunShape {
                 batch_size: b,
                 seq_len: t,
-                gradient_checkpointing: false,
+                gradient_checkpointing: gc,
                 adam: true,
             };
             let est = memory::estimate(&mut model, &shape);
@@ -230,7 +231,7 @@ fn a_bf16_tape_lowers_the_step_and_the_estimate_bounds_it() {
                 est.activations,
             )
         };
-        let (half, f32s) = (step(DType::BF16), step(DType::F32));
+        let (half, f32s) = (step(DType::BF16, false), step(DType::F32, false));
         eprintln!("{method}: bf16 tape {half:?}, f32 tape {f32s:?} (peak, bound, activations)");
         assert!(
             half.0 < f32s.0,
@@ -245,6 +246,13 @@ fn a_bf16_tape_lowers_the_step_and_the_estimate_bounds_it() {
             "{method}: bf16 tape's peak {} B, bound {} B",
             half.0,
             half.1
+        );
+        let gc = step(DType::BF16, true);
+        assert!(
+            gc.0 <= gc.1 && gc.1 <= 3 * gc.0,
+            "{method}: checkpointed peak {} B, bound {} B",
+            gc.0,
+            gc.1
         );
     }
 }

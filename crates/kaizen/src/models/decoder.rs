@@ -391,9 +391,12 @@ impl Decoder {
         checkpoint: bool,
         rng: Option<&mut StdRng>,
     ) -> Result<(Tensor, Tape)> {
+        // Under checkpointing a layer's tape lives only while that layer's backward runs:
+        // rounding it would save nothing, so it stays f32.
+        let tape = if checkpoint { DType::F32 } else { self.tape };
         let (x, layers) =
             forward_layers(&self.layers, x, prefix, checkpoint, rng, |l, x, kv, r| {
-                l.forward_train(x, kv, r, self.tape)
+                l.forward_train(x, kv, r, tape)
             })?;
         let (h, final_norm) = self.norm.forward_t(&x)?;
         Ok((h, Tape { layers, final_norm }))
@@ -415,7 +418,8 @@ impl Decoder {
             prefix,
             dx,
             grads,
-            |l, x, kv, r| l.forward_train(x, kv, r, self.tape),
+            // Only checkpointed layers are recomputed.
+            |l, x, kv, r| l.forward(x, Past::Prefix(kv), r),
             |l, t, dy, g| l.backward(t, dy, g),
         )
     }
