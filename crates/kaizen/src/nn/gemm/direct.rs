@@ -238,7 +238,9 @@ fn tile(
     let n = w.dims().0;
     let half = kc / 2;
     if let Source::Bf16(w) = w {
-        if j0 + MR <= n {
+        // In place, unless the rows lie a multiple of 4 KiB apart (hidden 4096, 14336): then
+        // all 14 map to the same L1 sets, more than its 8 ways, and evict each other every step.
+        if j0 + MR <= n && (w.rs * size_of::<bf16>()) % 4096 != 0 {
             return Ok((w.data[j0 * w.rs + p0..].as_ptr().cast(), w.rs / 2));
         }
     }

@@ -91,9 +91,9 @@ fn linear_bf16_matches_rounded_f32() {
 }
 
 /// bf16: exact against a naive product of the same bf16-rounded inputs (f32 accumulation).
-/// Even k takes the direct forward (`direct.rs`: W read in place), here with ragged token
-/// panels, a short last row tile, several depth blocks and a 16 x 16 transposed write; odd k
-/// the packed path.
+/// Even k takes the direct forward (`direct.rs`: W read in place, or copied where its rows lie a
+/// multiple of 4 KiB apart: k = 2048), here with ragged token panels, a short last row tile,
+/// several depth blocks and a 16 x 16 transposed write; odd k the packed path.
 #[test]
 fn bf16_matches_rounded_naive() {
     if !available_bf16() {
@@ -112,6 +112,7 @@ fn bf16_matches_rounded_naive() {
         (28, 256, 64),
         (70, 1300, 45),
         (33, 64, 14),
+        (40, 2048, 30),
     ] {
         let (x, w) = (data(m * k, 3), data(n * k, 4));
         let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
