@@ -240,7 +240,7 @@ fn tile(
     if let Source::Bf16(w) = w {
         // In place, unless the rows lie a multiple of 4 KiB apart (hidden 4096, 14336): then
         // all 14 map to the same L1 sets, more than its 8 ways, and evict each other every step.
-        if j0 + MR <= n && (w.rs * size_of::<bf16>()) % 4096 != 0 {
+        if j0 + MR <= n && !(w.rs * size_of::<bf16>()).is_multiple_of(4096) {
             return Ok((w.data[j0 * w.rs + p0..].as_ptr().cast(), w.rs / 2));
         }
     }
