@@ -88,6 +88,19 @@ fn measured_step(model: &Model, batch: &Batch) -> usize {
         .unwrap()
 }
 
+/// A step of `b` x `t` tokens on `model` as it is (`gradient_checkpointing` as set): its measured
+/// peak and the estimate of it.
+fn peak_and_estimate(model: &mut Model, b: usize, t: usize) -> (u64, memory::Estimate) {
+    let shape = RunShape {
+        batch_size: b,
+        seq_len: t,
+        gradient_checkpointing: model.gradient_checkpointing,
+        adam: true,
+    };
+    let est = memory::estimate(model, &shape);
+    (measured_step(model, &batch(model, b, t)) as u64, est)
+}
+
 fn attach(model: &mut Model, method: &str) {
     let lora = |model: &mut Model, cfg: LoraConfig| {
         lora::attach(model, &cfg, None, 3).unwrap();
@@ -175,14 +188,7 @@ fn the_estimate_bounds_what_a_step_allocates_for_every_method() {
                 let mut model = kaizen::load(&fixture(name)).unwrap().model;
                 attach(&mut model, method);
                 model.gradient_checkpointing = gc;
-                let shape = RunShape {
-                    batch_size: b,
-                    seq_len: t,
-                    gradient_checkpointing: gc,
-                    adam: true,
-                };
-                let est = memory::estimate(&mut model, &shape);
-                let got = measured_step(&model, &batch(&model, b, t)) as u64;
+                let (got, est) = peak_and_estimate(&mut model, b, t);
                 let bound = est.activations + est.workspace + est.trainable;
                 eprintln!(
                     "{name:>14} {method:>16} gc={gc:<5}: step peak {got:>9} B, bound {bound:>9} B ({:.2})",
@@ -217,14 +223,7 @@ fn a_bf16_tape_lowers_the_step_and_the_estimate_bounds_it() {
         attach(&mut model, method);
         let mut step = |tape: DType, gc: bool| {
             (model.decoder.tape, model.gradient_checkpointing) = (tape, gc);
-            let shape = RunShape {
-                batch_size: b,
-                seq_len: t,
-                gradient_checkpointing: gc,
-                adam: true,
-            };
-            let est = memory::estimate(&mut model, &shape);
-            let got = measured_step(&model, &batch(&model, b, t)) as u64;
+            let (got, est) = peak_and_estimate(&mut model, b, t);
             (
                 got,
                 est.activations + est.workspace + est.trainable,
