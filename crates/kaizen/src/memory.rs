@@ -226,9 +226,9 @@ pub fn estimate(model: &mut Model, shape: &RunShape) -> Estimate {
         false => layers * layer,
     };
     // Backward of one layer: its output gradient, input gradient and the MLP's gradients, its
-    // tape widened to f32 (a part at a time; counted whole); the model's input, output and their gradients; the head's logits
-    // chunk (256 rows) and its gradient; what the head's products hold, and a matrix packed for
-    // a product.
+    // tape widened to f32 (a part at a time; counted whole); the model's input, output and
+    // their gradients; the head's logits chunk (256 rows) and its gradient; what the head's
+    // products hold, and a matrix packed for a product.
     let workspace =
         4 * (tokens * (2 * h + 3 * f) + tokens * 4 * h + 2 * 256 * v) + widened + head + packed;
     // Full fine-tuning: a weight's gradient as computed, the sum it is added into (a tied

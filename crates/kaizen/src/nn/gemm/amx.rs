@@ -29,7 +29,8 @@ use std::sync::OnceLock;
 
 use half::bf16;
 
-use super::{avx512, for_each_task, to_bf16, Mat, Out, PackedB, Pair, Weight, NR};
+use super::pack::round_pairs;
+use super::{for_each_task, to_bf16, Mat, Out, PackedB, Pair, Weight, NR};
 use crate::nn::quant::QMatrix;
 use crate::Result;
 
@@ -383,8 +384,7 @@ fn pack_a(a: &Mat<f32>, r0: usize, p0: usize, kc: usize, dst: &mut [u32]) {
             let src = &a.data[(r0 + r) * a.rs + p0..][..kc];
             for (ch, part) in src.chunks(KT).enumerate() {
                 let d = &mut dst[(ch * MA + r) * TK..][..part.len().div_ceil(2)];
-                // SAFETY: AMX implies AVX512-BF16 (`available` checks it); d fits the pairs.
-                unsafe { avx512::to_bf16_pairs(part, d) };
+                round_pairs(part, d);
             }
         } else {
             for p in 0..kc {

@@ -99,18 +99,6 @@ pub unsafe fn to_bf16(src: &[f32], dst: *mut bf16) {
     }
 }
 
-/// `src` (f32) -> bf16 pairs (k, k+1) as u32 lanes, round to nearest even; an odd last value
-/// pairs with zero. `dst.len() == src.len().div_ceil(2)`.
-#[target_feature(enable = "avx512f,avx512bf16")]
-pub unsafe fn to_bf16_pairs(src: &[f32], dst: &mut [u32]) {
-    // A u32 is two bf16s' bytes; on x86-64 its low half, the pair's first value, comes first.
-    let values = std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<bf16>(), 2 * dst.len());
-    to_bf16(src, values.as_mut_ptr());
-    if src.len() % 2 == 1 {
-        values[src.len()] = bf16::ZERO;
-    }
-}
-
 #[inline(always)]
 unsafe fn store(acc: [[__m512; 2]; MR], c: *mut f32, ldc: usize, add: bool) {
     for (r, acc) in acc.iter().enumerate() {

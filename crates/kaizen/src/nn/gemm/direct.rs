@@ -17,7 +17,7 @@ use std::ops::Range;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::pack::{as_bf16, bf16_pairs, pack_pairs, to_bf16};
+use super::pack::{as_bf16, bf16_pairs, pack_pairs, round_pairs, to_bf16};
 use super::{available_bf16, avx512, kc_block, Mat, Out, Pair, Weight, MR, NR};
 use crate::nn::quant::QMatrix;
 use crate::Result;
@@ -90,9 +90,7 @@ impl Source<'_> {
             row.resize(nc, 0.0);
             for (r, dst) in rows.zip(scratch.chunks_mut(nc / 2)) {
                 q.dequantize_into(r, cols.start, row)?;
-                // SAFETY: the callers (the AMX and AVX512-BF16 paths) checked AVX512-BF16 (AMX
-                // implies it); `dst` holds the pairs.
-                unsafe { avx512::to_bf16_pairs(row, dst) };
+                round_pairs(row, dst);
             }
             Ok(())
         })?;

@@ -37,7 +37,7 @@ mod tensor;
 mod tests;
 
 pub(crate) use pack::round_bf16;
-use pack::{pack_f32, pack_pairs, to_bf16};
+use pack::{pack_f32, pack_pairs, round_pairs, to_bf16};
 pub use quant::linear_quant;
 pub(crate) use tensor::with_slice;
 pub use tensor::{linear_bf16, linear_f32, PackCache, PackedLinear};
@@ -263,8 +263,7 @@ impl Weight for bf16 {
             dst[..steps * MR].fill(Pair::default());
             for r in 0..rows {
                 let src = &m.data[(r0 + r) * m.rs + p0..][..kc];
-                // SAFETY: `gemm` checked AVX512-BF16; `row` holds ceil(kc / 2) <= KC / 2 pairs.
-                unsafe { avx512::to_bf16_pairs(src, &mut row[..steps]) };
+                round_pairs(src, &mut row[..steps]);
                 for (q, &v) in row[..steps].iter().enumerate() {
                     dst[q * MR + r] =
                         Pair([bf16::from_bits(v as u16), bf16::from_bits((v >> 16) as u16)]);

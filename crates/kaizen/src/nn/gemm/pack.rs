@@ -59,14 +59,20 @@ pub(super) fn pack_f32(
 /// them back as values. The packers then take their bf16 fast paths for f32 data.
 pub(super) fn bf16_pairs(src: &[f32], dst: &mut Vec<u32>) {
     dst.resize(src.len().div_ceil(2), 0);
-    // SAFETY: a u32 is two bf16s' bytes and its alignment exceeds bf16's.
-    let values =
-        unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<bf16>(), 2 * dst.len()) };
-    values[src.len()..].fill(bf16::ZERO);
-    // SAFETY: a bf16 slice is a valid MaybeUninit<bf16> one, and only values are written to it.
-    round_bf16(src, unsafe {
-        &mut *(&mut values[..src.len()] as *mut [bf16] as *mut _)
-    });
+    round_pairs(src, dst);
+}
+
+/// [`bf16_pairs`] into `dst`, which holds exactly ceil(len / 2) pairs.
+pub(super) fn round_pairs(src: &[f32], dst: &mut [u32]) {
+    assert_eq!(dst.len(), src.len().div_ceil(2));
+    // SAFETY: a u32 is two bf16s' bytes and its alignment exceeds bf16's; on x86-64 its low half,
+    // the pair's first value, comes first. Only bf16 values are written through this view.
+    let values = unsafe {
+        std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<MaybeUninit<bf16>>(), 2 * dst.len())
+    };
+    let (head, pad) = values.split_at_mut(src.len());
+    pad.fill(MaybeUninit::new(bf16::ZERO));
+    round_bf16(src, head);
 }
 
 /// `src` rounded to bf16 (nearest even) into `dst` (as long, not necessarily initialised), 32

@@ -21,8 +21,9 @@ use std::cell::RefCell;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::{avx512, grow, kernel, pack_a, run, to_bf16, Src, Tiles, KT, MA, SCRATCH, TK};
+use super::{grow, kernel, pack_a, run, to_bf16, Src, Tiles, KT, MA, SCRATCH, TK};
 pub(in crate::nn::gemm) use crate::nn::gemm::direct::Source;
+use crate::nn::gemm::pack::round_pairs;
 use crate::nn::gemm::{Mat, Out, Pair, NR};
 use crate::Result;
 
@@ -234,8 +235,7 @@ fn pack_x(a: &Mat<f32>, t0: usize, dst: &mut [Pair]) {
     let mut pairs = vec![0u32; k.div_ceil(2)];
     for t in 0..NR.min(a.rows - t0) {
         if a.cs == 1 {
-            // SAFETY: AMX implies AVX512-BF16 (`available` checks it); the sizes match.
-            unsafe { avx512::to_bf16_pairs(&a.data[(t0 + t) * a.rs..][..k], &mut pairs) };
+            round_pairs(&a.data[(t0 + t) * a.rs..][..k], &mut pairs);
         } else {
             for (q, d) in pairs.iter_mut().enumerate() {
                 let hi = if 2 * q + 1 < k {
