@@ -1,5 +1,5 @@
 //! Products through a quantized frozen weight against the dense bf16 weight, on one linear layer
-//! of rinna-3.6B's shape (hidden 2816 -> 3 x 2816 fused QKV, and the MLP's 2816 -> 11264), and
+//! of rinna-3.6B's shape (hidden 2816 -> 3 x 2816, the fused QKV), and
 //! each format's dequantization throughput on one thread (kaizen's AVX-512 kernels beside
 //! candle's scalar `to_float`, whose bits they reproduce) and on all threads:
 //!
@@ -57,9 +57,13 @@ fn main() {
         let secs = median_secs(|| (0..rows).for_each(|r| f(r, &mut row)));
         (rows * k) as f64 / secs / 1e9
     };
-    for f in [
+    // `cargo bench --bench quant -- NAME` keeps the product rows whose name starts with NAME
+    // (`bf16`: the dense weight alone; `q4_k`: both of its rows) and skips the dequantization.
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let formats = [
         "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "nf4",
-    ] {
+    ];
+    for f in formats.into_iter().filter(|_| only.is_none()) {
         let q = quantize(&w, f);
         let rate = per_row(&|r, row| q.dequantize_into(r, 0, row).unwrap());
         // NF4 has no other path than kaizen's.
@@ -73,12 +77,13 @@ fn main() {
             (n * k) as f64 / all / 1e9
         );
     }
+    let keep = |name: &str| only.as_ref().is_none_or(|o| name.starts_with(o.as_str()));
     for f in ["q8_0", "q4_0", "q4_k", "q6_k", "nf4"] {
-        kinds.push((
-            format!("{f} bf16"),
-            Matrix::Quant(Arc::new(quantize(&w, f))),
-        ));
-        if f != "nf4" {
+        if keep(&format!("{f} bf16")) {
+            let q = quantize(&w, f);
+            kinds.push((format!("{f} bf16"), Matrix::Quant(Arc::new(q))));
+        }
+        if f != "nf4" && keep(&format!("{f} int8")) {
             let mut q = quantize(&w, f);
             q.int8 = true;
             kinds.push((format!("{f} int8"), Matrix::Quant(Arc::new(q))));
@@ -86,12 +91,7 @@ fn main() {
     }
     println!("\n| weight | fwd m=512 | bwd m=512 | fwd m=128 | bwd m=128 | fwd m=1 |");
     println!("|---|---|---|---|---|---|");
-    // `cargo bench --bench quant -- NAME` keeps the rows whose name contains NAME.
-    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    for (name, m) in &kinds {
-        if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
-            continue;
-        }
+    for (name, m) in kinds.iter().filter(|(name, _)| keep(name)) {
         let mut cells = Vec::new();
         for rows in [512, 128] {
             let x = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu).unwrap();

@@ -5,9 +5,26 @@ use half::bf16;
 use super::{Mat, Pair, MR, NR};
 use std::arch::x86_64::*;
 
-/// f32 micro-kernel: 14 rows x 2 registers of 16 columns = 28 accumulators.
+/// f32 micro-kernel: 14 rows x 2 registers of 16 columns = 28 accumulators; fewer than 5 or 9
+/// `rows` of A compute and write 4 or 8 rows of C.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn kernel_f32(
+    steps: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    (ldc, add): (usize, bool),
+    rows: usize,
+) {
+    match rows {
+        0..=4 => f32_tile::<4>(steps, a, b, c, ldc, add),
+        5..=8 => f32_tile::<8>(steps, a, b, c, ldc, add),
+        _ => f32_tile::<MR>(steps, a, b, c, ldc, add),
+    }
+}
+
+#[inline(always)]
+unsafe fn f32_tile<const R: usize>(
     steps: usize,
     a: *const f32,
     b: *const f32,
@@ -15,7 +32,7 @@ pub unsafe fn kernel_f32(
     ldc: usize,
     add: bool,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for p in 0..steps {
         let b0 = _mm512_loadu_ps(b.add(p * NR));
         let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
@@ -30,16 +47,21 @@ pub unsafe fn kernel_f32(
 }
 
 /// bf16 micro-kernel: each step is a pair of k; `vdpbf16ps` adds both products per lane.
+/// Only the first `rows` of A's MR rows are needed: fewer than 5 or 9 write 4 or 8 rows of C.
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub unsafe fn kernel_bf16(
     steps: usize,
     a: *const u32,
     b: *const u32,
     c: *mut f32,
-    ldc: usize,
-    add: bool,
+    (ldc, add): (usize, bool),
+    rows: usize,
 ) {
-    bf16_tile(steps, (a, 1, MR), b, c, ldc, add)
+    match rows {
+        0..=4 => bf16_tile::<4>(steps, (a, 1, MR), b, c, ldc, add),
+        5..=8 => bf16_tile::<8>(steps, (a, 1, MR), b, c, ldc, add),
+        _ => bf16_tile::<MR>(steps, (a, 1, MR), b, c, ldc, add),
+    }
 }
 
 /// [`kernel_bf16`] with A's `MR` rows read in place, `lda` words apart, one word (a pair of
@@ -53,12 +75,13 @@ pub unsafe fn kernel_bf16_rows(
     ldc: usize,
     add: bool,
 ) {
-    bf16_tile(steps, (a, lda, 1), b, c, ldc, add)
+    bf16_tile::<MR>(steps, (a, lda, 1), b, c, ldc, add)
 }
 
-/// The bf16 tile with A's word for row r at step p at `a[r * row + p * step]`.
+/// The bf16 tile's first R rows, with A's word for row r at step p at
+/// `a[r * row + p * step]`.
 #[inline(always)]
-unsafe fn bf16_tile(
+unsafe fn bf16_tile<const R: usize>(
     steps: usize,
     (a, row, step): (*const u32, usize, usize),
     b: *const u32,
@@ -66,7 +89,7 @@ unsafe fn bf16_tile(
     ldc: usize,
     add: bool,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for p in 0..steps {
         let b0 = _mm512_loadu_si512(b.add(p * NR).cast());
         let b1 = _mm512_loadu_si512(b.add(p * NR + 16).cast());
@@ -100,7 +123,7 @@ pub unsafe fn to_bf16(src: &[f32], dst: *mut bf16) {
 }
 
 #[inline(always)]
-unsafe fn store(acc: [[__m512; 2]; MR], c: *mut f32, ldc: usize, add: bool) {
+unsafe fn store<const R: usize>(acc: [[__m512; 2]; R], c: *mut f32, ldc: usize, add: bool) {
     for (r, acc) in acc.iter().enumerate() {
         for (h, v) in acc.iter().enumerate() {
             let dst = c.add(r * ldc + h * 16);
@@ -254,5 +277,63 @@ unsafe fn interleave(lo: &[bf16], hi: Option<&[bf16]>, out: &mut [Pair]) {
         };
         let v = _mm512_or_si512(low, _mm512_slli_epi32::<16>(high));
         _mm512_storeu_si512(out.as_mut_ptr().add(j).cast(), v);
+    }
+}
+
+/// Interleaving indices for `vpermt2w`: lane 2i takes the first operand's 16-bit lane
+/// `base + i`, lane 2i + 1 the second operand's.
+const fn pair_index(base: i16) -> [i16; 32] {
+    let mut v = [0; 32];
+    let mut i = 0;
+    while i < 16 {
+        v[2 * i] = base + i as i16;
+        v[2 * i + 1] = 32 + base + i as i16;
+        i += 1;
+    }
+    v
+}
+
+/// Rows `p0..p0+kc` x columns `col0..col0 + 32 panels` (zero past the edges) of a row-major
+/// bf16 W (`b.cs == 1`) as `panels` B panels, each `dst.len() / panels` pairs: step q of a
+/// panel holds the pairs (W[p0+2q][j], W[p0+2q+1][j]), and its steps after the last are zero.
+/// Each pair of rows is read across all the panels at once, whole cache lines in turn.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn pack_w(
+    b: &Mat<bf16>,
+    (col0, panels): (usize, usize),
+    p0: usize,
+    kc: usize,
+    dst: &mut [Pair],
+) {
+    const LO: [i16; 32] = pair_index(0);
+    const HI: [i16; 32] = pair_index(16);
+    let (lo_idx, hi_idx) = (
+        _mm512_loadu_si512(LO.as_ptr().cast()),
+        _mm512_loadu_si512(HI.as_ptr().cast()),
+    );
+    let steps = kc.div_ceil(2);
+    let per = dst.len() / panels;
+    assert!(per >= steps * NR && col0 + (panels - 1) * NR < b.cols && p0 + kc <= b.rows);
+    // Masked loads read only the columns that exist.
+    let mask = |i: usize| (u64::MAX >> (64 - NR.min(b.cols - col0 - i * NR))) as u32;
+    let row = |p: usize, i: usize| {
+        let at = b.data[p * b.rs + col0 + i * NR..].as_ptr();
+        _mm512_maskz_loadu_epi16(mask(i), at.cast())
+    };
+    for q in 0..steps {
+        for i in 0..panels {
+            let lo = row(p0 + 2 * q, i);
+            let hi = if 2 * q + 1 < kc {
+                row(p0 + 2 * q + 1, i)
+            } else {
+                _mm512_setzero_si512()
+            };
+            let d = dst[i * per + q * NR..][..NR].as_mut_ptr().cast::<__m512i>();
+            _mm512_storeu_si512(d, _mm512_permutex2var_epi16(lo, lo_idx, hi));
+            _mm512_storeu_si512(d.add(1), _mm512_permutex2var_epi16(lo, hi_idx, hi));
+        }
+    }
+    for panel in dst.chunks_mut(per) {
+        panel[steps * NR..].fill(Pair::default());
     }
 }

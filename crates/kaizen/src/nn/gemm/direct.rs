@@ -9,6 +9,12 @@
 //!
 //! Each rayon task owns a range of W's rows (columns of C): it accumulates its `Cᵀ` rows over
 //! the depth blocks in a scratch, then writes them into C transposed, 16 x 16 at a time.
+//!
+//! The bf16 input gradient `dy W` ([`gemm_w`]) cannot read W in place: the kernel's pairs run
+//! along k, which is down W's columns. Packing all of W first read W, wrote it packed and read
+//! it again, a third of the product at 128 tokens; here each task owns a wide range of W's
+//! columns and packs one depth block of them at a time, long runs of each row, into panels
+//! that stay in L2 while every row panel of dy (packed once for all tasks) passes.
 
 use std::any::TypeId;
 use std::cell::RefCell;
@@ -18,7 +24,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::pack::{as_bf16, bf16_pairs, pack_pairs, round_pairs, to_bf16};
-use super::{available_bf16, avx512, kc_block, Mat, Out, Pair, Weight, MR, NR};
+use super::{available_bf16, avx512, kc_block, Mat, Out, Pair, Weight, KC, MR, NR};
 use crate::nn::quant::QMatrix;
 use crate::Result;
 
@@ -26,7 +32,13 @@ thread_local! {
     static CT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static EDGE: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     static DEQ: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PANEL: RefCell<Vec<Pair>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Most 32-column panels of W per task of [`gemm_w`].
+const GROUP_W: usize = 32;
+/// Bytes of one task's packed panels of W per depth block in [`gemm_w`] (half of L2).
+const PANELS_BYTES: usize = 512 << 10;
 
 /// The frozen weight W (rows = output features, cols = input features) as the kernels read it.
 #[derive(Clone, Copy)]
@@ -218,6 +230,122 @@ fn wt(a: &Mat<f32>, w: Source, kcb: usize, c: &mut [f32]) -> Result<()> {
                         }
                     }
                     write_transposed(ct, mp, (m, n), (t0 * MR, (t1 * MR).min(n)), out);
+                    Ok(())
+                })
+            })
+        })
+}
+
+/// Whether this CPU runs [`gemm_w`]: AVX512-BF16, and AVX512BW, which packs W's panels.
+fn available_w() -> bool {
+    available_bf16() && std::arch::is_x86_feature_detected!("avx512bw")
+}
+
+/// `C (m, n) = A (m, k) B` for `B = W`, a row-major bf16 (k, n) (the input gradient `dy W`);
+/// false, having done nothing, for any other B (or without the CPU's features).
+pub(super) fn gemm_w<W: Weight>(a: &Mat<f32>, b: &Mat<W>, c: &mut [f32]) -> bool {
+    let fits = TypeId::of::<W>() == TypeId::of::<bf16>()
+        && b.cs == 1
+        && a.rows * a.cols * b.cols > 0
+        && available_w();
+    if !fits {
+        return false;
+    }
+    assert_eq!(a.cols, b.rows, "gemm: inner dimensions differ");
+    assert!(
+        (b.rows - 1) * b.rs + b.cols <= b.data.len(),
+        "gemm: W's data too short"
+    );
+    // SAFETY: W is bf16 (the same type id): the slice is reinterpreted as itself.
+    let data: &[bf16] = unsafe { std::slice::from_raw_parts(b.data.as_ptr().cast(), b.data.len()) };
+    let w = Mat {
+        data,
+        rows: b.rows,
+        cols: b.cols,
+        rs: b.rs,
+        cs: 1,
+    };
+    w_product(a, Source::Bf16(w), c).expect("in-place reads of a bf16 W do not fail");
+    true
+}
+
+/// `C (m, n) = A (m, k) q` for a quantized W (k, n) with products in bf16 (the input
+/// gradient); false, having done nothing, without the CPU's features.
+pub(super) fn gemm_quant_w(a: &Mat<f32>, q: &QMatrix, c: &mut [f32]) -> Result<bool> {
+    if !available_w() || a.rows * q.dims().0 * q.dims().1 == 0 {
+        return Ok(false);
+    }
+    assert_eq!(a.cols, q.dims().0, "gemm: inner dimensions differ");
+    w_product(a, Source::Quant(q), c)?;
+    Ok(true)
+}
+
+/// The product of [`gemm_w`] and [`gemm_quant_w`] (see the module's notes); a quantized W's
+/// task dequantizes its columns, whole quantization blocks, one depth block at a time.
+fn w_product(a: &Mat<f32>, w: Source, c: &mut [f32]) -> Result<()> {
+    let (m, (k, n)) = (a.rows, w.dims());
+    assert!(c.len() >= m * n, "gemm: output too short");
+    let (row_panels, col_panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    let threads = rayon::current_num_threads().max(1);
+    // Wide tasks (a few per thread), so that each reads long runs of W's rows rather than a
+    // cache line or two from every row (and a page per row); whole quantization blocks.
+    let group = col_panels
+        .div_ceil(threads * 2)
+        .clamp(1, GROUP_W)
+        .next_multiple_of(w.unit().div_ceil(NR));
+    // Depth blocks whose packed panels (kc x 32 bf16 each) stay in L2 together.
+    let most = (PANELS_BYTES / (group * NR * size_of::<bf16>())).clamp(32, KC);
+    let kcb = k.div_ceil(k.div_ceil(most)).next_multiple_of(32);
+    // A's panels, depth block by depth block: block b, row panel i at (b * row_panels + i).
+    let per_panel = kcb / 2 * MR;
+    let mut ap = vec![Pair::default(); k.div_ceil(kcb) * row_panels * per_panel];
+    ap.par_chunks_mut(per_panel)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            let p0 = i / row_panels * kcb;
+            let kc = kcb.min(k - p0);
+            bf16::pack_a(
+                a,
+                i % row_panels * MR,
+                p0,
+                kc,
+                &mut dst[..kc.div_ceil(2) * MR],
+            );
+        });
+    let out = Out(c.as_mut_ptr());
+    (0..col_panels.div_ceil(group))
+        .into_par_iter()
+        .try_for_each(|g| -> Result<()> {
+            let panels = g * group..((g + 1) * group).min(col_panels);
+            let cols = panels.start * NR..(panels.end * NR).min(n);
+            PANEL.with_borrow_mut(|panel| {
+                EDGE.with_borrow_mut(|scratch| -> Result<()> {
+                    panel.resize(group * kcb / 2 * NR, Pair::default());
+                    for (b, p0) in (0..k).step_by(kcb).enumerate() {
+                        let kc = kcb.min(k - p0);
+                        let steps = kc.div_ceil(2);
+                        let rect = w.rect(p0..p0 + kc, cols.clone(), scratch)?;
+                        let packed = &mut panel[..panels.len() * steps * NR];
+                        // SAFETY: AVX512-BF16 and AVX512BW (`available_w`); the task's panels
+                        // of `steps` steps of NR pairs each fill `packed`.
+                        unsafe { avx512::pack_w(&rect, (0, panels.len()), 0, kc, packed) };
+                        // Each panel of A stays in L1 while the task's panels of W pass.
+                        for ip in 0..row_panels {
+                            let a = ap[(b * row_panels + ip) * per_panel..].as_ptr().cast();
+                            for (jp, bp) in panels.clone().zip(packed.chunks(steps * NR)) {
+                                let b = bp.as_ptr().cast();
+                                // SAFETY: AVX512-BF16 (`available_w`); A's panel holds `steps`
+                                // steps from p0, W's as many; no other task writes columns
+                                // `cols` of C.
+                                unsafe {
+                                    let tile = (ip * MR, jp * NR);
+                                    super::tile_product(out, (m, n), tile, p0 > 0, |c, la, r| {
+                                        avx512::kernel_bf16(steps, a, b, c, la, r)
+                                    })
+                                };
+                            }
+                        }
+                    }
                     Ok(())
                 })
             })

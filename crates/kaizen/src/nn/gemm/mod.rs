@@ -149,7 +149,8 @@ pub trait Weight: Copy + Send + Sync + 'static {
     fn pack(m: &Mat<Self>, r0: usize, width: usize, p0: usize, kc: usize, dst: &mut [Self::Packed]);
     /// The same for A, which is f32 whatever B is.
     fn pack_a(m: &Mat<f32>, r0: usize, p0: usize, kc: usize, dst: &mut [Self::Packed]);
-    /// One `MR x NR` tile: `c[r*ldc + j] (+)= sum_q a[q][r] * b[q][j]` over `steps` packed steps.
+    /// One `MR x NR` tile: `c[r*ldc + j] (+)= sum_q a[q][r] * b[q][j]` over `steps` packed steps,
+    /// for `r < rows` at least (A's other rows, zero padding, may be skipped).
     ///
     /// # Safety
     /// The CPU has the kernel's features; `a` holds `steps*MR`, `b` `steps*NR` packed values and
@@ -159,8 +160,8 @@ pub trait Weight: Copy + Send + Sync + 'static {
         a: *const Self::Packed,
         b: *const Self::Packed,
         c: *mut f32,
-        ldc: usize,
-        add: bool,
+        ldc_add: (usize, bool),
+        rows: usize,
     );
     /// Freed buffers of packed blocks of this type ([`block_buffer`]).
     fn pool() -> &'static Mutex<Vec<Vec<Self::Packed>>>;
@@ -216,11 +217,11 @@ impl Weight for f32 {
         a: *const f32,
         b: *const f32,
         c: *mut f32,
-        ldc: usize,
-        add: bool,
+        (ldc, add): (usize, bool),
+        rows: usize,
     ) {
         #[cfg(target_arch = "x86_64")]
-        avx512::kernel_f32(steps, a, b, c, ldc, add);
+        avx512::kernel_f32(steps, a, b, c, (ldc, add), rows);
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("gemm: callers check available() first");
     }
@@ -279,11 +280,11 @@ impl Weight for bf16 {
         a: *const Pair,
         b: *const Pair,
         c: *mut f32,
-        ldc: usize,
-        add: bool,
+        (ldc, add): (usize, bool),
+        rows: usize,
     ) {
         #[cfg(target_arch = "x86_64")]
-        avx512::kernel_bf16(steps, a.cast(), b.cast(), c, ldc, add);
+        avx512::kernel_bf16(steps, a.cast(), b.cast(), c, (ldc, add), rows);
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("gemm: callers check available_bf16() first");
     }
@@ -356,7 +357,7 @@ impl<W: Weight> PackedB<W> {
 /// (f32) or [`available_bf16`] (bf16) first.
 pub fn gemm<W: Weight>(a: Mat<f32>, b: Mat<W>, c: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if amx::gemm_unpacked(&a, &b, c) || direct::gemm_wt(&a, &b, c) {
+    if amx::gemm_unpacked(&a, &b, c) || direct::gemm_wt(&a, &b, c) || direct::gemm_w(&a, &b, c) {
         return;
     }
     gemm_packed(a, &PackedB::new(b), c)
@@ -469,43 +470,50 @@ fn block<W: Weight>(
         for (ip, dst) in panels.clone().zip(packed_a.chunks_mut(per_panel)) {
             W::pack_a(a, ip * MR, p0, kc, dst);
         }
-        let mut tile = [0f32; MR * NR];
         for jp in cols {
             let bp = &packed_b[jp * steps * NR..(jp + 1) * steps * NR];
-            let col0 = j0 + jp * NR;
-            let ncols = NR.min(n - col0);
             for (ip, ap) in panels.clone().zip(packed_a.chunks(per_panel)) {
-                let row0 = ip * MR;
-                let nrows = MR.min(m - row0);
-                let add = p0 > 0;
                 // SAFETY: the CPU has the features (checked in `gemm`); ap/bp hold `steps`
-                // packed steps; the tile written is inside C (full tile) or the local buffer,
-                // and no other task writes rows `panels` x columns `cols` of C.
+                // packed steps; no other task writes rows `panels` x columns `cols` of C.
                 unsafe {
-                    let dst = out.0.add(row0 * n + col0);
-                    if nrows == MR && ncols == NR {
-                        W::kernel(steps, ap.as_ptr(), bp.as_ptr(), dst, n, add);
-                    } else {
-                        W::kernel(
-                            steps,
-                            ap.as_ptr(),
-                            bp.as_ptr(),
-                            tile.as_mut_ptr(),
-                            NR,
-                            false,
-                        );
-                        for r in 0..nrows {
-                            let row = std::slice::from_raw_parts_mut(dst.add(r * n), ncols);
-                            let src = &tile[r * NR..r * NR + ncols];
-                            if add {
-                                row.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                            } else {
-                                row.copy_from_slice(src);
-                            }
-                        }
-                    }
-                }
+                    let tile = (ip * MR, j0 + jp * NR);
+                    tile_product(out, (m, n), tile, p0 > 0, |dst, ldc_add, rows| {
+                        W::kernel(steps, ap.as_ptr(), bp.as_ptr(), dst, ldc_add, rows)
+                    })
+                };
             }
         }
     });
+}
+
+/// The `MR x NR` tile of C (m x n, row-major) at `(row0, col0)`, added to C's values when
+/// `add`, by `kernel(dst, (ldc, add), rows)` (a micro-kernel over packed panels, of which the
+/// first `rows` rows of A are needed): in place when whole, through a local tile at C's edges.
+///
+/// # Safety
+/// `kernel` writes at most an `MR x NR` tile at `dst` with row stride `ldc`; `row0 < m`,
+/// `col0 < n`, C holds m x n values and no other thread writes this tile.
+unsafe fn tile_product(
+    out: Out,
+    (m, n): (usize, usize),
+    (row0, col0): (usize, usize),
+    add: bool,
+    kernel: impl Fn(*mut f32, (usize, bool), usize),
+) {
+    let (nrows, ncols) = (MR.min(m - row0), NR.min(n - col0));
+    let dst = out.at(row0 * n + col0);
+    if nrows == MR && ncols == NR {
+        return kernel(dst, (n, add), MR);
+    }
+    let mut tile = [0f32; MR * NR];
+    kernel(tile.as_mut_ptr(), (NR, false), nrows);
+    for r in 0..nrows {
+        let row = std::slice::from_raw_parts_mut(dst.add(r * n), ncols);
+        let src = &tile[r * NR..r * NR + ncols];
+        if add {
+            row.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+        } else {
+            row.copy_from_slice(src);
+        }
+    }
 }

@@ -5,9 +5,10 @@
 //! start on quantization-block boundaries; in bf16, the scratch is rounded 32 values at a time
 //! and packed by the bf16 weight's packers. With AMX and bf16 compute, products go to
 //! `amx::gemm_quant` instead, whose tasks each dequantize only the rectangle of W they use into
-//! a cache-resident scratch (`amx/direct.rs`); without AMX, the bf16 forward `x Wᵀ` runs on
-//! `direct.rs`, 14 rows of W dequantized into an L1 tile at a time (the input gradient `dy W`
-//! stays on the packed panels). Few rows (decoding) take a matrix-vector path that
+//! a cache-resident scratch (`amx/direct.rs`); without AMX, bf16 products run on `direct.rs`:
+//! the forward `x Wᵀ` with 14 rows of W dequantized into an L1 tile at a time, the input
+//! gradient `dy W` with each task's columns of W dequantized one depth block at a time. Few
+//! rows (decoding) take a matrix-vector path that
 //! dequantizes one weight row at a time.
 
 use std::cell::RefCell;
@@ -191,7 +192,11 @@ pub fn linear_quant(x: &Tensor, q: &QMatrix, transposed: bool) -> Result<Tensor>
             if super::amx::gemm_quant(&a, q, transposed, &mut c)? {
                 return Ok(());
             }
-            if transposed && super::direct::gemm_quant_wt(&a, q, &mut c)? {
+            let direct = match transposed {
+                true => super::direct::gemm_quant_wt(&a, q, &mut c)?,
+                false => super::direct::gemm_quant_w(&a, q, &mut c)?,
+            };
+            if direct {
                 return Ok(());
             }
         }

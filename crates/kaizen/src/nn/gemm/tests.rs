@@ -93,7 +93,10 @@ fn linear_bf16_matches_rounded_f32() {
 /// bf16: exact against a naive product of the same bf16-rounded inputs (f32 accumulation).
 /// Even k takes the direct forward (`direct.rs`: W read in place, or copied where its rows lie a
 /// multiple of 4 KiB apart: k = 2048), here with ragged token panels, a short last row tile,
-/// several depth blocks and a 16 x 16 transposed write; odd k the packed path.
+/// several depth blocks and a 16 x 16 transposed write; odd k the packed path. The input
+/// gradient `dy W` takes `direct::gemm_w` (W's panels packed per task): last row panels of 1
+/// to 13 rows (the kernel's 4- and 8-row forms), ragged column panels, several depth blocks
+/// (n = 1400) and odd depths.
 #[test]
 fn bf16_matches_rounded_naive() {
     if !available_bf16() {
@@ -113,6 +116,8 @@ fn bf16_matches_rounded_naive() {
         (70, 1300, 45),
         (33, 64, 14),
         (40, 2048, 30),
+        (19, 64, 1400),
+        (9, 96, 77),
     ] {
         let (x, w) = (data(m * k, 3), data(n * k, 4));
         let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
@@ -121,6 +126,15 @@ fn bf16_matches_rounded_naive() {
         let mut c = vec![f32::NAN; m * n];
         gemm(a, Mat::row_major(&wb, n, k).t(), &mut c);
         let want = naive(&Mat::row_major(&xr, m, k), &Mat::row_major(&wr, n, k).t());
+        check(&c, &want, 1e-5);
+
+        let dy = data(m * n, 5);
+        let mut c = vec![f32::NAN; m * k];
+        gemm(Mat::row_major(&dy, m, n), Mat::row_major(&wb, n, k), &mut c);
+        let want = naive(
+            &Mat::row_major(&round(&dy), m, n),
+            &Mat::row_major(&wr, n, k),
+        );
         check(&c, &want, 1e-5);
     }
 }
@@ -199,11 +213,12 @@ fn amx_matches_avx512_and_naive() {
 
 /// A row-major W whose rows are longer than used (a view of a wider matrix), as `Wᵀ` (the
 /// forward, W in place) and as `W` (the input gradient, W's panels packed per task), with x
-/// longer than one pass of rows: `gemm`'s dispatch against the AVX-512 kernel.
+/// longer than one pass of AMX's rows: `gemm`'s dispatch (the AMX or the AVX-512 direct paths)
+/// against the AVX-512 kernel on a packed W.
 #[test]
-fn amx_unpacked_strided_w() {
-    if !available_amx() {
-        eprintln!("skipped: no AMX-BF16 (or the OS did not grant the tile state)");
+fn unpacked_strided_w() {
+    if !available_bf16() {
+        eprintln!("skipped: no AVX512-BF16");
         return;
     }
     let (m, k, n, ld) = (600, 77, 45, 90);

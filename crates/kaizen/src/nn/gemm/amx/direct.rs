@@ -15,13 +15,13 @@
 //!   (a quantized W's task dequantizes its columns, whole quantization blocks, one depth block
 //!   at a time); dy is packed once for all tasks.
 
-use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 use half::bf16;
 use rayon::prelude::*;
 
 use super::{grow, kernel, pack_a, run, to_bf16, Src, Tiles, KT, MA, SCRATCH, TK};
+use crate::nn::gemm::avx512::pack_w;
 pub(in crate::nn::gemm) use crate::nn::gemm::direct::Source;
 use crate::nn::gemm::pack::round_pairs;
 use crate::nn::gemm::{Mat, Out, Pair, NR};
@@ -210,7 +210,7 @@ pub(in crate::nn::gemm) fn gemm_w(a: &Mat<f32>, w: Source, c: &mut [f32]) -> Res
                         let dst = &mut panel[..chunks * TK * NR];
                         // SAFETY: AMX implies AVX512-BF16, which implies AVX512BW; the panel
                         // fits.
-                        unsafe { pack_w(&rect, (jp - panels.start) * NR, 0, kcb, dst) };
+                        unsafe { pack_w(&rect, ((jp - panels.start) * NR, 1), 0, kcb, dst) };
                         let b_src = Src::panel(panel.as_ptr(), chunks, panel.as_ptr());
                         for ip in 0..row_panels {
                             let ap = ap[ip * per_panel + p0 / KT * MA * TK..].as_ptr();
@@ -251,50 +251,4 @@ fn pack_x(a: &Mat<f32>, t0: usize, dst: &mut [Pair]) {
             dst[q * NR + t] = Pair([bf16::from_bits(v as u16), bf16::from_bits((v >> 16) as u16)]);
         }
     }
-}
-
-/// `C = A W` for a row-major bf16 W (`b.cs == 1`, rows `b.rs` apart). The caller checked
-/// Interleaving indices for `vpermt2w`: lane 2i takes the first operand's 16-bit lane
-/// `base + i`, lane 2i + 1 the second operand's.
-const fn interleave(base: i16) -> [i16; 32] {
-    let mut v = [0; 32];
-    let mut i = 0;
-    while i < 16 {
-        v[2 * i] = base + i as i16;
-        v[2 * i + 1] = 32 + base + i as i16;
-        i += 1;
-    }
-    v
-}
-
-/// Rows `p0..p0+kc` x columns `col0..col0+32` (zero past the edges) of a row-major bf16 W
-/// (`b.cs == 1`) as a B panel: step q holds the pairs (W[p0+2q][j], W[p0+2q+1][j]), and the
-/// steps after the last up to `dst`'s end are zero.
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_w(b: &Mat<bf16>, col0: usize, p0: usize, kc: usize, dst: &mut [Pair]) {
-    let mask = (u64::MAX >> (64 - NR.min(b.cols - col0))) as u32;
-    const LO: [i16; 32] = interleave(0);
-    const HI: [i16; 32] = interleave(16);
-    let (lo_idx, hi_idx) = (
-        _mm512_loadu_si512(LO.as_ptr().cast()),
-        _mm512_loadu_si512(HI.as_ptr().cast()),
-    );
-    // Masked loads read only the columns that exist.
-    let row = |p: usize| {
-        let at = b.data[p * b.rs + col0..].as_ptr();
-        _mm512_maskz_loadu_epi16(mask, at.cast())
-    };
-    let steps = kc.div_ceil(2);
-    for q in 0..steps {
-        let lo = row(p0 + 2 * q);
-        let hi = if 2 * q + 1 < kc {
-            row(p0 + 2 * q + 1)
-        } else {
-            _mm512_setzero_si512()
-        };
-        let d = dst[q * NR..(q + 1) * NR].as_mut_ptr().cast::<__m512i>();
-        _mm512_storeu_si512(d, _mm512_permutex2var_epi16(lo, lo_idx, hi));
-        _mm512_storeu_si512(d.add(1), _mm512_permutex2var_epi16(lo, hi_idx, hi));
-    }
-    dst[steps * NR..].fill(Pair::default());
 }
