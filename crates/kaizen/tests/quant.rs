@@ -321,6 +321,48 @@ fn bf16_products_equal_the_rounded_dense_weight() {
     }
 }
 
+/// `--compute int8` on a type without a blocked int8 kernel (Q6_K; Q2_K and Q3_K too): from 8
+/// rows of x on, the forward is the compute dtype's product, bit for bit, since the row dots
+/// ran 4x slower; fewer rows (decoding) keep the int8 row dots, which differ from it.
+#[test]
+fn int8_forward_without_a_blocked_kernel_takes_the_compute_dtype() {
+    use kaizen::nn::quant::QMatrix;
+    // The blocked int8 kernels' features (`nn/quant/int8.rs`'s `available`).
+    #[cfg(target_arch = "x86_64")]
+    let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512dq");
+    #[cfg(not(target_arch = "x86_64"))]
+    let vnni = false;
+    if !vnni {
+        eprintln!("skipped: no AVX512-VNNI (every type then takes the row dots)");
+        return;
+    }
+    let (rows, cols) = (96, 512);
+    let w = (Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap() * 0.02).unwrap();
+    let q6 = QFormat::parse("q6_k").unwrap();
+    let plain = QMatrix::quantize(&w, q6, DType::BF16, "w").unwrap();
+    let mut int8 = QMatrix::quantize(&w, q6, DType::BF16, "w").unwrap();
+    int8.int8 = true;
+    assert!(!int8.int8_forward(40) && int8.int8_forward(4));
+    let (plain, int8) = (
+        Matrix::Quant(std::sync::Arc::new(plain)),
+        Matrix::Quant(std::sync::Arc::new(int8)),
+    );
+    let bits = |t: Tensor| -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|v| v.to_bits()).collect()
+    };
+    for (n, same) in [(40, true), (4, false)] {
+        let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu).unwrap();
+        let (a, b) = (
+            plain.product(&x, true).unwrap(),
+            int8.product(&x, true).unwrap(),
+        );
+        assert_eq!(bits(a) == bits(b), same, "{n} rows");
+    }
+}
+
 /// `--compute int8`: activations quantized to 8 bits per block cost well under a percent of
 /// the product's scale on Gaussian data (llama.cpp's own trade), on every llama.cpp type, and
 /// so does the input gradient on 8-bit codes of dy and W; NF4 has no int8 product.

@@ -177,7 +177,7 @@ pub fn linear_quant(x: &Tensor, q: &QMatrix, transposed: bool) -> Result<Tensor>
     }
     let mut c = vec![0f32; n * out];
     with_slice::<f32, _>(&x, |xs| -> Result<()> {
-        if transposed && q.int8 && q.has_int8() {
+        if transposed && q.int8 && q.int8_forward(n) {
             return q.int8_product(xs, n, &mut c);
         }
         if !transposed && q.int8 && q.int8_input_grad(xs, n, &mut c)? {

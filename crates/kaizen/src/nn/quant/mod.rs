@@ -195,6 +195,21 @@ impl QMatrix {
         matches!(self.data, QData::Ggml(_))
     }
 
+    /// Whether `--compute int8` multiplies `m` rows of x by this matrix in int8
+    /// ([`int8_product`](QMatrix::int8_product)): always for a few rows (decoding's row dots)
+    /// and from [`int8::MIN_ROWS`] on where the type has a blocked kernel. Q2_K, Q3_K and Q6_K
+    /// have none, and their row dots run about 4x slower than the bf16 product (Q6_K: 91
+    /// against 385 GFLOP/s at 512 rows of the 3.6B QKV), so the caller multiplies those in
+    /// the compute dtype instead; their input gradient stays int8.
+    pub fn int8_forward(&self, m: usize) -> bool {
+        match &self.data {
+            QData::Ggml(q) => {
+                m < int8::MIN_ROWS || !int8::available() || int8::Layout::of(q.dtype()).is_some()
+            }
+            _ => false,
+        }
+    }
+
     /// `c (m, rows) = x (m, cols) · selfᵀ` with each row of x quantized once per block to 8
     /// bits and integer dot products per weight row (candle's ports of ggml's `vec_dot`, and
     /// [`dot`]'s where candle's is scalar or has no VNNI: the activation blocks are Q8_0, Q8_1
