@@ -255,15 +255,7 @@ unsafe fn run(
     }
     let mut scratch = [0f32; MA * NR];
     kernel(a, b, chunks, scratch.as_mut_ptr(), NR, false);
-    for r in 0..nrows {
-        let row = std::slice::from_raw_parts_mut(dst.add(r * n), ncols);
-        let src = &scratch[r * NR..r * NR + ncols];
-        if add {
-            row.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-        } else {
-            row.copy_from_slice(src);
-        }
-    }
+    super::edge_into(&scratch, dst, n, (nrows, ncols), add);
 }
 
 /// [`super::gemm`] on AMX where B is a row-major bf16 W (`x Wᵀ`, `dy W`), without packing all

@@ -507,6 +507,21 @@ unsafe fn tile_product(
     }
     let mut tile = [0f32; MR * NR];
     kernel(tile.as_mut_ptr(), (NR, false), nrows);
+    edge_into(&tile, dst, n, (nrows, ncols), add);
+}
+
+/// Rows `0..nrows` x columns `0..ncols` of a computed tile (rows NR apart) into C at `dst`
+/// (rows `n` apart): added to C's values when `add`, else copied.
+///
+/// # Safety
+/// `dst` starts `nrows` rows of at least `ncols` values that no other thread writes.
+pub(crate) unsafe fn edge_into(
+    tile: &[f32],
+    dst: *mut f32,
+    n: usize,
+    (nrows, ncols): (usize, usize),
+    add: bool,
+) {
     for r in 0..nrows {
         let row = std::slice::from_raw_parts_mut(dst.add(r * n), ncols);
         let src = &tile[r * NR..r * NR + ncols];
