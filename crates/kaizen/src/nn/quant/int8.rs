@@ -98,6 +98,7 @@ impl Layout {
 
     /// One block's [`values`](Self::values) codes into `q`, and the (scale, offset) of each 32
     /// of them into `ab`.
+    #[inline(always)]
     fn decode(self, b: &[u8], q: &mut [i8], ab: &mut [(f32, f32)]) {
         if let Layout::Q4K | Layout::Q5K = self {
             return self.decode_k(b, q, ab);
@@ -109,6 +110,7 @@ impl Layout {
     /// and 2), 12 bytes of packed scales, (Q5_K) 32 bytes of fifth bits, 128 bytes of nibbles.
     /// Sub-block `j` reads the low (even j) or high (odd j) nibbles of bytes `32 (j / 2)..+32`,
     /// and bit j of `qh` above them.
+    #[inline(always)]
     fn decode_k(self, b: &[u8], q: &mut [i8], ab: &mut [(f32, f32)]) {
         let half = |i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
         let (d, dmin) = (half(0), half(2));
@@ -119,16 +121,21 @@ impl Layout {
         for (j, (q, ab)) in q.chunks_exact_mut(QK).zip(ab).enumerate() {
             let (sc, m) = super::simd::scale_min_k4(j, &b[4..16]);
             *ab = (d * sc as f32, -(dmin * m as f32));
-            let bytes = &qs[QK * (j / 2)..][..QK];
-            for (l, q) in q.iter_mut().enumerate() {
-                let low = (bytes[l] >> (4 * (j % 2))) & 0x0F;
-                let high = qh.map_or(0, |h| ((h[l] >> j) & 1) << 4);
-                *q = (low | high) as i8;
+            let (bytes, shift) = (&qs[QK * (j / 2)..][..QK], 4 * (j % 2));
+            // Branch-free loops over the 32 codes, so that they vectorise.
+            for (q, &b) in q.iter_mut().zip(bytes) {
+                *q = ((b >> shift) & 0x0F) as i8;
+            }
+            if let Some(h) = qh {
+                for (q, &h) in q.iter_mut().zip(h) {
+                    *q |= (((h >> j) & 1) << 4) as i8;
+                }
             }
         }
     }
 
     /// A 32-value block's codes into `q`; returns its (scale, offset).
+    #[inline(always)]
     fn decode_32(self, b: &[u8], q: &mut [i8; QK]) -> (f32, f32) {
         let half = |i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
         let nibbles = |qs: &[u8], q: &mut [i8; QK], high: u32, bias: i8| {
@@ -215,37 +222,66 @@ fn quantize_acts(x: &[f32], m: usize, k: usize, with_sums: bool) -> Acts {
     acts
 }
 
-/// Decodes W's rows `j0..j0 + NR` (zero past `n`) into `dst` (`kb` blocks of [`REC`] bytes).
+/// Decodes W's rows `j0..j0 + NR` (zero past `n`) into `dst` (`kb` blocks of [`REC`] bytes):
+/// each row's codes into a lane of `stage` (row-major, k codes a lane), then every 32-depth block
+/// of the 32 lanes transposed into its record 4 depths (one word) at a time.
 fn pack_panel(layout: Layout, w: &[u8], (j0, n, kb): (usize, usize, usize), dst: &mut [u8]) {
-    dst.fill(0);
-    let (size, sub) = (layout.size(), layout.values() / QK);
-    let (mut codes, mut ab) = ([0i8; 8 * QK], [(0f32, 0f32); 8]);
+    let (size, sub, k) = (layout.size(), layout.values() / QK, kb * QK);
+    let lanes = NR.min(n - j0);
     let row_bytes = kb / sub * size;
-    for l in 0..NR.min(n - j0) {
-        let row = &w[(j0 + l) * row_bytes..][..row_bytes];
-        for (blk, recs) in row.chunks_exact(size).zip(dst.chunks_exact_mut(sub * REC)) {
-            layout.decode(blk, &mut codes, &mut ab);
-            let blocks = codes
-                .chunks_exact(QK)
-                .zip(&ab)
-                .zip(recs.chunks_exact_mut(REC));
-            for ((q, &(a, o)), rec) in blocks {
-                for (s, four) in q.chunks_exact(4).enumerate() {
-                    let word = [four[0] as u8, four[1] as u8, four[2] as u8, four[3] as u8];
-                    rec[128 * s + 4 * l..][..4].copy_from_slice(&word);
-                }
-                let start = -128 * q.iter().map(|&v| v as i32).sum::<i32>();
-                let tail = &mut rec[QK * NR..];
-                tail[4 * l..4 * l + 4].copy_from_slice(&start.to_le_bytes());
-                tail[4 * (NR + l)..4 * (NR + l) + 4].copy_from_slice(&a.to_le_bytes());
-                tail[4 * (2 * NR + l)..4 * (2 * NR + l) + 4].copy_from_slice(&o.to_le_bytes());
+    STAGE.with_borrow_mut(|(stage, ab)| {
+        stage.resize(NR * k, 0);
+        ab.resize(NR * kb, (0.0, 0.0));
+        stage[lanes * k..].fill(0);
+        ab[lanes * kb..].fill((0.0, 0.0));
+        let rows = stage.chunks_exact_mut(k).zip(ab.chunks_exact_mut(kb));
+        for (l, (codes, ab)) in rows.take(lanes).enumerate() {
+            let row = &w[(j0 + l) * row_bytes..][..row_bytes];
+            // SAFETY: `product` checked `available`.
+            unsafe { decode_row(layout, row, codes, ab) };
+        }
+        for (b, rec) in dst.chunks_exact_mut(REC).take(kb).enumerate() {
+            // SAFETY: `product` checked `available`; the stage holds NR lanes of k codes and
+            // the record REC bytes.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                avx512::transpose_block(stage[b * QK..].as_ptr(), k, rec)
+            };
+            let (scales, offsets) = rec[QK * NR + 4 * NR..].split_at_mut(4 * NR);
+            for l in 0..NR {
+                let (a, o) = ab[l * kb + b];
+                scales[4 * l..][..4].copy_from_slice(&a.to_le_bytes());
+                offsets[4 * l..][..4].copy_from_slice(&o.to_le_bytes());
             }
         }
+    })
+}
+
+/// One row of W's blocks into codes and (scale, offset) per 32 values, compiled for the
+/// vector units the int8 product needs anyway.
+///
+/// # Safety
+/// [`available`].
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx2,avx512f,avx512bw")
+)]
+unsafe fn decode_row(layout: Layout, row: &[u8], codes: &mut [i8], ab: &mut [(f32, f32)]) {
+    let blocks = codes
+        .chunks_exact_mut(layout.values())
+        .zip(ab.chunks_exact_mut(layout.values() / QK));
+    for (blk, (codes, ab)) in row.chunks_exact(layout.size()).zip(blocks) {
+        layout.decode(blk, codes, ab);
     }
 }
 
+/// Codes and per-block (scale, offset) of a panel's rows.
+type Stage = (Vec<i8>, Vec<(f32, f32)>);
+
 thread_local! {
     static PANEL: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// [`pack_panel`]'s decoded codes (NR lanes of k) and per-block (scale, offset).
+    static STAGE: RefCell<Stage> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// `c (m, n) = x (m, k) · Wᵀ`, W's `n` rows in `w` as blocks of `layout`. The caller checks
@@ -454,7 +490,8 @@ mod avx512 {
     }
 
     /// A 32 x 32 f32 tile (row stride `ld`) into one panel record: column l of the tile is
-    /// lane l, its 32 rows the block's depth, quantized with `scale = amax / 127` per column.
+    /// lane l, its 32 rows the block's depth, quantized with `scale = amax / 127` per column
+    /// (to the nearest integer, halves to even).
     ///
     /// # Safety
     /// AVX-512F, BW and DQ; `t` holds 32 rows of `ld >= 32` values.
@@ -471,27 +508,83 @@ mod avx512 {
         let dst = rec.as_mut_ptr();
         let tail = dst.add(QK * NR);
         let mut sum = [_mm512_setzero_si512(); 2];
+        // In each 128-bit lane: byte 4 c + b from row b's column c (at 4 b + c).
+        let by_column = _mm512_broadcast_i32x4(_mm_setr_epi8(
+            0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+        ));
         for (h, &m) in amax.iter().enumerate() {
             let scale = _mm512_div_ps(m, _mm512_set1_ps(127.0));
             let nonzero = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(scale, _mm512_setzero_ps());
             let inv = _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(1.0), scale);
             for st in 0..QK / 4 {
-                let mut word = _mm512_setzero_si512();
-                for b in 0..4 {
-                    let q = _mm512_cvttps_epi32(round_away(_mm512_mul_ps(at(4 * st + b, h), inv)));
+                // Rows 4 st..+4 rounded to the nearest (even) integer, within ±127: packed with
+                // saturation (exact) to bytes that each 128-bit lane holds row by row, then
+                // reordered so that each column's four are one word.
+                let q: [__m512i; 4] = std::array::from_fn(|b| {
+                    _mm512_cvtps_epi32(_mm512_mul_ps(at(4 * st + b, h), inv))
+                });
+                for &q in &q {
                     sum[h] = _mm512_add_epi32(sum[h], q);
-                    let byte = _mm512_and_si512(q, _mm512_set1_epi32(0xFF));
-                    word = _mm512_or_si512(
-                        word,
-                        _mm512_sllv_epi32(byte, _mm512_set1_epi32(8 * b as i32)),
-                    );
                 }
+                let bytes = _mm512_packs_epi16(
+                    _mm512_packs_epi32(q[0], q[1]),
+                    _mm512_packs_epi32(q[2], q[3]),
+                );
+                let word = _mm512_shuffle_epi8(bytes, by_column);
                 _mm512_storeu_si512(dst.add(128 * st + 64 * h).cast(), word);
             }
             let start = _mm512_mullo_epi32(sum[h], _mm512_set1_epi32(-128));
             _mm512_storeu_si512(tail.add(64 * h).cast(), start);
             _mm512_storeu_ps(tail.add(4 * NR + 64 * h).cast(), scale);
             _mm512_storeu_ps(tail.add(8 * NR + 64 * h).cast(), _mm512_setzero_ps());
+        }
+    }
+
+    /// One 32-depth block of 32 lanes (lane l's codes at `codes + l ld`) into a record's
+    /// codes and starts: the word of depths `4 s..4 s + 4` of lane l at byte `128 s + 4 l` (an
+    /// 8 x 8 word transpose per 8 lanes), and lane l's `-128 Σ q` at word `QK + l`.
+    ///
+    /// # Safety
+    /// AVX2; `codes` holds 32 lanes of 32 bytes, `ld` apart.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn transpose_block(codes: *const i8, ld: usize, rec: &mut [u8]) {
+        assert!(rec.len() >= QK * NR);
+        let dst = rec.as_mut_ptr();
+        for g in 0..NR / 8 {
+            let r: [__m256i; 8] =
+                std::array::from_fn(|i| _mm256_loadu_si256(codes.add((8 * g + i) * ld).cast()));
+            let t: [__m256i; 8] = std::array::from_fn(|i| {
+                let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+                match i % 2 {
+                    0 => _mm256_unpacklo_epi32(a, b),
+                    _ => _mm256_unpackhi_epi32(a, b),
+                }
+            });
+            // u[4 h + s]: words s and s + 4 (for s < 4) of lanes 4 h..4 h + 4.
+            let u: [__m256i; 8] = std::array::from_fn(|i| {
+                let (h, s) = (i / 4, i % 4);
+                let (a, b) = (t[4 * h + s / 2], t[4 * h + 2 + s / 2]);
+                match s % 2 {
+                    0 => _mm256_unpacklo_epi64(a, b),
+                    _ => _mm256_unpackhi_epi64(a, b),
+                }
+            });
+            // Each word's four codes summed (u8 ones times i8 codes, then i16 pairs), per lane.
+            let mut sum = _mm256_setzero_si256();
+            for s in 0..4 {
+                let (lo, hi) = (u[s], u[4 + s]);
+                let words = [
+                    _mm256_permute2x128_si256::<0x20>(lo, hi),
+                    _mm256_permute2x128_si256::<0x31>(lo, hi),
+                ];
+                for (w, v) in [s, s + 4].into_iter().zip(words) {
+                    _mm256_storeu_si256(dst.add(128 * w + 32 * g).cast(), v);
+                    let pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), v);
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+                }
+            }
+            let start = _mm256_mullo_epi32(sum, _mm256_set1_epi32(-128));
+            _mm256_storeu_si256(dst.add(QK * NR + 32 * g).cast(), start);
         }
     }
 
