@@ -37,6 +37,8 @@ thread_local! {
 
 /// Most 32-column panels of W per task of [`gemm_w`].
 const GROUP_W: usize = 32;
+/// Values a quantized W's reads run ahead of the row being dequantized ([`Source::rect`]).
+const PREFETCH_VALUES: usize = 2048;
 /// Bytes of one task's packed panels of W per depth block in [`gemm_w`] (half of L2).
 const PANELS_BYTES: usize = 512 << 10;
 
@@ -98,9 +100,14 @@ impl Source<'_> {
         if scratch.len() < nr * nc / 2 {
             scratch.resize(nr * nc / 2, 0);
         }
+        // The same columns of a row some way ahead (the next rows here, or of the next tile or
+        // depth block) are fetched while this one is dequantized: a row's few cache lines
+        // apart from the last, W's reads defeat the hardware's prefetchers.
+        let ahead = (PREFETCH_VALUES / nc).max(2);
         DEQ.with_borrow_mut(|row| -> Result<()> {
             row.resize(nc, 0.0);
             for (r, dst) in rows.zip(scratch.chunks_mut(nc / 2)) {
+                q.prefetch(r + ahead, cols.start, nc);
                 q.dequantize_into(r, cols.start, row)?;
                 round_pairs(row, dst);
             }

@@ -346,6 +346,36 @@ impl QMatrix {
         }
     }
 
+    /// Asks the CPU to bring the bytes of row `r`'s values `c0..c0 + len` (whole blocks) into
+    /// its caches ahead of a read: a hint, with no effect on any result. A row beyond the
+    /// matrix is ignored.
+    pub fn prefetch(&self, r: usize, c0: usize, len: usize) {
+        if r >= self.rows {
+            return;
+        }
+        let start = r * self.cols + c0;
+        let bytes = match &self.data {
+            QData::Ggml(q) => {
+                let (bs, size) = (q.dtype().block_size(), q.dtype().type_size());
+                let Ok(data) = q.data() else { return };
+                let bytes = data.as_ref();
+                // Borrowed storage (CPU): the range outlives this call.
+                (bytes.as_ptr(), start / bs * size, len.div_ceil(bs) * size)
+            }
+            QData::Nf4(n) => (n.data.as_ptr(), start / 2, len.div_ceil(2)),
+        };
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let (base, from, n) = bytes;
+            for line in (from / 64..(from + n).div_ceil(64)).map(|l| l * 64) {
+                // SAFETY: a prefetch never faults, and the address lies inside (or one line
+                // past) the matrix's bytes.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(line).cast()) };
+            }
+        }
+    }
+
     /// Row `r`, columns `c0..c0 + out.len()`, dequantized into `out`. `c0` and the end are on
     /// block boundaries (or the end is the row's end).
     pub fn dequantize_into(&self, r: usize, c0: usize, out: &mut [f32]) -> Result<()> {
