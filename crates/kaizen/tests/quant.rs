@@ -321,6 +321,42 @@ fn bf16_products_equal_the_rounded_dense_weight() {
     }
 }
 
+/// The one-pass bf16 dequantization the products take where a format has it (Q4_K, NF4 on
+/// AVX512-BF16) equals the f32 dequantization rounded to the nearest even bf16 (subnormals to
+/// zero, as AVX512-BF16 converts), bit for bit, for whole rows and ranges of whole blocks.
+#[test]
+fn one_pass_bf16_dequantization_is_the_rounded_f32() {
+    use kaizen::nn::quant::QMatrix;
+    let (rows, cols) = (5, 1536);
+    let w = (Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap() * 0.02).unwrap();
+    let mut ran = 0;
+    for f in ["q4_k", "nf4", "q8_0"] {
+        let q = QMatrix::quantize(&w, QFormat::parse(f).unwrap(), DType::BF16, "w").unwrap();
+        let unit = q.block_size().max(64);
+        for (r, c0, len) in [(0, 0, cols), (3, unit, 2 * unit), (4, cols - unit, unit)] {
+            let mut want = vec![0f32; len];
+            q.dequantize_into(r, c0, &mut want).unwrap();
+            let mut got = vec![half::bf16::NAN; len];
+            if !q.dequantize_bf16_into(r, c0, &mut got) {
+                continue;
+            }
+            ran += 1;
+            for (i, (g, &v)) in got.iter().zip(&want).enumerate() {
+                let v = if v.is_subnormal() {
+                    0f32.copysign(v)
+                } else {
+                    v
+                };
+                let want = half::bf16::from_f32(v);
+                assert_eq!(g.to_bits(), want.to_bits(), "{f} row {r} column {}", c0 + i);
+            }
+        }
+    }
+    if ran == 0 {
+        eprintln!("skipped: no AVX512-BF16");
+    }
+}
+
 /// `--compute int8` on a type without a blocked int8 kernel (Q6_K; Q2_K and Q3_K too): from 8
 /// rows of x on, the forward is the compute dtype's product, bit for bit, since the row dots
 /// ran 4x slower; fewer rows (decoding) keep the int8 row dots, which differ from it.

@@ -183,6 +183,28 @@ fn nf4_matches_bitsandbytes() {
                     q.dequantize_into(start, &mut out);
                     let w = &want[start..start + n];
                     assert_bits(&what(&format!("elements {start}..+{n}")), &out, w);
+                    // The products' one-pass bf16 dequantization (whole blocks, where the CPU
+                    // has AVX512-BF16): bitsandbytes' values rounded to the nearest even bf16,
+                    // subnormals to zero, as AVX512-BF16's conversion (and so the products'
+                    // packers, `gemm::pack::round_bf16`) rounds them.
+                    let mut bf = vec![half::bf16::NAN; n];
+                    if q.dequantize_bf16_into(start, &mut bf) {
+                        for (i, (g, &b)) in bf.iter().zip(w).enumerate() {
+                            let v = f32::from_bits(b);
+                            let v = if v.is_subnormal() {
+                                0f32.copysign(v)
+                            } else {
+                                v
+                            };
+                            let at = format!("bf16 element {} of {start}..+{n}", start + i);
+                            assert_eq!(
+                                g.to_bits(),
+                                half::bf16::from_f32(v).to_bits(),
+                                "{}",
+                                what(&at)
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -108,8 +108,12 @@ impl Source<'_> {
             row.resize(nc, 0.0);
             for (r, dst) in rows.zip(scratch.chunks_mut(nc / 2)) {
                 q.prefetch(r + ahead, cols.start, nc);
-                q.dequantize_into(r, cols.start, row)?;
-                round_pairs(row, dst);
+                // SAFETY: u32 pairs of bf16, as below.
+                let values = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), nc) };
+                if !q.dequantize_bf16_into(r, cols.start, values) {
+                    q.dequantize_into(r, cols.start, row)?;
+                    round_pairs(row, dst);
+                }
             }
             Ok(())
         })?;

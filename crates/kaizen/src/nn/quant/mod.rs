@@ -346,9 +346,30 @@ impl QMatrix {
         }
     }
 
+    /// Row `r`, columns `c0..c0 + out.len()` (as for
+    /// [`dequantize_into`](QMatrix::dequantize_into)) dequantized and rounded to bf16 (nearest
+    /// even) in one pass where the format has such a kernel (NF4 and Q4_K on AVX512-BF16) and
+    /// the range is whole blocks; false, having written nothing, elsewhere.
+    pub fn dequantize_bf16_into(&self, r: usize, c0: usize, out: &mut [half::bf16]) -> bool {
+        let start = r * self.cols + c0;
+        match &self.data {
+            QData::Nf4(n) => n.dequantize_bf16_into(start, out),
+            QData::Ggml(q) => {
+                let (bs, size) = (q.dtype().block_size(), q.dtype().type_size());
+                let Ok(bytes) = q.data() else { return false };
+                if !(start.is_multiple_of(bs) && out.len().is_multiple_of(bs)) {
+                    return false;
+                }
+                let src = &bytes[start / bs * size..][..out.len() / bs * size];
+                simd::to_bf16(q.dtype(), src, out)
+            }
+        }
+    }
+
     /// Asks the CPU to bring the bytes of row `r`'s values `c0..c0 + len` (whole blocks) into
     /// its caches ahead of a read: a hint, with no effect on any result. A row beyond the
     /// matrix is ignored.
+    #[inline]
     pub fn prefetch(&self, r: usize, c0: usize, len: usize) {
         if r >= self.rows {
             return;

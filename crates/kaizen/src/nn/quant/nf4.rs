@@ -243,6 +243,62 @@ impl Nf4 {
             }
     }
 
+    /// [`dequantize_into`](Nf4::dequantize_into) rounded to bf16 (to the nearest even, as the
+    /// products' packers round f32): the block's 16 products rounded once, then 32 values per
+    /// instruction picked by `vpermw`. False, having written nothing, unless the CPU has
+    /// AVX512-BF16 and AVX512BW and `out` is whole blocks.
+    pub fn dequantize_bf16_into(&self, start: usize, out: &mut [half::bf16]) -> bool {
+        assert!(
+            start.is_multiple_of(BLOCK) && start + out.len() <= self.len,
+            "NF4 dequantize: elements {start}..{} of {}",
+            start + out.len(),
+            self.len
+        );
+        #[cfg(target_arch = "x86_64")]
+        if out.len().is_multiple_of(BLOCK) && crate::nn::gemm::available_bf16() {
+            // SAFETY: the CPU has AVX512-BF16 (which implies AVX512BW on every CPU that has
+            // it, checked again here); the bounds were checked above.
+            if std::arch::is_x86_feature_detected!("avx512bw") {
+                unsafe { self.blocks_bf16_avx512(start / BLOCK, out) };
+                return true;
+            }
+        }
+        false
+    }
+
+    /// # Safety
+    /// AVX512-BF16 and AVX512BW; `out` is whole blocks from block `b0`, inside the tensor.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn blocks_bf16_avx512(&self, b0: usize, out: &mut [half::bf16]) {
+        use std::arch::x86_64::*;
+        let code = _mm512_loadu_ps(CODE.as_ptr());
+        let mask = _mm256_set1_epi8(0x0f);
+        let bytes = &self.data[b0 * BLOCK / 2..][..out.len() / 2];
+        for (i, (dst, src)) in out
+            .chunks_exact_mut(BLOCK)
+            .zip(bytes.chunks_exact(BLOCK / 2))
+            .enumerate()
+        {
+            let table = _mm512_mul_ps(code, _mm512_set1_ps(self.block_scale(b0 + i)));
+            let table = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(table));
+            let table = _mm512_castsi256_si512(table);
+            // SAFETY: `src` is 32 bytes (the chunk size).
+            let raw = _mm256_loadu_si256(src.as_ptr().cast());
+            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+            let lo = _mm256_and_si256(raw, mask);
+            // Element 2j is byte j's high nibble: interleaved per 128-bit lane, bytes 0-7 and
+            // 16-23 in the low halves, so the halves are put back in order.
+            let (a, b) = (_mm256_unpacklo_epi8(hi, lo), _mm256_unpackhi_epi8(hi, lo));
+            let first = _mm256_permute2x128_si256::<0x20>(a, b);
+            let second = _mm256_permute2x128_si256::<0x31>(a, b);
+            for (h, idx) in [first, second].into_iter().enumerate() {
+                let v = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(idx), table);
+                _mm512_storeu_si512(dst.as_mut_ptr().add(32 * h).cast(), v);
+            }
+        }
+    }
+
     /// The whole blocks of `out` (blocks `b0..`), 16 values per instruction: the block's 16
     /// products in one register, each nibble's value picked by `vpermps`. Returns how many
     /// elements it wrote.

@@ -59,6 +59,27 @@ pub fn to_float(t: GgmlDType, src: &[u8], out: &mut [f32]) -> bool {
     false
 }
 
+/// [`to_float`] rounded to bf16 (nearest even; subnormals to zero, as every bf16 conversion of
+/// the products does) in one pass, 32 values per store, for Q4_K on a CPU with AVX512-BF16;
+/// false, having written nothing, for other types or CPUs (the caller then rounds
+/// [`to_float`]'s values, the same bits).
+pub fn to_bf16(t: GgmlDType, src: &[u8], out: &mut [half::bf16]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if t == GgmlDType::Q4K && crate::nn::gemm::available_bf16() {
+        assert!(
+            src.len().is_multiple_of(144) && src.len() / 144 * 256 == out.len(),
+            "Q4_K dequantize: {} bytes into {} values are not whole blocks",
+            src.len(),
+            out.len()
+        );
+        // SAFETY: the CPU has AVX-512F and AVX512-BF16; reads and writes are slices.
+        unsafe { avx512::q4_k_bf16(src, out) };
+        return true;
+    }
+    let _ = (t, src, out);
+    false
+}
+
 /// A K-quant's 6-bit scale and min of sub-block `j` from its 12 packed bytes (ggml's
 /// `get_scale_min_k4`).
 #[inline]
@@ -237,6 +258,30 @@ mod avx512 {
                         let v = k_values(&scales, 2 * c + half, q);
                         store16(&mut y[64 * c + 32 * half + 16 * h..], v);
                     }
+                }
+            }
+        }
+    }
+
+    /// [`q4_k`]'s values rounded to bf16, each 32 of a sub-block converted and stored at once.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) fn q4_k_bf16(src: &[u8], out: &mut [half::bf16]) {
+        for (b, y) in src.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
+            let scales = k_scales(b);
+            for c in 0..4 {
+                let [(lo0, hi0), (lo1, hi1)] =
+                    [0, 1].map(|h| nibbles(load16(&b[16 + 32 * c + 16 * h..])));
+                for (half, (q0, q1)) in [(lo0, lo1), (hi0, hi1)].into_iter().enumerate() {
+                    let s = 2 * c + half;
+                    let v = _mm512_cvtne2ps_pbh(k_values(&scales, s, q1), k_values(&scales, s, q0));
+                    let y: &mut [half::bf16; 32] = (&mut y[32 * s..][..32]).try_into().unwrap();
+                    // SAFETY: `y` is 32 writable bf16s; the store is unaligned.
+                    unsafe {
+                        _mm512_storeu_si512(
+                            y.as_mut_ptr().cast(),
+                            std::mem::transmute::<__m512bh, __m512i>(v),
+                        )
+                    };
                 }
             }
         }
