@@ -7,6 +7,8 @@
 //! RAYON_NUM_THREADS=2 cargo bench -p kaizen --bench quant
 //! ```
 //!
+//! `KAIZEN_BENCH_SHAPE=IN,OUT` measures another layer (e.g. `2816,11264`, the MLP's first).
+//!
 //! Rows: forward `x Wᵀ` and input gradient `dy W` for 512 and 128 token rows, and a 1-row
 //! forward (decoding), in GFLOP/s (2 m k n / s); `int8` is `--compute int8`.
 //! Each time is the median of 5 runs after one warm-up.
@@ -43,7 +45,14 @@ fn main() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
-    let (k, n) = (2816, 8448);
+    let (k, n) = match std::env::var("KAIZEN_BENCH_SHAPE") {
+        Ok(s) => {
+            let d: Vec<usize> = s.split(',').map(|v| v.trim().parse().unwrap()).collect();
+            assert!(d.len() == 2, "KAIZEN_BENCH_SHAPE=IN,OUT");
+            (d[0], d[1])
+        }
+        Err(_) => (2816, 8448),
+    };
     let w = (Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap() * 0.02).unwrap();
     let mut kinds: Vec<(String, Matrix)> = vec![(
         "bf16".into(),
