@@ -35,6 +35,8 @@ const MR: usize = 4;
 /// Bytes of one block of a panel: the 32 x 32 codes, step `s` (4 depths) of lane `l` at bytes
 /// `128 s + 4 l ..+ 4`; then per lane the i32 start `-128 Σ q`, the f32 scale a and offset o.
 const REC: usize = QK * NR + 3 * 4 * NR;
+/// Most panels per task of the input gradient ([`product_t`]).
+const WIDE: usize = 8;
 /// Fewer rows of x than this take the per-row dot products (decoding): a panel is decoded
 /// once per product, which only pays over several rows.
 pub const MIN_ROWS: usize = 8;
@@ -320,21 +322,33 @@ pub fn product_t(q: &QMatrix, dy: &[f32], m: usize, c: &mut [f32]) -> Result<boo
     }
     assert!(dy.len() >= m * n && c.len() >= m * k);
     let acts = quantize_acts(&dy[..m * n], m, n, false);
-    // Tasks take whole quantization blocks of columns (one panel for 32-value blocks, eight for
-    // K-quants), each dequantized once per depth block.
-    let width = q.block_size().max(NR);
-    let group = width / NR;
+    // Tasks take whole quantization blocks of columns, up to WIDE panels: each row is read a few
+    // cache lines at a time rather than one block's bytes (34 for Q8_0), and the width leaves
+    // the busiest thread the least work. Each task's columns are dequantized once per depth
+    // block.
+    let unit = q.block_size().max(NR) / NR;
+    let threads = rayon::current_num_threads().max(1);
+    let busiest = |g: usize| k.div_ceil(g * NR).div_ceil(threads) * g;
+    let group = (1..=WIDE.max(unit) / unit)
+        .rev()
+        .map(|u| u * unit)
+        .min_by_key(|&g| busiest(g))
+        .expect("at least one width");
+    let width = group * NR;
     let pack = |c0: usize, panels: &mut [u8]| -> Result<()> {
+        // The last task's columns may end before `width` (whole blocks all the same).
+        let cols = width.min(k - c0);
         TILE.with(|buf| {
             let mut tile = buf.borrow_mut();
             tile.resize(QK * width, 0.0);
             for rb in 0..kb {
                 for (r, row) in tile.chunks_mut(width).enumerate() {
                     // A row's few cache lines apart from the last: fetched 8 rows ahead.
-                    q.prefetch(rb * QK + r + 8, c0, width);
-                    q.dequantize_into(rb * QK + r, c0, row)?;
+                    q.prefetch(rb * QK + r + 8, c0, cols);
+                    q.dequantize_into(rb * QK + r, c0, &mut row[..cols])?;
                 }
-                for (p, panel) in panels.chunks_mut(kb * REC).take(group).enumerate() {
+                let panels = panels.chunks_mut(kb * REC).take(cols / NR);
+                for (p, panel) in panels.enumerate() {
                     let rec = &mut panel[rb * REC..(rb + 1) * REC];
                     // SAFETY: `available`; the tile holds 32 rows of `width` values and the
                     // record REC bytes.
@@ -914,18 +928,22 @@ mod tests {
             eprintln!("skipped: no AVX512-VNNI");
             return;
         }
-        let (m, n, k) = (13, 96, 512);
-        let w = values(n * k, 5, 1.0);
+        let (m, n) = (13, 96);
         let dy = values(m * n, 6, 0.5);
+        // Widths that leave the last task fewer panels than the others (15 and 14 panels).
         let formats = [
-            QFormat::Ggml(GgmlDType::Q8_0),
-            QFormat::Ggml(GgmlDType::Q4_1),
-            QFormat::Ggml(GgmlDType::Q4K),
-            QFormat::Nf4 {
-                double_quant: false,
-            },
+            (QFormat::Ggml(GgmlDType::Q8_0), 480),
+            (QFormat::Ggml(GgmlDType::Q4_1), 480),
+            (QFormat::Ggml(GgmlDType::Q4K), 512),
+            (
+                QFormat::Nf4 {
+                    double_quant: false,
+                },
+                448,
+            ),
         ];
-        for format in formats {
+        for (format, k) in formats {
+            let w = values(n * k, 5, 1.0);
             let t = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
             let q = QMatrix::quantize(&t, format, DType::F32, "w").unwrap();
             let wd = q.rows_f32(0, n).unwrap();
@@ -965,7 +983,8 @@ mod tests {
                 (err2 / ref2).sqrt()
             );
         }
-        let t = Tensor::from_vec(w[..40 * k].to_vec(), (40, k), &Device::Cpu).unwrap();
+        let k = 512;
+        let t = Tensor::from_vec(values(40 * k, 5, 1.0), (40, k), &Device::Cpu).unwrap();
         let q = QMatrix::quantize(&t, QFormat::Ggml(GgmlDType::Q8_0), DType::F32, "w").unwrap();
         assert!(!q
             .int8_input_grad(&dy[..m * 40], m, &mut vec![0.0; m * k])
