@@ -117,7 +117,7 @@ def model_sizes(cfg):
     return lin, V * d, head, other
 
 
-def estimate(cfg, row, batch, seq):
+def estimate(cfg, row, batch, seq, checkpointing=False):
     """Estimated peak anonymous memory of a row in bytes, and the parts (GB) as a string.
 
     weights: linear x bytes(mode) + embedding/head/norms x bytes(base dtype); bnb leaves the head
@@ -126,7 +126,8 @@ def estimate(cfg, row, batch, seq):
     activations (saved for backward) per token and layer: PyTorch (16 d + 3-4 ff) elements of the
       compute dtype + the f32 copies of the LoRA inputs; kaizen (8 d + 3 ff) f32 elements
       (calibrated on memory.sh's SmolLM2 runs: kaizen +0.75 GB per 1k tokens at 30 layers,
-      PyTorch +1.8-2.6). Attention scores of one layer (B H T^2 f32, x3) transient.
+      PyTorch +1.8-2.6); under kaizen's --gradient-checkpointing (`checkpointing`) each layer's
+      f32 input and one layer's tape. Attention scores of one layer (B H T^2 f32, x3) transient.
     logits: B T V x (3 f32 + 1 compute dtype) (logits, log-softmax, their gradient).
     overhead: 1.2 GB PyTorch (runtime, libraries), 0.4 GB kaizen.
     """
@@ -150,7 +151,7 @@ def estimate(cfg, row, batch, seq):
         wb = QBYTES[quant] if quant else rest
         eq, hq = (QBYTES[t] for t in embq.split(",")) if embq else (rest, rest)
         weights = lin * wb + emb * eq + head * hq + other * rest
-        act = tok * L * (8 * d + 3 * ff) * 4
+        act = tok * (L * d + (8 * d + 3 * ff) if checkpointing else L * (8 * d + 3 * ff)) * 4
         eb = 4
         overhead = 0.4 * GB
     attn = batch * h * seq * seq * 4 * 3
@@ -273,7 +274,8 @@ def cmd_row(a):
         cfg = json.load(open(os.path.join(a.model, "config.json")))
     except (OSError, ValueError) as e:
         return emit({**base, "error": f"cannot read {a.model}/config.json: {e}"})
-    est, parts = estimate(cfg, a.row, a.batch, a.seq)
+    checkpointing = impl == "kaizen" and "--gradient-checkpointing" in shlex.split(a.kaizen_extra)
+    est, parts = estimate(cfg, a.row, a.batch, a.seq, checkpointing)
     base["est_gb"] = round(est / GB, 2)
     base["est_parts"] = parts
     budget = a.mem_gb * GB
