@@ -255,13 +255,13 @@ impl Nf4 {
             self.len
         );
         #[cfg(target_arch = "x86_64")]
-        if out.len().is_multiple_of(BLOCK) && crate::nn::gemm::available_bf16() {
-            // SAFETY: the CPU has AVX512-BF16 (which implies AVX512BW on every CPU that has
-            // it, checked again here); the bounds were checked above.
-            if std::arch::is_x86_feature_detected!("avx512bw") {
-                unsafe { self.blocks_bf16_avx512(start / BLOCK, out) };
-                return true;
-            }
+        if out.len().is_multiple_of(BLOCK)
+            && crate::nn::gemm::available_bf16()
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            // SAFETY: the CPU has AVX512-BF16 and AVX512BW; the bounds were checked above.
+            unsafe { self.blocks_bf16_avx512(start / BLOCK, out) };
+            return true;
         }
         false
     }
