@@ -297,18 +297,9 @@ fn w_product(a: &Mat<f32>, w: Source, c: &mut [f32]) -> Result<()> {
     let (m, (k, n)) = (a.rows, w.dims());
     assert!(c.len() >= m * n, "gemm: output too short");
     let (row_panels, col_panels) = (m.div_ceil(MR), n.div_ceil(NR));
-    let threads = rayon::current_num_threads().max(1);
     // Tasks of whole quantization blocks, wide (up to GROUP_W panels) so that each reads long
-    // runs of W's rows rather than a cache line or two from every row (and a page per row),
-    // and sized so that the busiest thread's share is least (11 equal tasks on 2 threads would
-    // leave one thread a twelfth of the work alone).
-    let unit = w.unit().div_ceil(NR);
-    let busiest = |g: usize| col_panels.div_ceil(g).div_ceil(threads) * g;
-    let group = (1..=GROUP_W.max(unit) / unit)
-        .rev()
-        .map(|u| u * unit)
-        .min_by_key(|&g| busiest(g))
-        .expect("at least one width");
+    // runs of W's rows rather than a cache line or two from every row (and a page per row).
+    let group = super::task_width(col_panels, w.unit().div_ceil(NR), GROUP_W);
     // Depth blocks whose packed panels (kc x 32 bf16 each) stay in L2 together.
     let most = (PANELS_BYTES / (group * NR * size_of::<bf16>())).clamp(32, KC);
     let kcb = k.div_ceil(k.div_ceil(most)).next_multiple_of(32);

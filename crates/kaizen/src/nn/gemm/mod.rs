@@ -311,6 +311,20 @@ impl Out {
     }
 }
 
+/// How many of `items` (column panels) one rayon task takes: a multiple of `unit` (the
+/// panels of one quantization block), at most `most.max(unit)`, the widest of those that leave
+/// the busiest thread the least work (11 equal tasks on 2 threads would leave one thread a
+/// twelfth of the work alone). Shared by `direct::gemm_w` and the int8 input gradient.
+pub(crate) fn task_width(items: usize, unit: usize, most: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let busiest = |g: usize| items.div_ceil(g).div_ceil(threads) * g;
+    (1..=most.max(unit) / unit)
+        .rev()
+        .map(|u| u * unit)
+        .min_by_key(|&g| busiest(g))
+        .expect("at least one width")
+}
+
 thread_local! {
     static PACK_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }

@@ -326,14 +326,7 @@ pub fn product_t(q: &QMatrix, dy: &[f32], m: usize, c: &mut [f32]) -> Result<boo
     // cache lines at a time rather than one block's bytes (34 for Q8_0), and the width leaves
     // the busiest thread the least work. Each task's columns are dequantized once per depth
     // block.
-    let unit = q.block_size().max(NR) / NR;
-    let threads = rayon::current_num_threads().max(1);
-    let busiest = |g: usize| k.div_ceil(g * NR).div_ceil(threads) * g;
-    let group = (1..=WIDE.max(unit) / unit)
-        .rev()
-        .map(|u| u * unit)
-        .min_by_key(|&g| busiest(g))
-        .expect("at least one width");
+    let group = crate::nn::gemm::task_width(k.div_ceil(NR), q.block_size().max(NR) / NR, WIDE);
     let width = group * NR;
     let pack = |c0: usize, panels: &mut [u8]| -> Result<()> {
         // The last task's columns may end before `width` (whole blocks all the same).
@@ -564,7 +557,7 @@ mod avx512 {
     /// AVX2; `codes` holds 32 lanes of 32 bytes, `ld` apart.
     #[target_feature(enable = "avx2")]
     pub unsafe fn transpose_block(codes: *const i8, ld: usize, rec: &mut [u8]) {
-        assert!(rec.len() >= QK * NR);
+        assert!(rec.len() >= QK * NR + 4 * NR);
         let dst = rec.as_mut_ptr();
         for g in 0..NR / 8 {
             let r: [__m256i; 8] =

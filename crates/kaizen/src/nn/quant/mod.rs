@@ -346,6 +346,19 @@ impl QMatrix {
         }
     }
 
+    /// The bytes that hold flat elements `start..start + len` (`start` on a block boundary):
+    /// whole blocks of a llama.cpp type, or NF4's codes two to a byte.
+    fn byte_range(&self, start: usize, len: usize) -> std::ops::Range<usize> {
+        let (from, n) = match &self.data {
+            QData::Ggml(q) => {
+                let (bs, size) = (q.dtype().block_size(), q.dtype().type_size());
+                (start / bs * size, len.div_ceil(bs) * size)
+            }
+            QData::Nf4(_) => (start / 2, len.div_ceil(2)),
+        };
+        from..from + n
+    }
+
     /// Row `r`, columns `c0..c0 + out.len()` (as for
     /// [`dequantize_into`](QMatrix::dequantize_into)) dequantized and rounded to bf16 (nearest
     /// even) in one pass where the format has such a kernel (NF4 and Q4_K on AVX512-BF16) and
@@ -355,13 +368,12 @@ impl QMatrix {
         match &self.data {
             QData::Nf4(n) => n.dequantize_bf16_into(start, out),
             QData::Ggml(q) => {
-                let (bs, size) = (q.dtype().block_size(), q.dtype().type_size());
+                let bs = q.dtype().block_size();
                 let Ok(bytes) = q.data() else { return false };
                 if !(start.is_multiple_of(bs) && out.len().is_multiple_of(bs)) {
                     return false;
                 }
-                let src = &bytes[start / bs * size..][..out.len() / bs * size];
-                simd::to_bf16(q.dtype(), src, out)
+                simd::to_bf16(q.dtype(), &bytes[self.byte_range(start, out.len())], out)
             }
         }
     }
@@ -374,22 +386,19 @@ impl QMatrix {
         if r >= self.rows {
             return;
         }
-        let start = r * self.cols + c0;
-        let bytes = match &self.data {
-            QData::Ggml(q) => {
-                let (bs, size) = (q.dtype().block_size(), q.dtype().type_size());
-                let Ok(data) = q.data() else { return };
-                let bytes = data.as_ref();
-                // Borrowed storage (CPU): the range outlives this call.
-                (bytes.as_ptr(), start / bs * size, len.div_ceil(bs) * size)
-            }
-            QData::Nf4(n) => (n.data.as_ptr(), start / 2, len.div_ceil(2)),
+        let base = match &self.data {
+            // Borrowed storage (CPU): the bytes outlive this call.
+            QData::Ggml(q) => match q.data() {
+                Ok(data) => data.as_ptr(),
+                Err(_) => return,
+            },
+            QData::Nf4(n) => n.data.as_ptr(),
         };
+        let bytes = self.byte_range(r * self.cols + c0, len);
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let (base, from, n) = bytes;
-            for line in (from / 64..(from + n).div_ceil(64)).map(|l| l * 64) {
+            for line in (bytes.start / 64..bytes.end.div_ceil(64)).map(|l| l * 64) {
                 // SAFETY: a prefetch never faults, and the address lies inside (or one line
                 // past) the matrix's bytes.
                 unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(line).cast()) };

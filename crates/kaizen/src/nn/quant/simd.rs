@@ -66,8 +66,9 @@ pub fn to_float(t: GgmlDType, src: &[u8], out: &mut [f32]) -> bool {
 pub fn to_bf16(t: GgmlDType, src: &[u8], out: &mut [half::bf16]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if t == GgmlDType::Q4K && crate::nn::gemm::available_bf16() {
+        let (size, bs) = (t.type_size(), t.block_size());
         assert!(
-            src.len().is_multiple_of(144) && src.len() / 144 * 256 == out.len(),
+            src.len().is_multiple_of(size) && src.len() / size * bs == out.len(),
             "Q4_K dequantize: {} bytes into {} values are not whole blocks",
             src.len(),
             out.len()
