@@ -7,8 +7,8 @@
 //! The estimate counts what kaizen keeps, not a generic rule of thumb: the frozen weights as
 //! stored, the trainable tensors with their gradients and optimizer moments, the tape each layer
 //! saves for its hand-written backward (norm outputs, attention's q/k/v/output and log-sum-exp,
-//! the MLP's pre-activations, the inputs of every linear layer that trains or carries an adapter,
-//! and what each adapter saves itself), or under gradient checkpointing each layer's input and
+//! the MLP's pre-activations, and what each adapter saves itself; the inputs of linear layers
+//! are recomputed in backward), or under gradient checkpointing each layer's input and
 //! one layer's tape, and the workspace of the fused head + loss and of packed weights. It is
 //! checked against measured peaks by `scripts/bench/memory_guard.sh` (BENCHMARKS.md).
 
@@ -111,9 +111,10 @@ fn tape_per_token(model: &mut Model) -> (u64, u64) {
         crate::models::arch::MlpKind::Plain => f,
         _ => 2 * f,
     };
-    // A linear layer keeps its input when it trains or carries an adapter; the q/k/v (and the
-    // MLP's gate/up) projections share theirs. Per layer index: the inputs kept plus what the
-    // adapters save.
+    // A linear layer that trains or carries an adapter needs its input in backward, which its
+    // tape does not keep: backward recomputes it (a norm's output, attention's output, the
+    // activation) in f32; the q/k/v (and the MLP's gate/up) projections share theirs. Per layer
+    // index: the inputs recomputed, and what the adapters save.
     let n = &spec.names;
     let mut per_layer: std::collections::BTreeMap<String, (std::collections::BTreeSet<&str>, u64)> =
         Default::default();
@@ -149,9 +150,9 @@ fn tape_per_token(model: &mut Model) -> (u64, u64) {
         })
         .max_by_key(|(inputs, saved)| inputs + saved)
         .unwrap_or((0, 0));
-    let (activations, f32s) = (norms + attention + mlp + inputs, norm_stats + heads + saved);
+    let (activations, f32s) = (norms + attention + mlp, norm_stats + heads + saved);
     let held = activations * model.decoder.tape.size_in_bytes() as u64 + 4 * f32s;
-    (held, 4 * (activations + f32s))
+    (held, 4 * (activations + f32s + inputs))
 }
 
 /// The estimated peak of training `model` (its method attached) in `shape`.

@@ -256,6 +256,58 @@ fn a_bf16_tape_lowers_the_step_and_the_estimate_bounds_it() {
     }
 }
 
+/// Bytes held by the tape of a forward over a `b` x `t` batch (its output and tape kept; the
+/// second of two forwards, after what a first one sets up once).
+fn tape_bytes(model: &Model, b: usize, t: usize) -> usize {
+    let ids = batch(model, b, t).input_ids;
+    let ids = candle_core::Tensor::from_slice(&ids, (b, t), &candle_core::Device::Cpu).unwrap();
+    let (x, _) = model.embed_input(&ids, true).unwrap();
+    drop(model.forward_train(&x, None).unwrap());
+    let before = LIVE.load(Relaxed);
+    let kept = model.forward_train(&x, None).unwrap();
+    let held = LIVE.load(Relaxed) - before;
+    drop(kept);
+    held
+}
+
+/// A linear layer's input that backward needs (an adapter's, or a trained weight's) is not kept
+/// on the tape: backward recomputes it from what the tape holds anyway (the norm's normalised
+/// input, attention's output, the MLP's pre-activation). LoRA on every linear layer (no dropout,
+/// so nothing of its own saved but a rank-r product) holds the tape of the bare model, in f32
+/// and in bf16; before, it added each layer's norm outputs, attention output and activation.
+#[test]
+fn adapters_keep_no_copy_of_their_inputs_on_the_tape() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (b, t) = (2, 64);
+    for name in ["llama-gqa-tied", "neox-par-bpe", "gemma3"] {
+        for tape in [DType::F32, DType::BF16] {
+            let mut model = kaizen::load_as(&fixture(name), DType::BF16).unwrap().model;
+            model.decoder.tape = tape;
+            let bare = tape_bytes(&model, b, t);
+            lora::attach(
+                &mut model,
+                &LoraConfig {
+                    target_modules: Some(TargetModules::AllLinear),
+                    ..LoraConfig::default()
+                },
+                None,
+                3,
+            )
+            .unwrap();
+            let adapted = tape_bytes(&model, b, t);
+            let c = model.config();
+            let one_input = b * t * c.hidden_size * tape.size_in_bytes();
+            eprintln!(
+                "{name} {tape:?}: tape {bare} B bare, {adapted} B with LoRA on every linear layer"
+            );
+            assert!(
+                adapted < bare + one_input,
+                "{name} {tape:?}: tape {adapted} B with adapters, {bare} B without"
+            );
+        }
+    }
+}
+
 #[test]
 fn gradient_checkpointing_and_smaller_batches_lower_the_estimate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -89,7 +89,7 @@ impl Block {
         let (y, t) = self.forward(x, Past::Prefix(kv), rng)?;
         match tape {
             DType::F32 => Ok((y, t)),
-            dtype => Ok((y, t.recast(&mut Recast::to(dtype))?)),
+            dtype => Ok((y, Recast::whole(dtype, |r| t.recast(r))?)),
         }
     }
 
@@ -101,10 +101,14 @@ impl Block {
         mut rng: Option<&mut StdRng>,
     ) -> Result<(Tensor, BlockTape)> {
         let (n1, attn_norm) = self.attn_norm.forward_t(x)?;
-        let (a, attn) = self.attn.forward(&n1, past, rng.as_deref_mut())?;
+        let (a, mut attn) = self.attn.forward(&n1, past, rng.as_deref_mut())?;
         let (a, attn_post) = Norm::forward_opt(self.attn_post_norm.as_ref(), a)?;
-        let (y, mlp_norm, mlp, mlp_post) = if self.parallel {
-            let (n2, mlp_norm) = self.mlp_norm.forward_t(x)?;
+        let (y, mlp_norm, mut mlp, mlp_post) = if self.parallel {
+            // GPT-NeoX's two LayerNorms of x differ only in their gains: one tape serves both.
+            let (n2, mlp_norm) = match self.attn_norm.same_statistics(&self.mlp_norm) {
+                true => (self.mlp_norm.output(&attn_norm)?, attn_norm.clone()),
+                false => self.mlp_norm.forward_t(x)?,
+            };
             let (m, mlp) = self.mlp.forward(&n2, rng)?;
             (((m + a)? + x)?, mlp_norm, mlp, None)
         } else {
@@ -114,6 +118,9 @@ impl Block {
             let (m, mlp_post) = Norm::forward_opt(self.mlp_post_norm.as_ref(), m)?;
             ((m + h)?, mlp_norm, mlp, mlp_post)
         };
+        // The projections read the norms' outputs: backward recomputes them from the norms' tapes.
+        attn.forget_input();
+        mlp.forget_input();
         let tape = BlockTape {
             attn_norm,
             attn,
@@ -141,10 +148,12 @@ impl Block {
             dy.clone(),
             grads,
         )?;
-        let d_n2 = self.mlp.backward(&t.mlp.recast(&mut f32())?, &d_m, grads)?;
-        let d_mlp_in = self
-            .mlp_norm
-            .backward(&t.mlp_norm.recast(&mut f32())?, &d_n2, grads)?;
+        let mlp_norm = t.mlp_norm.recast(&mut f32())?;
+        let mut mlp = t.mlp.recast(&mut f32())?;
+        mlp.give_input(|| self.mlp_norm.output(&mlp_norm))?;
+        let d_n2 = self.mlp.backward(mlp, &d_m, grads)?;
+        let d_mlp_in = self.mlp_norm.backward(&mlp_norm, &d_n2, grads)?;
+        drop(mlp_norm);
         // Parallel: y = x + attn + m, the MLP reads x. Sequential: h = x + attn, y = h + m.
         let (d_a, d_direct) = if self.parallel {
             (dy.clone(), (dy + &d_mlp_in)?)
@@ -158,12 +167,11 @@ impl Block {
             d_a,
             grads,
         )?;
-        let (d_n1, d_prefix) = self
-            .attn
-            .backward(&t.attn.recast(&mut f32())?, &d_a, grads)?;
-        let d_n1 = self
-            .attn_norm
-            .backward(&t.attn_norm.recast(&mut f32())?, &d_n1, grads)?;
+        let attn_norm = t.attn_norm.recast(&mut f32())?;
+        let mut attn = t.attn.recast(&mut f32())?;
+        attn.give_input(|| self.attn_norm.output(&attn_norm))?;
+        let (d_n1, d_prefix) = self.attn.backward(attn, &d_a, grads)?;
+        let d_n1 = self.attn_norm.backward(&attn_norm, &d_n1, grads)?;
         let dx = (d_direct + d_n1)?;
         Ok((dx, d_prefix))
     }

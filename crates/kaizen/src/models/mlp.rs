@@ -23,7 +23,7 @@ pub struct Mlp {
 }
 
 /// Saved by [`Mlp::forward`]: the projections' caches and the activation's inputs (the
-/// activation itself is recomputed in backward).
+/// activation itself, the down projection's input, is recomputed in backward).
 pub struct MlpTape {
     caches: Vec<LinearCache>,
     /// Plain: the pre-activation (B, T, ffn). Gated: gate and up (B, T, ffn).
@@ -47,6 +47,24 @@ impl MlpTape {
                 .collect::<Result<_>>()?,
             down: self.down.recast(r)?,
         })
+    }
+
+    /// Drops the projections' kept input, which the caller recomputes for backward
+    /// ([`MlpTape::give_input`]).
+    pub fn forget_input(&mut self) {
+        self.caches.iter_mut().for_each(LinearCache::forget_input);
+    }
+
+    /// Gives the projections' forgotten input back: `x()`, the MLP's input, called only when
+    /// one was forgotten.
+    pub fn give_input(&mut self, x: impl FnOnce() -> Result<Tensor>) -> Result<()> {
+        if self.caches.iter().any(LinearCache::needs_input) {
+            let x = x()?;
+            for c in &mut self.caches {
+                c.give_input(&x)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -74,14 +92,28 @@ impl Mlp {
                 (vec![c], vec![g, u], a)
             }
         };
-        let (y, down) = self.down.forward_t(&a, rng)?;
+        let (y, mut down) = self.down.forward_t(&a, rng)?;
+        down.forget_input(); // recomputed from `pre` in backward
         Ok((y, MlpTape { caches, pre, down }))
     }
 
     /// dy: (B, T, hidden) -> gradient of the normalised input.
-    pub fn backward(&self, t: &MlpTape, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
-        let d_a = self.down.backward(&t.down, dy, grads)?;
-        match (&self.proj, t.caches.as_slice(), t.pre.as_slice()) {
+    pub fn backward(&self, t: MlpTape, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let MlpTape {
+            caches,
+            pre,
+            mut down,
+        } = t;
+        if down.needs_input() {
+            down.give_input(&match pre.as_slice() {
+                [p] => activation::apply(self.act, p)?,
+                [g, u] => activation::glu(self.act, g, u)?,
+                _ => return Err(crate::Error::Input("MLP tape from another layout".into())),
+            })?;
+        }
+        let d_a = self.down.backward(&down, dy, grads)?;
+        drop(down);
+        match (&self.proj, caches.as_slice(), pre.as_slice()) {
             (Proj::Plain { up }, [c], [p]) => {
                 let d_p = activation::backward(self.act, p, &d_a)?;
                 up.backward(c, &d_p, grads)

@@ -97,6 +97,31 @@ impl AttnTape {
             o: self.o.recast(r)?,
         })
     }
+
+    /// Drops the projections' kept input, which the caller recomputes for backward
+    /// ([`AttnTape::give_input`]).
+    pub fn forget_input(&mut self) {
+        match &mut self.proj {
+            ProjCache::Split(c) => c.iter_mut().for_each(LinearCache::forget_input),
+            ProjCache::Fused(c) => c.forget_input(),
+        }
+    }
+
+    /// Gives the projections' forgotten input back: `x()`, the attention's input, called only
+    /// when one was forgotten.
+    pub fn give_input(&mut self, x: impl FnOnce() -> Result<Tensor>) -> Result<()> {
+        let caches = match &mut self.proj {
+            ProjCache::Split(c) => c.as_mut_slice(),
+            ProjCache::Fused(c) => std::slice::from_mut(c),
+        };
+        if caches.iter().any(LinearCache::needs_input) {
+            let x = x()?;
+            for c in caches {
+                c.give_input(&x)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl SelfAttn {
@@ -140,7 +165,10 @@ impl SelfAttn {
         let o = o
             .transpose(1, 2)?
             .reshape((b, t, self.heads * self.head_dim))?;
-        let (y, o_cache) = self.o.forward_t(&o, rng)?;
+        let (y, mut o_cache) = self.o.forward_t(&o, rng)?;
+        if attn.is_some() {
+            o_cache.forget_input(); // the attention's output, which its tape holds
+        }
         let tape = AttnTape {
             start,
             proj,
@@ -219,17 +247,21 @@ impl SelfAttn {
     /// prefix's keys and values when there is a prefix.
     pub fn backward(
         &self,
-        tape: &AttnTape,
+        mut tape: AttnTape,
         dy: &Tensor,
         grads: &mut Grads,
     ) -> Result<(Tensor, Option<KvPair>)> {
         let (b, t, _) = dy.dims3()?;
         let (h, hd) = (self.heads, self.head_dim);
-        let d_o = self.o.backward(&tape.o, dy, grads)?; // (B, T, H hd)
-        let d_o = d_o.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
         let attn = tape.attn.as_ref().ok_or_else(|| {
             crate::Error::Input("backward through a batched decoding step".into())
         })?;
+        if tape.o.needs_input() {
+            let o = attn.output().transpose(1, 2)?.reshape((b, t, h * hd))?;
+            tape.o.give_input(&o)?;
+        }
+        let d_o = self.o.backward(&tape.o, dy, grads)?; // (B, T, H hd)
+        let d_o = d_o.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
         let (dq, dk, dv) = causal_attention_backward(attn, &d_o)?;
         let (dk, dv, d_prefix) = split_prefix_grad(tape.start, dk, dv)?;
         let dq = self.rotary.backward(&dq, tape.start)?;

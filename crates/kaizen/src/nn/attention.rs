@@ -76,6 +76,11 @@ pub struct AttnCache {
 }
 
 impl AttnCache {
+    /// The attention's output (B, H, T, hd).
+    pub fn output(&self) -> &Tensor {
+        &self.o
+    }
+
     /// q, k, v and the output in `r`'s dtype; the log-sum-exp stays f32.
     pub fn recast(&self, r: &mut Recast) -> Result<Self> {
         Ok(AttnCache {

@@ -81,6 +81,9 @@ pub struct Linear {
 pub struct LinearCache {
     /// (N, in), kept only when an adapter or the weight's own gradient needs it.
     x: Option<Tensor>,
+    /// The input was needed but dropped, for the layer's caller to recompute it before backward
+    /// ([`LinearCache::forget_input`], [`LinearCache::give_input`]).
+    forgotten: bool,
     saved: Option<Tensor>,
     in_dims: Vec<usize>,
 }
@@ -90,9 +93,30 @@ impl LinearCache {
     pub fn recast(&self, r: &mut Recast) -> Result<Self> {
         Ok(LinearCache {
             x: r.opt(&self.x)?,
+            forgotten: self.forgotten,
             saved: self.saved.clone(),
             in_dims: self.in_dims.clone(),
         })
+    }
+
+    /// Drops the kept input when the caller can compute it again (a norm's output from the
+    /// norm's tape, an activation from its input): the tape does not hold it a second time.
+    pub fn forget_input(&mut self) {
+        self.forgotten |= self.x.take().is_some();
+    }
+
+    /// Gives a forgotten input back for backward: x (..., in), the input the forward was given.
+    pub fn give_input(&mut self, x: &Tensor) -> Result<()> {
+        if std::mem::take(&mut self.forgotten) {
+            let n = self.in_dims[self.in_dims.len() - 1];
+            self.x = Some(x.reshape(((), n))?);
+        }
+        Ok(())
+    }
+
+    /// Whether backward needs [`LinearCache::give_input`] first.
+    pub fn needs_input(&self) -> bool {
+        self.forgotten
     }
 }
 
@@ -195,6 +219,7 @@ impl Linear {
         *out_dims.last_mut().expect("x has at least one dim") = self.out_features();
         let cache = LinearCache {
             x: keep_x.then_some(x2),
+            forgotten: false,
             saved,
             in_dims: dims,
         };
@@ -212,6 +237,11 @@ impl Linear {
     }
 
     pub fn backward(&self, c: &LinearCache, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        if c.forgotten {
+            return Err(crate::Error::Input(
+                "linear backward: the tape's input was forgotten and not given back".into(),
+            ));
+        }
         let rows: usize = c.in_dims[..c.in_dims.len() - 1].iter().product();
         let dy2 = dy.reshape((rows, self.out_features()))?; // (N, out)
         if let (Some(path), Some(x)) = (&self.trainable, &c.x) {

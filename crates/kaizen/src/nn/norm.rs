@@ -21,6 +21,7 @@ pub struct LayerNorm {
 }
 
 /// Saved by LayerNorm / RMSNorm forward: the normalised input and 1/std per row.
+#[derive(Clone)]
 pub struct NormCache {
     /// (..., hidden)
     xhat: Tensor,
@@ -61,6 +62,11 @@ impl LayerNorm {
         }
         fused_backward(c, dy, &self.weight, true)
     }
+
+    /// The forward's output again, from its tape.
+    pub fn output(&self, c: &NormCache) -> Result<Tensor> {
+        output(c, &self.weight, Some(&self.bias))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +106,11 @@ impl RmsNorm {
         }
         fused_backward(c, dy, &self.gain()?, false)
     }
+
+    /// The forward's output again, from its tape.
+    pub fn output(&self, c: &NormCache) -> Result<Tensor> {
+        output(c, &self.gain()?, None)
+    }
 }
 
 /// A normalisation layer of a decoder: LayerNorm or RMSNorm.
@@ -126,6 +137,27 @@ impl Norm {
         match self {
             Norm::Layer(n) => n.backward(c, dy, grads),
             Norm::Rms(n) => n.backward(c, dy, grads),
+        }
+    }
+
+    /// The forward's output again from its tape (f32), bit for bit: `xhat * w (+ b)`, as the
+    /// forward computed it. A linear layer that reads the norm's output recomputes its input
+    /// this way instead of keeping a second copy on the tape.
+    pub fn output(&self, c: &NormCache) -> Result<Tensor> {
+        match self {
+            Norm::Layer(n) => n.output(c),
+            Norm::Rms(n) => n.output(c),
+        }
+    }
+
+    /// Whether `other` normalises an input exactly as this norm does (the same kind and epsilon;
+    /// only the gains differ): then both share one tape for the same input, and
+    /// [`Norm::output`] gives `other`'s output from this norm's tape.
+    pub fn same_statistics(&self, other: &Norm) -> bool {
+        match (self, other) {
+            (Norm::Layer(a), Norm::Layer(b)) => a.eps == b.eps,
+            (Norm::Rms(a), Norm::Rms(b)) => a.eps == b.eps,
+            _ => false,
         }
     }
 
@@ -191,8 +223,8 @@ fn fused_forward(
             *r = 1.0 / (var + eps as f32).sqrt();
             for i in 0..h {
                 xh[i] = (x[i] - mean) * *r;
-                y[i] = xh[i] * ws[i] + bs.as_ref().map_or(0.0, |b| b[i]);
             }
+            affine(y, xh, &ws, bs.as_deref());
         });
     let mut rdims = dims.clone();
     *rdims.last_mut().expect("checked") = 1;
@@ -204,6 +236,25 @@ fn fused_forward(
             rstd: Tensor::from_vec(rstd, rdims.as_slice(), dev)?,
         },
     ))
+}
+
+/// `y = xhat * w (+ b)` for one row.
+fn affine(y: &mut [f32], xhat: &[f32], w: &[f32], b: Option<&[f32]>) {
+    for i in 0..y.len() {
+        y[i] = xhat[i] * w[i] + b.map_or(0.0, |b| b[i]);
+    }
+}
+
+/// The norm's output from its tape: `xhat * w (+ b)`, row by row in parallel.
+fn output(c: &NormCache, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let xhat = values(&c.xhat)?;
+    let (ws, bs) = (values(w)?, b.map(values).transpose()?);
+    let h = ws.len();
+    let mut y = vec![0f32; xhat.len()];
+    y.par_chunks_mut(h)
+        .zip(xhat.par_chunks(h))
+        .for_each(|(y, xh)| affine(y, xh, &ws, bs.as_deref()));
+    Ok(Tensor::from_vec(y, c.xhat.shape(), c.xhat.device())?)
 }
 
 /// `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`, g = dy * w (no mean(g) for RMSNorm).
@@ -239,4 +290,55 @@ fn rows_sum(t: &Tensor) -> Result<Tensor> {
 /// y = xhat * w (+ b): dw = sum over rows of dy * xhat.
 fn weight_grad(path: &str, c: &NormCache, dy: &Tensor, grads: &mut Grads) -> Result<()> {
     grads.add(&format!("{path}.weight"), rows_sum(&(dy * &c.xhat)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn t(n: usize, k: f32, shift: f32) -> Tensor {
+        let v: Vec<f32> = (0..n).map(|i| (i as f32 * k).sin() * 3.0 + shift).collect();
+        Tensor::from_vec(v, n, &Device::Cpu).unwrap()
+    }
+
+    /// `Norm::output` gives the forward's output bit for bit from the tape, and from a second
+    /// norm of the same kind and epsilon that norm's own forward output (GPT-NeoX's shared tape).
+    #[test]
+    fn the_output_from_the_tape_is_the_forwards() {
+        let h = 96;
+        let x = t(5 * h, 0.731, 0.4).reshape((5, h)).unwrap();
+        let layer = |k: f32| {
+            Norm::Layer(LayerNorm {
+                weight: t(h, k, 1.0),
+                bias: t(h, k * 1.7, 0.0),
+                eps: 1e-5,
+                trainable: None,
+            })
+        };
+        let rms = |plus_one: bool, eps: f64| {
+            Norm::Rms(RmsNorm {
+                weight: t(h, 0.29, 0.1),
+                eps,
+                plus_one,
+                trainable: None,
+            })
+        };
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let pairs = [
+            (layer(0.13), layer(0.71), true),
+            (rms(false, 1e-6), rms(true, 1e-6), true),
+            (rms(false, 1e-6), rms(false, 1e-5), false),
+            (layer(0.13), rms(false, 1e-5), false),
+        ];
+        for (a, b, same) in pairs {
+            let (ya, ca) = a.forward_t(&x).unwrap();
+            assert_eq!(bits(&a.output(&ca).unwrap()), bits(&ya));
+            assert_eq!(a.same_statistics(&b), same);
+            if same {
+                let yb = b.forward(&x).unwrap();
+                assert_eq!(bits(&b.output(&ca).unwrap()), bits(&yb));
+            }
+        }
+    }
 }
