@@ -233,8 +233,10 @@ pub fn estimate(model: &mut Model, shape: &RunShape) -> Estimate {
     let workspace =
         4 * (tokens * (2 * h + 3 * f) + tokens * 4 * h + 2 * 256 * v) + widened + head + packed;
     // Full fine-tuning: a weight's gradient as computed, the sum it is added into (a tied
-    // table's two), and AdamW's temporaries, for the largest weight (the embeddings).
-    let workspace = workspace + 3 * 4 * largest_trained;
+    // table's two), and AdamW's temporaries, for the largest weight (the embeddings); and the
+    // updated weights the optimizer gathers before they replace the old ones.
+    let batch = (crate::train::optim::UPDATE_BATCH_BYTES as u64).min(4 * full_values);
+    let workspace = workspace + 3 * 4 * largest_trained + batch;
     // The allocator's slack: glibc keeps freed chunks in per-thread arenas (the CLI never trims
     // them), so the peak RSS of real runs lies 0-15% above the live bytes counted here
     // (scripts/bench/memory_guard.py; BENCHMARKS.md).

@@ -44,6 +44,9 @@ pub struct Optimizer {
     state: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
 }
 
+/// Bytes of updated values [`Optimizer::update_each`] gathers before handing them on.
+pub const UPDATE_BATCH_BYTES: usize = 64 << 20;
+
 impl Optimizer {
     pub fn new(kind: OptimizerKind) -> Self {
         Optimizer {
@@ -61,11 +64,34 @@ impl Optimizer {
         grads: &Grads,
         lr: f64,
     ) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(params.len());
+        self.update_each(params.to_vec(), grads, lr, |batch| {
+            out.extend(batch);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// One step, handing the updated values to `set` in batches of about [`UPDATE_BATCH_BYTES`]
+    /// as they are computed (each parameter's old value dropped here once handed on): the
+    /// caller puts them in the model, so full fine-tuning never holds a second copy of every
+    /// weight.
+    pub fn update_each(
+        &mut self,
+        params: Vec<(String, Tensor)>,
+        grads: &Grads,
+        lr: f64,
+        mut set: impl FnMut(Vec<(String, Tensor)>) -> Result<()>,
+    ) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
-        let mut out = Vec::with_capacity(params.len());
+        let (mut out, mut bytes) = (Vec::new(), 0);
         for (key, p) in params {
-            let Some(g) = grads.get(key) else { continue };
+            if bytes >= UPDATE_BATCH_BYTES {
+                set(std::mem::take(&mut out))?;
+                bytes = 0;
+            }
+            let Some(g) = grads.get(&key) else { continue };
             let lr = match self.loraplus_lr_ratio {
                 Some(ratio) if key.contains("lora_B") || p.rank() == 1 => lr * ratio,
                 _ => lr,
@@ -110,9 +136,10 @@ impl Optimizer {
                         });
                 }
             }
-            out.push((key.clone(), Tensor::from_vec(w, p.dims(), p.device())?));
+            bytes += 4 * w.len();
+            out.push((key, Tensor::from_vec(w, p.dims(), p.device())?));
         }
-        Ok(out)
+        set(out)
     }
 
     /// Moments for checkpointing (key -> (m, v)).

@@ -207,8 +207,9 @@ pub fn train(
         let lr = cfg
             .schedule
             .lr(cfg.lr, cfg.warmup_steps, cfg.total_steps, step);
-        let updated = opt.update(&trainable_params(model), &grads, lr)?;
-        set_params(model, updated)?;
+        opt.update_each(trainable_params(model), &grads, lr, |batch| {
+            set_params(model, batch)
+        })?;
         method.after_step(model, &grads, step)?;
         // 5. Log (rank 0): positions of all ranks over this step's time.
         tok_rate = sums.positions as f64 / t0.elapsed().as_secs_f64();
