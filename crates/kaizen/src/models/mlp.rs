@@ -58,13 +58,7 @@ impl MlpTape {
     /// Gives the projections' forgotten input back: `x()`, the MLP's input, called only when
     /// one was forgotten.
     pub fn give_input(&mut self, x: impl FnOnce() -> Result<Tensor>) -> Result<()> {
-        if self.caches.iter().any(LinearCache::needs_input) {
-            let x = x()?;
-            for c in &mut self.caches {
-                c.give_input(&x)?;
-            }
-        }
-        Ok(())
+        LinearCache::give_inputs(&mut self.caches, x)
     }
 }
 

@@ -114,13 +114,7 @@ impl AttnTape {
             ProjCache::Split(c) => c.as_mut_slice(),
             ProjCache::Fused(c) => std::slice::from_mut(c),
         };
-        if caches.iter().any(LinearCache::needs_input) {
-            let x = x()?;
-            for c in caches {
-                c.give_input(&x)?;
-            }
-        }
-        Ok(())
+        LinearCache::give_inputs(caches, x)
     }
 }
 

@@ -114,6 +114,21 @@ impl LinearCache {
         Ok(())
     }
 
+    /// [`LinearCache::give_input`] for layers that read one input (q, k and v; gate and up):
+    /// `x()` is called once, only when one of them forgot it.
+    pub fn give_inputs(
+        caches: &mut [LinearCache],
+        x: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<()> {
+        if caches.iter().any(LinearCache::needs_input) {
+            let x = x()?;
+            for c in caches {
+                c.give_input(&x)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether backward needs [`LinearCache::give_input`] first.
     pub fn needs_input(&self) -> bool {
         self.forgotten

@@ -20,9 +20,9 @@ const CHUNK: usize = 1 << 14;
 /// Converts a tape's activations to `dtype`, each storage once: tensors that share one (a norm's
 /// output kept as the input of q, k and v) share the converted one too.
 ///
-/// [`Recast::whole`] puts a whole tape in one allocation: a first pass over the tape
-/// ([`Recast::plan`]) only lists its tensors; then they are converted side by side into one
-/// buffer, which a second pass hands out in views. A layer's tape made of a dozen buffers
+/// [`Recast::whole`] puts a whole tape in one allocation: a first pass over the tape only lists
+/// its tensors; then they are converted side by side into one buffer, which a second pass hands
+/// out in views. A layer's tape made of a dozen buffers
 /// allocated while the layer's f32 temporaries were live left the temporaries' freed space in
 /// fragments that the next layer's temporaries did not fit (glibc's heap grew 4 MB a layer
 /// beyond the tapes at the 3.6B shape); one buffer per layer leaves whole holes.

@@ -42,13 +42,7 @@ pub fn to_float(t: GgmlDType, src: &[u8], out: &mut [f32]) -> bool {
             GgmlDType::Q6K => avx512::q6_k,
             _ => return false,
         };
-        let (size, bs) = (t.type_size(), t.block_size());
-        assert!(
-            src.len().is_multiple_of(size) && src.len() / size * bs == out.len(),
-            "{t:?} dequantize: {} bytes into {} values are not whole blocks of {size} bytes, {bs} values",
-            src.len(),
-            out.len()
-        );
+        assert_whole_blocks(t, src.len(), out.len());
         // SAFETY: the CPU has AVX-512F (checked above), the kernels' one precondition: their
         // reads and writes are bounds-checked slices (the assert above only catches a caller's
         // mismatch, which `chunks_exact` would otherwise skip in silence).
@@ -59,6 +53,17 @@ pub fn to_float(t: GgmlDType, src: &[u8], out: &mut [f32]) -> bool {
     false
 }
 
+/// Panics unless `bytes` of `t` hold exactly `values` values in whole blocks: a caller's
+/// mismatch, which the kernels' `chunks_exact` would otherwise skip in silence.
+#[cfg(target_arch = "x86_64")]
+fn assert_whole_blocks(t: GgmlDType, bytes: usize, values: usize) {
+    let (size, bs) = (t.type_size(), t.block_size());
+    assert!(
+        bytes.is_multiple_of(size) && bytes / size * bs == values,
+        "{t:?} dequantize: {bytes} bytes into {values} values are not whole blocks of {size} bytes, {bs} values"
+    );
+}
+
 /// [`to_float`] rounded to bf16 (nearest even; subnormals to zero, as every bf16 conversion of
 /// the products does) in one pass, 32 values per store, for Q4_K on a CPU with AVX512-BF16;
 /// false, having written nothing, for other types or CPUs (the caller then rounds
@@ -66,13 +71,7 @@ pub fn to_float(t: GgmlDType, src: &[u8], out: &mut [f32]) -> bool {
 pub fn to_bf16(t: GgmlDType, src: &[u8], out: &mut [half::bf16]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if t == GgmlDType::Q4K && crate::nn::gemm::available_bf16() {
-        let (size, bs) = (t.type_size(), t.block_size());
-        assert!(
-            src.len().is_multiple_of(size) && src.len() / size * bs == out.len(),
-            "Q4_K dequantize: {} bytes into {} values are not whole blocks",
-            src.len(),
-            out.len()
-        );
+        assert_whole_blocks(t, src.len(), out.len());
         // SAFETY: the CPU has AVX-512F and AVX512-BF16; reads and writes are slices.
         unsafe { avx512::q4_k_bf16(src, out) };
         return true;
