@@ -164,8 +164,8 @@ fn main() {
     let d_o = randn(&[bsz, h, t, hd]);
     let gflop = 6.0 * (bsz * h * t * t * hd) as f64 / 1e9;
     let secs = median_secs(|| {
-        let (_, cache) = causal_attention_t(&q, &k, &v, 0.125).unwrap();
-        drop(causal_attention_backward(&cache, &d_o).unwrap());
+        let (o, cache) = causal_attention_t(&q, &k, &v, 0.125).unwrap();
+        drop(causal_attention_backward(&cache, &o, &d_o).unwrap());
     });
     row(
         &format!("causal attention fwd+bwd (B{bsz} H{h}/{kvh} T{t} hd{hd})"),

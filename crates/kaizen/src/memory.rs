@@ -6,7 +6,7 @@
 //!
 //! The estimate counts what kaizen keeps, not a generic rule of thumb: the frozen weights as
 //! stored, the trainable tensors with their gradients and optimizer moments, the tape each layer
-//! saves for its hand-written backward (norm outputs, attention's q/k/v/output and log-sum-exp,
+//! saves for its hand-written backward (norm outputs, attention's q/k/v and log-sum-exp,
 //! the MLP's pre-activations, and what each adapter saves itself; the inputs of linear layers
 //! are recomputed in backward), or under gradient checkpointing each layer's input and
 //! one layer's tape, and the workspace of the fused head + loss and of packed weights. It is
@@ -88,11 +88,13 @@ pub fn available() -> Option<u64> {
     Some(cgroup.map_or(kib * 1024, |c| c.min(kib * 1024)))
 }
 
-/// Bytes kept per token by each layer's training tape, and by the layer's linear inputs, for one
-/// layer of `model` (the layers are alike but for which carry adapters: the largest): as held
-/// (activations in the tape's dtype, per-row statistics and what adapters save in f32), and as
-/// backward widens one layer's tape to f32.
-fn tape_per_token(model: &mut Model) -> (u64, u64) {
+/// Bytes per token of one layer (the layers are alike but for which carry adapters: the
+/// largest): its training tape as held (activations in the tape's dtype, per-row statistics and
+/// what adapters save in f32); that tape in f32 (gradient checkpointing recomputes it so); and
+/// what backward makes of the tape in f32 beside it: the linear layers' recomputed inputs,
+/// attention's recomputed output, and a bf16 tape's norm outputs widened (attention and the MLP
+/// read their bf16 activations as they are).
+fn tape_per_token(model: &mut Model) -> (u64, u64, u64) {
     let c = model.config().clone();
     let spec = c.architecture.spec();
     let (h, f) = (c.hidden_size as u64, c.intermediate_size as u64);
@@ -105,8 +107,8 @@ fn tape_per_token(model: &mut Model) -> (u64, u64) {
         true => (norms * h + q + kv, norms + heads + kv_heads),
         false => (norms * h, norms),
     };
-    // Attention: q, k, v, its output and a log-sum-exp per head and row.
-    let attention = 2 * q + 2 * kv;
+    // Attention: q, k, v and a log-sum-exp per head and row (its output is recomputed).
+    let attention = q + 2 * kv;
     let mlp = match spec.mlp {
         crate::models::arch::MlpKind::Plain => f,
         _ => 2 * f,
@@ -151,8 +153,10 @@ fn tape_per_token(model: &mut Model) -> (u64, u64) {
         .max_by_key(|(inputs, saved)| inputs + saved)
         .unwrap_or((0, 0));
     let (activations, f32s) = (norms + attention + mlp, norm_stats + heads + saved);
-    let held = activations * model.decoder.tape.size_in_bytes() as u64 + 4 * f32s;
-    (held, 4 * (activations + f32s + inputs))
+    let tape = model.decoder.tape.size_in_bytes() as u64;
+    let held = activations * tape + 4 * f32s;
+    let widened = if tape < 4 { norms } else { 0 };
+    (held, 4 * (activations + f32s), 4 * (inputs + q + widened))
 }
 
 /// The estimated peak of training `model` (its method attached) in `shape`.
@@ -218,20 +222,21 @@ pub fn estimate(model: &mut Model, shape: &RunShape) -> Estimate {
     // Virtual tokens lengthen every sequence; a prefix only the keys and values.
     let t = (shape.seq_len + model.num_virtual_tokens()) as u64;
     let tokens = shape.batch_size as u64 * t;
-    let (held, widened) = tape_per_token(model);
-    let (layer, widened) = (held * tokens, widened * tokens);
+    let (held, whole, backward) = tape_per_token(model);
     let activations = match shape.gradient_checkpointing {
         // Each layer's input, and one layer's tape recomputed in backward (in f32: rounding a
         // tape that lives for one layer saves nothing).
-        true => 4 * layers * tokens * h + widened,
-        false => layers * layer,
+        true => 4 * layers * tokens * h + whole * tokens,
+        false => layers * held * tokens,
     };
-    // Backward of one layer: its output gradient, input gradient and the MLP's gradients, its
-    // tape widened to f32 (a part at a time; counted whole); the model's input, output and
-    // their gradients; the head's logits chunk (256 rows) and its gradient; what the head's
-    // products hold, and a matrix packed for a product.
-    let workspace =
-        4 * (tokens * (2 * h + 3 * f) + tokens * 4 * h + 2 * 256 * v) + widened + head + packed;
+    // Backward of one layer: its output gradient, input gradient and the MLP's gradients, what
+    // it recomputes and widens from the tape; the model's input, output and their gradients;
+    // the head's logits chunk (256 rows) and its gradient; what the head's products hold, and a
+    // matrix packed for a product.
+    let workspace = 4 * (tokens * (2 * h + 3 * f) + tokens * 4 * h + 2 * 256 * v)
+        + backward * tokens
+        + head
+        + packed;
     // Full fine-tuning: a weight's gradient as computed, the sum it is added into (a tied
     // table's two), and AdamW's temporaries, for the largest weight (the embeddings); and the
     // updated weights the optimizer gathers before they replace the old ones.

@@ -139,8 +139,8 @@ impl Block {
         dy: &Tensor,
         grads: &mut Grads,
     ) -> Result<(Tensor, Option<KvPair>)> {
-        // Each part's tape widened to f32 as it is used and freed after (a bf16 tape): the MLP's
-        // is gone before attention's is made.
+        // Each part's tape widened to f32 as it is used and freed after (a bf16 tape), but for
+        // what the kernels read in bf16 (attention's q/k/v, the MLP's pre-activations).
         let f32 = || Recast::to(DType::F32);
         let d_m = Norm::backward_opt(
             self.mlp_post_norm.as_ref(),

@@ -32,7 +32,8 @@ pub struct MlpTape {
 }
 
 impl MlpTape {
-    /// The saved activations in `r`'s dtype.
+    /// The saved activations in `r`'s dtype; the pre-activations only narrowed (the
+    /// activation's passes read them in bf16).
     pub fn recast(&self, r: &mut Recast) -> Result<Self> {
         Ok(MlpTape {
             caches: self
@@ -43,7 +44,7 @@ impl MlpTape {
             pre: self
                 .pre
                 .iter()
-                .map(|p| r.tensor(p))
+                .map(|p| r.narrowed(p))
                 .collect::<Result<_>>()?,
             down: self.down.recast(r)?,
         })
@@ -91,8 +92,10 @@ impl Mlp {
         Ok((y, MlpTape { caches, pre, down }))
     }
 
-    /// dy: (B, T, hidden) -> gradient of the normalised input.
+    /// dy: (B, T, hidden) -> gradient of the normalised input. The pre-activations may be in
+    /// the tape's dtype (bf16): the activation's passes read them as they are.
     pub fn backward(&self, t: MlpTape, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let layout = || crate::Error::Input("MLP tape from another layout".into());
         let MlpTape {
             caches,
             pre,
@@ -102,25 +105,31 @@ impl Mlp {
             down.give_input(&match pre.as_slice() {
                 [p] => activation::apply(self.act, p)?,
                 [g, u] => activation::glu(self.act, g, u)?,
-                _ => return Err(crate::Error::Input("MLP tape from another layout".into())),
+                _ => return Err(layout()),
             })?;
         }
         let d_a = self.down.backward(&down, dy, grads)?;
         drop(down);
-        match (&self.proj, caches.as_slice(), pre.as_slice()) {
-            (Proj::Plain { up }, [c], [p]) => {
-                let d_p = activation::backward(self.act, p, &d_a)?;
-                up.backward(c, &d_p, grads)
-            }
-            (Proj::Gated { gate, up }, [gc, uc], [g, u]) => {
+        // The pre-activations' gradients; d_a and the tape's part go before the projections'
+        // backward (this is a training step's peak: every layer's tape is held).
+        let d_pre = match pre.as_slice() {
+            [p] => vec![activation::backward(self.act, p, &d_a)?],
+            [g, u] => {
                 let (dg, du) = activation::glu_backward(self.act, g, u, &d_a)?;
-                Ok((gate.backward(gc, &dg, grads)? + up.backward(uc, &du, grads)?)?)
+                vec![dg, du]
             }
-            (Proj::Fused { gate_up }, [c], [g, u]) => {
-                let (dg, du) = activation::glu_backward(self.act, g, u, &d_a)?;
+            _ => return Err(layout()),
+        };
+        drop((pre, d_a));
+        match (&self.proj, caches.as_slice(), d_pre.as_slice()) {
+            (Proj::Plain { up }, [c], [dp]) => up.backward(c, dp, grads),
+            (Proj::Gated { gate, up }, [gc, uc], [dg, du]) => {
+                Ok((gate.backward(gc, dg, grads)? + up.backward(uc, du, grads)?)?)
+            }
+            (Proj::Fused { gate_up }, [c], [dg, du]) => {
                 gate_up.backward(c, &Tensor::cat(&[dg, du], D::Minus1)?, grads)
             }
-            _ => Err(crate::Error::Input("MLP tape from another layout".into())),
+            _ => Err(layout()),
         }
     }
 }

@@ -241,30 +241,42 @@ impl SelfAttn {
     /// prefix's keys and values when there is a prefix.
     pub fn backward(
         &self,
-        mut tape: AttnTape,
+        tape: AttnTape,
         dy: &Tensor,
         grads: &mut Grads,
     ) -> Result<(Tensor, Option<KvPair>)> {
         let (b, t, _) = dy.dims3()?;
         let (h, hd) = (self.heads, self.head_dim);
-        let attn = tape.attn.as_ref().ok_or_else(|| {
+        let AttnTape {
+            start,
+            proj,
+            q_norm,
+            k_norm,
+            attn,
+            o: mut o_cache,
+        } = tape;
+        let attn = attn.ok_or_else(|| {
             crate::Error::Input("backward through a batched decoding step".into())
         })?;
-        if tape.o.needs_input() {
-            let o = attn.output().transpose(1, 2)?.reshape((b, t, h * hd))?;
-            tape.o.give_input(&o)?;
+        // Each gradient and the tape's parts are dropped once used: this is the peak of a
+        // training step (every layer's tape is held).
+        let o = attn.output()?; // (B, H, T, hd)
+        if o_cache.needs_input() {
+            o_cache.give_input(&o.transpose(1, 2)?.reshape((b, t, h * hd))?)?;
         }
-        let d_o = self.o.backward(&tape.o, dy, grads)?; // (B, T, H hd)
+        let d_o = self.o.backward(&o_cache, dy, grads)?; // (B, T, H hd)
+        drop(o_cache);
         let d_o = d_o.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
-        let (dq, dk, dv) = causal_attention_backward(attn, &d_o)?;
-        let (dk, dv, d_prefix) = split_prefix_grad(tape.start, dk, dv)?;
-        let dq = self.rotary.backward(&dq, tape.start)?;
-        let dk = self.rotary.backward(&dk, tape.start)?;
+        let (dq, dk, dv) = causal_attention_backward(&attn, &o, &d_o)?;
+        drop((attn, o, d_o));
+        let (dk, dv, d_prefix) = split_prefix_grad(start, dk, dv)?;
+        let dq = self.rotary.backward(dq, start)?;
+        let dk = self.rotary.backward(dk, start)?;
         // Back to (B, T, n, hd), through the QK-norms.
-        let dq = head_norm_backward(self.q_norm.as_ref(), tape.q_norm.as_ref(), &dq, grads)?;
-        let dk = head_norm_backward(self.k_norm.as_ref(), tape.k_norm.as_ref(), &dk, grads)?;
+        let dq = head_norm_backward(self.q_norm.as_ref(), q_norm.as_ref(), dq, grads)?;
+        let dk = head_norm_backward(self.k_norm.as_ref(), k_norm.as_ref(), dk, grads)?;
         let dv = dv.transpose(1, 2)?;
-        let dx = self.project_backward(&tape.proj, [dq, dk, dv], grads)?;
+        let dx = self.project_backward(&proj, [dq, dk, dv], grads)?;
         Ok((dx, d_prefix))
     }
 
@@ -338,7 +350,7 @@ fn head_norm(norm: Option<&Norm>, x: Tensor) -> Result<(Tensor, Option<NormCache
 fn head_norm_backward(
     norm: Option<&Norm>,
     cache: Option<&NormCache>,
-    d: &Tensor,
+    d: Tensor,
     grads: &mut Grads,
 ) -> Result<Tensor> {
     Norm::backward_opt(norm, cache, d.transpose(1, 2)?, grads)

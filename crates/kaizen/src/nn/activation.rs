@@ -10,16 +10,26 @@
 
 use std::f32::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::with_slice;
 use super::math::{erf, exp, sigmoid, tanh};
+use super::recast::Wide;
 use crate::config::Activation;
 use crate::Result;
 
 /// Elements per parallel task.
 const CHUNK: usize = 4096;
+
+/// The values of chunk `i` (of [`CHUNK`]), `n` long.
+fn chunk(i: usize, n: usize) -> std::ops::Range<usize> {
+    i * CHUNK..i * CHUNK + n
+}
+
+/// `x` in f32 (candle's ReLU ops, which do not mix dtypes).
+fn wide_f32(x: &Tensor) -> Result<Tensor> {
+    Ok(x.to_dtype(DType::F32)?)
+}
 /// `1 / sqrt(2 pi)`, the standard normal density at 0.
 const INV_SQRT_2PI: f32 = FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5;
 /// `sqrt(2 / pi)` and the cubic coefficient of the tanh approximation of GELU.
@@ -113,7 +123,7 @@ macro_rules! with_act {
 
 pub fn apply(act: Activation, x: &Tensor) -> Result<Tensor> {
     if act == Activation::Relu {
-        return Ok(x.relu()?);
+        return Ok(wide_f32(x)?.relu()?);
     }
     with_act!(act, A => map::<Value<A>>(x, None))
 }
@@ -121,7 +131,7 @@ pub fn apply(act: Activation, x: &Tensor) -> Result<Tensor> {
 /// dy * act'(x)
 pub fn backward(act: Activation, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     if act == Activation::Relu {
-        return Ok((dy * x.gt(0.0)?.to_dtype(x.dtype())?)?);
+        return Ok((dy * x.gt(0.0)?.to_dtype(DType::F32)?)?);
     }
     with_act!(act, A => map::<Grad<A>>(x, Some(dy)))
 }
@@ -129,7 +139,7 @@ pub fn backward(act: Activation, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
 /// Gated MLP (SwiGLU, GeGLU): `act(gate) * up` in one parallel pass.
 pub fn glu(act: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if act == Activation::Relu {
-        return Ok((gate.relu()? * up)?);
+        return Ok((wide_f32(gate)?.relu()? * wide_f32(up)?)?);
     }
     with_act!(act, A => map::<Gated<A>>(gate, Some(up)))
 }
@@ -143,8 +153,8 @@ pub fn glu_backward(
     d_prod: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     if act == Activation::Relu {
-        let d_gate = backward(act, gate, &(d_prod * up)?)?;
-        return Ok((d_gate, (d_prod * gate.relu()?)?));
+        let d_gate = backward(act, gate, &(d_prod * wide_f32(up)?)?)?;
+        return Ok((d_gate, (d_prod * wide_f32(gate)?.relu()?)?));
     }
     with_act!(act, A => glu_grads::<A>(gate, up, d_prod))
 }
@@ -202,18 +212,23 @@ fn map<P: Pass>(x: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
     let y = y.map(Tensor::contiguous).transpose()?;
     let mut out = vec![0f32; x.elem_count()];
     let wide = wide();
-    with_slice::<f32, _>(&x, |xs| {
-        with_slice::<f32, _>(y.as_ref().unwrap_or(&x), |ys| {
-            out.par_chunks_mut(CHUNK)
-                .zip(xs.par_chunks(CHUNK).zip(ys.par_chunks(CHUNK)))
-                .for_each(|(o, (x, y))| {
+    Wide::of(&x, |xs| {
+        Wide::of(y.as_ref().unwrap_or(&x), |ys| {
+            out.par_chunks_mut(CHUNK).enumerate().for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(bx, by), (i, o)| {
+                    let (x, y) = (
+                        xs.part(chunk(i, o.len()), bx),
+                        ys.part(chunk(i, o.len()), by),
+                    );
                     #[cfg(target_arch = "x86_64")]
                     if wide {
                         // SAFETY: `wide` found the features.
                         return unsafe { avx512::pass::<P>(o, x, y) };
                     }
                     pass::<P>(o, x, y)
-                })
+                },
+            )
         })
     })??;
     Ok(Tensor::from_vec(out, x.dims(), x.device())?)
@@ -232,22 +247,27 @@ fn glu_grads<A: Act>(gate: &Tensor, up: &Tensor, d_prod: &Tensor) -> Result<(Ten
     let mut d_gate = vec![0f32; d_prod.elem_count()];
     let mut d_up = vec![0f32; d_gate.len()];
     let wide = wide();
-    with_slice::<f32, _>(&gate, |g| {
-        with_slice::<f32, _>(&up, |u| {
-            with_slice::<f32, _>(&d_prod, |dp| {
+    Wide::of(&gate, |g| {
+        Wide::of(&up, |u| {
+            Wide::of(&d_prod, |dp| {
                 d_gate
                     .par_chunks_mut(CHUNK)
                     .zip(d_up.par_chunks_mut(CHUNK))
-                    .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                    .zip(dp.par_chunks(CHUNK))
-                    .for_each(|(((dg, du), (g, u)), dp)| {
-                        #[cfg(target_arch = "x86_64")]
-                        if wide {
-                            // SAFETY: `wide` found the features.
-                            return unsafe { avx512::glu_pass::<A>((dg, du), (g, u, dp)) };
-                        }
-                        glu_pass::<A>((dg, du), (g, u, dp))
-                    })
+                    .enumerate()
+                    .for_each_init(
+                        || [(); 3].map(|_| Vec::new()),
+                        |[bg, bu, bd], (i, (dg, du))| {
+                            let at = chunk(i, dg.len());
+                            let (g, u) = (g.part(at.clone(), bg), u.part(at.clone(), bu));
+                            let dp = dp.part(at, bd);
+                            #[cfg(target_arch = "x86_64")]
+                            if wide {
+                                // SAFETY: `wide` found the features.
+                                return unsafe { avx512::glu_pass::<A>((dg, du), (g, u, dp)) };
+                            }
+                            glu_pass::<A>((dg, du), (g, u, dp))
+                        },
+                    )
             })
         })
     })???;
@@ -350,6 +370,59 @@ mod tests {
             .zip(&b)
             .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
             .fold(0.0, f64::max)
+    }
+
+    /// bf16 inputs (a bf16 tape's pre-activations) give bit for bit what their f32 values give,
+    /// over several chunks and a ragged last one.
+    #[test]
+    fn bf16_inputs_are_read_as_their_f32_values() {
+        let n = 3 * CHUNK + 123;
+        let ramp = |a: f32| -> Tensor {
+            let xs: Vec<f32> = (0..n).map(|i| (i as f32 * a).sin() * 6.0).collect();
+            Tensor::from_vec(xs, (n,), &Device::Cpu).unwrap()
+        };
+        let (x, up, dy) = (ramp(0.37), ramp(0.11), ramp(0.73));
+        let half = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let (xh, uh) = (half(&x), half(&up));
+        let (xw, uw) = (
+            half(&x).to_dtype(DType::F32).unwrap(),
+            half(&up).to_dtype(DType::F32).unwrap(),
+        );
+        let bits = |t: &Tensor| {
+            t.to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f32::to_bits)
+                .collect::<Vec<_>>()
+        };
+        for act in [
+            Activation::Gelu,
+            Activation::GeluTanh,
+            Activation::Silu,
+            Activation::Relu,
+        ] {
+            assert_eq!(
+                bits(&apply(act, &xh).unwrap()),
+                bits(&apply(act, &xw).unwrap()),
+                "{act:?}"
+            );
+            let (a, b) = (
+                backward(act, &xh, &dy).unwrap(),
+                backward(act, &xw, &dy).unwrap(),
+            );
+            assert_eq!(bits(&a), bits(&b), "{act:?} backward");
+            let (a, b) = (glu(act, &xh, &uh).unwrap(), glu(act, &xw, &uw).unwrap());
+            assert_eq!(bits(&a), bits(&b), "{act:?} glu");
+            let ((ga, ua), (gb, ub)) = (
+                glu_backward(act, &xh, &uh, &dy).unwrap(),
+                glu_backward(act, &xw, &uw, &dy).unwrap(),
+            );
+            assert_eq!(
+                (bits(&ga), bits(&ua)),
+                (bits(&gb), bits(&ub)),
+                "{act:?} glu backward"
+            );
+        }
     }
 
     /// Every activation's fused forward, backward and gated forms against the f64 reference,

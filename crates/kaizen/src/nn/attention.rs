@@ -15,7 +15,9 @@
 //!   tiles from the first key the tile's first row sees (0, or the start of its window) up to
 //!   the causal limit of its last row, so fully masked tiles are never computed and a window
 //!   costs ~ T (w + tile) rather than T S; an online softmax (running row max and sum)
-//!   accumulates `P V`. It keeps the output O and the per-row log-sum-exp (B, H, T).
+//!   accumulates `P V`. It keeps q, k, v and the per-row log-sum-exp (B, H, T), not the
+//!   output O: backward recomputes O by this same pass ([`AttnCache::output`]), 1% of a layer's
+//!   products at 512 tokens, for a tape smaller by the hidden size per token and layer.
 //! - Backward, one rayon task per (batch, kv head), taking every query head that reads it, so
 //!   the dk/dv it accumulates belong to it alone. Over the same tiles it recomputes
 //!   `S = scale Q K^T` (soft-capped: `S' = cap tanh(S / cap)`) and `P = exp(S' - lse)` (masked
@@ -23,12 +25,14 @@
 //!   `dS = dS' (1 - tanh^2)` (1 without a cap), `dQ += scale dS K` and `dK += scale dS^T Q`.
 //!
 //! The tile products are small GEMMs run by the `gemm` crate, single-threaded inside each task;
-//! the exponentials use a polynomial that vectorises. Per task the scratch is a few tiles.
+//! the exponentials use a polynomial that vectorises. Per task the scratch is a few tiles, and
+//! q, k and v held in bf16 (a bf16 tape's) are read widened one head at a time into it.
 
 use candle_core::{DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::math::exp;
+use super::recast::Wide;
 use super::Recast;
 use crate::{Error, Result};
 
@@ -61,33 +65,33 @@ impl AttnSpec {
     }
 }
 
-/// Saved by the forward for backward.
+/// Saved by the forward for backward. The output is not kept: [`AttnCache::output`] recomputes
+/// it (one more forward, ~1% of a layer's products at 512 tokens) where backward needs it.
 pub struct AttnCache {
     /// (B, H, T, hd), contiguous.
     q: Tensor,
     /// (B, KVH, S, hd), contiguous.
     k: Tensor,
     v: Tensor,
-    /// The output (B, H, T, hd).
-    o: Tensor,
     /// Log-sum-exp of each query row's scaled, capped, masked scores: (B, H, T).
     lse: Tensor,
     spec: AttnSpec,
 }
 
 impl AttnCache {
-    /// The attention's output (B, H, T, hd).
-    pub fn output(&self) -> &Tensor {
-        &self.o
+    /// The attention's output (B, H, T, hd), recomputed by the forward's own kernel: bit for
+    /// bit the forward's output when q, k and v are what the forward read (an f32 tape).
+    pub fn output(&self) -> Result<Tensor> {
+        Ok(attention_t(&self.q, &self.k, &self.v, &self.spec)?.0)
     }
 
-    /// q, k, v and the output in `r`'s dtype; the log-sum-exp stays f32.
+    /// q, k and v narrowed to `r`'s dtype (the kernels read bf16 as they are); the log-sum-exp
+    /// stays f32.
     pub fn recast(&self, r: &mut Recast) -> Result<Self> {
         Ok(AttnCache {
-            q: r.tensor(&self.q)?,
-            k: r.tensor(&self.k)?,
-            v: r.tensor(&self.v)?,
-            o: r.tensor(&self.o)?,
+            q: r.narrowed(&self.q)?,
+            k: r.narrowed(&self.k)?,
+            v: r.narrowed(&self.v)?,
             lse: self.lse.clone(),
             spec: self.spec,
         })
@@ -128,21 +132,27 @@ pub fn attention_t(
     let mut o = vec![0f32; d.b * d.h * d.t * d.hd];
     let mut lse = vec![0f32; d.b * d.h * d.t];
     if !d.is_empty() {
-        let (qs, ql) = q.storage_and_layout();
-        let (ks, kl) = k.storage_and_layout();
-        let (vs, vl) = v.storage_and_layout();
-        let (qd, kd, vd) = (f32s(&qs, ql)?, f32s(&ks, kl)?, f32s(&vs, vl)?);
         let (qn, kn) = (d.t * d.hd, d.s * d.hd);
-        // One task per (batch, query head): nothing is accumulated across heads here.
-        o.par_chunks_mut(qn)
-            .zip(lse.par_chunks_mut(d.t))
-            .enumerate()
-            .for_each(|(i, (o, lse))| {
-                let kv = i / d.rep; // (b H + h) / rep = b KVH + h / rep
-                let (k, v) = (&kd[kv * kn..][..kn], &vd[kv * kn..][..kn]);
-                let q = &qd[i * qn..][..qn];
-                forward_head(&d, q, k, v, o, lse, &mut Scratch::new(&d));
-            });
+        Wide::of(&q, |qd| {
+            Wide::of(&k, |kd| {
+                Wide::of(&v, |vd| {
+                    // One task per (batch, query head): nothing is accumulated across heads.
+                    o.par_chunks_mut(qn)
+                        .zip(lse.par_chunks_mut(d.t))
+                        .enumerate()
+                        .for_each_init(
+                            || [(); 3].map(|_| Vec::new()),
+                            |[bq, bk, bv], (i, (o, lse))| {
+                                let kv = i / d.rep; // (b H + h) / rep = b KVH + h / rep
+                                let keys = kv * kn..(kv + 1) * kn;
+                                let (k, v) = (kd.part(keys.clone(), bk), vd.part(keys, bv));
+                                let q = qd.part(i * qn..(i + 1) * qn, bq);
+                                forward_head(&d, q, k, v, o, lse, &mut Scratch::new(&d));
+                            },
+                        )
+                })
+            })
+        })???;
     }
     let dev = q.device();
     let o = Tensor::from_vec(o, (d.b, d.h, d.t, d.hd), dev)?;
@@ -151,62 +161,73 @@ pub fn attention_t(
         q,
         k,
         v,
-        o: o.clone(),
         lse,
         spec: *spec,
     };
     Ok((o, cache))
 }
 
-/// d_out: (B, H, T, hd) -> (dq (B, H, T, hd), dk, dv (B, KVH, S, hd)).
+/// The output `o` ([`AttnCache::output`]) and its gradient d_out, each (B, H, T, hd) ->
+/// (dq (B, H, T, hd), dk, dv (B, KVH, S, hd)).
 pub fn causal_attention_backward(
     c: &AttnCache,
+    o: &Tensor,
     d_out: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let d = Dims::of(&c.q, &c.k, &c.v, &c.spec)?;
-    if d_out.dims() != c.q.dims() || d_out.dtype() != DType::F32 {
-        return Err(Error::Input(format!(
-            "attention backward: d_out is {:?} {:?}, the output was {:?} f32",
-            d_out.dims(),
-            d_out.dtype(),
-            c.q.dims()
-        )));
+    for (name, x) in [("the output", o), ("d_out", d_out)] {
+        if x.dims() != c.q.dims() || x.dtype() != DType::F32 {
+            return Err(Error::Input(format!(
+                "attention backward: {name} is {:?} {:?}, the queries are {:?} f32",
+                x.dims(),
+                x.dtype(),
+                c.q.dims()
+            )));
+        }
     }
-    let d_out = d_out.contiguous()?;
+    let (o, d_out) = (o.contiguous()?, d_out.contiguous()?);
     let mut dq = vec![0f32; d.b * d.h * d.t * d.hd];
     let mut dk = vec![0f32; d.b * d.kvh * d.s * d.hd];
     let mut dv = vec![0f32; d.b * d.kvh * d.s * d.hd];
     if !d.is_empty() {
-        let (qs, ql) = c.q.storage_and_layout();
-        let (ks, kl) = c.k.storage_and_layout();
-        let (vs, vl) = c.v.storage_and_layout();
-        let (os, ol) = c.o.storage_and_layout();
+        let (os, ol) = o.storage_and_layout();
         let (ls, ll) = c.lse.storage_and_layout();
         let (gs, gl) = d_out.storage_and_layout();
-        let (qd, kd, vd) = (f32s(&qs, ql)?, f32s(&ks, kl)?, f32s(&vs, vl)?);
         let (od, ld, gd) = (f32s(&os, ol)?, f32s(&ls, ll)?, f32s(&gs, gl)?);
         let (qn, kn) = (d.t * d.hd, d.s * d.hd);
-        // One task per (batch, kv head), over the `rep` query heads that read it: the task owns
-        // their dq rows and the kv head's dk/dv.
-        dq.par_chunks_mut(d.rep * qn)
-            .zip(dk.par_chunks_mut(kn))
-            .zip(dv.par_chunks_mut(kn))
-            .enumerate()
-            .for_each(|(kv, ((dq, dk), dv))| {
-                let mut scratch = Scratch::new(&d);
-                for (j, dq) in dq.chunks_exact_mut(qn).enumerate() {
-                    let i = kv * d.rep + j; // b H + h
-                    let head = Head {
-                        q: &qd[i * qn..][..qn],
-                        k: &kd[kv * kn..][..kn],
-                        v: &vd[kv * kn..][..kn],
-                        o: &od[i * qn..][..qn],
-                        lse: &ld[i * d.t..][..d.t],
-                        d_o: &gd[i * qn..][..qn],
-                    };
-                    backward_head(&d, &head, dq, dk, dv, &mut scratch);
-                }
-            });
+        Wide::of(&c.q, |qd| {
+            Wide::of(&c.k, |kd| {
+                Wide::of(&c.v, |vd| {
+                    // One task per (batch, kv head), over the `rep` query heads that read it:
+                    // the task owns their dq rows and the kv head's dk/dv.
+                    dq.par_chunks_mut(d.rep * qn)
+                        .zip(dk.par_chunks_mut(kn))
+                        .zip(dv.par_chunks_mut(kn))
+                        .enumerate()
+                        .for_each_init(
+                            || [(); 3].map(|_| Vec::new()),
+                            |[bq, bk, bv], (kv, ((dq, dk), dv))| {
+                                let keys = kv * kn..(kv + 1) * kn;
+                                let (k, v) = (kd.part(keys.clone(), bk), vd.part(keys, bv));
+                                let mut scratch = Scratch::new(&d);
+                                for (j, dq) in dq.chunks_exact_mut(qn).enumerate() {
+                                    let i = kv * d.rep + j; // b H + h
+                                    let rows = i * qn..(i + 1) * qn;
+                                    let head = Head {
+                                        q: qd.part(rows.clone(), bq),
+                                        k,
+                                        v,
+                                        o: &od[rows.clone()],
+                                        lse: &ld[i * d.t..][..d.t],
+                                        d_o: &gd[rows],
+                                    };
+                                    backward_head(&d, &head, dq, dk, dv, &mut scratch);
+                                }
+                            },
+                        )
+                })
+            })
+        })???;
     }
     let dev = d_out.device();
     Ok((
@@ -276,8 +297,12 @@ impl Dims {
         if s < t {
             return bad("there must be at least as many keys as queries");
         }
-        if [q, k, v].iter().any(|x| x.dtype() != DType::F32) {
-            return bad("attention computes in f32");
+        // Computed in f32; a bf16 tape's q/k/v are widened a head at a time.
+        if [q, k, v]
+            .iter()
+            .any(|x| !matches!(x.dtype(), DType::F32 | DType::BF16))
+        {
+            return bad("attention reads f32 or bf16");
         }
         Ok(Dims {
             b,
@@ -757,6 +782,11 @@ mod tests {
         (dq, dk, dv)
     }
 
+    fn bits(x: &Tensor) -> Vec<u32> {
+        let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    }
+
     fn randn(shape: (usize, usize, usize, usize)) -> Tensor {
         Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()
     }
@@ -807,8 +837,10 @@ mod tests {
         let (o_ref, c_ref) = naive_forward(&q, &k, &v, spec);
         let (dq_ref, dk_ref, dv_ref) = naive_backward(&c_ref, &d_out);
         let (o, c) = attention_t(&q, &k, &v, spec).unwrap();
-        let (dq, dk, dv) = causal_attention_backward(&c, &d_out).unwrap();
         let what = format!("B={b} H={h} KVH={kvh} T={t} S={s} hd={hd} {spec:?}");
+        let again = c.output().unwrap();
+        assert_eq!(bits(&again), bits(&o), "{what}: the recomputed output");
+        let (dq, dk, dv) = causal_attention_backward(&c, &again, &d_out).unwrap();
         for (name, x, r) in [
             ("out", &o, &o_ref),
             ("dq", &dq, &dq_ref),
@@ -860,6 +892,27 @@ mod tests {
         check(1, 2, 2, 65, 65, 128);
     }
 
+    /// q, k and v in bf16 (a bf16 tape's) give bit for bit what their f32 values give, forward
+    /// (the recomputed output too) and backward, with GQA, a window and a soft-cap.
+    #[test]
+    fn bf16_inputs_are_read_as_their_f32_values() {
+        let (b, h, kvh, t, hd) = (2, 4, 2, 70, 16);
+        let half = |x: Tensor| x.to_dtype(DType::BF16).unwrap();
+        let q = half(randn((b, h, t, hd)));
+        let (k, v) = (half(randn((b, kvh, t, hd))), half(randn((b, kvh, t, hd))));
+        let wide = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        let spec = spec(hd, Some(33), Some(20.0));
+        let (o, c) = attention_t(&q, &k, &v, &spec).unwrap();
+        let (o32, c32) = attention_t(&wide(&q), &wide(&k), &wide(&v), &spec).unwrap();
+        assert_eq!(bits(&o), bits(&o32));
+        let d_out = randn((b, h, t, hd));
+        let (dq, dk, dv) = causal_attention_backward(&c, &c.output().unwrap(), &d_out).unwrap();
+        let want = causal_attention_backward(&c32, &o32, &d_out).unwrap();
+        for (x, y) in [(dq, want.0), (dk, want.1), (dv, want.2)] {
+            assert_eq!(bits(&x), bits(&y));
+        }
+    }
+
     #[test]
     fn bad_shapes_are_errors() {
         let (q, k) = (randn((1, 5, 4, 8)), randn((1, 2, 4, 8)));
@@ -870,8 +923,9 @@ mod tests {
         assert!(causal_attention(&q, &k, &k, 1.0).is_err()); // head dims differ
         let q16 = q.to_dtype(candle_core::DType::F16).unwrap();
         assert!(causal_attention(&q16, &q16, &q16, 1.0).is_err());
-        let (_, c) = causal_attention_t(&q, &q, &q, 1.0).unwrap();
-        assert!(causal_attention_backward(&c, &randn((1, 2, 3, 8))).is_err());
+        let (o, c) = causal_attention_t(&q, &q, &q, 1.0).unwrap();
+        assert!(causal_attention_backward(&c, &o, &randn((1, 2, 3, 8))).is_err());
+        assert!(causal_attention_backward(&c, &randn((1, 2, 3, 8)), &o).is_err());
     }
 
     #[test]
@@ -879,7 +933,7 @@ mod tests {
         let (q, k) = (randn((2, 4, 0, 8)), randn((2, 2, 3, 8)));
         let (o, c) = causal_attention_t(&q, &k, &k, 1.0).unwrap();
         assert_eq!(o.dims(), &[2, 4, 0, 8]);
-        let (dq, dk, dv) = causal_attention_backward(&c, &q).unwrap();
+        let (dq, dk, dv) = causal_attention_backward(&c, &o, &q).unwrap();
         assert_eq!(dq.dims(), &[2, 4, 0, 8]);
         assert_eq!(dk.dims(), &[2, 2, 3, 8]);
         assert_eq!(dv.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
@@ -902,7 +956,7 @@ mod tests {
         let (o_ref, c_ref) = naive_forward(&cont(&q), &cont(&k), &cont(&v), &spec);
         let (dq_ref, dk_ref, dv_ref) = naive_backward(&c_ref, &cont(&d_out));
         let (o, c) = causal_attention_t(&q, &k, &v, scale).unwrap();
-        let (dq, dk, dv) = causal_attention_backward(&c, &d_out).unwrap();
+        let (dq, dk, dv) = causal_attention_backward(&c, &o, &d_out).unwrap();
         assert!(rel_err(&o, &o_ref) < 1e-5);
         assert!(rel_err(&dq, &dq_ref) < 1e-5);
         assert!(rel_err(&dk, &dk_ref) < 1e-5);
@@ -1002,7 +1056,7 @@ mod tests {
             let (o_ref, c_ref) = naive_forward(&q, &k, &v, &spec);
             let (dq_ref, dk_ref, dv_ref) = naive_backward(&c_ref, &d_out);
             let (o, c) = attention_t(&q, &poison(&k), &poison(&v), &spec).unwrap();
-            let (dq, dk, dv) = causal_attention_backward(&c, &d_out).unwrap();
+            let (dq, dk, dv) = causal_attention_backward(&c, &c.output().unwrap(), &d_out).unwrap();
             for (name, x, r) in [
                 ("out", &o, &o_ref),
                 ("dq", &dq, &dq_ref),

@@ -1,7 +1,8 @@
 //! A training tape held in the tape's dtype: under `--dtype bf16` the activations each layer saves
-//! for backward (norms' normalised inputs, attention's q/k/v/output, the MLP's pre-activations,
-//! linear layers' inputs) are rounded to bf16 once the layer's forward is done, half their
-//! memory, as PyTorch's bf16 model saves them; backward widens one layer's tape back to f32.
+//! for backward (norms' normalised inputs, attention's q/k/v, the MLP's pre-activations) are
+//! rounded to bf16 once the layer's forward is done, half their memory, as PyTorch's bf16 model
+//! saves them; backward widens a layer's norm outputs back to f32, one at a time, and attention
+//! and the MLP's passes read theirs in bf16 as they are ([`Wide`]).
 //! The forward itself computes in f32 either way. Per-row statistics (a norm's 1/std,
 //! attention's log-sum-exp) and what adapters save stay f32.
 
@@ -77,6 +78,16 @@ impl Recast {
         Ok(out)
     }
 
+    /// [`Recast::tensor`] where that narrows `t` (f32 to bf16), else `t` as it is: for the
+    /// activations whose kernels read bf16 as well as f32 ([`Wide`]), which a bf16 tape keeps
+    /// in bf16 through backward instead of widening a copy.
+    pub fn narrowed(&mut self, t: &Tensor) -> Result<Tensor> {
+        match t.dtype().size_in_bytes() > self.dtype.size_in_bytes() {
+            true => self.tensor(t),
+            false => Ok(t.clone()),
+        }
+    }
+
     pub fn opt(&mut self, t: &Option<Tensor>) -> Result<Option<Tensor>> {
         t.as_ref().map(|t| self.tensor(t)).transpose()
     }
@@ -118,6 +129,44 @@ impl Recast {
                 Ok((s, o, view))
             })
             .collect()
+    }
+}
+
+/// A contiguous tensor's values read as f32 a part at a time: f32 as stored; bf16 (a bf16
+/// tape's activations) widened into the reader's buffer, the values [`Recast::to`] F32 gives
+/// without the whole copy it makes.
+#[derive(Clone, Copy)]
+pub(crate) enum Wide<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl Wide<'_> {
+    /// `f` over the values of `x`: contiguous, f32 or bf16 (another dtype is an error).
+    pub fn of<R>(x: &Tensor, f: impl FnOnce(Wide) -> R) -> Result<R> {
+        match x.dtype() {
+            DType::BF16 => with_slice::<bf16, _>(x, |s| f(Wide::Bf16(s))),
+            _ => with_slice::<f32, _>(x, |s| f(Wide::F32(s))),
+        }
+    }
+
+    /// The values at `at`, widened into `buf` from bf16.
+    pub fn part<'b>(self, at: std::ops::Range<usize>, buf: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        Self: 'b,
+    {
+        match self {
+            Wide::F32(s) => &s[at],
+            Wide::Bf16(s) => {
+                buf.clear();
+                buf.extend(
+                    s[at]
+                        .iter()
+                        .map(|v| f32::from_bits((v.to_bits() as u32) << 16)),
+                );
+                buf
+            }
+        }
     }
 }
 

@@ -62,9 +62,9 @@ impl Rotary {
     }
 
     /// Gradient through [`Rotary::forward`]: the rotation is orthogonal, so its transpose is
-    /// the rotation by the negated angle.
-    pub fn backward(&self, dy: &Tensor, start: usize) -> Result<Tensor> {
-        self.rotate(dy, start, -1.0)
+    /// the rotation by the negated angle. Takes `dy` to free it once rotated.
+    pub fn backward(&self, dy: Tensor, start: usize) -> Result<Tensor> {
+        self.rotate(&dy, start, -1.0)
     }
 
     /// One fused pass, parallel over (batch, head): `x1 cos - x2 sin`, `x2 cos + x1 sin` on
