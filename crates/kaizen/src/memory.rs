@@ -10,7 +10,7 @@
 //! the MLP's pre-activations, and what each adapter saves itself; the inputs of linear layers
 //! are recomputed in backward), or under gradient checkpointing each layer's input and
 //! one layer's tape, and the workspace of the fused head + loss and of packed weights. It is
-//! checked against measured peaks by `scripts/bench/memory_guard.sh` (BENCHMARKS.md).
+//! checked against measured peaks by `scripts/bench/memory_guard.py` (BENCHMARKS.md).
 
 use std::fmt;
 
