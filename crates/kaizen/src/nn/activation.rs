@@ -30,6 +30,7 @@ fn chunk(i: usize, n: usize) -> std::ops::Range<usize> {
 fn wide_f32(x: &Tensor) -> Result<Tensor> {
     Ok(x.to_dtype(DType::F32)?)
 }
+
 /// `1 / sqrt(2 pi)`, the standard normal density at 0.
 const INV_SQRT_2PI: f32 = FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5;
 /// `sqrt(2 / pi)` and the cubic coefficient of the tanh approximation of GELU.
@@ -212,25 +213,23 @@ fn map<P: Pass>(x: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
     let y = y.map(Tensor::contiguous).transpose()?;
     let mut out = vec![0f32; x.elem_count()];
     let wide = wide();
-    Wide::of(&x, |xs| {
-        Wide::of(y.as_ref().unwrap_or(&x), |ys| {
-            out.par_chunks_mut(CHUNK).enumerate().for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(bx, by), (i, o)| {
-                    let (x, y) = (
-                        xs.part(chunk(i, o.len()), bx),
-                        ys.part(chunk(i, o.len()), by),
-                    );
-                    #[cfg(target_arch = "x86_64")]
-                    if wide {
-                        // SAFETY: `wide` found the features.
-                        return unsafe { avx512::pass::<P>(o, x, y) };
-                    }
-                    pass::<P>(o, x, y)
-                },
-            )
-        })
-    })??;
+    Wide::all([&x, y.as_ref().unwrap_or(&x)], |[xs, ys]| {
+        out.par_chunks_mut(CHUNK).enumerate().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(bx, by), (i, o)| {
+                let (x, y) = (
+                    xs.part(chunk(i, o.len()), bx),
+                    ys.part(chunk(i, o.len()), by),
+                );
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    // SAFETY: `wide` found the features.
+                    return unsafe { avx512::pass::<P>(o, x, y) };
+                }
+                pass::<P>(o, x, y)
+            },
+        )
+    })?;
     Ok(Tensor::from_vec(out, x.dims(), x.device())?)
 }
 
@@ -247,30 +246,26 @@ fn glu_grads<A: Act>(gate: &Tensor, up: &Tensor, d_prod: &Tensor) -> Result<(Ten
     let mut d_gate = vec![0f32; d_prod.elem_count()];
     let mut d_up = vec![0f32; d_gate.len()];
     let wide = wide();
-    Wide::of(&gate, |g| {
-        Wide::of(&up, |u| {
-            Wide::of(&d_prod, |dp| {
-                d_gate
-                    .par_chunks_mut(CHUNK)
-                    .zip(d_up.par_chunks_mut(CHUNK))
-                    .enumerate()
-                    .for_each_init(
-                        || [(); 3].map(|_| Vec::new()),
-                        |[bg, bu, bd], (i, (dg, du))| {
-                            let at = chunk(i, dg.len());
-                            let (g, u) = (g.part(at.clone(), bg), u.part(at.clone(), bu));
-                            let dp = dp.part(at, bd);
-                            #[cfg(target_arch = "x86_64")]
-                            if wide {
-                                // SAFETY: `wide` found the features.
-                                return unsafe { avx512::glu_pass::<A>((dg, du), (g, u, dp)) };
-                            }
-                            glu_pass::<A>((dg, du), (g, u, dp))
-                        },
-                    )
-            })
-        })
-    })???;
+    Wide::all([&gate, &up, &d_prod], |[g, u, dp]| {
+        d_gate
+            .par_chunks_mut(CHUNK)
+            .zip(d_up.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each_init(
+                || [(); 3].map(|_| Vec::new()),
+                |[bg, bu, bd], (i, (dg, du))| {
+                    let at = chunk(i, dg.len());
+                    let (g, u) = (g.part(at.clone(), bg), u.part(at.clone(), bu));
+                    let dp = dp.part(at, bd);
+                    #[cfg(target_arch = "x86_64")]
+                    if wide {
+                        // SAFETY: `wide` found the features.
+                        return unsafe { avx512::glu_pass::<A>((dg, du), (g, u, dp)) };
+                    }
+                    glu_pass::<A>((dg, du), (g, u, dp))
+                },
+            )
+    })?;
     let dev = d_prod.device();
     Ok((
         Tensor::from_vec(d_gate, d_prod.dims(), dev)?,

@@ -133,26 +133,22 @@ pub fn attention_t(
     let mut lse = vec![0f32; d.b * d.h * d.t];
     if !d.is_empty() {
         let (qn, kn) = (d.t * d.hd, d.s * d.hd);
-        Wide::of(&q, |qd| {
-            Wide::of(&k, |kd| {
-                Wide::of(&v, |vd| {
-                    // One task per (batch, query head): nothing is accumulated across heads.
-                    o.par_chunks_mut(qn)
-                        .zip(lse.par_chunks_mut(d.t))
-                        .enumerate()
-                        .for_each_init(
-                            || [(); 3].map(|_| Vec::new()),
-                            |[bq, bk, bv], (i, (o, lse))| {
-                                let kv = i / d.rep; // (b H + h) / rep = b KVH + h / rep
-                                let keys = kv * kn..(kv + 1) * kn;
-                                let (k, v) = (kd.part(keys.clone(), bk), vd.part(keys, bv));
-                                let q = qd.part(i * qn..(i + 1) * qn, bq);
-                                forward_head(&d, q, k, v, o, lse, &mut Scratch::new(&d));
-                            },
-                        )
-                })
-            })
-        })???;
+        Wide::all([&q, &k, &v], |[qd, kd, vd]| {
+            // One task per (batch, query head): nothing is accumulated across heads.
+            o.par_chunks_mut(qn)
+                .zip(lse.par_chunks_mut(d.t))
+                .enumerate()
+                .for_each_init(
+                    || [(); 3].map(|_| Vec::new()),
+                    |[bq, bk, bv], (i, (o, lse))| {
+                        let kv = i / d.rep; // (b H + h) / rep = b KVH + h / rep
+                        let keys = kv * kn..(kv + 1) * kn;
+                        let (k, v) = (kd.part(keys.clone(), bk), vd.part(keys, bv));
+                        let q = qd.part(i * qn..(i + 1) * qn, bq);
+                        forward_head(&d, q, k, v, o, lse, &mut Scratch::new(&d));
+                    },
+                )
+        })?;
     }
     let dev = q.device();
     let o = Tensor::from_vec(o, (d.b, d.h, d.t, d.hd), dev)?;
@@ -195,39 +191,35 @@ pub fn causal_attention_backward(
         let (gs, gl) = d_out.storage_and_layout();
         let (od, ld, gd) = (f32s(&os, ol)?, f32s(&ls, ll)?, f32s(&gs, gl)?);
         let (qn, kn) = (d.t * d.hd, d.s * d.hd);
-        Wide::of(&c.q, |qd| {
-            Wide::of(&c.k, |kd| {
-                Wide::of(&c.v, |vd| {
-                    // One task per (batch, kv head), over the `rep` query heads that read it:
-                    // the task owns their dq rows and the kv head's dk/dv.
-                    dq.par_chunks_mut(d.rep * qn)
-                        .zip(dk.par_chunks_mut(kn))
-                        .zip(dv.par_chunks_mut(kn))
-                        .enumerate()
-                        .for_each_init(
-                            || [(); 3].map(|_| Vec::new()),
-                            |[bq, bk, bv], (kv, ((dq, dk), dv))| {
-                                let keys = kv * kn..(kv + 1) * kn;
-                                let (k, v) = (kd.part(keys.clone(), bk), vd.part(keys, bv));
-                                let mut scratch = Scratch::new(&d);
-                                for (j, dq) in dq.chunks_exact_mut(qn).enumerate() {
-                                    let i = kv * d.rep + j; // b H + h
-                                    let rows = i * qn..(i + 1) * qn;
-                                    let head = Head {
-                                        q: qd.part(rows.clone(), bq),
-                                        k,
-                                        v,
-                                        o: &od[rows.clone()],
-                                        lse: &ld[i * d.t..][..d.t],
-                                        d_o: &gd[rows],
-                                    };
-                                    backward_head(&d, &head, dq, dk, dv, &mut scratch);
-                                }
-                            },
-                        )
-                })
-            })
-        })???;
+        Wide::all([&c.q, &c.k, &c.v], |[qd, kd, vd]| {
+            // One task per (batch, kv head), over the `rep` query heads that read it:
+            // the task owns their dq rows and the kv head's dk/dv.
+            dq.par_chunks_mut(d.rep * qn)
+                .zip(dk.par_chunks_mut(kn))
+                .zip(dv.par_chunks_mut(kn))
+                .enumerate()
+                .for_each_init(
+                    || [(); 3].map(|_| Vec::new()),
+                    |[bq, bk, bv], (kv, ((dq, dk), dv))| {
+                        let keys = kv * kn..(kv + 1) * kn;
+                        let (k, v) = (kd.part(keys.clone(), bk), vd.part(keys, bv));
+                        let mut scratch = Scratch::new(&d);
+                        for (j, dq) in dq.chunks_exact_mut(qn).enumerate() {
+                            let i = kv * d.rep + j; // b H + h
+                            let rows = i * qn..(i + 1) * qn;
+                            let head = Head {
+                                q: qd.part(rows.clone(), bq),
+                                k,
+                                v,
+                                o: &od[rows.clone()],
+                                lse: &ld[i * d.t..][..d.t],
+                                d_o: &gd[rows],
+                            };
+                            backward_head(&d, &head, dq, dk, dv, &mut scratch);
+                        }
+                    },
+                )
+        })?;
     }
     let dev = d_out.device();
     Ok((

@@ -142,12 +142,29 @@ pub(crate) enum Wide<'a> {
 }
 
 impl Wide<'_> {
-    /// `f` over the values of `x`: contiguous, f32 or bf16 (another dtype is an error).
-    pub fn of<R>(x: &Tensor, f: impl FnOnce(Wide) -> R) -> Result<R> {
-        match x.dtype() {
-            DType::BF16 => with_slice::<bf16, _>(x, |s| f(Wide::Bf16(s))),
-            _ => with_slice::<f32, _>(x, |s| f(Wide::F32(s))),
+    /// `f` over the values of each of `xs`: contiguous, f32 or bf16 (another dtype, or a tensor
+    /// off the CPU, is an error).
+    pub fn all<const N: usize, R>(xs: [&Tensor; N], f: impl FnOnce([Wide; N]) -> R) -> Result<R> {
+        let held = xs.map(|x| x.storage_and_layout());
+        let mut wide = Vec::with_capacity(N);
+        for (storage, layout) in &held {
+            let Storage::Cpu(cpu) = &**storage else {
+                return Err(crate::Error::Input(
+                    "kaizen's kernels run on the CPU".into(),
+                ));
+            };
+            let (start, end) = layout
+                .contiguous_offsets()
+                .expect("made contiguous by the caller");
+            wide.push(match cpu {
+                candle_core::CpuStorage::BF16(v) => Wide::Bf16(&v[start..end]),
+                other => Wide::F32(&other.as_slice::<f32>()?[start..end]),
+            });
         }
+        let Ok(wide) = wide.try_into() else {
+            unreachable!("one value per tensor")
+        };
+        Ok(f(wide))
     }
 
     /// The values at `at`, widened into `buf` from bf16.
