@@ -933,8 +933,7 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
         false => (None, None),
     };
 
-    let tensors = kaizen::train::trainable_params(&mut loaded.model);
-    let trainable: usize = tensors.iter().map(|(_, t)| t.elem_count()).sum();
+    let (trainable, n_tensors) = kaizen::train::trainable_count(&mut loaded.model);
     let all = match method {
         Method::Full(_) => loaded.model.config().num_parameters(),
         _ => loaded.model.config().num_parameters() + trainable,
@@ -953,7 +952,7 @@ fn run_on(mut a: TrainArgs, comm: &dyn Communicator) -> Result<()> {
                 "{} ranks: {} micro-batches of {batch_size} per step, {grad_accum} on each rank; one all-reduce of {} bytes per step",
                 comm.size(),
                 grad_accum * comm.size(),
-                comm::step_buffer_len(trainable, tensors.len()) * 4
+                comm::step_buffer_len(trainable, n_tensors) * 4
             );
         }
         if precision.quantize.is_some() || precision.dtype != kaizen::DType::F32 {

@@ -209,13 +209,7 @@ pub fn estimate(model: &mut Model, shape: &RunShape) -> Estimate {
     // above, their gradients and moments here.
     let moments = if shape.adam { 8 } else { 0 };
     let trainable = match full_values {
-        0 => {
-            let values: usize = crate::train::trainable_params(model)
-                .iter()
-                .map(|(_, t)| t.elem_count())
-                .sum();
-            values as u64 * (8 + moments)
-        }
+        0 => crate::train::trainable_count(model).0 as u64 * (8 + moments),
         n => n * (4 + moments),
     };
 

@@ -113,6 +113,15 @@ fn table_backward(v: &VirtualTokens, d_table: Tensor, grads: &mut Grads) -> Resu
     }
 }
 
+/// How many values and tensors train. The clones [`trainable_params`] hands out are dropped
+/// here: held through a run, they would keep full fine-tuning's original weights alive beside
+/// the updated ones.
+pub fn trainable_count(model: &mut Model) -> (usize, usize) {
+    let params = trainable_params(model);
+    let values = params.iter().map(|(_, t)| t.elem_count()).sum();
+    (values, params.len())
+}
+
 /// Trainable tensors currently attached to the model, by PEFT key.
 pub fn trainable_params(model: &mut Model) -> Vec<(String, Tensor)> {
     let mut out: Vec<(String, Tensor)> = Vec::new();
