@@ -10,7 +10,7 @@
 #   Environment: STEPS (4) optimizer steps per row, of which WARMUP (1) untimed; THREADS (2);
 #   MEM_GB (24) the memory budget in GB (1e9 bytes); ROWS (all) a comma-separated subset of
 #   torch-f32,torch-bf16,torch-bnb4,kaizen-f32,kaizen-bf16,kaizen-q8_0,kaizen-q4_k,kaizen-nf4,
-#   kaizen-q8_0-int8,kaizen-q4_k-int8,kaizen-q4_k_m; KAIZEN_EXTRA more `kaizen train` flags for every kaizen row (e.g.
+#   kaizen-q8_0-int8,kaizen-q4_k-int8,kaizen-nf4-int8,kaizen-q4_k_m; KAIZEN_EXTRA more `kaizen train` flags for every kaizen row (e.g.
 #   --gradient-checkpointing; shown in the rows' labels); FORCE=1 runs rows whose estimate exceeds the memory available now (not the budget);
 #   PYTHON (.venv-bench/bin/python) with torch, transformers, peft, bitsandbytes;
 #   KAIZEN_BIN (default: cargo build --release and target/release/kaizen).
@@ -26,7 +26,8 @@
 #   pytorch+peft+bnb nf4       --mode bnb4: BitsAndBytesConfig(load_in_4bit, nf4, compute bf16)
 #   kaizen f32 / bf16          kaizen train --dtype f32 / --dtype bf16
 #   kaizen q8_0 / q4_k / nf4   kaizen train --quantize TYPE --dtype bf16
-#   kaizen q8_0 / q4_k int8    the same with --compute int8 (VNNI integer products)
+#   kaizen q8_0 / q4_k / nf4 int8  the same with --compute int8 (VNNI integer products; NF4's
+#                              levels rounded to 8-bit codes)
 #   kaizen q4_k_m              --quantize q4_k --quantize-embeddings q4_k,q6_k: the table and head
 #                              too, in llama.cpp's Q4_K_M types (not in ROWS' default list)
 # All: LoRA r=8 alpha=16 dropout 0 on the attention projections (GPT-NeoX query_key_value; Llama
@@ -57,7 +58,7 @@ STEPS="${STEPS:-4}"
 WARMUP="${WARMUP:-1}"
 THREADS="${THREADS:-2}"
 MEM_GB="${MEM_GB:-24}"
-DEFAULT_ROWS="torch-f32,torch-bf16,torch-bnb4,kaizen-f32,kaizen-bf16,kaizen-q8_0,kaizen-q4_k,kaizen-nf4,kaizen-q8_0-int8,kaizen-q4_k-int8"
+DEFAULT_ROWS="torch-f32,torch-bf16,torch-bnb4,kaizen-f32,kaizen-bf16,kaizen-q8_0,kaizen-q4_k,kaizen-nf4,kaizen-q8_0-int8,kaizen-q4_k-int8,kaizen-nf4-int8"
 ALL_ROWS="$DEFAULT_ROWS,kaizen-q4_k_m"
 ROWS="${ROWS:-$DEFAULT_ROWS}"
 PY="${PYTHON:-.venv-bench/bin/python}"

@@ -64,6 +64,7 @@ ROWS = {
     # --compute int8: integer products through the quantized base.
     "kaizen-q8_0-int8": ("kaizen q8_0 int8", "kaizen", ("bf16", "q8_0", None, "int8")),
     "kaizen-q4_k-int8": ("kaizen q4_k int8", "kaizen", ("bf16", "q4_k", None, "int8")),
+    "kaizen-nf4-int8": ("kaizen nf4 int8", "kaizen", ("bf16", "nf4", None, "int8")),
     # llama.cpp's Q4_K_M types for the table and head: --quantize-embeddings q4_k,q6_k.
     "kaizen-q4_k_m": ("kaizen q4_k_m", "kaizen", ("bf16", "q4_k", "q4_k,q6_k", None)),
 }
@@ -75,7 +76,8 @@ TARGETS = {"gpt_neox": ["query_key_value"], "llama": ["q_proj", "k_proj", "v_pro
 LOSS_REF = {"torch-f32": None, "torch-bf16": "torch-f32", "torch-bnb4": "torch-bf16",
             "kaizen-f32": "torch-f32", "kaizen-bf16": "torch-bf16", "kaizen-q8_0": "torch-bf16",
             "kaizen-q4_k": "torch-bf16", "kaizen-nf4": "torch-bnb4", "kaizen-q4_k_m": "torch-bf16",
-            "kaizen-q8_0-int8": "torch-bf16", "kaizen-q4_k-int8": "torch-bf16"}
+            "kaizen-q8_0-int8": "torch-bf16", "kaizen-q4_k-int8": "torch-bf16",
+            "kaizen-nf4-int8": "torch-bnb4"}
 
 
 def die(msg):

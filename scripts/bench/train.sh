@@ -28,7 +28,7 @@
 # useful FLOPs of a step (train_torch.py flops_per_step: 4*N*T + 6*P_lora*T + 12*B*L*S^2*d,
 # about 608 GFLOP here, the same count for both dtypes) / s_step; peak RSS is the whole
 # process's, load included.
-# Quantized rows (QROWS, default "q8_0+int8 q4_k q4_k+int8 nf4"; QROWS= skips them): kaizen on a quantized
+# Quantized rows (QROWS, default "q8_0+int8 q4_k q4_k+int8 nf4 nf4+int8"; QROWS= skips them): kaizen on a quantized
 # frozen base, after the four rows above. The GGUF is first converted once to an HF directory of
 # f32 weights (`kaizen merge --model GGUF --out DIR`, no adapter: a GGUF given to --quantize keeps
 # its own Q4_1 types), then each row is `kaizen train --model DIR --quantize TYPE --dtype bf16`
@@ -50,7 +50,7 @@ GGUF="$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT="$CACHE/botchan.txt"
 CEILING_F32="${CEILING_F32:-}"
 CEILING_BF16="${CEILING_BF16:-}"
-QROWS="${QROWS-q8_0+int8 q4_k q4_k+int8 nf4}"
+QROWS="${QROWS-q8_0+int8 q4_k q4_k+int8 nf4 nf4+int8}"
 
 die() { echo "bench/train: error: $*" >&2; exit 1; }
 [[ "$STEPS" =~ ^[0-9]+$ && "$STEPS" -gt "$WARMUP" ]] || die "STEPS must be an integer above $WARMUP (got '$STEPS')"

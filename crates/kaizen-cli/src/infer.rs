@@ -117,9 +117,10 @@ pub struct PrecisionArgs {
     pub quantize: Option<String>,
     #[arg(long, value_name = "TYPE[,HEAD_TYPE]", help = QUANTIZE_EMBEDDINGS_HELP)]
     pub quantize_embeddings: Option<String>,
-    /// `int8`: forward products through a llama.cpp-type quantized base (--quantize q8_0,
-    /// q4_0, q4_k, ..., or a quantized GGUF) quantize the activations to 8 bits per block and
-    /// take integer dot products, as llama.cpp does; input gradients of 8 or more rows run
+    /// `int8`: forward products through a quantized base (--quantize q8_0, q4_0, q4_k, ...,
+    /// or a quantized GGUF) quantize the activations to 8 bits per block and take integer dot
+    /// products, as llama.cpp does; NF4 from 8 rows of activations on, its levels rounded to
+    /// 8-bit codes (round(127 level), scale absmax/127). Input gradients of 8 or more rows run
     /// on 8-bit codes too (W requantized per 32-row block).
     #[arg(long)]
     pub compute: Option<String>,
@@ -181,9 +182,6 @@ pub fn parse_precision(
             bail!("--compute {other}: unknown (available: int8; --dtype sets the float precision)")
         }
     };
-    if int8 && matches!(quantize, Some(QFormat::Nf4 { .. })) {
-        bail!("--compute int8 needs a llama.cpp block type (q8_0, q4_0, q4_k, q5_k, q6_k); NF4 computes in --dtype");
-    }
     Ok(Precision {
         dtype: parse_dtype(Some(dtype.unwrap_or(default)))?,
         quantize,

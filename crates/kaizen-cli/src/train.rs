@@ -162,9 +162,10 @@ pub struct TrainArgs {
     pub quantize: Option<String>,
     #[arg(long, value_name = "TYPE[,HEAD_TYPE]", help = crate::infer::QUANTIZE_EMBEDDINGS_HELP)]
     pub quantize_embeddings: Option<String>,
-    /// `int8`: forward products through a llama.cpp-type quantized base (--quantize q8_0,
-    /// q4_0, q4_k, ..., or a quantized GGUF) quantize the activations to 8 bits per block and
-    /// take integer dot products, as llama.cpp does; input gradients of 8 or more rows run
+    /// `int8`: forward products through a quantized base (--quantize q8_0, q4_0, q4_k, ...,
+    /// or a quantized GGUF) quantize the activations to 8 bits per block and take integer dot
+    /// products, as llama.cpp does; NF4 from 8 rows of activations on, its levels rounded to
+    /// 8-bit codes (round(127 level), scale absmax/127). Input gradients of 8 or more rows run
     /// on 8-bit codes too (W requantized per 32-row block).
     #[arg(long)]
     pub compute: Option<String>,

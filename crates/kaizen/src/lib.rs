@@ -64,9 +64,9 @@ pub struct Precision {
     /// Q4_K_M files: Q4_K and Q6_K); None keeps them in `dtype`, as transformers'
     /// `load_in_4bit`. A tied head is the table, in its format.
     pub quantize_embeddings: Option<[QFormat; 2]>,
-    /// `--compute int8`: forward products through llama.cpp-type quantized matrices quantize
-    /// the activations to 8 bits and take integer dot products (as llama.cpp computes); input
-    /// gradients still dequantize to `dtype`.
+    /// `--compute int8`: forward products through quantized matrices quantize the activations
+    /// to 8 bits and take integer dot products (as llama.cpp computes; NF4 through its levels
+    /// rounded to 8-bit codes); input gradients of many rows run on 8-bit codes too.
     pub int8: bool,
 }
 

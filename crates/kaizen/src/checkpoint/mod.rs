@@ -267,7 +267,7 @@ impl Weights {
             (Matrix::Dense(t), _) => return Ok(Matrix::Dense(t.to_dtype(self.matrices)?)),
         };
         if let Some(q) = std::sync::Arc::get_mut(&mut q) {
-            q.int8 = self.int8 && q.has_int8();
+            q.int8 = self.int8;
         }
         Ok(Matrix::Quant(q))
     }

@@ -15,6 +15,11 @@
 //! fused multiply-add per accumulator into the f32 tile. `vpdpbusd` multiplies unsigned bytes by
 //! signed ones, so x's codes are stored plus 128 and each block's integer accumulator starts at
 //! `-128 Σ q_w` (kept with the panel), which cancels the shift exactly.
+//!
+//! NF4 (bitsandbytes' 16 levels times a block's absmax) is no integer format: its panels are
+//! decoded to 8 bits, each level rounded to `round(127 level)` with the scale `absmax / 127`
+//! (Q8_0's form; x as Q8_0), so an NF4 weight enters the product within half a step of 1/127 of
+//! its block's absmax, the same rounding the input gradient's requantized W has.
 
 use std::cell::RefCell;
 
@@ -22,7 +27,7 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 
-use super::QMatrix;
+use super::{nf4, nf4::Nf4, QMatrix};
 use crate::nn::gemm::Out;
 use crate::Result;
 
@@ -176,6 +181,80 @@ impl Layout {
     }
 }
 
+/// Where [`product`]'s weight rows come from.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    /// A llama.cpp block type's bytes, row after row.
+    Blocks(Layout, &'a [u8]),
+    /// NF4, whose rows are whole 64-value blocks.
+    Nf4(&'a Nf4),
+}
+
+impl Source<'_> {
+    /// Whether blocks carry an offset (x is then quantized as Q8_1, with its sums).
+    fn offset(self) -> bool {
+        match self {
+            Source::Blocks(layout, _) => layout.offset(),
+            Source::Nf4(_) => false,
+        }
+    }
+
+    /// Row `r` (`codes.len()` values) into codes and (scale, offset) per 32 values.
+    fn decode_row(self, r: usize, codes: &mut [i8], ab: &mut [(f32, f32)], nf4_codes: &[i8; 16]) {
+        let k = codes.len();
+        match self {
+            Source::Blocks(layout, w) => {
+                let row_bytes = k / layout.values() * layout.size();
+                // SAFETY: `product` checked `available`.
+                unsafe { decode_row(layout, &w[r * row_bytes..][..row_bytes], codes, ab) }
+            }
+            Source::Nf4(q) => {
+                let bytes = &q.data[r * k / 2..][..k / 2];
+                for (g, (codes, ab)) in codes.chunks_exact_mut(QK).zip(ab).enumerate() {
+                    *ab = (q.block_scale((r * k + g * QK) / nf4::BLOCK) / 127.0, 0.0);
+                    let (bytes, codes) = (&bytes[g * QK / 2..][..QK / 2], codes.try_into());
+                    // SAFETY: `product` checked `available`; 16 bytes, 32 codes.
+                    unsafe { nf4_block(bytes, codes.expect("32 codes"), nf4_codes) };
+                }
+            }
+        }
+    }
+}
+
+/// NF4's 16 levels as 8-bit codes: `round(127 level)`, -127..=127.
+fn nf4_codes() -> [i8; 16] {
+    nf4::CODE.map(|c| (c * 127.0).round() as i8)
+}
+
+/// 32 NF4 values (16 bytes, element `2i` in byte i's high nibble) into their 8-bit codes: each
+/// nibble looked up in `table` by `pshufb`, 16 at a time.
+///
+/// # Safety
+/// [`available`].
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2"))]
+unsafe fn nf4_block(bytes: &[u8], codes: &mut [i8; QK], table: &[i8; 16]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        let raw = _mm_loadu_si128(bytes.as_ptr().cast());
+        let mask = _mm_set1_epi8(0x0f);
+        let (hi, lo) = (
+            _mm_and_si128(_mm_srli_epi16(raw, 4), mask),
+            _mm_and_si128(raw, mask),
+        );
+        let table = _mm_loadu_si128(table.as_ptr().cast());
+        let first = _mm_shuffle_epi8(table, _mm_unpacklo_epi8(hi, lo));
+        let second = _mm_shuffle_epi8(table, _mm_unpackhi_epi8(hi, lo));
+        _mm_storeu_si128(codes.as_mut_ptr().cast(), first);
+        _mm_storeu_si128(codes.as_mut_ptr().add(16).cast(), second);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for (pair, &b) in codes.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = table[usize::from(b >> 4)];
+        pair[1] = table[usize::from(b & 15)];
+    }
+}
+
 /// Whether this CPU runs the kernel.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -227,10 +306,10 @@ fn quantize_acts(x: &[f32], m: usize, k: usize, with_sums: bool) -> Acts {
 /// Decodes W's rows `j0..j0 + NR` (zero past `n`) into `dst` (`kb` blocks of [`REC`] bytes):
 /// each row's codes into a lane of `stage` (row-major, k codes a lane), then every 32-depth block
 /// of the 32 lanes transposed into its record 4 depths (one word) at a time.
-fn pack_panel(layout: Layout, w: &[u8], (j0, n, kb): (usize, usize, usize), dst: &mut [u8]) {
-    let (size, sub, k) = (layout.size(), layout.values() / QK, kb * QK);
+fn pack_panel(src: Source, (j0, n, kb): (usize, usize, usize), dst: &mut [u8]) {
+    let k = kb * QK;
     let lanes = NR.min(n - j0);
-    let row_bytes = kb / sub * size;
+    let nf4_codes = nf4_codes();
     STAGE.with_borrow_mut(|(stage, ab)| {
         stage.resize(NR * k, 0);
         ab.resize(NR * kb, (0.0, 0.0));
@@ -238,9 +317,7 @@ fn pack_panel(layout: Layout, w: &[u8], (j0, n, kb): (usize, usize, usize), dst:
         ab[lanes * kb..].fill((0.0, 0.0));
         let rows = stage.chunks_exact_mut(k).zip(ab.chunks_exact_mut(kb));
         for (l, (codes, ab)) in rows.take(lanes).enumerate() {
-            let row = &w[(j0 + l) * row_bytes..][..row_bytes];
-            // SAFETY: `product` checked `available`.
-            unsafe { decode_row(layout, row, codes, ab) };
+            src.decode_row(j0 + l, codes, ab, &nf4_codes);
         }
         for (b, rec) in dst.chunks_exact_mut(REC).take(kb).enumerate() {
             // SAFETY: `product` checked `available`; the stage holds NR lanes of k codes and
@@ -286,26 +363,25 @@ thread_local! {
     static STAGE: RefCell<Stage> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// `c (m, n) = x (m, k) · Wᵀ`, W's `n` rows in `w` as blocks of `layout`. The caller checks
-/// [`available`]; k is a multiple of 32 and `w` holds `n k / 32` blocks.
-pub fn product(
-    layout: Layout,
-    w: &[u8],
-    (m, k, n): (usize, usize, usize),
-    x: &[f32],
-    c: &mut [f32],
-) {
+/// `c (m, n) = x (m, k) · Wᵀ`, W's `n` rows from `src`. The caller checks [`available`]; k is
+/// a multiple of the source's block and the source holds `n` rows of k values.
+pub fn product(src: Source, (m, k, n): (usize, usize, usize), x: &[f32], c: &mut [f32]) {
     assert!(available(), "int8 product: the CPU lacks AVX512-VNNI");
     let kb = k / QK;
-    let blocks = k / layout.values();
-    assert!(k == blocks * layout.values() && w.len() >= n * blocks * layout.size());
+    match src {
+        Source::Blocks(layout, w) => {
+            let blocks = k / layout.values();
+            assert!(k == blocks * layout.values() && w.len() >= n * blocks * layout.size());
+        }
+        Source::Nf4(q) => assert!(k.is_multiple_of(nf4::BLOCK) && q.len >= n * k),
+    }
     assert!(x.len() >= m * k && c.len() >= m * n);
-    let acts = quantize_acts(&x[..m * k], m, k, layout.offset());
+    let acts = quantize_acts(&x[..m * k], m, k, src.offset());
     let pack = |j0, panel: &mut [u8]| {
-        pack_panel(layout, w, (j0, n, kb), panel);
+        pack_panel(src, (j0, n, kb), panel);
         Ok(())
     };
-    run(&acts, (m, kb, n), (1, layout.offset()), c, pack).expect("decoding never fails");
+    run(&acts, (m, kb, n), (1, src.offset()), c, pack).expect("decoding never fails");
 }
 
 /// `c (m, k) = dy (m, n) · W (n, k)`, the input gradient through the frozen W, any type: dy is
@@ -903,6 +979,73 @@ mod tests {
                     assert!(
                         (g - exact).abs() <= bound,
                         "{t:?} c[{i}, {j}]: {g} vs {exact} (bound {bound})"
+                    );
+                }
+            }
+        }
+    }
+
+    /// NF4's forward: each row's decoded codes times their scale are the dequantized weights
+    /// within half a step of `absmax / 127`, and the product of 11 rows is within the bound of
+    /// both roundings per 32-value block (x's as in the test above, W's `Σ|x| absmax / 254`),
+    /// with and without double quantization.
+    #[test]
+    fn nf4_product_within_both_roundings() {
+        if !available() {
+            eprintln!("skipped: no AVX512-VNNI");
+            return;
+        }
+        let (m, k, n) = (11, 448, 45);
+        let w = values(n * k, 7, 1.0);
+        let x = values(m * k, 8, 3.0);
+        let table = nf4_codes();
+        assert_eq!(table[0], -127);
+        assert_eq!(table[7], 0);
+        assert_eq!(table[15], 127);
+        for double_quant in [false, true] {
+            let t = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
+            let mut q =
+                QMatrix::quantize(&t, QFormat::Nf4 { double_quant }, DType::F32, "w").unwrap();
+            q.int8 = true;
+            let wd = q.rows_f32(0, n).unwrap();
+            let QData::Nf4(nf) = &q.data else {
+                unreachable!()
+            };
+            let (mut codes, mut ab) = (vec![0i8; k], vec![(0f32, 0f32); k / QK]);
+            let mut absmax = vec![0f32; n * k / QK];
+            for r in 0..n {
+                Source::Nf4(nf).decode_row(r, &mut codes, &mut ab, &table);
+                for (c, (&code, &want)) in codes.iter().zip(&wd[r * k..(r + 1) * k]).enumerate() {
+                    let (a, o) = ab[c / QK];
+                    assert_eq!(o, 0.0);
+                    absmax[r * k / QK + c / QK] = a * 127.0;
+                    let got = a * code as f32;
+                    assert!(
+                        (got - want).abs() <= a * 0.5 * (1.0 + 1e-5),
+                        "row {r}, column {c}: {got} vs {want}"
+                    );
+                }
+            }
+            let mut got = vec![f32::NAN; m * n];
+            q.int8_product(&x, m, &mut got).unwrap();
+            for (i, xi) in x.chunks(k).enumerate() {
+                for (j, wj) in wd.chunks(k).enumerate() {
+                    let exact: f64 = xi.iter().zip(wj).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let mut bound = 0f64;
+                    for (b, (xb, wb)) in xi.chunks(QK).zip(wj.chunks(QK)).enumerate() {
+                        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                        let size: f64 = wb.iter().map(|v| v.abs() as f64).sum();
+                        let xs: f64 = xb.iter().map(|v| v.abs() as f64).sum();
+                        let aw = absmax[j * k / QK + b] as f64;
+                        bound += size * amax * (1.0 / 254.0 + 1.0 / 2048.0)
+                            + (xs + 32.0 * amax / 254.0) * aw / 254.0;
+                    }
+                    let size: f64 = xi.iter().zip(wj).map(|(a, b)| (a * b).abs() as f64).sum();
+                    bound += 1e-5 * (size + 1.0);
+                    let g = got[i * n + j] as f64;
+                    assert!(
+                        (g - exact).abs() <= bound,
+                        "NF4 (double {double_quant}) c[{i}, {j}]: {g} vs {exact} (bound {bound})"
                     );
                 }
             }

@@ -137,8 +137,9 @@ pub struct QMatrix {
     data: QData,
     pub compute: DType,
     /// `--compute int8`: forward products `x Wᵀ` quantize x per block to 8 bits and take
-    /// integer dot products, as llama.cpp does (llama.cpp block types only); input gradients
-    /// `dy W` of many rows run on 8-bit codes too ([`int8::product_t`]).
+    /// integer dot products, as llama.cpp does (NF4: its levels rounded to 8-bit codes, see
+    /// [`int8`]); input gradients `dy W` of many rows run on 8-bit codes too
+    /// ([`int8::product_t`]).
     pub int8: bool,
 }
 
@@ -190,23 +191,20 @@ impl QMatrix {
         })
     }
 
-    /// Whether `--compute int8` applies: a llama.cpp block type (not NF4).
-    pub fn has_int8(&self) -> bool {
-        matches!(self.data, QData::Ggml(_))
-    }
-
     /// Whether `--compute int8` multiplies `m` rows of x by this matrix in int8
     /// ([`int8_product`](QMatrix::int8_product)): always for a few rows (decoding's row dots)
     /// and from [`int8::MIN_ROWS`] on where the type has a blocked kernel. Q2_K, Q3_K and Q6_K
     /// have none, and their row dots run about 4x slower than the bf16 product (Q6_K: 91
     /// against 385 GFLOP/s at 512 rows of the 3.6B QKV), so the caller multiplies those in
     /// the compute dtype instead; their input gradient stays int8.
+    /// NF4 has no row dots: it takes the blocked product from [`int8::MIN_ROWS`] rows on, and
+    /// below that (or without AVX512-VNNI) multiplies in the compute dtype.
     pub fn int8_forward(&self, m: usize) -> bool {
         match &self.data {
             QData::Ggml(q) => {
                 m < int8::MIN_ROWS || !int8::available() || int8::Layout::of(q.dtype()).is_some()
             }
-            _ => false,
+            QData::Nf4(_) => m >= int8::MIN_ROWS && int8::available(),
         }
     }
 
@@ -218,7 +216,7 @@ impl QMatrix {
     /// From [`int8::MIN_ROWS`] rows of x on, the 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1,
     /// Q8_0) take [`int8`]'s blocked product instead: the same terms, summed in another order;
     /// so do Q4_K and Q5_K, with x as Q8_1 per 32 values instead of this path's Q8_K.
-    /// Only for [`has_int8`](QMatrix::has_int8).
+    /// NF4 from [`int8::MIN_ROWS`] rows on (see [`int8_forward`](QMatrix::int8_forward)).
     pub fn int8_product(&self, x: &[f32], m: usize, c: &mut [f32]) -> Result<()> {
         type Dot<B> = fn(usize, &[B], &[<B as GgmlType>::VecDotType]) -> f32;
         fn run<B: GgmlType>(
@@ -260,16 +258,25 @@ impl QMatrix {
                 }
             }
         }
-        let QData::Ggml(q) = &self.data else {
-            return Err(Error::Input(
-                "--compute int8 needs a llama.cpp block type, not NF4".into(),
-            ));
+        let a = (m, self.cols, self.rows);
+        let blocked = m >= int8::MIN_ROWS && int8::available();
+        let q = match &self.data {
+            QData::Nf4(n) if blocked => {
+                int8::product(int8::Source::Nf4(n), a, x, c);
+                return Ok(());
+            }
+            QData::Nf4(_) => {
+                return Err(Error::Input(format!(
+                    "NF4 has no int8 product for {m} rows (from {} rows on, with AVX512-VNNI)",
+                    int8::MIN_ROWS
+                )))
+            }
+            QData::Ggml(q) => q,
         };
         let bytes = q.data()?;
-        let a = (m, self.cols, self.rows);
         if let Some(layout) = int8::Layout::of(q.dtype()) {
-            if m >= int8::MIN_ROWS && int8::available() {
-                int8::product(layout, &bytes, a, x, c);
+            if blocked {
+                int8::product(int8::Source::Blocks(layout, &bytes), a, x, c);
                 return Ok(());
             }
         }
