@@ -930,6 +930,39 @@ mod tests {
         }
     }
 
+    /// `q.int8_product` of x's m rows against the exact product with the dequantized `wd`
+    /// (f64): each element within its activations' rounding per 32-value block (`Σ|w| amax_x
+    /// (1/254 + 2^-11)`), `more(row of W, block, x's block, amax_x)` on top, and f32 summation.
+    fn within_rounding(
+        q: &QMatrix,
+        wd: &[f32],
+        x: &[f32],
+        (m, k, n): (usize, usize, usize),
+        more: impl Fn(usize, usize, &[f32], f64) -> f64,
+        what: &str,
+    ) {
+        let mut got = vec![f32::NAN; m * n];
+        q.int8_product(x, m, &mut got).unwrap();
+        for (i, xi) in x.chunks(k).enumerate() {
+            for (j, wj) in wd.chunks(k).enumerate() {
+                let exact: f64 = xi.iter().zip(wj).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let mut bound = 0f64;
+                for (b, (xb, wb)) in xi.chunks(QK).zip(wj.chunks(QK)).enumerate() {
+                    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                    let size: f64 = wb.iter().map(|v| v.abs() as f64).sum();
+                    bound += size * amax * (1.0 / 254.0 + 1.0 / 2048.0) + more(j, b, xb, amax);
+                }
+                let size: f64 = xi.iter().zip(wj).map(|(a, b)| (a * b).abs() as f64).sum();
+                bound += 1e-5 * (size + 1.0);
+                let g = got[i * n + j] as f64;
+                assert!(
+                    (g - exact).abs() <= bound,
+                    "{what} c[{i}, {j}]: {g} vs {exact} (bound {bound})"
+                );
+            }
+        }
+    }
+
     /// Q4_K and Q5_K, whose one-row path pairs them with Q8_K activations (256-value blocks),
     /// take the Q8_1 activations of Q4_1 here: against the exact product of x and the
     /// dequantized W (f64), each element within the bound of the activations' rounding (per
@@ -960,28 +993,10 @@ mod tests {
                     *o = off;
                 }
             }
-            let mut got = vec![f32::NAN; m * n];
-            q.int8_product(&x, m, &mut got).unwrap();
-            for (i, xi) in x.chunks(k).enumerate() {
-                for (j, wj) in wd.chunks(k).enumerate() {
-                    let exact: f64 = xi.iter().zip(wj).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let mut bound = 0f64;
-                    for (b, (xb, wb)) in xi.chunks(QK).zip(wj.chunks(QK)).enumerate() {
-                        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
-                        let size: f64 = wb.iter().map(|v| v.abs() as f64).sum();
-                        let o = offsets[j * k / QK + b].abs() as f64;
-                        bound +=
-                            size * amax * (1.0 / 254.0 + 1.0 / 2048.0) + o * 32.0 * amax / 1024.0;
-                    }
-                    let size: f64 = xi.iter().zip(wj).map(|(a, b)| (a * b).abs() as f64).sum();
-                    bound += 1e-5 * (size + 1.0);
-                    let g = got[i * n + j] as f64;
-                    assert!(
-                        (g - exact).abs() <= bound,
-                        "{t:?} c[{i}, {j}]: {g} vs {exact} (bound {bound})"
-                    );
-                }
-            }
+            let offset = |j: usize, b: usize, _: &[f32], amax: f64| {
+                offsets[j * k / QK + b].abs() as f64 * 32.0 * amax / 1024.0
+            };
+            within_rounding(&q, &wd, &x, (m, k, n), offset, &format!("{t:?}"));
         }
     }
 
@@ -1026,29 +1041,12 @@ mod tests {
                     );
                 }
             }
-            let mut got = vec![f32::NAN; m * n];
-            q.int8_product(&x, m, &mut got).unwrap();
-            for (i, xi) in x.chunks(k).enumerate() {
-                for (j, wj) in wd.chunks(k).enumerate() {
-                    let exact: f64 = xi.iter().zip(wj).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let mut bound = 0f64;
-                    for (b, (xb, wb)) in xi.chunks(QK).zip(wj.chunks(QK)).enumerate() {
-                        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
-                        let size: f64 = wb.iter().map(|v| v.abs() as f64).sum();
-                        let xs: f64 = xb.iter().map(|v| v.abs() as f64).sum();
-                        let aw = absmax[j * k / QK + b] as f64;
-                        bound += size * amax * (1.0 / 254.0 + 1.0 / 2048.0)
-                            + (xs + 32.0 * amax / 254.0) * aw / 254.0;
-                    }
-                    let size: f64 = xi.iter().zip(wj).map(|(a, b)| (a * b).abs() as f64).sum();
-                    bound += 1e-5 * (size + 1.0);
-                    let g = got[i * n + j] as f64;
-                    assert!(
-                        (g - exact).abs() <= bound,
-                        "NF4 (double {double_quant}) c[{i}, {j}]: {g} vs {exact} (bound {bound})"
-                    );
-                }
-            }
+            let weights = |j: usize, b: usize, xb: &[f32], amax: f64| {
+                let xs: f64 = xb.iter().map(|v| v.abs() as f64).sum();
+                (xs + 32.0 * amax / 254.0) * absmax[j * k / QK + b] as f64 / 254.0
+            };
+            let what = format!("NF4 (double {double_quant})");
+            within_rounding(&q, &wd, &x, (m, k, n), weights, &what);
         }
     }
 
