@@ -5,6 +5,7 @@
 # a number in the table.
 #   bash scripts/bench/quant_quality.sh [STEPS] [THREADS]     (default 40 steps, 2 threads)
 #   MODELS="smollm2 gemma3" TYPES="bf16 q8_0 q4_k nf4 nf4_dq" bash scripts/bench/quant_quality.sh
+#   TYPES="bf16 nf4 nf4+int8"   (a type ending in +int8 adds --compute int8: integer products)
 #   KAIZEN_BIN=path/to/kaizen bash scripts/bench/quant_quality.sh   (use that binary, no build)
 # Takes about 1.5 hours at the defaults on a 2-core machine (10 training runs of 40 steps, SmolLM2
 # about 4-6 s a step and Gemma 3 about 10-15 s a step, plus two evaluations per run; see the
@@ -57,7 +58,7 @@ for m in $MODELS; do
     case "$m" in smollm2|gemma3) ;; *) die "MODELS: unknown model '$m' (smollm2, gemma3)" ;; esac
 done
 for t in $TYPES; do
-    case "$t" in bf16|q8_0|q4_0|q4_k|q5_k|q6_k|nf4|nf4_dq) ;;
+    case "${t%+int8}" in bf16|q8_0|q4_0|q4_k|q5_k|q6_k|nf4|nf4_dq) ;;
         *) die "TYPES: unknown base type '$t' (bf16, q8_0, q4_0, q4_k, q5_k, q6_k, nf4, nf4_dq)" ;; esac
 done
 [[ " $TYPES " == *" bf16 "* ]] || die "TYPES must include bf16 (the reference row)"
@@ -103,7 +104,8 @@ for model in $MODELS; do
     log "$NAME: converting $GGUF to an f32 HF directory"
     "$K" merge --model "$GGUF" --out "$BASE" >&2 || die "kaizen merge (convert) of $GGUF failed"
     for t in $TYPES; do
-        if [[ "$t" == bf16 ]]; then Q=(--dtype bf16); else Q=(--quantize "$t" --dtype bf16); fi
+        if [[ "$t" == bf16 ]]; then Q=(--dtype bf16); else Q=(--quantize "${t%+int8}" --dtype bf16); fi
+        [[ "$t" == *+int8 ]] && Q+=(--compute int8)
         RUN="$TMP/$model-$t"
         log "$NAME, base $t: inspect, held-out loss of the base, $STEPS training steps, held-out loss after"
         RESIDENT=$("$K" inspect --model "$BASE" "${Q[@]}" | sed -n 's/^resident: *//p')
@@ -123,10 +125,11 @@ for model in $MODELS; do
 import json, os, re, sys
 out, name, t, run_dir, resident, e0, e1, train_s, steps = sys.argv[1:]
 run = json.load(open(os.path.join(run_dir, "run.json")))
-want_q = None if t == "bf16" else t
-if run.get("dtype") != "bf16" or run.get("quantize") != want_q:
-    sys.exit(f"{run_dir}/run.json records dtype {run.get('dtype')!r}, quantize {run.get('quantize')!r}; "
-             f"asked for bf16, {want_q!r}")
+want_q = None if t == "bf16" else t.removesuffix("+int8")
+want_c = "int8" if t.endswith("+int8") else None
+if run.get("dtype") != "bf16" or run.get("quantize") != want_q or run.get("compute") != want_c:
+    sys.exit(f"{run_dir}/run.json records dtype {run.get('dtype')!r}, quantize {run.get('quantize')!r}, "
+             f"compute {run.get('compute')!r}; asked for bf16, {want_q!r}, {want_c!r}")
 logs = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if l.strip()]
 logs = [r for r in logs if "loss" in r and "step" in r]
 if len(logs) != int(steps):
@@ -162,7 +165,7 @@ ref = {r["model"]: r for r in rows if r["type"] == "bf16"}
 tokens = {r["model"]: r["heldout_tokens"] for r in rows}
 print(f"LoRA (r=8, alpha 16, q_proj,v_proj; AdamW lr 1e-4, seed 0) on a quantized base, {steps} steps of "
       f"{batch} x {seq} packed tokens of botchan.txt; held-out = its last {held_pct}% ("
-      + ", ".join(f"{n} tokens for {m}" for m, n in tokens.items()) + "); products in bf16 on every row")
+      + ", ".join(f"{n} tokens for {m}" for m, n in tokens.items()) + "); products in bf16 on every row but the +int8 ones (--compute int8)")
 print()
 print("| model | base | resident (matrices) | loss step 1 | loss step " + steps + " | held-out, base alone "
       "| base alone vs bf16 | held-out, trained | trained vs bf16 | within 2% |")
@@ -174,7 +177,7 @@ for r in rows:
     rel0 = (r["heldout_base"] - b["heldout_base"]) / b["heldout_base"]
     ok = abs(rel) <= tol and math.isfinite(r["heldout"])
     held = ", ".join(f"{l} x{n}" for l, gb, n in r["held"])
-    want = r["type"].upper().replace("NF4_DQ", "NF4+DQ")
+    want = r["type"].removesuffix("+int8").upper().replace("NF4_DQ", "NF4+DQ")
     labels = [l for l, gb, n in r["held"] if l != "BF16"]
     if r["type"] != "bf16" and labels != [want]:
         notes.append(f"{r['model']} {r['type']}: held as " + ", ".join(f"{l} ({n} matrices, {gb:.3f} GB)"
