@@ -200,7 +200,7 @@ impl Source<'_> {
     }
 
     /// Row `r` (`codes.len()` values) into codes and (scale, offset) per 32 values.
-    fn decode_row(self, r: usize, codes: &mut [i8], ab: &mut [(f32, f32)], nf4_codes: &[i8; 16]) {
+    fn decode_row(self, r: usize, codes: &mut [i8], ab: &mut [(f32, f32)]) {
         let k = codes.len();
         match self {
             Source::Blocks(layout, w) => {
@@ -209,12 +209,12 @@ impl Source<'_> {
                 unsafe { decode_row(layout, &w[r * row_bytes..][..row_bytes], codes, ab) }
             }
             Source::Nf4(q) => {
-                let bytes = &q.data[r * k / 2..][..k / 2];
+                let (bytes, table) = (&q.data[r * k / 2..][..k / 2], nf4_codes());
                 for (g, (codes, ab)) in codes.chunks_exact_mut(QK).zip(ab).enumerate() {
                     *ab = (q.block_scale((r * k + g * QK) / nf4::BLOCK) / 127.0, 0.0);
                     let (bytes, codes) = (&bytes[g * QK / 2..][..QK / 2], codes.try_into());
                     // SAFETY: `product` checked `available`; 16 bytes, 32 codes.
-                    unsafe { nf4_block(bytes, codes.expect("32 codes"), nf4_codes) };
+                    unsafe { nf4_block(bytes, codes.expect("32 codes"), &table) };
                 }
             }
         }
@@ -309,7 +309,6 @@ fn quantize_acts(x: &[f32], m: usize, k: usize, with_sums: bool) -> Acts {
 fn pack_panel(src: Source, (j0, n, kb): (usize, usize, usize), dst: &mut [u8]) {
     let k = kb * QK;
     let lanes = NR.min(n - j0);
-    let nf4_codes = nf4_codes();
     STAGE.with_borrow_mut(|(stage, ab)| {
         stage.resize(NR * k, 0);
         ab.resize(NR * kb, (0.0, 0.0));
@@ -317,7 +316,7 @@ fn pack_panel(src: Source, (j0, n, kb): (usize, usize, usize), dst: &mut [u8]) {
         ab[lanes * kb..].fill((0.0, 0.0));
         let rows = stage.chunks_exact_mut(k).zip(ab.chunks_exact_mut(kb));
         for (l, (codes, ab)) in rows.take(lanes).enumerate() {
-            src.decode_row(j0 + l, codes, ab, &nf4_codes);
+            src.decode_row(j0 + l, codes, ab);
         }
         for (b, rec) in dst.chunks_exact_mut(REC).take(kb).enumerate() {
             // SAFETY: `product` checked `available`; the stage holds NR lanes of k codes and
@@ -1029,7 +1028,7 @@ mod tests {
             let (mut codes, mut ab) = (vec![0i8; k], vec![(0f32, 0f32); k / QK]);
             let mut absmax = vec![0f32; n * k / QK];
             for r in 0..n {
-                Source::Nf4(nf).decode_row(r, &mut codes, &mut ab, &table);
+                Source::Nf4(nf).decode_row(r, &mut codes, &mut ab);
                 for (c, (&code, &want)) in codes.iter().zip(&wd[r * k..(r + 1) * k]).enumerate() {
                     let (a, o) = ab[c / QK];
                     assert_eq!(o, 0.0);
